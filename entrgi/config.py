@@ -1,0 +1,77 @@
+"""``GuidanceConfig``: every knob of a guided generation, validated on construction."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from entrgi.ops import ALGS
+from entrgi.ops.validation import BACKENDS, check_choice, check_sampling_args
+
+METHODS = ("entrgi", "aps", "expectation", "bon", "none")
+GUIDED_METHODS = ("entrgi", "aps", "expectation")
+
+
+@dataclass(frozen=True)
+class GuidanceConfig:
+    """Settings of :func:`entrgi.generate`. Defaults are the published run's.
+
+    method : ``entrgi`` | ``aps`` (w = 1) | ``expectation`` (w = 0) | ``bon`` (best of K,
+        unguided) | ``none`` (unguided; the first sample is reported as Top@1).
+    num_samples : K trajectories per prompt. steps : T denoising steps.
+    guidance_steps : M Adam steps on phi per guided step; lr : their learning rate.
+    reward_temperature : beta in loss = -sum R / beta. guide_every : guide every k-th step.
+    temperature, top_p, top_k : sampling law ``softmax(filter(phi / tau))``; tau = 0 is greedy.
+    alg : commit confidence (``entropy`` | ``maskgit_plus`` | ``topk_margin`` | ``origin``);
+    alg_temp : > 0 samples the committed positions from softmax(confidence / alg_temp).
+    deprioritize_eos : confidence -inf where the sampled token ends the response.
+    prompts_per_batch : prompts denoised together (each with K rows).
+    chat_template : wrap prompts in the denoiser tokenizer's chat template when it has one.
+    """
+
+    method: str = "entrgi"
+    num_samples: int = 4
+    steps: int = 128
+    max_new_tokens: int = 128
+    guidance_steps: int = 3
+    lr: float = 0.5
+    reward_temperature: float = 1.0
+    guide_every: int = 1
+    temperature: float = 0.7
+    top_p: float = 0.95
+    top_k: int = 0
+    alg: str = "entropy"
+    alg_temp: float = 0.0
+    deprioritize_eos: bool = True
+    seed: int = 0
+    backend: str = "auto"
+    prompts_per_batch: int = 4
+    chat_template: bool = True
+
+    def __post_init__(self):
+        check_choice("method", self.method, METHODS)
+        check_choice("alg", self.alg, ALGS)
+        check_choice("backend", self.backend, BACKENDS)
+        check_sampling_args(self.temperature, self.top_p, self.top_k)
+        for name in ("num_samples", "steps", "max_new_tokens", "guide_every", "prompts_per_batch"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if isinstance(self.guidance_steps, bool) or not isinstance(self.guidance_steps, int) or self.guidance_steps < 0:
+            raise ValueError(f"guidance_steps must be an int >= 0, got {self.guidance_steps!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not self.reward_temperature > 0:
+            raise ValueError(f"reward_temperature must be > 0, got {self.reward_temperature}")
+        if not self.alg_temp >= 0:
+            raise ValueError(f"alg_temp must be >= 0, got {self.alg_temp}")
+
+    @property
+    def guided(self) -> bool:
+        return self.method in GUIDED_METHODS and self.guidance_steps > 0
+
+    def replace(self, **overrides) -> "GuidanceConfig":
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(f"unknown GuidanceConfig fields: {sorted(unknown)}")
+        return dataclasses.replace(self, **overrides)

@@ -1,0 +1,155 @@
+"""Masked diffusion denoisers: Dream, LLaDA and any HF masked LM behind one interface."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Sequence
+
+import torch
+
+DENOISER_KINDS = ("dream", "llada", "mlm")
+LLADA_MASK_ID = 126336
+# Turn-ending strings declared by common chat tokenizers (Dream/Qwen, LLaDA/Llama-3).
+END_TOKEN_STRINGS = ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|end_of_text|>")
+
+
+def detect_kind(config) -> str:
+    """``dream`` / ``llada`` from the config's model type, else ``mlm``."""
+    model_type = str(getattr(config, "model_type", "")).lower()
+    if "dream" in model_type:
+        return "dream"
+    if "llada" in model_type:
+        return "llada"
+    return "mlm"
+
+
+def _as_list(value) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+
+
+class Denoiser:
+    """A masked diffusion LM that maps a token canvas to per-position logits.
+
+    Parameters
+    ----------
+    model : the HF model (Dream ``DreamModel``, LLaDA ``LLaDAModelLM``, any masked LM).
+    tokenizer : its tokenizer.
+    kind : ``dream`` (logits shifted right by one: position i is predicted at i-1;
+        bool key-padding mask and position ids), ``llada`` (no shift) or ``mlm``
+        (no shift); detected from the config when None.
+    mask_token_id : overrides the tokenizer's / config's mask id.
+    """
+
+    def __init__(self, model, tokenizer, kind: str | None = None, mask_token_id: int | None = None):
+        kind = kind or detect_kind(model.config)
+        if kind not in DENOISER_KINDS:
+            raise ValueError(f"unknown denoiser kind {kind!r}; expected one of {DENOISER_KINDS}")
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.kind = kind
+        self.mask_token_id = self._find_mask_id(mask_token_id)
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self.max_length = getattr(model.config, "max_position_embeddings", None)
+        self.end_token_ids = self._find_end_ids()
+        self._takes_position_ids = "position_ids" in inspect.signature(model.forward).parameters
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_output_embeddings().weight.device
+
+    def _find_mask_id(self, override: int | None) -> int:
+        for candidate in (override, self.tokenizer.mask_token_id, getattr(self.model.config, "mask_token_id", None)):
+            if candidate is not None:
+                return int(candidate)
+        if self.kind == "llada":
+            return LLADA_MASK_ID
+        raise ValueError("the denoiser declares no mask token id; pass mask_token_id=")
+
+    def _find_end_ids(self) -> list[int]:
+        """Every token that ends a response: eos of tokenizer, config and generation
+        config, the known turn-end strings present in the vocabulary, and BERT's [SEP]."""
+        ids = _as_list(self.tokenizer.eos_token_id) + _as_list(getattr(self.model.config, "eos_token_id", None))
+        generation_config = getattr(self.model, "generation_config", None)
+        ids += _as_list(getattr(generation_config, "eos_token_id", None))
+        vocab = self.tokenizer.get_vocab()
+        ids += [vocab[s] for s in END_TOKEN_STRINGS if s in vocab]
+        if self.kind == "mlm":
+            ids += _as_list(self.tokenizer.sep_token_id)
+        return sorted({i for i in ids if 0 <= i < self.vocab_size and i != self.mask_token_id})
+
+    def encode_prompts(self, prompts: Sequence[str], chat_template: bool = True) -> list[list[int]]:
+        """Token ids per prompt: the user turn of the chat template with the generation
+        prompt when the tokenizer has one, else the plain text with special tokens."""
+        if chat_template and getattr(self.tokenizer, "chat_template", None):
+            texts = [
+                self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
+                )
+                for p in prompts
+            ]
+            return [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        return [self.tokenizer(p)["input_ids"] for p in prompts]
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(N, L) ids and (N, L) bool key-padding mask -> (N, L, V) logits, where
+        ``logits[:, i]`` is the prediction for position i (Dream's shift applied)."""
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        if self.kind == "dream":
+            n, length = input_ids.shape
+            # Bool key-padding mask, 4-D so the model uses it as given (bidirectional).
+            mask = attention_mask[:, None, None, :].expand(n, 1, length, length)
+            raw = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions).logits
+            return torch.cat([raw[:, :1], raw[:, :-1]], dim=1)
+        kwargs = {"position_ids": positions} if self._takes_position_ids else {}
+        return self.model(input_ids=input_ids, attention_mask=attention_mask.long(), **kwargs).logits
+
+    def decode(self, response_ids: Sequence[int]) -> str:
+        """Text of one response: cut at the first end token; ids with no string (beyond
+        the tokenizer's size) and leftover masks are dropped, never decoded."""
+        kept = []
+        end_ids = set(self.end_token_ids)
+        for token in response_ids:
+            if token in end_ids:
+                break
+            if token != self.mask_token_id and token < len(self.tokenizer):
+                kept.append(token)
+        return self.tokenizer.decode(kept, skip_special_tokens=True).strip()
+
+
+def _model_class(config, kind: str):
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING
+
+    if "AutoModel" in (getattr(config, "auto_map", None) or {}):
+        return AutoModel  # Dream and LLaDA ship their LM class as AutoModel (remote code)
+    if kind == "mlm" or type(config) in MODEL_FOR_MASKED_LM_MAPPING:
+        return AutoModelForMaskedLM
+    return AutoModelForCausalLM  # e.g. a Qwen2 body run bidirectionally as a Dream stand-in
+
+
+def load_denoiser(
+    name_or_path: str,
+    kind: str | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    trust_remote_code: bool = True,
+    mask_token_id: int | None = None,
+    **from_pretrained_kwargs,
+) -> Denoiser:
+    """Load a denoiser by hub id or local path (``kind`` detected from the config)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    kind = kind or detect_kind(config)
+    if kind not in DENOISER_KINDS:
+        raise ValueError(f"unknown denoiser kind {kind!r}; expected one of {DENOISER_KINDS}")
+    if dtype is not None:
+        from_pretrained_kwargs["dtype"] = dtype
+    model = _model_class(config, kind).from_pretrained(
+        name_or_path, trust_remote_code=trust_remote_code, **from_pretrained_kwargs
+    )
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    return Denoiser(model.to(device), tokenizer, kind=kind, mask_token_id=mask_token_id)

@@ -1,0 +1,9 @@
+"""The op seam: autograd Functions, backend dispatch and input validation.
+
+Everything in the package calls these functions, never ``kernels/`` directly.
+"""
+
+from entrgi.ops.guided import MODES, GuidedEmbedding, guided_embedding
+from entrgi.ops.step import ALGS, StepSample, sample_step
+
+__all__ = ["ALGS", "MODES", "GuidedEmbedding", "StepSample", "guided_embedding", "sample_step"]

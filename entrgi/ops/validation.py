@@ -1,0 +1,69 @@
+"""Argument checks shared by the public ops. Every error names the offending value."""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+BACKENDS = ("auto", "torch", "triton")
+
+
+def check_sampling_args(temperature: float, top_p: float, top_k: int) -> None:
+    if not temperature >= 0.0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; expected one of {choices}")
+
+
+def check_logits(name: str, phi: torch.Tensor) -> None:
+    if not isinstance(phi, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(phi).__name__}")
+    if phi.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {phi.dtype}")
+    if phi.dim() < 1 or phi.shape[-1] < 2:
+        raise ValueError(f"{name} must have shape (..., V) with V >= 2, got {tuple(phi.shape)}")
+
+
+def check_embed_table(phi: torch.Tensor, embed_table: torch.Tensor) -> None:
+    if not isinstance(embed_table, torch.Tensor):
+        raise TypeError(f"embed_table must be a torch.Tensor, got {type(embed_table).__name__}")
+    if embed_table.dim() != 2:
+        raise ValueError(f"embed_table must have shape (V, d), got {tuple(embed_table.shape)}")
+    if embed_table.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"embed_table must be float32, bfloat16 or float16, got {embed_table.dtype}")
+    if embed_table.shape[0] != phi.shape[-1]:
+        raise ValueError(
+            f"vocabulary size mismatch: phi has V={phi.shape[-1]} but embed_table has "
+            f"{embed_table.shape[0]} rows"
+        )
+    if embed_table.device != phi.device:
+        raise ValueError(f"phi is on {phi.device} but embed_table is on {embed_table.device}")
+
+
+def check_finite_rows(name: str, phi: torch.Tensor) -> None:
+    """Reject NaN and rows without any finite logit. Reads values back (host sync):
+    call it at API boundaries, not inside a captured step."""
+    if torch.isnan(phi).any():
+        raise ValueError(f"{name} contains NaN")
+    if phi.numel() and not torch.isfinite(phi).any(dim=-1).all():
+        raise ValueError(f"{name} has a row with no finite logit (all -inf/inf): no valid mass to sample")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """``auto`` -> ``triton`` on CUDA when Triton imports, else ``torch``."""
+    check_choice("backend", backend, BACKENDS)
+    if backend != "auto":
+        return backend
+    if device.type == "cuda":
+        from entrgi.ops import triton_backend
+
+        if triton_backend.available():
+            return "triton"
+    return "torch"

@@ -1,0 +1,57 @@
+"""Differentiable rewards for guidance and their loaders."""
+
+from __future__ import annotations
+
+import torch
+
+from entrgi.rewards.base import EmbeddingInputReward, Reward, RewardContext
+from entrgi.rewards.classifier import ClassifierReward
+from entrgi.rewards.similarity import SimilarityReward
+from entrgi.rewards.vocab import VocabMapping, build_vocab_mapping
+
+REWARD_KINDS = ("classifier", "similarity")
+DEFAULT_TARGET = "A warm, friendly and helpful answer about the weather, the sun and the sea."
+
+
+def load_reward(
+    name_or_path: str,
+    kind: str = "classifier",
+    *,
+    target: str | None = None,
+    system_prompt: str | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    **from_pretrained_kwargs,
+) -> Reward:
+    """Load a reward model by hub id or local path.
+
+    kind : ``classifier`` (``AutoModelForSequenceClassification`` with one label) or
+        ``similarity`` (``AutoModel`` encoder; needs ``target``, the text to move towards).
+    Extra keyword arguments go to ``from_pretrained``.
+    """
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+    if kind not in REWARD_KINDS:
+        raise ValueError(f"unknown reward kind {kind!r}; expected one of {REWARD_KINDS}")
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    if dtype is not None:
+        from_pretrained_kwargs["dtype"] = dtype
+    if kind == "classifier":
+        model = AutoModelForSequenceClassification.from_pretrained(name_or_path, **from_pretrained_kwargs)
+        return ClassifierReward(model.to(device), tokenizer, system_prompt=system_prompt)
+    model = AutoModel.from_pretrained(name_or_path, **from_pretrained_kwargs)
+    return SimilarityReward(model.to(device), tokenizer, target=target or DEFAULT_TARGET)
+
+
+__all__ = [
+    "DEFAULT_TARGET",
+    "REWARD_KINDS",
+    "ClassifierReward",
+    "EmbeddingInputReward",
+    "Reward",
+    "RewardContext",
+    "SimilarityReward",
+    "VocabMapping",
+    "build_vocab_mapping",
+    "load_reward",
+]

@@ -1,0 +1,230 @@
+"""The guided masked-diffusion sampler: EntRGi, APS, Expectation, best-of-K, unguided.
+
+Static-shape design: one ``(B*K, P + G)`` token canvas per batch; every step works on
+the whole ``(B*K, G)`` response block with a boolean mask of still-masked positions,
+so no step has a data-dependent shape or reads a value back to the host. Host syncs
+happen only after the last step (decoding, final scoring, the NaN report).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from entrgi.config import GuidanceConfig
+from entrgi.denoisers import Denoiser
+from entrgi.ops import guided_embedding, sample_step
+from entrgi.optim import LogitAdam
+from entrgi.rewards import Reward, VocabMapping, build_vocab_mapping
+from entrgi.rewards.base import RewardContext, pad_id_lists
+from entrgi.rewards.packing import response_mask_until_end
+from entrgi.schedule import commit_counts, random_commits, select_commits, timesteps
+
+
+@dataclass
+class PromptResult:
+    """K responses of one prompt and their rewards (scored on real tokens)."""
+
+    prompt: str
+    responses: list[str]
+    rewards: list[float] | None
+    method: str = "entrgi"
+    response_ids: list[list[int]] = field(repr=False, default_factory=list)
+
+    @property
+    def best_index(self) -> int:
+        """Highest-reward sample; the first one for unguided ``none`` runs (no selection)."""
+        if self.rewards is None or self.method == "none":
+            return 0
+        return max(range(len(self.rewards)), key=self.rewards.__getitem__)
+
+    @property
+    def best_response(self) -> str:
+        return self.responses[self.best_index]
+
+    @property
+    def top1_reward(self) -> float | None:
+        return None if self.rewards is None else self.rewards[self.best_index]
+
+    @property
+    def avg_reward(self) -> float | None:
+        return None if self.rewards is None else sum(self.rewards) / len(self.rewards)
+
+
+class GuidanceTable:
+    """The reward's input embeddings re-indexed to the denoiser's vocabulary, (V, d)."""
+
+    def __init__(self, denoiser: Denoiser, reward: Reward):
+        self.mapping: VocabMapping = build_vocab_mapping(denoiser.tokenizer, reward.tokenizer, denoiser.vocab_size)
+        table = reward.input_embeddings().detach()
+        self.weight = table[self.mapping.ids.to(table.device)].to(denoiser.device)
+
+
+class DiffusionRun:
+    """One batch of prompts being denoised: static buffers plus the per-step update.
+
+    ``canvas`` (N, P + G) holds left-padded prompts and the response block;
+    ``attention`` (N, P + G) bool marks real tokens. Rows are K contiguous copies of
+    each prompt.
+    """
+
+    def __init__(
+        self,
+        denoiser: Denoiser,
+        prompt_ids: Sequence[Sequence[int]],
+        config: GuidanceConfig,
+        generator: torch.Generator,
+        table: GuidanceTable | None = None,
+        reward: Reward | None = None,
+        reward_context: RewardContext | None = None,
+    ):
+        self.denoiser, self.config, self.generator = denoiser, config, generator
+        self.table, self.reward, self.reward_context = table, reward, reward_context
+        device = denoiser.device
+        rows = [ids for ids in prompt_ids for _ in range(config.num_samples)]
+        prompt, prompt_valid = pad_id_lists(rows, "left")
+        self.prompt_length = prompt.shape[1]
+        n, g = len(rows), config.max_new_tokens
+        response = torch.full((n, g), denoiser.mask_token_id, dtype=torch.long)
+        self.canvas = torch.cat([prompt, response], dim=1).to(device)
+        self.attention = torch.cat([prompt_valid, torch.ones(n, g, dtype=torch.bool)], dim=1).to(device)
+        self.end_ids = torch.tensor(denoiser.end_token_ids, dtype=torch.long, device=device)
+        self.schedule = timesteps(config.steps, device=device)
+        self.non_finite = torch.zeros((), dtype=torch.bool, device=device)
+
+    @property
+    def response(self) -> torch.Tensor:
+        """(N, G) view of the response block of the canvas."""
+        return self.canvas[:, self.prompt_length :]
+
+    def guided_at(self, step: int) -> bool:
+        return self.config.guided and step % self.config.guide_every == 0
+
+    def step(self, step: int) -> None:
+        """Denoise once: logits, optional guidance, sample, commit. No host syncs."""
+        cfg = self.config
+        masked = self.response == self.denoiser.mask_token_id
+        with torch.no_grad():
+            phi_init = self.denoiser.logits(self.canvas, self.attention)[:, self.prompt_length :].float()
+        phi = self.optimize(phi_init, masked) if self.guided_at(step) else phi_init
+        self.non_finite |= torch.isnan(phi).any()
+        drawn = sample_step(
+            phi, phi_init, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+            alg=cfg.alg, generator=self.generator, backend=cfg.backend, check_values=False,
+        )  # fmt: skip
+        if cfg.alg == "origin":
+            commit = random_commits(masked, self.schedule, step, self.generator)
+        else:
+            confidence = drawn.confidence
+            if cfg.deprioritize_eos:
+                confidence = confidence.masked_fill(torch.isin(drawn.tokens, self.end_ids), -torch.inf)
+            counts = commit_counts(masked, self.schedule, step)
+            commit = select_commits(confidence, masked, counts, cfg.alg_temp, self.generator)
+        self.response.copy_(torch.where(commit, drawn.tokens, self.response))
+
+    def optimize(self, phi_init: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+        """M Adam steps on float32 phi that raise the reward; only masked rows move."""
+        cfg, table = self.config, self.table.weight
+        phi = phi_init.clone().requires_grad_(True)
+        optimizer = LogitAdam(phi, cfg.lr)
+        committed = self.response
+        committed_embeds = table[committed]
+        for _ in range(cfg.guidance_steps):
+            out = guided_embedding(
+                phi, table, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                mode=cfg.method, generator=self.generator, backend=cfg.backend, check_values=False,
+            )  # fmt: skip
+            embeds = torch.where(masked.unsqueeze(-1), out.embeds, committed_embeds)
+            ids = torch.where(masked, out.argmax, committed)
+            valid = response_mask_until_end(ids, self.end_ids)
+            rewards = self.reward.score_embeds(self.reward_context, embeds, valid)
+            loss = -(rewards / cfg.reward_temperature).sum()
+            (grad,) = torch.autograd.grad(loss, phi)
+            optimizer.step(grad)
+        return phi.detach()
+
+    def run(self, progress: bool = False) -> None:
+        steps = range(self.config.steps)
+        if progress:
+            from tqdm.auto import tqdm
+
+            steps = tqdm(steps, desc=f"denoising ({self.config.method})", leave=False)
+        for step in steps:
+            self.step(step)
+        if self.non_finite.item():
+            raise ValueError("non-finite (NaN) logits appeared during denoising; check the models' dtype and inputs")
+
+
+def _check_inputs(prompts, denoiser, reward, config: GuidanceConfig) -> list[str]:
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("prompts is empty: give at least one prompt")
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompts[{i}] must be a str, got {type(prompt).__name__}")
+    if not isinstance(denoiser, Denoiser):
+        raise TypeError(f"denoiser must be an entrgi.Denoiser, got {type(denoiser).__name__}")
+    if config.method in ("entrgi", "aps", "expectation", "bon") and reward is None:
+        raise ValueError(f"method {config.method!r} needs a reward")
+    return prompts
+
+
+def generate(
+    prompts: str | Sequence[str],
+    *,
+    denoiser: Denoiser,
+    reward: Reward | None = None,
+    config: GuidanceConfig | None = None,
+    progress: bool = True,
+    **overrides,
+) -> list[PromptResult]:
+    """Sample ``config.num_samples`` responses per prompt, guided by ``reward``.
+
+    Any :class:`GuidanceConfig` field can be overridden by keyword. Returns one
+    :class:`PromptResult` per prompt, in order; ``rewards`` is None without a reward.
+    """
+    config = (config or GuidanceConfig()).replace(**overrides)
+    prompts = _check_inputs(prompts, denoiser, reward, config)
+    encoded = denoiser.encode_prompts(prompts, chat_template=config.chat_template)
+    longest = max(len(ids) for ids in encoded)
+    if denoiser.max_length is not None and longest + config.max_new_tokens > denoiser.max_length:
+        raise ValueError(
+            f"prompt ({longest} tokens) + max_new_tokens ({config.max_new_tokens}) exceeds the "
+            f"denoiser's context of {denoiser.max_length} positions"
+        )
+    generator = torch.Generator(denoiser.device).manual_seed(config.seed)
+    table = GuidanceTable(denoiser, reward) if config.guided else None
+    results: list[PromptResult] = []
+    for start in range(0, len(prompts), config.prompts_per_batch):
+        batch = prompts[start : start + config.prompts_per_batch]
+        context = reward.prepare(batch, config.num_samples) if config.guided else None
+        run = DiffusionRun(
+            denoiser, encoded[start : start + len(batch)], config, generator, table, reward, context
+        )
+        run.run(progress=progress)
+        results += _collect(batch, run, denoiser, reward, config)
+    return results
+
+
+def _collect(prompts, run: DiffusionRun, denoiser, reward, config) -> list[PromptResult]:
+    k = config.num_samples
+    ids = run.response.tolist()
+    texts = [denoiser.decode(row) for row in ids]
+    rewards = None
+    if reward is not None:
+        repeated = [p for p in prompts for _ in range(k)]
+        rewards = reward.score_texts(repeated, texts).tolist()
+    return [
+        PromptResult(
+            prompt=p,
+            responses=texts[i * k : (i + 1) * k],
+            rewards=None if rewards is None else rewards[i * k : (i + 1) * k],
+            method=config.method,
+            response_ids=ids[i * k : (i + 1) * k],
+        )
+        for i, p in enumerate(prompts)
+    ]

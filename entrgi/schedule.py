@@ -1,0 +1,56 @@
+"""Which masked positions a denoising step commits (Dream's schedule, sync-free)."""
+
+from __future__ import annotations
+
+import torch
+
+from entrgi.ops.reference import gumbel_like
+
+
+def timesteps(steps: int, eps: float = 1e-3, device=None) -> torch.Tensor:
+    """(steps + 1,) float32 ``linspace(1, eps, steps + 1)``, as Dream."""
+    return torch.linspace(1, eps, steps + 1, device=device)
+
+
+def commit_counts(masked: torch.Tensor, schedule: torch.Tensor, step: int) -> torch.Tensor:
+    """(N,) int64: ``int(n_masks * (1 - s/t))`` per row; every mask on the last step."""
+    n_masks = masked.sum(-1)
+    if step == schedule.numel() - 2:
+        return n_masks
+    t, s = schedule[step], schedule[step + 1]
+    return (n_masks.float() * (1 - s / t)).long()
+
+
+def select_commits(
+    confidence: torch.Tensor,
+    masked: torch.Tensor,
+    counts: torch.Tensor,
+    alg_temp: float,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """(N, G) bool: the ``counts[i]`` most confident masked positions of each row.
+
+    Only masked positions are ranked: a masked position with confidence -inf (e.g. a
+    deprioritised EOS) still outranks every committed one, so a step never rewrites
+    the prompt or a committed token. ``alg_temp > 0`` samples the positions without
+    replacement from ``softmax(confidence / alg_temp)`` (Gumbel top-k).
+    """
+    if alg_temp > 0:
+        confidence = confidence / alg_temp + gumbel_like(confidence, generator)
+    lowest = torch.finfo(confidence.dtype).min
+    ranked = torch.where(masked, confidence.nan_to_num(nan=lowest, neginf=lowest), -torch.inf)
+    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
+    positions = torch.arange(ranked.shape[-1], device=ranked.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(-1, order, positions)
+    return masked & (rank < counts.unsqueeze(-1))
+
+
+def random_commits(
+    masked: torch.Tensor, schedule: torch.Tensor, step: int, generator: torch.Generator | None
+) -> torch.Tensor:
+    """``alg="origin"``: each masked position is committed with probability 1 - s/t."""
+    if step == schedule.numel() - 2:
+        return masked
+    t, s = schedule[step], schedule[step + 1]
+    draws = torch.rand(masked.shape, device=masked.device, generator=generator)
+    return masked & (draws < 1 - s / t)
