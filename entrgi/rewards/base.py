@@ -7,7 +7,7 @@ from typing import Protocol, Sequence, runtime_checkable
 
 import torch
 
-from entrgi.rewards.packing import pack_inputs
+from entrgi.rewards.packing import PackedInputs, pack_inputs
 
 
 @dataclass
@@ -50,6 +50,103 @@ class Reward(Protocol):
         return pack_inputs(embeds, valid, self.align)
 
     def pack_texts(self, prompts: Sequence[str], responses: Sequence[str]):
+        """Packed real-token inputs for decoded responses (truncated to ``max_response_tokens``)."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        rows = [
+            self.tokenizer(r, add_special_tokens=False)["input_ids"][: self.max_response_tokens] for r in responses
+        ]
+        ids, valid = pad_id_lists(rows, "right")
+        return self.pack(self.prepare(prompts, 1), self._embed_ids(ids), valid.to(self.device))
+
+    def score_embeds(
+        self, context: RewardContext, response_embeds: torch.Tensor, response_valid: torch.Tensor
+    ) -> torch.Tensor:
+        """(N, G, d) embeds and (N, G) bool mask -> (N,) float32 rewards."""
+
+    def score_texts(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
+        """Rewards of decoded responses on real tokens, (n,) float32."""
+
+
+def special_affixes(tokenizer) -> tuple[list[int], list[int]]:
+    """The special tokens a tokenizer wraps around one sequence (e.g. BERT's CLS/SEP)."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    wrapped = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for start in range(len(wrapped) - len(plain) + 1):
+        if wrapped[start : start + len(plain)] == plain:
+            return wrapped[:start], wrapped[start + len(plain) :]
+    return [], []
+
+
+def pad_id_lists(rows: Sequence[Sequence[int]], side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad token-id lists to one length with zeros. Returns ids (n, S) and valid (n, S) bool."""
+    width = max(1, max(len(r) for r in rows))
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    valid = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, row in enumerate(rows):
+        cols = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+        ids[i, cols] = torch.tensor(list(row), dtype=torch.long)
+        valid[i, cols] = True
+    return ids, valid
+
+
+class EmbeddingInputReward:
+    """Base for rewards fed ``[prefix | response | suffix]`` through ``inputs_embeds``.
+
+    Subclasses provide ``context_ids(prompt) -> (prefix ids, suffix ids)`` and
+    ``score_packed(packed) -> (N,)``, and set ``align`` (``right`` when the model reads
+    the last column, ``left`` when it reads the first).
+    """
+
+    align = "right"
+    max_response_tokens = 1024
+
+    def __init__(self, model, tokenizer):
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self._context_cache: dict[str, tuple[list[int], list[int]]] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return self.input_embeddings().device
+
+    def input_embeddings(self) -> torch.Tensor:
+        return self.model.get_input_embeddings().weight
+
+    def context_ids(self, prompt: str) -> tuple[list[int], list[int]]:
+        raise NotImplementedError
+
+    def score_packed(self, packed: PackedInputs) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _cached_context_ids(self, prompt: str) -> tuple[list[int], list[int]]:
+        if prompt not in self._context_cache:
+            self._context_cache[prompt] = self.context_ids(prompt)
+        return self._context_cache[prompt]
+
+    def _embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.input_embeddings()[ids.to(self.device)]
+
+    def prepare(self, prompts: Sequence[str], num_samples: int) -> RewardContext:
+        contexts = [self._cached_context_ids(p) for p in prompts for _ in range(num_samples)]
+        prefix_ids, prefix_valid = pad_id_lists([c[0] for c in contexts], "left")
+        suffix_ids, suffix_valid = pad_id_lists([c[1] for c in contexts], "right")
+        return RewardContext(
+            self._embed_ids(prefix_ids),
+            prefix_valid.to(self.device),
+            self._embed_ids(suffix_ids),
+            suffix_valid.to(self.device),
+        )
+
+    def pack(self, context: RewardContext, response_embeds: torch.Tensor, response_valid: torch.Tensor) -> PackedInputs:
+        """Concatenate ``[prefix | response | suffix]`` and pack it (see ``pack_inputs``)."""
+        embeds = torch.cat(
+            [context.prefix_embeds, response_embeds.to(context.prefix_embeds.dtype), context.suffix_embeds], dim=1
+        )
+        valid = torch.cat([context.prefix_valid, response_valid, context.suffix_valid], dim=1)
+        return pack_inputs(embeds, valid, self.align)
+
+    def pack_texts(self, prompts: Sequence[str], responses: Sequence[str]) -> PackedInputs:
         """Packed real-token inputs for decoded responses (truncated to ``max_response_tokens``)."""
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from entrgi.rewards.base import EmbeddingInputReward, special_affixes
+from entrgi.rewards.packing import PackedInputs
 
 PLACEHOLDER = "<<ENTRGI_RESPONSE_PLACEHOLDER>>"
 
@@ -59,5 +60,5 @@ class ClassifierReward(EmbeddingInputReward):
         head, tail = ([], []) if templated else special_affixes(self.tokenizer)
         return head + encode(prefix), encode(suffix) + tail
 
-    def score_packed(self, packed) -> torch.Tensor:
+    def score_packed(self, packed: PackedInputs) -> torch.Tensor:
         return self.model(**packed._asdict()).logits[:, 0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from entrgi.rewards.base import EmbeddingInputReward, special_affixes
+from entrgi.rewards.packing import PackedInputs
 
 
 class SimilarityReward(EmbeddingInputReward):
@@ -28,7 +29,7 @@ class SimilarityReward(EmbeddingInputReward):
     def context_ids(self, prompt: str) -> tuple[list[int], list[int]]:
         return self._affixes
 
-    def pooled(self, packed) -> torch.Tensor:
+    def pooled(self, packed: PackedInputs) -> torch.Tensor:
         hidden = self.model(**packed._asdict()).last_hidden_state.float()
         weights = packed.attention_mask.unsqueeze(-1).float()
         mean = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
@@ -39,5 +40,5 @@ class SimilarityReward(EmbeddingInputReward):
         """(n, d) unit-norm sentence embeddings of plain texts."""
         return self.pooled(self.pack_texts([""] * len(texts), texts))
 
-    def score_packed(self, packed) -> torch.Tensor:
+    def score_packed(self, packed: PackedInputs) -> torch.Tensor:
         return self.pooled(packed) @ self.target_embedding

@@ -1,0 +1,31 @@
+# `make demo` and `make test` build .venv from scratch and need nothing pre-installed
+# beyond python3 (3.10+). On a CPU machine torch is pinned to the CPU wheel first so
+# that pip does not pull a CUDA build.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.entrgi-installed
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[test,bench,demo]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/entrgi demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(VENV)/bin/entrgi bench --suite op
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,5 @@
+import sys
+
+from entrgi.cli import main
+
+sys.exit(main())
