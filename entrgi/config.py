@@ -68,7 +68,9 @@ class GuidanceConfig:
 
     @property
     def guided(self) -> bool:
-        return self.method in GUIDED_METHODS and self.guidance_steps > 0
+        """Whether steps run the reward-gradient loop. At temperature 0 the soft embedding
+        is a one-hot argmax with no gradient, so greedy runs are unguided."""
+        return self.method in GUIDED_METHODS and self.guidance_steps > 0 and self.temperature > 0
 
     def replace(self, **overrides) -> "GuidanceConfig":
         unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}

@@ -7,6 +7,8 @@ from typing import Sequence
 
 import torch
 
+from entrgi.attention import attention_mask_4d
+
 DENOISER_KINDS = ("dream", "llada", "mlm")
 LLADA_MASK_ID = 126336
 # Turn-ending strings declared by common chat tokenizers (Dream/Qwen, LLaDA/Llama-3).
@@ -96,14 +98,16 @@ class Denoiser:
         """(N, L) ids and (N, L) bool key-padding mask -> (N, L, V) logits, where
         ``logits[:, i]`` is the prediction for position i (Dream's shift applied)."""
         positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-        if self.kind == "dream":
-            n, length = input_ids.shape
-            # Bool key-padding mask, 4-D so the model uses it as given (bidirectional).
-            mask = attention_mask[:, None, None, :].expand(n, 1, length, length)
-            raw = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions).logits
-            return torch.cat([raw[:, :1], raw[:, :-1]], dim=1)
+        if self.kind == "llada":
+            # LLaDA's own code turns a 2-D mask into an additive bias (no host check).
+            return self.model(input_ids=input_ids, attention_mask=attention_mask.long()).logits
+        # Key-padding mask, 4-D so the model uses it as given: bidirectional, no host sync.
+        mask = attention_mask_4d(self.model, attention_mask, causal=False, dtype=self.model.dtype)
         kwargs = {"position_ids": positions} if self._takes_position_ids else {}
-        return self.model(input_ids=input_ids, attention_mask=attention_mask.long(), **kwargs).logits
+        logits = self.model(input_ids=input_ids, attention_mask=mask, **kwargs).logits
+        if self.kind == "dream":
+            return torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+        return logits
 
     def decode(self, response_ids: Sequence[int]) -> str:
         """Text of one response: cut at the first end token; ids with no string (beyond

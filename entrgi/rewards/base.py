@@ -7,6 +7,7 @@ from typing import Protocol, Sequence, runtime_checkable
 
 import torch
 
+from entrgi.attention import attention_mask_4d
 from entrgi.rewards.packing import PackedInputs, pack_inputs
 
 
@@ -118,6 +119,11 @@ class EmbeddingInputReward:
 
     def score_packed(self, packed: PackedInputs) -> torch.Tensor:
         raise NotImplementedError
+
+    def model_inputs(self, packed: PackedInputs, causal: bool) -> dict:
+        """Keyword arguments for the HF model, with a prebuilt 4-D mask (no host sync)."""
+        mask = attention_mask_4d(self.model, packed.attention_mask.bool(), causal, packed.inputs_embeds.dtype)
+        return {"inputs_embeds": packed.inputs_embeds, "attention_mask": mask, "position_ids": packed.position_ids}
 
     def _cached_context_ids(self, prompt: str) -> tuple[list[int], list[int]]:
         if prompt not in self._context_cache:

@@ -61,4 +61,4 @@ class ClassifierReward(EmbeddingInputReward):
         return head + encode(prefix), encode(suffix) + tail
 
     def score_packed(self, packed: PackedInputs) -> torch.Tensor:
-        return self.model(**packed._asdict()).logits[:, 0]
+        return self.model(**self.model_inputs(packed, causal=self.align == "right")).logits[:, 0]

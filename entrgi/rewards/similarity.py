@@ -30,7 +30,7 @@ class SimilarityReward(EmbeddingInputReward):
         return self._affixes
 
     def pooled(self, packed: PackedInputs) -> torch.Tensor:
-        hidden = self.model(**packed._asdict()).last_hidden_state.float()
+        hidden = self.model(**self.model_inputs(packed, causal=False)).last_hidden_state.float()
         weights = packed.attention_mask.unsqueeze(-1).float()
         mean = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
         return torch.nn.functional.normalize(mean, dim=-1)

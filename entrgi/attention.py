@@ -1,0 +1,32 @@
+"""Prebuilt 4-D attention masks for HF models.
+
+Given a 4-D mask, transformers uses it as is; given a 2-D one, its mask builder
+checks ``padding_mask.all()`` on the host, a sync that also breaks CUDA-graph
+capture. These helpers build the mask in the format the model's attention
+implementation expects (bool for sdpa, additive float for eager).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def attention_mask_4d(model, valid: torch.Tensor, causal: bool, dtype: torch.dtype) -> torch.Tensor:
+    """(N, S) bool key validity -> (N, 1, S, S) mask for ``model``.
+
+    Every query may attend to itself, so padded rows are never fully masked (a fully
+    masked sdpa row is NaN, and NaN values leak through zero attention weights).
+    Implementations that take only 2-D masks (flash attention) get ``valid`` back.
+    """
+    impl = getattr(model.config, "_attn_implementation", "sdpa")
+    if impl not in ("sdpa", "eager"):
+        return valid.long()
+    n, s = valid.shape
+    allowed = valid[:, None, None, :].expand(n, 1, s, s)
+    eye = torch.eye(s, dtype=torch.bool, device=valid.device)
+    if causal:
+        allowed = allowed & torch.ones(s, s, dtype=torch.bool, device=valid.device).tril()
+    allowed = allowed | eye
+    if impl == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=valid.device).masked_fill(~allowed, torch.finfo(dtype).min)

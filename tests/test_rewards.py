@@ -1,0 +1,94 @@
+"""Rewards: packing, pooling at the last real token, chat-template split, similarity."""
+
+from __future__ import annotations
+
+import torch
+
+from entrgi.optim import LogitAdam
+from entrgi.rewards.packing import pack_inputs, response_mask_until_end
+from entrgi.schedule import select_commits
+
+
+def test_pack_right_and_left_keep_order_and_count_positions():
+    embeds = torch.arange(6.0).view(1, 6, 1)
+    valid = torch.tensor([[False, True, False, True, True, False]])
+    right = pack_inputs(embeds, valid, "right")
+    assert right.inputs_embeds.flatten()[-3:].tolist() == [1.0, 3.0, 4.0]
+    assert right.attention_mask.tolist() == [[0, 0, 0, 1, 1, 1]]
+    assert right.position_ids.tolist() == [[0, 0, 0, 0, 1, 2]]
+    left = pack_inputs(embeds, valid, "left")
+    assert left.inputs_embeds.flatten()[:3].tolist() == [1.0, 3.0, 4.0]
+    assert left.attention_mask.tolist() == [[1, 1, 1, 0, 0, 0]]
+
+
+def test_response_mask_stops_before_the_first_end_token():
+    ids = torch.tensor([[5, 6, 9, 7, 9], [5, 5, 5, 5, 5]])
+    assert response_mask_until_end(ids, torch.tensor([9])).tolist() == [
+        [True, True, False, False, False],
+        [True, True, True, True, True],
+    ]
+
+
+def test_classifier_reads_the_last_real_token_whatever_the_padding(classifier_reward):
+    reward = classifier_reward
+    prompts = ["short", "a much longer prompt with many more words in it"]
+    responses = ["yes", "a long answer that goes on and on"]
+    batched = reward.score_texts(prompts, responses)
+    for prompt, response, score in zip(prompts, responses, batched):
+        prefix, suffix = reward.context_ids(prompt)
+        ids = prefix + reward.tokenizer(response, add_special_tokens=False)["input_ids"] + suffix
+        alone = reward.model(input_ids=torch.tensor([ids])).logits[0, 0]
+        torch.testing.assert_close(score, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_chat_template_split_renders_the_whole_chat(classifier_reward):
+    reward = classifier_reward
+    prefix, suffix = reward.context_ids("how are you?")
+    text = reward.tokenizer.decode(prefix + suffix)
+    assert "[ user ] how are you?" in text and "[ assistant ]" in text
+    assert reward.tokenizer.cls_token_id not in prefix  # no doubled BOS/CLS from the template split
+
+
+def test_guidance_and_final_scores_agree_on_hard_tokens(classifier_reward):
+    reward = classifier_reward
+    ids = reward.tokenizer("the sun is shining", add_special_tokens=False)["input_ids"]
+    table = reward.input_embeddings()
+    g = len(ids) + 3  # three trailing slots masked out, as after an EOS
+    valid = torch.tensor([[True] * len(ids) + [False] * 3])
+    embeds = table[torch.tensor([ids + [0, 0, 0]])]
+    guided = reward.score_embeds(reward.prepare(["hi"], 1), embeds, valid)
+    assert embeds.shape[1] == g
+    torch.testing.assert_close(guided, reward.score_texts(["hi"], ["the sun is shining"]), atol=1e-5, rtol=1e-5)
+
+
+def test_similarity_reward_matches_mean_pooled_sentence_embeddings(similarity_reward, minilm_path):
+    from sentence_transformers import SentenceTransformer
+
+    texts = ["a sunny day at the beach", "the tax code of a small country"]
+    encoder = SentenceTransformer(minilm_path, device="cpu")
+    expected = torch.tensor(encoder.encode(texts + ["a sunny day at the beach"], normalize_embeddings=True))
+    scores = similarity_reward.score_texts(["", ""], texts)
+    torch.testing.assert_close(scores, expected[:2] @ expected[2], atol=1e-4, rtol=0)
+    assert scores[0] > 0.9 > scores[1]
+
+
+def test_logit_adam_matches_torch_adam():
+    ours, theirs = torch.randn(3, 7), None
+    theirs = ours.clone().requires_grad_(True)
+    optimizer, reference = LogitAdam(ours, lr=0.5), torch.optim.Adam([theirs], lr=0.5)
+    for _ in range(4):
+        grad = torch.randn(3, 7)
+        optimizer.step(grad)
+        theirs.grad = grad.clone()
+        reference.step()
+    torch.testing.assert_close(ours, theirs.detach(), atol=1e-6, rtol=1e-6)
+
+
+def test_commit_selection_never_touches_unmasked_positions():
+    confidence = torch.tensor([[5.0, -torch.inf, 1.0, -torch.inf, 3.0]])
+    masked = torch.tensor([[False, True, True, True, False]])
+    for count in range(4):
+        chosen = select_commits(confidence, masked, torch.tensor([count]), 0.0, None)
+        assert chosen.sum() == count and not (chosen & ~masked).any()
+    sampled = select_commits(confidence, masked, torch.tensor([3]), 0.7, torch.Generator().manual_seed(0))
+    assert torch.equal(sampled, masked)

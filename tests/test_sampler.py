@@ -1,0 +1,202 @@
+"""The sampler end to end on tiny local denoisers of every kind and both reward kinds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from entrgi import GuidanceConfig, generate, load_denoiser
+from entrgi.sampler import DiffusionRun, GuidanceTable
+
+PROMPTS = ["hello there", "what is the weather like today in the big city"]
+SMALL = dict(steps=4, max_new_tokens=6, num_samples=2, guidance_steps=2, progress=False)
+
+
+@pytest.fixture(scope="module")
+def denoisers(denoiser_paths):
+    return {kind: load_denoiser(path, kind=None if kind == "mlm" else kind) for kind, path in denoiser_paths.items()}
+
+
+def test_kinds_are_detected_and_dream_is_shifted(denoisers):
+    assert {k: d.kind for k, d in denoisers.items()} == {"mlm": "mlm", "llada": "llada", "dream": "dream"}
+    dream = denoisers["dream"]
+    ids = torch.randint(1000, 2000, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    shifted = dream.logits(ids, mask)
+    raw = dream.model(input_ids=ids, attention_mask=mask[:, None, None, :].expand(2, 1, 7, 7)).logits
+    torch.testing.assert_close(shifted[:, 1:], raw[:, :-1])
+    torch.testing.assert_close(shifted[:, 0], raw[:, 0])
+    # bidirectional: changing the last token changes the first position's logits
+    other = ids.clone()
+    other[:, -1] += 1
+    assert not torch.allclose(dream.logits(other, mask)[:, 1], shifted[:, 1])
+
+
+@pytest.mark.parametrize("kind", ["mlm", "llada", "dream"])
+@pytest.mark.parametrize("method", ["entrgi", "aps", "expectation", "bon", "none"])
+def test_every_method_runs_on_every_denoiser(denoisers, classifier_reward, kind, method):
+    results = generate(PROMPTS, denoiser=denoisers[kind], reward=classifier_reward, method=method, **SMALL)
+    assert [r.prompt for r in results] == PROMPTS
+    for r in results:
+        assert len(r.responses) == len(r.rewards) == len(r.response_ids) == 2
+        assert all(isinstance(x, float) for x in r.rewards)
+        assert all(len(ids) == 6 for ids in r.response_ids)
+        assert denoisers[kind].mask_token_id not in sum(r.response_ids, [])
+        assert r.top1_reward == (r.rewards[0] if method == "none" else max(r.rewards))
+        assert r.avg_reward == pytest.approx(sum(r.rewards) / 2)
+
+
+def test_determinism_per_seed(denoisers, similarity_reward):
+    run = lambda seed: generate(PROMPTS, denoiser=denoisers["mlm"], reward=similarity_reward, seed=seed, **SMALL)  # noqa: E731
+    first, again, other = run(1), run(1), run(2)
+    assert [r.response_ids for r in first] == [r.response_ids for r in again]
+    assert [r.rewards for r in first] == [r.rewards for r in again]
+    assert [r.response_ids for r in first] != [r.response_ids for r in other]
+
+
+def _run(denoiser, reward, config, prompts=PROMPTS):
+    encoded = denoiser.encode_prompts(prompts)
+    table = GuidanceTable(denoiser, reward) if config.guided else None
+    context = reward.prepare(prompts, config.num_samples) if config.guided else None
+    return DiffusionRun(denoiser, encoded, config, torch.Generator().manual_seed(0), table, reward, context)
+
+
+def test_prompts_are_never_modified_and_padding_is_left(denoisers, classifier_reward):
+    config = GuidanceConfig(steps=3, max_new_tokens=5, num_samples=3, guidance_steps=1)
+    run = _run(denoisers["dream"], classifier_reward, config)
+    prompt_before = run.canvas[:, : run.prompt_length].clone()
+    assert not run.attention[0, 0] and run.attention[-1, 0]  # short prompt is left-padded
+    for step in range(config.steps):
+        run.step(step)
+        assert torch.equal(run.canvas[:, : run.prompt_length], prompt_before)
+    assert (run.response != denoisers["dream"].mask_token_id).all()
+
+
+def test_each_step_commits_the_scheduled_number_of_masked_positions(denoisers, classifier_reward):
+    config = GuidanceConfig(method="bon", steps=4, max_new_tokens=8, num_samples=2, deprioritize_eos=False)
+    run = _run(denoisers["llada"], classifier_reward, config)
+    remaining = [8]
+    for step in range(4):
+        run.step(step)
+        remaining.append(int((run.response == run.denoiser.mask_token_id).sum(-1)[0]))
+    # Dream's schedule: t_i = linspace(1, 1e-3, T + 1); commit int(n * (1 - t_{i+1}/t_i)), all at the end
+    t = [1 - i * (1 - 1e-3) / 4 for i in range(5)]
+    expected = [8]
+    for i in range(3):
+        expected.append(expected[-1] - int(expected[-1] * (1 - t[i + 1] / t[i])))
+    assert remaining == expected + [0] == [8, 7, 5, 3, 0]
+
+
+def test_temperature_zero_is_greedy_and_guided_rows_use_argmax(denoisers, classifier_reward):
+    a = generate(PROMPTS, denoiser=denoisers["mlm"], reward=classifier_reward, temperature=0.0, seed=1, **SMALL)
+    b = generate(PROMPTS, denoiser=denoisers["mlm"], reward=classifier_reward, temperature=0.0, seed=2, **SMALL)
+    assert [r.response_ids for r in a] == [r.response_ids for r in b]
+    assert all(r.response_ids[0] == r.response_ids[1] for r in a)
+
+
+def test_guidance_raises_the_reward(denoisers, similarity_reward):
+    common = dict(steps=4, max_new_tokens=6, num_samples=4, progress=False, seed=3)
+    unguided = generate(PROMPTS, denoiser=denoisers["mlm"], reward=similarity_reward, method="none", **common)
+    guided = generate(PROMPTS, denoiser=denoisers["mlm"], reward=similarity_reward, method="entrgi",
+                      guidance_steps=3, lr=1.0, **common)  # fmt: skip
+    mean = lambda rs: sum(r.avg_reward for r in rs) / len(rs)  # noqa: E731
+    assert mean(guided) > mean(unguided) + 0.02
+
+
+def test_eos_is_deprioritised_and_cuts_the_response(denoisers, classifier_reward):
+    denoiser = denoisers["mlm"]
+    end = denoiser.end_token_ids[0]
+    original = denoiser.model.forward
+
+    def eos_loving_forward(*args, **kwargs):
+        out = original(*args, **kwargs)
+        out.logits[:, -2:, end] += 50.0  # the last two response slots are near-certain EOS
+        return out
+
+    denoiser.model.forward = eos_loving_forward
+    try:
+        for deprioritize, expect_eos in [(True, False), (False, True)]:
+            config = GuidanceConfig(method="none", steps=2, max_new_tokens=4, num_samples=1, temperature=0.0,
+                                    alg="maskgit_plus", deprioritize_eos=deprioritize)  # fmt: skip
+            run = _run(denoiser, classifier_reward, config, prompts=["hi"])
+            run.step(0)  # commits int(4 * (1 - 0.5005)) = 1 position
+            committed = run.response != denoiser.mask_token_id
+            assert committed.sum() == 1
+            assert bool((run.response[committed] == end).all()) == expect_eos
+    finally:
+        denoiser.model.forward = original
+    assert denoiser.decode([2000, 2001, end, 2002]) == denoiser.decode([2000, 2001])
+
+
+def test_vocab_mapping_reports_coverage(denoisers, classifier_reward):
+    table = GuidanceTable(denoisers["mlm"], classifier_reward)
+    assert table.mapping.mapped == len(denoisers["mlm"].tokenizer)
+    assert torch.equal(table.weight, classifier_reward.input_embeddings()[table.mapping.ids])
+    assert "100.00%" in table.mapping.report()
+
+
+def test_step_has_no_host_sync(denoisers, classifier_reward, monkeypatch):
+    config = GuidanceConfig(steps=3, max_new_tokens=4, num_samples=2, guidance_steps=2, alg_temp=0.5)
+    run = _run(denoisers["dream"], classifier_reward, config)
+
+    def forbidden(*_args, **_kwargs):
+        raise AssertionError("host sync inside the denoising step")
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "nonzero"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    for step in range(config.steps):
+        run.step(step)
+    monkeypatch.undo()
+    assert (run.response != denoisers["dream"].mask_token_id).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_step_has_no_cuda_sync(denoiser_paths, classifier_path):
+    from entrgi import load_reward
+
+    denoiser = load_denoiser(denoiser_paths["dream"], kind="dream", device="cuda")
+    reward = load_reward(classifier_path, device="cuda")
+    config = GuidanceConfig(steps=3, max_new_tokens=4, num_samples=2, guidance_steps=2)
+    encoded = denoiser.encode_prompts(PROMPTS)
+    run = DiffusionRun(denoiser, encoded, config, torch.Generator("cuda").manual_seed(0),
+                       GuidanceTable(denoiser, reward), reward, reward.prepare(PROMPTS, 2))  # fmt: skip
+    run.step(0)  # warm-up (lazy inits)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run.step(1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(num_samples=0), ValueError, "num_samples must be an int >= 1, got 0"),
+        (dict(steps=0), ValueError, "steps must be an int >= 1, got 0"),
+        (dict(method="greedy"), ValueError, "unknown method 'greedy'"),
+        (dict(alg="best"), ValueError, "unknown alg 'best'"),
+        (dict(temperature=-1.0), ValueError, "temperature must be >= 0"),
+        (dict(top_p=0.0), ValueError, r"top_p must be in \(0, 1\]"),
+        (dict(top_k=-2), ValueError, "top_k must be an int >= 0"),
+        (dict(max_new_tokens=500), ValueError, r"exceeds the denoiser's context of 128 positions"),
+        (dict(lr=0.0), ValueError, "lr must be > 0"),
+        (dict(bogus=1), ValueError, r"unknown GuidanceConfig fields: \['bogus'\]"),
+    ],
+)
+def test_bad_generate_arguments_raise(denoisers, classifier_reward, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        generate(PROMPTS, denoiser=denoisers["mlm"], reward=classifier_reward, progress=False, **kwargs)
+
+
+def test_bad_generate_inputs_raise(denoisers, classifier_reward):
+    with pytest.raises(ValueError, match="prompts is empty"):
+        generate([], denoiser=denoisers["mlm"], reward=classifier_reward)
+    with pytest.raises(TypeError, match=r"prompts\[1\] must be a str, got int"):
+        generate(["a", 3], denoiser=denoisers["mlm"], reward=classifier_reward)
+    with pytest.raises(ValueError, match="method 'entrgi' needs a reward"):
+        generate(["a"], denoiser=denoisers["mlm"])
+    with pytest.raises(TypeError, match="denoiser must be an entrgi.Denoiser"):
+        generate(["a"], denoiser=object(), reward=classifier_reward)
+    unscored = generate(["a"], denoiser=denoisers["mlm"], method="none", **SMALL)
+    assert unscored[0].rewards is None and unscored[0].top1_reward is None
