@@ -1,0 +1,112 @@
+"""Exact top-p / top-k kept-set thresholds without sorting the vocabulary.
+
+Both filters of the published sampler keep a prefix of the descending order, so the
+kept set is ``{v : key(x_v) >= K}`` where ``key`` is the order-preserving unsigned
+image of the float. For a per-token weight (probability for top-p, 1 for top-k) and a
+target t (top_p, or k - 1/2), K is the key at which the descending cumulative weight
+first exceeds t:
+
+    weight(key > K) <= t < weight(key >= K)
+
+which is the published rule "drop a token once the mass strictly before it exceeds
+top_p" (ties at K all kept), and for top-k "keep values >= the k-th largest".
+K is found digit by digit, most significant first: 8 passes of 4 bits over the row;
+each pass histograms the weight of the tokens that match the prefix found so far and
+picks the digit where the cumulative weight, counted from the top, crosses t.
+Deterministic, exact up to fp32 summation of the masses, no data-dependent loops.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+DIGIT_BITS = 4
+NUM_PASSES = 32 // DIGIT_BITS
+
+
+@triton.jit
+def _ordered_key(x):
+    """fp32 -> int64 in [0, 2^32) with the same order as the floats."""
+    bits = x.to(tl.int32, bitcast=True)
+    flipped = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negatives: reverse their order
+    return flipped.to(tl.int64) + 2147483648
+
+
+@triton.jit
+def _choose_digit(hist, above, target, NUM_DIGITS: tl.constexpr):
+    """Largest digit b with above + sum(hist[b:]) > target (0 if none); returns the
+    digit and the weight strictly above it."""
+    digits = tl.arange(0, NUM_DIGITS)
+    # suffix sums: weight of digits >= b
+    suffix = tl.sum(tl.where(digits[None, :] >= digits[:, None], hist[None, :], 0.0), 1)
+    crosses = (above + suffix) > target
+    chosen = tl.max(tl.where(crosses, digits, 0), 0)
+    above = above + tl.sum(tl.where(digits > chosen, hist, 0.0), 0)
+    return chosen, above
+
+
+@triton.jit
+def _threshold_kernel(
+    phi_ptr,  # (N, V) logits, row stride `stride_phi`
+    lse_tau_ptr,  # (N,) fp32: logsumexp(x / tau)
+    key_ptr,  # (N,) int64 out: keep token v iff key(x_v / tau) >= key_ptr[row]
+    stride_phi,
+    V,
+    inv_tau,
+    top_p,  # mass target; >= 1 disables top-p
+    top_k,  # count target; 0 or >= V disables top-k
+    BLOCK_V: tl.constexpr,
+    NUM_PASSES: tl.constexpr,
+    DIGIT_BITS: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    base = phi_ptr + row * stride_phi
+    lse = tl.load(lse_tau_ptr + row)
+    use_p = top_p < 1.0
+    use_k = (top_k > 0) & (top_k < V)
+    k_target = top_k.to(tl.float32) - 0.5
+    NUM_DIGITS: tl.constexpr = 1 << DIGIT_BITS
+    digits = tl.arange(0, NUM_DIGITS)
+    prefix_p = tl.zeros((), tl.int64)
+    prefix_k = tl.zeros((), tl.int64)
+    above_p = 0.0
+    above_k = 0.0
+    for step in tl.static_range(NUM_PASSES):
+        shift: tl.constexpr = 32 - DIGIT_BITS * (step + 1)
+        hist_p = tl.zeros((NUM_DIGITS,), tl.float32)
+        hist_k = tl.zeros((NUM_DIGITS,), tl.float32)
+        for start in range(0, V, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            x = tl.load(base + cols, mask=cols < V, other=-float("inf")).to(tl.float32) * inv_tau
+            key = _ordered_key(x)
+            digit = (key >> shift) & (NUM_DIGITS - 1)
+            high = key >> (shift + DIGIT_BITS)
+            onehot = digit[:, None] == digits[None, :]
+            in_p = ((high == prefix_p) & (cols < V))[:, None] & onehot
+            in_k = ((high == prefix_k) & (cols < V))[:, None] & onehot
+            prob = tl.exp(x - lse)
+            hist_p += tl.sum(tl.where(in_p, prob[:, None], 0.0), 0)
+            hist_k += tl.sum(tl.where(in_k, 1.0, 0.0), 0)
+        digit_p, above_p = _choose_digit(hist_p, above_p, top_p, NUM_DIGITS)
+        digit_k, above_k = _choose_digit(hist_k, above_k, k_target, NUM_DIGITS)
+        prefix_p = (prefix_p << DIGIT_BITS) | digit_p
+        prefix_k = (prefix_k << DIGIT_BITS) | digit_k
+    key_p = tl.where(use_p, prefix_p, 0)
+    key_k = tl.where(use_k, prefix_k, 0)
+    tl.store(key_ptr + row, tl.maximum(key_p, key_k))
+
+
+def keep_threshold_keys(
+    phi: torch.Tensor, lse_tau: torch.Tensor, temperature: float, top_p: float, top_k: int, block_v: int = 512
+) -> torch.Tensor:
+    """(N, V) logits -> (N,) int64 key thresholds of the top-p-then-top-k filter."""
+    n, vocab = phi.shape
+    keys = torch.empty(n, device=phi.device, dtype=torch.int64)
+    block = min(block_v, triton.next_power_of_2(vocab))
+    _threshold_kernel[(n,)](
+        phi, lse_tau, keys, phi.stride(0), vocab, 1.0 / temperature, float(top_p), int(top_k),
+        BLOCK_V=block, NUM_PASSES=NUM_PASSES, DIGIT_BITS=DIGIT_BITS,
+    )  # fmt: skip
+    return keys
