@@ -107,6 +107,36 @@ def _demo(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    import torch
+
+    from entrgi import benchmark
+
+    out_dir = Path(args.out)
+    if args.profile:
+        print(benchmark.profile_step(args.steps, out_dir))
+        return 0
+    gpu = torch.cuda.is_available()
+    backends = args.backends or (["torch", "compile", "triton"] if gpu else ["torch"])
+    sizes_n = args.n or ([128, 512, 2048] if gpu else [16, 64])
+    sizes_d = args.d or ([1024, 2048] if gpu else [64])
+    dtypes = args.dtype or (["bfloat16", "float32"] if gpu else ["float32"])
+    vocab = args.vocab or (152_064 if gpu else 4096)
+    env = benchmark.environment()
+    rows = []
+    for dtype in dtypes:
+        for d in sizes_d:
+            for n in sizes_n:
+                rows += benchmark.bench_op(n, vocab, d, getattr(torch, dtype), backends, args.repeats, env)
+    print(f"{env['device']} | torch {env['torch']} | triton {env['triton']} | commit {env['commit']} | {env['date']}")
+    print(benchmark.format_table(rows))
+    csv_path = out_dir / "op_results.csv"
+    benchmark.append_csv(rows, csv_path)
+    plots = benchmark.plot_csv(csv_path, out_dir)
+    print(f"appended {len(rows)} rows to {csv_path}; plots: {', '.join(str(p) for p in plots)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="entrgi", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -134,6 +164,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--reward-kind", choices=("classifier", "similarity"), default="similarity")
     demo.add_argument("--device", default="cpu")
     demo.set_defaults(run=_demo)
+
+    bench = commands.add_parser("bench", help="op benchmarks (CSV + plots) or a guided-step profile")
+    bench.add_argument("--suite", choices=("op",), default="op")
+    bench.add_argument("--profile", action="store_true", help="profile guided steps (per-component table + trace)")
+    bench.add_argument("--steps", type=int, default=4, help="steps to profile (the first is warm-up)")
+    bench.add_argument("--backends", nargs="+", choices=("torch", "compile", "triton"))
+    bench.add_argument("--n", type=int, nargs="+", help="rows (default GPU: 128 512 2048; CPU: 16 64)")
+    bench.add_argument("--d", type=int, nargs="+", help="embedding width (default GPU: 1024 2048; CPU: 64)")
+    bench.add_argument("--vocab", type=int, help="vocabulary (default GPU: 152064; CPU: 4096)")
+    bench.add_argument("--dtype", nargs="+", choices=tuple(DTYPES))
+    bench.add_argument("--repeats", type=int, default=10)
+    bench.add_argument("--out", default="bench/out", help="folder for the CSV, plots and traces")
+    bench.set_defaults(run=_bench)
     return parser
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
+from torch.profiler import record_function
 
 from entrgi.config import GuidanceConfig
 from entrgi.denoisers import Denoiser
@@ -106,9 +107,15 @@ class DiffusionRun:
         """Denoise once: logits, optional guidance, sample, commit. No host syncs."""
         cfg = self.config
         masked = self.response == self.denoiser.mask_token_id
-        with torch.no_grad():
+        with torch.no_grad(), record_function("entrgi.denoiser_forward"):
             phi_init = self.denoiser.logits(self.canvas, self.attention)[:, self.prompt_length :].float()
         phi = self.optimize(phi_init, masked) if self.guided_at(step) else phi_init
+        with record_function("entrgi.commit"):
+            self.commit(step, phi, phi_init, masked)
+
+    def commit(self, step: int, phi: torch.Tensor, phi_init: torch.Tensor, masked: torch.Tensor) -> None:
+        """Sample the step's tokens from phi and write the chosen masked positions."""
+        cfg = self.config
         self.non_finite |= torch.isnan(phi).any()
         drawn = sample_step(
             phi, phi_init, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
@@ -132,17 +139,20 @@ class DiffusionRun:
         committed = self.response
         committed_embeds = table[committed]
         for _ in range(cfg.guidance_steps):
-            out = guided_embedding(
-                phi, table, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                mode=cfg.method, generator=self.generator, backend=cfg.backend, check_values=False,
-            )  # fmt: skip
-            embeds = torch.where(masked.unsqueeze(-1), out.embeds, committed_embeds)
-            ids = torch.where(masked, out.argmax, committed)
-            valid = response_mask_until_end(ids, self.end_ids)
-            rewards = self.reward.score_embeds(self.reward_context, embeds, valid)
-            loss = -(rewards / cfg.reward_temperature).sum()
-            (grad,) = torch.autograd.grad(loss, phi)
-            optimizer.step(grad)
+            with record_function("entrgi.guided_embedding"):
+                out = guided_embedding(
+                    phi, table, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                    mode=cfg.method, generator=self.generator, backend=cfg.backend, check_values=False,
+                )  # fmt: skip
+                embeds = torch.where(masked.unsqueeze(-1), out.embeds, committed_embeds)
+                ids = torch.where(masked, out.argmax, committed)
+                valid = response_mask_until_end(ids, self.end_ids)
+            with record_function("entrgi.reward_forward_backward"):
+                rewards = self.reward.score_embeds(self.reward_context, embeds, valid)
+                loss = -(rewards / cfg.reward_temperature).sum()
+                (grad,) = torch.autograd.grad(loss, phi)
+            with record_function("entrgi.optimizer"):
+                optimizer.step(grad)
         return phi.detach()
 
     def run(self, progress: bool = False) -> None:

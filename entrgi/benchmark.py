@@ -1,0 +1,265 @@
+"""Benchmark harness behind ``entrgi bench``: op timings and a guided-step profile.
+
+Op suite: ``guided_embedding`` forward, backward and fwd+bwd for each backend
+(``torch`` eager reference, ``compile`` = torch.compile of the reference, ``triton``)
+over an N x d x dtype grid; time quantiles (median, p20, p80), achieved GB/s and
+TFLOP/s, the floor from bytes and FLOPs (GPU), peak extra memory (CUDA), and
+speedups against eager measured in the same run. Rows are appended to a CSV with
+device, versions, commit and date; plots are drawn from the CSV.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import functools
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from entrgi.ops import guided_embedding
+from entrgi.ops.reference import guided_embedding_reference
+
+# H100 ceilings measured in PERF.md: device copy 2.96 TB/s, bf16 dense 758 TFLOP/s.
+PEAK_BYTES_PER_S = 3.0e12
+PEAK_FLOP_PER_S = 750e12
+TEMPERATURE, TOP_P = 0.7, 0.95
+
+
+@dataclass
+class OpRow:
+    date: str
+    device: str
+    torch: str
+    triton: str
+    transformers: str
+    commit: str
+    backend: str
+    mode: str  # forward | backward | fwd+bwd
+    n: int
+    vocab: int
+    d: int
+    dtype: str
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    gbps: float
+    tflops: float
+    floor_ms: float | None
+    extra_mib: float | None
+    speedup_vs_torch: float | None = None
+
+
+def environment() -> dict:
+    def version(name):
+        try:
+            return __import__(name).__version__
+        except ImportError:
+            return "absent"
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, check=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or 'x86_64'})"
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": device, "torch": torch.__version__, "triton": version("triton"),
+        "transformers": version("transformers"), "commit": commit,
+    }  # fmt: skip
+
+
+def time_ms(fn, repeats: int, warmup: int = 2) -> list[float]:
+    """Wall times of ``fn()`` in ms (CUDA events on GPU)."""
+    cuda = torch.cuda.is_available()
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def quantile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q * 100) - 1] if len(values) > 1 else values[0]
+
+
+def op_cost(n: int, vocab: int, d: int, dtype: torch.dtype, mode: str) -> tuple[float, float]:
+    """Bytes and FLOPs of the ideal fused op (phi read twice and dphi written once for
+    fwd+bwd, the table read once per pass, 2 N V d FLOPs per pass)."""
+    phi_bytes = n * vocab * torch.finfo(dtype).bits // 8
+    table_bytes = vocab * d * 2
+    passes = {"forward": 1, "backward": 1, "fwd+bwd": 2}[mode]
+    phi_traffic = {"forward": 1, "backward": 2, "fwd+bwd": 3}[mode] * phi_bytes
+    return phi_traffic + passes * table_bytes, passes * 2.0 * n * vocab * d
+
+
+def _op_functions(backend: str, phi, table, grad):
+    """Closures (forward, backward, fwd+bwd) for one backend."""
+    if backend == "compile":
+        reference = torch.compile(functools.partial(guided_embedding_reference, temperature=TEMPERATURE,
+                                                    top_p=TOP_P, top_k=0, mode="entrgi", generator=None))  # fmt: skip
+        call = lambda leaf: reference(leaf, table)[0]  # noqa: E731
+    else:
+        call = lambda leaf: guided_embedding(leaf, table, temperature=TEMPERATURE, top_p=TOP_P,  # noqa: E731
+                                             backend=backend, check_values=False).embeds  # fmt: skip
+    leaf = phi.detach().requires_grad_(True)
+
+    def forward():
+        with torch.no_grad():
+            call(phi)
+
+    saved = {}
+
+    def prepare_backward():
+        leaf.grad = None
+        saved["out"] = call(leaf)
+
+    def backward():
+        saved["out"].backward(grad, retain_graph=True)
+
+    def fwd_bwd():
+        leaf.grad = None
+        call(leaf).backward(grad)
+
+    return forward, (prepare_backward, backward), fwd_bwd
+
+
+def bench_op(n: int, vocab: int, d: int, dtype: torch.dtype, backends, repeats: int, env: dict) -> list[OpRow]:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    phi = (torch.randn(n, vocab, device=device) * 3).to(dtype)
+    table = torch.randn(vocab, d, device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+    grad = torch.randn(n, d, device=device, dtype=table.dtype)
+    rows: list[OpRow] = []
+    for backend in backends:
+        forward, (prepare, backward), fwd_bwd = _op_functions(backend, phi, table, grad)
+        for mode, fn in (("forward", forward), ("backward", backward), ("fwd+bwd", fwd_bwd)):
+            if mode == "backward":
+                prepare()
+            if device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            times = time_ms(fn, repeats)
+            extra = (torch.cuda.max_memory_allocated() - base) / 2**20 if device == "cuda" else None
+            nbytes, flops = op_cost(n, vocab, d, dtype, mode)
+            median = statistics.median(times)
+            floor = max(nbytes / PEAK_BYTES_PER_S, flops / PEAK_FLOP_PER_S) * 1e3 if device == "cuda" else None
+            rows.append(OpRow(
+                **env, backend=backend, mode=mode, n=n, vocab=vocab, d=d, dtype=str(dtype).removeprefix("torch."),
+                median_ms=median, p20_ms=quantile(times, 0.2), p80_ms=quantile(times, 0.8),
+                gbps=nbytes / median / 1e6, tflops=flops / median / 1e9, floor_ms=floor, extra_mib=extra,
+            ))  # fmt: skip
+    eager = {(r.mode): r.median_ms for r in rows if r.backend == "torch"}
+    for r in rows:
+        r.speedup_vs_torch = eager[r.mode] / r.median_ms if r.mode in eager else None
+    return rows
+
+
+def format_table(rows: list[OpRow]) -> str:
+    head = (f"{'backend':<8} {'mode':<8} {'N':>5} {'V':>7} {'d':>5} {'dtype':<8} {'median ms':>10} {'p20':>8} "
+            f"{'p80':>8} {'GB/s':>8} {'TFLOP/s':>8} {'floor ms':>9} {'x floor':>8} {'extra MiB':>10} {'vs eager':>9}")  # fmt: skip
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        floor = f"{r.floor_ms:9.3f}" if r.floor_ms else f"{'n/a':>9}"
+        ratio = f"{r.median_ms / r.floor_ms:8.1f}" if r.floor_ms else f"{'n/a':>8}"
+        extra = f"{r.extra_mib:10.1f}" if r.extra_mib is not None else f"{'n/a':>10}"
+        speed = f"{r.speedup_vs_torch:9.2f}" if r.speedup_vs_torch else f"{'':>9}"
+        lines.append(f"{r.backend:<8} {r.mode:<8} {r.n:>5} {r.vocab:>7} {r.d:>5} {r.dtype:<8} {r.median_ms:10.3f} "
+                     f"{r.p20_ms:8.3f} {r.p80_ms:8.3f} {r.gbps:8.1f} {r.tflops:8.2f} {floor} {ratio} {extra}{speed}")  # fmt: skip
+    return "\n".join(lines)
+
+
+def append_csv(rows: list[OpRow], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with path.open("a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(asdict(rows[0])))
+        if new:
+            writer.writeheader()
+        writer.writerows(asdict(r) for r in rows)
+
+
+def plot_csv(path: Path, out_dir: Path) -> list[Path]:
+    """Time vs N and memory vs N (fwd+bwd) per backend, from the CSV's latest date."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with path.open() as handle:
+        records = [r for r in csv.DictReader(handle) if r["mode"] == "fwd+bwd"]
+    latest = max(r["date"] for r in records)
+    records = [r for r in records if r["date"] == latest]
+    written = []
+    for column, label, name in (("median_ms", "fwd+bwd time (ms)", "time_vs_n.png"),
+                                ("extra_mib", "peak extra memory (MiB)", "memory_vs_n.png")):  # fmt: skip
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for key in sorted({(r["backend"], r["d"], r["dtype"]) for r in records}):
+            points = sorted((int(r["n"]), float(r[column])) for r in records
+                            if (r["backend"], r["d"], r["dtype"]) == key and r[column] not in ("", "None"))  # fmt: skip
+            if points:
+                ax.plot(*zip(*points), marker="o", label=f"{key[0]} d={key[1]} {key[2]}")
+        ax.set_xlabel("N (rows)")
+        ax.set_ylabel(label)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"guided_embedding, {records[0]['device']}")
+        if ax.lines:
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        out = out_dir / name
+        fig.savefig(out, dpi=120)
+        plt.close(fig)
+        written.append(out)
+    return written
+
+
+def profile_step(steps: int, out_dir: Path, config=None, denoiser=None, reward=None) -> str:
+    """Profile guided denoising steps; returns a per-component table and writes a
+    Chrome trace. Defaults to the offline demo models."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from entrgi.config import GuidanceConfig
+    from entrgi.demo import DEMO_PROMPTS, build_demo_denoiser, default_cache_dir, minilm_path
+    from entrgi.denoisers import load_denoiser
+    from entrgi.rewards import load_reward
+    from entrgi.sampler import DiffusionRun, GuidanceTable
+
+    config = config or GuidanceConfig(num_samples=4, steps=steps, max_new_tokens=16, guidance_steps=3)
+    denoiser = denoiser or load_denoiser(str(build_demo_denoiser(default_cache_dir() / "demo-denoiser-minilm")))
+    reward = reward or load_reward(minilm_path(), kind="similarity")
+    prompts = list(DEMO_PROMPTS[:1])
+    run = DiffusionRun(denoiser, denoiser.encode_prompts(prompts), config,
+                       torch.Generator(denoiser.device).manual_seed(0), GuidanceTable(denoiser, reward), reward,
+                       reward.prepare(prompts, config.num_samples))  # fmt: skip
+    run.step(0)  # warm-up
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        for step in range(1, steps):
+            run.step(step)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trace = out_dir / "guided_step_trace.json"
+    prof.export_chrome_trace(str(trace))
+    events = {e.key: e for e in prof.key_averages() if e.key.startswith("entrgi.")}
+    lines = [f"{'component':<34} {'calls':>6} {'CPU ms/step':>12} {'device ms/step':>15}"]
+    for key, e in sorted(events.items(), key=lambda kv: -kv[1].cpu_time_total):
+        device_ms = getattr(e, "device_time_total", 0.0) / 1e3 / (steps - 1)
+        lines.append(f"{key:<34} {e.count:>6} {e.cpu_time_total / 1e3 / (steps - 1):12.2f} {device_ms:15.2f}")
+    lines.append(f"(reward_forward_backward includes the guided_embedding backward; trace: {trace})")
+    return "\n".join(lines)

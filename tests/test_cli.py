@@ -1,0 +1,72 @@
+"""CLI: generate writes the published results layout; bench produces well-formed output."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+from entrgi.cli import main, read_prompts
+
+
+def test_generate_writes_results_json(tmp_path, mlm_path, classifier_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"question": "hello there"}\n{"question": "how are you"}\n')
+    out = tmp_path / "results.json"
+    code = main([
+        "generate", "--model", mlm_path, "--reward-model", classifier_path, "--prompts-file", str(prompts),
+        "--prompt-field", "question", "--steps", "2", "--max-new-tokens", "3", "--num-samples", "2",
+        "--guidance-steps", "1", "--method", "aps", "--no-deprioritize-eos", "--output", str(out), "--quiet",
+    ])  # fmt: skip
+    assert code == 0
+    document = json.loads(out.read_text())
+    assert document["method"] == "aps" and document["config"]["deprioritize_eos"] is False
+    assert set(document["metrics"]) == {"mean_top1_reward", "mean_avgN_reward", "all_top1_rewards", "all_avgN_rewards"}
+    assert [r["prompt"] for r in document["results"]] == ["hello there", "how are you"]
+    assert all(len(r["responses"]) == 2 for r in document["results"])
+
+
+def test_read_prompts_text_and_missing_field(tmp_path):
+    text = tmp_path / "p.txt"
+    text.write_text("one\n\ntwo\n")
+    assert read_prompts(str(text)) == ["one", "two"]
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"q": "x"}\n')
+    try:
+        read_prompts(str(bad))
+    except ValueError as error:
+        assert "p.jsonl:1 has no field 'prompt'" in str(error)
+    else:
+        raise AssertionError("missing field accepted")
+
+
+def test_bench_op_suite_writes_csv_and_plots(tmp_path, capsys):
+    assert main(["bench", "--n", "4", "8", "--d", "16", "--vocab", "64", "--repeats", "2", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "median ms" in printed and "fwd+bwd" in printed
+    with (tmp_path / "op_results.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 6 and {r["mode"] for r in rows} == {"forward", "backward", "fwd+bwd"}
+    assert all(float(r["median_ms"]) > 0 and r["torch"] and r["device"] for r in rows)
+    assert (tmp_path / "time_vs_n.png").stat().st_size > 0
+
+
+def test_bench_profile_reports_components(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("ENTRGI_CACHE", str(tmp_path / "cache"))
+    assert main(["bench", "--profile", "--steps", "2", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    for component in ("denoiser_forward", "guided_embedding", "reward_forward_backward", "optimizer", "commit"):
+        assert f"entrgi.{component}" in printed
+    assert json.loads((tmp_path / "guided_step_trace.json").read_text())["traceEvents"]
+
+
+def test_demo_runs_offline_and_prints_the_table(tmp_path, monkeypatch, capsys):
+    from entrgi import GuidanceConfig
+    from entrgi.demo import run_demo
+
+    monkeypatch.setenv("ENTRGI_CACHE", str(tmp_path))
+    config = GuidanceConfig(num_samples=2, steps=3, max_new_tokens=4, guidance_steps=2, prompts_per_batch=2)
+    rows = run_demo(prompts=("hi", "tell me more"), methods=("none", "entrgi"), config=config)
+    assert [r["method"] for r in rows] == ["none", "entrgi"]
+    assert all(-1.0 <= r["mean_avg"] <= 1.0 and r["seconds"] > 0 for r in rows)
+    printed = capsys.readouterr().out
+    assert "mean Top@1" in printed and "EntRGi raises the mean reward" in printed
