@@ -103,6 +103,8 @@ def keep_threshold_keys(
 ) -> torch.Tensor:
     """(N, V) logits -> (N,) int64 key thresholds of the top-p-then-top-k filter."""
     n, vocab = phi.shape
+    if top_p >= 1.0 and not 0 < top_k < vocab:
+        return torch.zeros(n, device=phi.device, dtype=torch.int64)  # no filter: every key is >= 0
     keys = torch.empty(n, device=phi.device, dtype=torch.int64)
     block = min(block_v, triton.next_power_of_2(vocab))
     _threshold_kernel[(n,)](

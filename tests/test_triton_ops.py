@@ -65,7 +65,7 @@ def test_forward_and_gradient_match_float64(dtype, rows, vocab, d, mode):
     torch.testing.assert_close(fused_grad.float().sum(-1).cpu(), torch.zeros(rows), atol=SLACK[dtype] * 5, rtol=0)
 
 
-@pytest.mark.parametrize("top_p,top_k", [(0.9, 0), (0.5, 0), (0.99, 13), (1.0, 5), (0.2, 3), (0.95, 1)])
+@pytest.mark.parametrize("top_p,top_k", [(0.9, 0), (0.5, 0), (0.99, 13), (1.0, 5), (0.2, 3), (0.95, 1), (1.0, 0)])
 def test_threshold_keeps_exactly_the_reference_set(top_p, top_k):
     from entrgi_kernels.row_stats import row_stats
     from entrgi_kernels.threshold import keep_threshold_keys
