@@ -18,6 +18,19 @@ import triton.language as tl
 
 
 @triton.jit
+def _online_exp_moments(m, s, t, x):
+    """Fold a tile x into running (max m, sum e^(x-m) s, sum e^(x-m) x t), rescaling on a
+    new maximum; -inf entries add nothing. lse = m + log s, E_p[x] = t / s."""
+    m_new = tl.maximum(m, tl.max(x, 0))
+    safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+    scale = tl.exp(m - safe)
+    e = tl.exp(x - safe)
+    s = s * scale + tl.sum(e, 0)
+    t = t * scale + tl.sum(tl.where(e > 0, e * x, 0.0), 0)
+    return m_new, s, t
+
+
+@triton.jit
 def _row_stats_kernel(
     phi_ptr,  # (N, V) logits, any float dtype, row stride `stride_phi`
     lse_tau_ptr,  # (N,) fp32 out: logsumexp(x / tau)
@@ -41,14 +54,7 @@ def _row_stats_kernel(
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         x = tl.load(base + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
-        # temperature 1: running max, sum of exp and sum of exp * x
-        m1_new = tl.maximum(m1, tl.max(x, 0))
-        safe1 = tl.where(m1_new == -float("inf"), 0.0, m1_new)
-        scale1 = tl.exp(m1 - safe1)
-        e1 = tl.exp(x - safe1)
-        s1 = s1 * scale1 + tl.sum(e1, 0)
-        t1 = t1 * scale1 + tl.sum(tl.where(e1 > 0, e1 * x, 0.0), 0)
-        m1 = m1_new
+        m1, s1, t1 = _online_exp_moments(m1, s1, t1, x)  # temperature 1
         # temperature tau
         xt = x * inv_tau
         mt_new = tl.maximum(mt, tl.max(xt, 0))

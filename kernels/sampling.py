@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from entrgi_kernels.row_stats import _online_exp_moments
 from entrgi_kernels.threshold import _ordered_key
 
 _MIN_UNIFORM = 4.7e-10
@@ -75,14 +76,7 @@ def _sample_kernel(
         top1 = tl.maximum(top1, tile_max)
         if WITH_ENTROPY:
             xi = tl.load(phi_init_ptr + row * stride_init + cols, mask=in_row, other=-float("inf"))
-            xi = xi.to(tl.float32) * inv_tau
-            mi_new = tl.maximum(mi, tl.max(xi, 0))
-            safei = tl.where(mi_new == -float("inf"), 0.0, mi_new)
-            scale = tl.exp(mi - safei)
-            ei = tl.exp(xi - safei)
-            si = si * scale + tl.sum(ei, 0)
-            ti = ti * scale + tl.sum(tl.where(ei > 0, ei * xi, 0.0), 0)
-            mi = mi_new
+            mi, si, ti = _online_exp_moments(mi, si, ti, xi.to(tl.float32) * inv_tau)
     tl.store(tokens_ptr + row, best_idx.to(tl.int64))
     tl.store(lse_kept_ptr + row, m + tl.log(s))
     tl.store(top1_ptr + row, top1)
