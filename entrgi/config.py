@@ -5,11 +5,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from entrgi.ops import ALGS
+from entrgi.ops import ALGS, MODES
 from entrgi.ops.validation import BACKENDS, check_choice, check_sampling_args
 
-METHODS = ("entrgi", "aps", "expectation", "bon", "none")
-GUIDED_METHODS = ("entrgi", "aps", "expectation")
+GUIDED_METHODS = MODES  # a guided method is a guided_embedding mode
+METHODS = (*GUIDED_METHODS, "bon", "none")
 
 
 @dataclass(frozen=True)

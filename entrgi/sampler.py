@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 from torch.profiler import record_function
 
-from entrgi.config import GuidanceConfig
+from entrgi.config import GUIDED_METHODS, GuidanceConfig
 from entrgi.denoisers import Denoiser
 from entrgi.ops import guided_embedding, sample_step
 from entrgi.optim import LogitAdam
@@ -178,7 +178,7 @@ def _check_inputs(prompts, denoiser, reward, config: GuidanceConfig) -> list[str
             raise TypeError(f"prompts[{i}] must be a str, got {type(prompt).__name__}")
     if not isinstance(denoiser, Denoiser):
         raise TypeError(f"denoiser must be an entrgi.Denoiser, got {type(denoiser).__name__}")
-    if config.method in ("entrgi", "aps", "expectation", "bon") and reward is None:
+    if (config.method in GUIDED_METHODS or config.method == "bon") and reward is None:
         raise ValueError(f"method {config.method!r} needs a reward")
     return prompts
 
