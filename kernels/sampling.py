@@ -15,9 +15,9 @@ import triton
 import triton.language as tl
 
 from entrgi_kernels.row_stats import _online_exp_moments
-from entrgi_kernels.threshold import _ordered_key
+from entrgi_kernels.threshold import _filter_key
 
-_MIN_UNIFORM = 4.7e-10
+_MIN_UNIFORM = tl.constexpr(4.7e-10)
 
 
 @triton.jit
@@ -54,8 +54,9 @@ def _sample_kernel(
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         in_row = cols < V
-        x = tl.load(base + cols, mask=in_row, other=-float("inf")).to(tl.float32) * inv_tau
-        kept = in_row & (_ordered_key(x) >= threshold) & (x > -float("inf"))
+        raw = tl.load(base + cols, mask=in_row, other=-float("inf"))
+        x = raw.to(tl.float32) * inv_tau
+        kept = in_row & (_filter_key(raw, inv_tau) >= threshold) & (x > -float("inf"))
         u = tl.maximum(tl.rand(seed, cols), _MIN_UNIFORM)
         score = tl.where(kept, x - tl.log(-tl.log(u)), -float("inf"))
         tile_best = tl.max(score, 0)

@@ -1,18 +1,30 @@
-"""Expected embedding soft = softmax(phi / tau) @ E and its backward, tile by tile.
+"""Expected embedding soft = softmax(phi / tau) @ E and its backward, as tiled GEMMs.
 
-Forward, per block of BLOCK_N rows and BLOCK_D embedding columns, streaming V:
-    p    = exp(x / tau - lse_tau)                 (lse_tau from the row-stats pass)
-    soft += p @ E[v_tile, d_tile]                 (tensor cores, fp32 accumulator)
-    out  = soft + w * (E[token] - soft)           (the straight-through mix)
+Forward (M = rows, K = vocabulary, N = embedding width; the A operand is computed on
+the fly, never stored):
+    p    = exp2(x * log2(e) / tau - lse_tau * log2(e))   (lse_tau from the row-stats pass)
+    soft = sum over V tiles of p @ E[v_tile]                (tensor cores, fp32 accumulator)
+The vocabulary is split into S chunks when the (row block, d block) tiles alone would
+not fill the GPU (flash-decoding); each program writes an fp32 partial and a second
+small kernel adds the S partials in a fixed order (deterministic, no atomics) and
+applies the straight-through mix out = soft + w * (E[token] - soft).
+Programs are numbered so that those sharing a V chunk run together: the phi tile and
+the E tile each come from HBM about once and are re-read from L2.
+
 Backward, with g = dL/d out and only the soft path differentiable:
     dphi_v = (1 / tau) p_v (E_v . g - soft . g)
-computed per (row block, V tile) with E_v . g = g @ E[v_tile]^T streamed over d.
+one (row block, V tile) per program with E_v . g = g @ E[v_tile]^T streamed over d;
+row blocks vary fastest so programs sharing an E tile run together. The dot rounds g
+to the table's dtype (bf16/fp16) as the tensor cores need.
 No (N, V) tensor is created besides phi and dphi.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -20,43 +32,46 @@ import triton.language as tl
 
 # The interpreter computes bf16/fp16 dots incorrectly: cast operands to fp32 there.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_LOG2E = math.log2(math.e)
 
 
 @triton.jit
-def _soft_embedding_fwd_kernel(
+def _soft_partial_kernel(
     phi_ptr,  # (N, V) logits, row stride `stride_phi`
     table_ptr,  # (V, D) embedding table, row stride `stride_table`
     lse_tau_ptr,  # (N,) fp32
-    weight_ptr,  # (N,) fp32 straight-through weight w
-    tokens_ptr,  # (N,) int64 hard tokens
-    soft_ptr,  # (N, D) fp32 out: soft (saved for backward)
-    out_ptr,  # (N, D) out, table dtype: soft + w (E[token] - soft)
+    partial_ptr,  # (S, N, D) fp32 out: per-chunk sums of p @ E
     N,
     V,
     D,
     stride_phi,
     stride_table,
-    inv_tau,
+    scale,  # log2(e) / tau
+    chunk,  # vocabulary entries per split, a multiple of BLOCK_V
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_FP32: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    dims = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_blocks = tl.cdiv(D, BLOCK_D)
+    tile = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = (tile // d_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = (tile % d_blocks) * BLOCK_D + tl.arange(0, BLOCK_D)
     row_ok = rows < N
     dim_ok = dims < D
     rows64 = rows.to(tl.int64)
-    lse = tl.load(lse_tau_ptr + rows, mask=row_ok, other=0.0)
+    lse2 = tl.load(lse_tau_ptr + rows, mask=row_ok, other=0.0) * 1.4426950408889634
     acc = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-    for start in range(0, V, BLOCK_V):
+    v_start = split * chunk
+    for start in range(v_start, tl.minimum(v_start + chunk, V), BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         col_ok = cols < V
         x = tl.load(
             phi_ptr + rows64[:, None] * stride_phi + cols[None, :],
             mask=row_ok[:, None] & col_ok[None, :], other=-float("inf"),
         ).to(tl.float32)  # fmt: skip
-        p = tl.exp(x * inv_tau - lse[:, None])
+        p = tl.exp2(x * scale - lse2[:, None])
         e = tl.load(
             table_ptr + cols.to(tl.int64)[:, None] * stride_table + dims[None, :],
             mask=col_ok[:, None] & dim_ok[None, :], other=0.0,
@@ -65,16 +80,35 @@ def _soft_embedding_fwd_kernel(
             acc += tl.dot(p, e.to(tl.float32), input_precision="ieee")
         else:
             acc += tl.dot(p.to(e.dtype), e)
-    tokens = tl.load(tokens_ptr + rows, mask=row_ok, other=0)
-    w = tl.load(weight_ptr + rows, mask=row_ok, other=0.0)
-    hard = tl.load(
-        table_ptr + tokens[:, None] * stride_table + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0
-    ).to(tl.float32)
-    out = acc + w[:, None] * (hard - acc)
-    offsets = rows64[:, None] * D + dims[None, :]
-    mask = row_ok[:, None] & dim_ok[None, :]
-    tl.store(soft_ptr + offsets, acc, mask=mask)
-    tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
+    offsets = (split * N + rows64)[:, None] * D + dims[None, :]
+    tl.store(partial_ptr + offsets, acc, mask=row_ok[:, None] & dim_ok[None, :])
+
+
+@triton.jit
+def _straight_through_kernel(
+    partial_ptr,  # (S, N, D) fp32
+    table_ptr,  # (V, D) embedding table
+    tokens_ptr,  # (N,) int64 hard tokens
+    weight_ptr,  # (N,) fp32 straight-through weight w
+    soft_ptr,  # (N, D) fp32 out: soft (saved for backward)
+    out_ptr,  # (N, D) out, table dtype: soft + w (E[token] - soft)
+    N,
+    D,
+    S,
+    stride_table,
+    BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    dims = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    dim_ok = dims < D
+    soft = tl.zeros((BLOCK_D,), tl.float32)
+    for split in range(S):
+        soft += tl.load(partial_ptr + (split * N + row) * D + dims, mask=dim_ok, other=0.0)
+    token = tl.load(tokens_ptr + row)
+    w = tl.load(weight_ptr + row)
+    hard = tl.load(table_ptr + token * stride_table + dims, mask=dim_ok, other=0.0).to(tl.float32)
+    tl.store(soft_ptr + row * D + dims, soft, mask=dim_ok)
+    tl.store(out_ptr + row * D + dims, (soft + w * (hard - soft)).to(out_ptr.dtype.element_ty), mask=dim_ok)
 
 
 @triton.jit
@@ -130,39 +164,76 @@ def _soft_embedding_bwd_kernel(
     )  # fmt: skip
 
 
-def _blocks(d: int) -> tuple[int, int, int]:
-    block_d = min(128, max(16, triton.next_power_of_2(d)))
-    return 16, 64, block_d
+@dataclass(frozen=True)
+class TileConfig:
+    """Tile sizes and launch options of one GEMM-shaped kernel."""
+
+    block_n: int
+    block_v: int
+    block_d: int
+    num_warps: int = 4
+    num_stages: int = 3
 
 
-def soft_embedding_forward(phi, table, lse_tau, weights, tokens, temperature):
+# Chosen by the sweep in bench/ on an H100 (see bench/RESULTS.md); the interpreter
+# runs one program at a time, so small tiles keep CPU tests fast.
+FORWARD_GPU = TileConfig(block_n=64, block_v=64, block_d=128, num_warps=4, num_stages=3)
+BACKWARD_GPU = TileConfig(block_n=64, block_v=128, block_d=64, num_warps=4, num_stages=3)
+INTERPRETER = TileConfig(block_n=16, block_v=64, block_d=64, num_warps=1, num_stages=1)
+
+
+@functools.lru_cache(maxsize=None)
+def _programs_to_fill(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _fit(config: TileConfig, d: int) -> TileConfig:
+    block_d = min(config.block_d, max(16, triton.next_power_of_2(d)))
+    return TileConfig(config.block_n, config.block_v, block_d, config.num_warps, config.num_stages)
+
+
+def _dot_fp32(table: torch.Tensor) -> bool:
+    return _INTERPRET or table.dtype == torch.float32
+
+
+def soft_embedding_forward(phi, table, lse_tau, weights, tokens, temperature, config: TileConfig | None = None):
     """Returns soft (N, D) fp32 and out (N, D) in the table's dtype."""
     n, vocab = phi.shape
     d = table.shape[1]
+    cfg = _fit(config or (INTERPRETER if _INTERPRET else FORWARD_GPU), d)
+    tiles = triton.cdiv(n, cfg.block_n) * triton.cdiv(d, cfg.block_d)
+    splits = max(1, min(triton.cdiv(vocab, cfg.block_v), triton.cdiv(_programs_to_fill(phi.device), tiles)))
+    chunk = triton.cdiv(triton.cdiv(vocab, splits), cfg.block_v) * cfg.block_v
+    splits = triton.cdiv(vocab, chunk)
+    partial = torch.empty(splits, n, d, device=phi.device, dtype=torch.float32)
+    _soft_partial_kernel[(tiles, splits)](
+        phi, table, lse_tau, partial, n, vocab, d, phi.stride(0), table.stride(0), _LOG2E / temperature, chunk,
+        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, DOT_FP32=_dot_fp32(table),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
     soft = torch.empty(n, d, device=phi.device, dtype=torch.float32)
     out = torch.empty(n, d, device=phi.device, dtype=table.dtype)
-    block_n, block_v, block_d = _blocks(d)
-    grid = (triton.cdiv(n, block_n), triton.cdiv(d, block_d))
-    _soft_embedding_fwd_kernel[grid](
-        phi, table, lse_tau, weights, tokens, soft, out, n, vocab, d, phi.stride(0), table.stride(0),
-        1.0 / temperature, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d,
-        DOT_FP32=_INTERPRET or table.dtype == torch.float32,
+    block_d = min(1024, triton.next_power_of_2(d))
+    _straight_through_kernel[(n, triton.cdiv(d, block_d))](
+        partial, table, tokens, weights, soft, out, n, d, splits, table.stride(0), BLOCK_D=block_d,
     )  # fmt: skip
     return soft, out
 
 
-def soft_embedding_backward(phi, table, grad, lse_tau, soft, temperature):
+def soft_embedding_backward(phi, table, grad, lse_tau, soft, temperature, config: TileConfig | None = None):
     """dphi (N, V) in phi's dtype for the incoming gradient ``grad`` (N, D)."""
     n, vocab = phi.shape
     d = table.shape[1]
+    cfg = _fit(config or (INTERPRETER if _INTERPRET else BACKWARD_GPU), d)
     grad = grad.float().contiguous()
     soft_dot_grad = (soft * grad).sum(-1)
     dphi = torch.empty_like(phi)
-    block_n, block_v, block_d = _blocks(d)
-    grid = (triton.cdiv(n, block_n), triton.cdiv(vocab, block_v))
+    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(vocab, cfg.block_v))
     _soft_embedding_bwd_kernel[grid](
         phi, table, grad, lse_tau, soft_dot_grad, dphi, n, vocab, d, phi.stride(0), table.stride(0),
-        dphi.stride(0), 1.0 / temperature, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d,
-        DOT_FP32=_INTERPRET or table.dtype == torch.float32,
+        dphi.stride(0), 1.0 / temperature, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
+        DOT_FP32=_dot_fp32(table), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return dphi

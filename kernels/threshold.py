@@ -10,7 +10,8 @@ first exceeds t:
 
 which is the published rule "drop a token once the mass strictly before it exceeds
 top_p" (ties at K all kept), and for top-k "keep values >= the k-th largest".
-K is found digit by digit, most significant first: 8 passes of 4 bits over the row;
+K is found digit by digit, most significant first: passes of 4 bits over the row (4
+for bf16/fp16 logits, whose own 16 bits order them; 8 for fp32, keyed on x / tau);
 each pass histograms the weight of the tokens that match the prefix found so far and
 picks the digit where the cumulative weight, counted from the top, crosses t.
 Deterministic, exact up to fp32 summation of the masses, no data-dependent loops.
@@ -23,15 +24,29 @@ import triton
 import triton.language as tl
 
 DIGIT_BITS = 4
-NUM_PASSES = 32 // DIGIT_BITS
 
 
 @triton.jit
 def _ordered_key(x):
-    """fp32 -> int64 in [0, 2^32) with the same order as the floats."""
-    bits = x.to(tl.int32, bitcast=True)
-    flipped = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negatives: reverse their order
-    return flipped.to(tl.int64) + 2147483648
+    """fp32, bf16 or fp16 -> int64 in [0, 2^bits) with the same order as the floats
+    (-0 and +0 share a key)."""
+    x = tl.where(x == 0, tl.zeros_like(x), x)
+    if x.dtype == tl.float32:
+        bits = x.to(tl.int32, bitcast=True)
+        return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) + 2147483648  # negatives: reverse order
+    bits = x.to(tl.int16, bitcast=True)
+    return (bits ^ ((bits >> 15) & 0x7FFF)).to(tl.int64) + 32768
+
+
+@triton.jit
+def _filter_key(raw, inv_tau):
+    """The key the kept-set threshold compares. 16-bit logits use their own bits: x / tau
+    in fp32 keeps distinct bf16/fp16 values distinct and in order, and 16-bit keys need
+    half the radix passes. fp32 logits use x / tau as the reference does (the product
+    can tie values that differ by an ulp)."""
+    if raw.dtype == tl.float32:
+        return _ordered_key(raw * inv_tau)
+    return _ordered_key(raw)
 
 
 @triton.jit
@@ -47,7 +62,7 @@ def _choose_digit(hist, above, target, NUM_DIGITS: tl.constexpr):
     return chosen, above
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["top_k"])  # top_k == 1 must stay a runtime int
 def _threshold_kernel(
     phi_ptr,  # (N, V) logits, row stride `stride_phi`
     lse_tau_ptr,  # (N,) fp32: logsumexp(x / tau)
@@ -58,7 +73,7 @@ def _threshold_kernel(
     top_p,  # mass target; >= 1 disables top-p
     top_k,  # count target; 0 or >= V disables top-k
     BLOCK_V: tl.constexpr,
-    NUM_PASSES: tl.constexpr,
+    KEY_BITS: tl.constexpr,
     DIGIT_BITS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -73,14 +88,15 @@ def _threshold_kernel(
     prefix_k = tl.zeros((), tl.int64)
     above_p = 0.0
     above_k = 0.0
-    for step in tl.static_range(NUM_PASSES):
-        shift: tl.constexpr = 32 - DIGIT_BITS * (step + 1)
+    for step in tl.static_range(KEY_BITS // DIGIT_BITS):
+        shift = KEY_BITS - DIGIT_BITS * (step + 1)
         hist_p = tl.zeros((NUM_DIGITS,), tl.float32)
         hist_k = tl.zeros((NUM_DIGITS,), tl.float32)
         for start in range(0, V, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
-            x = tl.load(base + cols, mask=cols < V, other=-float("inf")).to(tl.float32) * inv_tau
-            key = _ordered_key(x)
+            raw = tl.load(base + cols, mask=cols < V, other=-float("inf"))
+            key = _filter_key(raw, inv_tau)
+            x = raw.to(tl.float32) * inv_tau
             digit = (key >> shift) & (NUM_DIGITS - 1)
             high = key >> (shift + DIGIT_BITS)
             onehot = digit[:, None] == digits[None, :]
@@ -101,7 +117,8 @@ def _threshold_kernel(
 def keep_threshold_keys(
     phi: torch.Tensor, lse_tau: torch.Tensor, temperature: float, top_p: float, top_k: int, block_v: int = 512
 ) -> torch.Tensor:
-    """(N, V) logits -> (N,) int64 key thresholds of the top-p-then-top-k filter."""
+    """(N, V) logits -> (N,) int64 thresholds: token v is kept iff its ``_filter_key``
+    is >= its row's threshold (top-p then top-k; 0 keeps everything)."""
     n, vocab = phi.shape
     if top_p >= 1.0 and not 0 < top_k < vocab:
         return torch.zeros(n, device=phi.device, dtype=torch.int64)  # no filter: every key is >= 0
@@ -109,6 +126,6 @@ def keep_threshold_keys(
     block = min(block_v, triton.next_power_of_2(vocab))
     _threshold_kernel[(n,)](
         phi, lse_tau, keys, phi.stride(0), vocab, 1.0 / temperature, float(top_p), int(top_k),
-        BLOCK_V=block, NUM_PASSES=NUM_PASSES, DIGIT_BITS=DIGIT_BITS,
+        BLOCK_V=block, KEY_BITS=32 if phi.dtype == torch.float32 else 16, DIGIT_BITS=DIGIT_BITS,
     )  # fmt: skip
     return keys

@@ -1,0 +1,108 @@
+"""Where the fused op's time goes, kernel by kernel, and a tile sweep of the GEMM kernels.
+
+    python bench/op_breakdown.py --n 512 2048 --d 1024 2048            # per-kernel table
+    python bench/op_breakdown.py --n 512 --d 1024 --sweep              # + tile configs
+
+Times are CUDA-event medians (``entrgi.benchmark.time_ms``); the floor of each kernel
+is its ideal bytes over the measured copy bandwidth (or FLOPs over the bf16 peak).
+GPU only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+
+import torch
+
+from entrgi.benchmark import PEAK_BYTES_PER_S, PEAK_FLOP_PER_S, time_ms
+from entrgi_kernels.row_stats import row_stats
+from entrgi_kernels.sampling import sample_filtered
+from entrgi_kernels.soft_embedding import (
+    BACKWARD_GPU,
+    FORWARD_GPU,
+    TileConfig,
+    soft_embedding_backward,
+    soft_embedding_forward,
+)
+from entrgi_kernels.threshold import keep_threshold_keys
+
+TAU, TOP_P = 0.7, 0.95
+
+
+def _median(fn, repeats=20) -> float:
+    return statistics.median(time_ms(fn, repeats, warmup=3))
+
+
+def _floor_ms(nbytes: float, flops: float = 0.0) -> float:
+    return max(nbytes / PEAK_BYTES_PER_S, flops / PEAK_FLOP_PER_S) * 1e3
+
+
+def breakdown(n: int, vocab: int, d: int, dtype: torch.dtype) -> list[tuple[str, float, float]]:
+    phi = (torch.randn(n, vocab, device="cuda") * 3).to(dtype)
+    table = torch.randn(vocab, d, device="cuda", dtype=torch.bfloat16)
+    grad = torch.randn(n, d, device="cuda")
+    seed = torch.zeros(1, device="cuda", dtype=torch.int64)
+    lse, entropy, argmax = row_stats(phi, TAU)
+    keys = keep_threshold_keys(phi, lse, TAU, TOP_P, 0)
+    soft, _ = soft_embedding_forward(phi, table, lse, entropy, argmax, TAU)
+    phi_bytes, table_bytes = phi.numel() * phi.element_size(), table.numel() * 2
+    gemm_flops = 2.0 * n * vocab * d
+    return [
+        ("row_stats", _median(lambda: row_stats(phi, TAU)), _floor_ms(phi_bytes)),
+        ("threshold (top-p)", _median(lambda: keep_threshold_keys(phi, lse, TAU, TOP_P, 0)), _floor_ms(phi_bytes)),
+        ("sample", _median(lambda: sample_filtered(phi, keys, seed, TAU)), _floor_ms(phi_bytes)),
+        ("soft forward", _median(lambda: soft_embedding_forward(phi, table, lse, entropy, argmax, TAU)),
+         _floor_ms(phi_bytes + table_bytes, gemm_flops)),
+        ("soft backward", _median(lambda: soft_embedding_backward(phi, table, grad, lse, soft, TAU)),
+         _floor_ms(2 * phi_bytes + table_bytes, gemm_flops)),
+    ]  # fmt: skip
+
+
+def sweep(n: int, vocab: int, d: int, dtype: torch.dtype) -> list[tuple[str, TileConfig, float]]:
+    phi = (torch.randn(n, vocab, device="cuda") * 3).to(dtype)
+    table = torch.randn(vocab, d, device="cuda", dtype=torch.bfloat16)
+    grad = torch.randn(n, d, device="cuda")
+    lse, entropy, argmax = row_stats(phi, TAU)
+    soft, _ = soft_embedding_forward(phi, table, lse, entropy, argmax, TAU)
+    results = []
+    grid = itertools.product((64, 128), (64, 128), (64, 128, 256), (4, 8), (3,))
+    for block_n, block_v, block_d, warps, stages in grid:
+        cfg = TileConfig(block_n, block_v, block_d, warps, stages)
+        for name, fn in (
+            ("forward", lambda: soft_embedding_forward(phi, table, lse, entropy, argmax, TAU, config=cfg)),
+            ("backward", lambda: soft_embedding_backward(phi, table, grad, lse, soft, TAU, config=cfg)),
+        ):
+            try:
+                results.append((name, cfg, _median(fn, repeats=10)))
+            except Exception as error:  # out of shared memory / registers for this tile
+                print(f"{name} {cfg}: {type(error).__name__}")
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, nargs="+", default=[512, 2048])
+    parser.add_argument("--d", type=int, nargs="+", default=[1024, 2048])
+    parser.add_argument("--vocab", type=int, default=152064)
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    parser.add_argument("--sweep", action="store_true", help="also time tile configs of the GEMM kernels")
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+    print(f"{torch.cuda.get_device_name()}  V={args.vocab} phi {args.dtype}  defaults: fwd {FORWARD_GPU} "
+          f"bwd {BACKWARD_GPU}")  # fmt: skip
+    for n, d in itertools.product(args.n, args.d):
+        print(f"\nN={n} d={d}\n{'kernel':<20} {'median ms':>10} {'floor ms':>9} {'x floor':>8}")
+        for name, ms, floor in breakdown(n, args.vocab, d, dtype):
+            print(f"{name:<20} {ms:10.3f} {floor:9.3f} {ms / floor:8.1f}")
+        if args.sweep:
+            results = sweep(n, args.vocab, d, dtype)
+            for kind in ("forward", "backward"):
+                best = sorted((r for r in results if r[0] == kind), key=lambda r: r[2])[:5]
+                for _, cfg, ms in best:
+                    print(f"  best {kind:<8} {ms:8.3f} ms  {cfg}")
+
+
+if __name__ == "__main__":
+    main()
