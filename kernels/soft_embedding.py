@@ -177,8 +177,8 @@ class TileConfig:
 
 # Chosen by the sweep in bench/ on an H100 (see bench/RESULTS.md); the interpreter
 # runs one program at a time, so small tiles keep CPU tests fast.
-FORWARD_GPU = TileConfig(block_n=64, block_v=64, block_d=128, num_warps=4, num_stages=3)
-BACKWARD_GPU = TileConfig(block_n=64, block_v=128, block_d=64, num_warps=4, num_stages=3)
+FORWARD_GPU = TileConfig(block_n=128, block_v=64, block_d=256, num_warps=8, num_stages=3)
+BACKWARD_GPU = TileConfig(block_n=128, block_v=128, block_d=64, num_warps=4, num_stages=3)
 INTERPRETER = TileConfig(block_n=16, block_v=64, block_d=64, num_warps=1, num_stages=1)
 
 

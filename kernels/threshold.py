@@ -33,9 +33,11 @@ def _ordered_key(x):
     x = tl.where(x == 0, tl.zeros_like(x), x)
     if x.dtype == tl.float32:
         bits = x.to(tl.int32, bitcast=True)
-        return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) + 2147483648  # negatives: reverse order
-    bits = x.to(tl.int16, bitcast=True)
-    return (bits ^ ((bits >> 15) & 0x7FFF)).to(tl.int64) + 32768
+        key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) + 2147483648  # negatives: reverse order
+    else:
+        bits16 = x.to(tl.int16, bitcast=True)
+        key = (bits16 ^ ((bits16 >> 15) & 0x7FFF)).to(tl.int64) + 32768
+    return key
 
 
 @triton.jit
@@ -45,8 +47,10 @@ def _filter_key(raw, inv_tau):
     half the radix passes. fp32 logits use x / tau as the reference does (the product
     can tie values that differ by an ulp)."""
     if raw.dtype == tl.float32:
-        return _ordered_key(raw * inv_tau)
-    return _ordered_key(raw)
+        key = _ordered_key(raw * inv_tau)
+    else:
+        key = _ordered_key(raw)
+    return key
 
 
 @triton.jit
@@ -66,12 +70,14 @@ def _choose_digit(hist, above, target, NUM_DIGITS: tl.constexpr):
 def _threshold_kernel(
     phi_ptr,  # (N, V) logits, row stride `stride_phi`
     lse_tau_ptr,  # (N,) fp32: logsumexp(x / tau)
-    key_ptr,  # (N,) int64 out: keep token v iff key(x_v / tau) >= key_ptr[row]
+    key_ptr,  # (N,) int64 out: keep token v iff _filter_key(x_v) >= key_ptr[row]
     stride_phi,
     V,
     inv_tau,
-    top_p,  # mass target; >= 1 disables top-p
-    top_k,  # count target; 0 or >= V disables top-k
+    top_p,  # mass target (USE_P)
+    top_k,  # count target (USE_K)
+    USE_P: tl.constexpr,
+    USE_K: tl.constexpr,
     BLOCK_V: tl.constexpr,
     KEY_BITS: tl.constexpr,
     DIGIT_BITS: tl.constexpr,
@@ -79,9 +85,7 @@ def _threshold_kernel(
     row = tl.program_id(0).to(tl.int64)
     base = phi_ptr + row * stride_phi
     lse = tl.load(lse_tau_ptr + row)
-    use_p = top_p < 1.0
-    use_k = (top_k > 0) & (top_k < V)
-    k_target = top_k.to(tl.float32) - 0.5
+    k_target = top_k * 1.0 - 0.5
     NUM_DIGITS: tl.constexpr = 1 << DIGIT_BITS
     digits = tl.arange(0, NUM_DIGITS)
     prefix_p = tl.zeros((), tl.int64)
@@ -90,42 +94,44 @@ def _threshold_kernel(
     above_k = 0.0
     for step in tl.static_range(KEY_BITS // DIGIT_BITS):
         shift = KEY_BITS - DIGIT_BITS * (step + 1)
-        hist_p = tl.zeros((NUM_DIGITS,), tl.float32)
-        hist_k = tl.zeros((NUM_DIGITS,), tl.float32)
+        # (BLOCK_V, NUM_DIGITS) accumulators: element-wise adds in the loop, one
+        # cross-thread reduction per pass
+        acc_p = tl.zeros((BLOCK_V, NUM_DIGITS), tl.float32)
+        acc_k = tl.zeros((BLOCK_V, NUM_DIGITS), tl.float32)
         for start in range(0, V, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
-            raw = tl.load(base + cols, mask=cols < V, other=-float("inf"))
+            in_row = cols < V
+            raw = tl.load(base + cols, mask=in_row, other=-float("inf"))
             key = _filter_key(raw, inv_tau)
-            x = raw.to(tl.float32) * inv_tau
-            digit = (key >> shift) & (NUM_DIGITS - 1)
+            onehot = ((key >> shift) & (NUM_DIGITS - 1))[:, None] == digits[None, :]
             high = key >> (shift + DIGIT_BITS)
-            onehot = digit[:, None] == digits[None, :]
-            in_p = ((high == prefix_p) & (cols < V))[:, None] & onehot
-            in_k = ((high == prefix_k) & (cols < V))[:, None] & onehot
-            prob = tl.exp(x - lse)
-            hist_p += tl.sum(tl.where(in_p, prob[:, None], 0.0), 0)
-            hist_k += tl.sum(tl.where(in_k, 1.0, 0.0), 0)
-        digit_p, above_p = _choose_digit(hist_p, above_p, top_p, NUM_DIGITS)
-        digit_k, above_k = _choose_digit(hist_k, above_k, k_target, NUM_DIGITS)
-        prefix_p = (prefix_p << DIGIT_BITS) | digit_p
-        prefix_k = (prefix_k << DIGIT_BITS) | digit_k
-    key_p = tl.where(use_p, prefix_p, 0)
-    key_k = tl.where(use_k, prefix_k, 0)
-    tl.store(key_ptr + row, tl.maximum(key_p, key_k))
+            if USE_P:
+                prob = tl.exp(raw.to(tl.float32) * inv_tau - lse)
+                acc_p += tl.where(onehot & ((high == prefix_p) & in_row)[:, None], prob[:, None], 0.0)
+            if USE_K:
+                acc_k += tl.where(onehot & ((high == prefix_k) & in_row)[:, None], 1.0, 0.0)
+        if USE_P:
+            digit_p, above_p = _choose_digit(tl.sum(acc_p, 0), above_p, top_p, NUM_DIGITS)
+            prefix_p = (prefix_p << DIGIT_BITS) | digit_p
+        if USE_K:
+            digit_k, above_k = _choose_digit(tl.sum(acc_k, 0), above_k, k_target, NUM_DIGITS)
+            prefix_k = (prefix_k << DIGIT_BITS) | digit_k
+    tl.store(key_ptr + row, tl.maximum(prefix_p, prefix_k))
 
 
 def keep_threshold_keys(
-    phi: torch.Tensor, lse_tau: torch.Tensor, temperature: float, top_p: float, top_k: int, block_v: int = 512
+    phi: torch.Tensor, lse_tau: torch.Tensor, temperature: float, top_p: float, top_k: int, block_v: int = 256
 ) -> torch.Tensor:
     """(N, V) logits -> (N,) int64 thresholds: token v is kept iff its ``_filter_key``
     is >= its row's threshold (top-p then top-k; 0 keeps everything)."""
     n, vocab = phi.shape
-    if top_p >= 1.0 and not 0 < top_k < vocab:
+    use_p, use_k = top_p < 1.0, 0 < top_k < vocab
+    if not (use_p or use_k):
         return torch.zeros(n, device=phi.device, dtype=torch.int64)  # no filter: every key is >= 0
     keys = torch.empty(n, device=phi.device, dtype=torch.int64)
     block = min(block_v, triton.next_power_of_2(vocab))
     _threshold_kernel[(n,)](
         phi, lse_tau, keys, phi.stride(0), vocab, 1.0 / temperature, float(top_p), int(top_k),
-        BLOCK_V=block, KEY_BITS=32 if phi.dtype == torch.float32 else 16, DIGIT_BITS=DIGIT_BITS,
+        USE_P=use_p, USE_K=use_k, BLOCK_V=block, KEY_BITS=32 if phi.dtype == torch.float32 else 16, DIGIT_BITS=DIGIT_BITS,
     )  # fmt: skip
     return keys
