@@ -132,13 +132,17 @@ def _op_functions(backend: str, phi, table, grad):
         saved["out"] = call(leaf)
 
     def backward():
+        leaf.grad = None  # peak memory counts one dphi, not an accumulated one
         saved["out"].backward(grad, retain_graph=True)
+
+    def free_grad():
+        leaf.grad = None
 
     def fwd_bwd():
         leaf.grad = None
         call(leaf).backward(grad)
 
-    return forward, (prepare_backward, backward), fwd_bwd
+    return forward, (prepare_backward, backward), fwd_bwd, free_grad
 
 
 def bench_op(n: int, vocab: int, d: int, dtype: torch.dtype, backends, repeats: int, env: dict) -> list[OpRow]:
@@ -148,8 +152,9 @@ def bench_op(n: int, vocab: int, d: int, dtype: torch.dtype, backends, repeats: 
     grad = torch.randn(n, d, device=device, dtype=table.dtype)
     rows: list[OpRow] = []
     for backend in backends:
-        forward, (prepare, backward), fwd_bwd = _op_functions(backend, phi, table, grad)
+        forward, (prepare, backward), fwd_bwd, leaf_grad_free = _op_functions(backend, phi, table, grad)
         for mode, fn in (("forward", forward), ("backward", backward), ("fwd+bwd", fwd_bwd)):
+            leaf_grad_free()
             if mode == "backward":
                 prepare()
             if device == "cuda":

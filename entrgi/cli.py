@@ -10,6 +10,7 @@ from pathlib import Path
 
 from entrgi.config import GuidanceConfig
 
+GRAPH_CHOICES = {"auto": "auto", "on": True, "off": False}
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
@@ -17,7 +18,9 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One ``--field`` flag per GuidanceConfig field, typed from its default."""
     for f in dataclasses.fields(GuidanceConfig):
         flag = "--" + f.name.replace("_", "-")
-        if isinstance(f.default, bool):
+        if f.name == "cuda_graphs":
+            parser.add_argument(flag, choices=tuple(GRAPH_CHOICES), default=None)
+        elif isinstance(f.default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
         else:
             parser.add_argument(flag, type=type(f.default), default=None, metavar=f.name.upper())
@@ -25,6 +28,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 def _config_from_args(args) -> GuidanceConfig:
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(GuidanceConfig)}
+    if values["cuda_graphs"] is not None:
+        values["cuda_graphs"] = GRAPH_CHOICES[values["cuda_graphs"]]
     return GuidanceConfig(**{k: v for k, v in values.items() if v is not None})
 
 
@@ -117,6 +122,8 @@ def _bench(args) -> int:
         print(benchmark.profile_step(args.steps, out_dir))
         return 0
     gpu = torch.cuda.is_available()
+    if args.suite == "step":
+        return _bench_steps(args, out_dir, gpu)
     backends = args.backends or (["torch", "compile", "triton"] if gpu else ["torch"])
     sizes_n = args.n or ([128, 512, 2048] if gpu else [16, 64])
     sizes_d = args.d or ([1024, 2048] if gpu else [64])
@@ -134,6 +141,22 @@ def _bench(args) -> int:
     benchmark.append_csv(rows, csv_path)
     plots = benchmark.plot_csv(csv_path, out_dir)
     print(f"appended {len(rows)} rows to {csv_path}; plots: {', '.join(str(p) for p in plots)}")
+    return 0
+
+
+def _bench_steps(args, out_dir: Path, gpu: bool) -> int:
+    from entrgi import benchmark, step_benchmark
+
+    rows = []
+    for preset in args.preset or (["1xK4-0.6b", "4xK4-1.7b"] if gpu else ["tiny"]):
+        rows += step_benchmark.bench_steps(preset, methods=args.methods, guidance_steps=args.guidance_steps,
+                                           new_tokens=args.new_tokens, timed=args.repeats)  # fmt: skip
+    env = benchmark.environment()
+    print(f"{env['device']} | torch {env['torch']} | triton {env['triton']} | commit {env['commit']} | {env['date']}")
+    print(step_benchmark.format_steps(rows))
+    csv_path = out_dir / "step_results.csv"
+    benchmark.append_csv(rows, csv_path)
+    print(f"appended {len(rows)} rows to {csv_path}")
     return 0
 
 
@@ -165,8 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="cpu")
     demo.set_defaults(run=_demo)
 
-    bench = commands.add_parser("bench", help="op benchmarks (CSV + plots) or a guided-step profile")
-    bench.add_argument("--suite", choices=("op",), default="op")
+    bench = commands.add_parser("bench", help="op / step benchmarks (CSV + plots) or a guided-step profile")
+    bench.add_argument("--suite", choices=("op", "step"), default="op",
+                       help="op: guided_embedding backends; step: denoising steps of random-weight paper-shape models")  # fmt: skip
     bench.add_argument("--profile", action="store_true", help="profile guided steps (per-component table + trace)")
     bench.add_argument("--steps", type=int, default=4, help="steps to profile (the first is warm-up)")
     bench.add_argument("--backends", nargs="+", choices=("torch", "compile", "triton"))
@@ -174,7 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--d", type=int, nargs="+", help="embedding width (default GPU: 1024 2048; CPU: 64)")
     bench.add_argument("--vocab", type=int, help="vocabulary (default GPU: 152064; CPU: 4096)")
     bench.add_argument("--dtype", nargs="+", choices=tuple(DTYPES))
-    bench.add_argument("--repeats", type=int, default=10)
+    bench.add_argument("--repeats", type=int, default=10, help="timed calls (op) or timed steps (step)")
+    bench.add_argument("--preset", nargs="+", choices=("1xK4-0.6b", "4xK4-1.7b", "tiny"),
+                       help="step suite models x batch (default GPU: 1xK4-0.6b 4xK4-1.7b; CPU: tiny)")  # fmt: skip
+    bench.add_argument("--methods", nargs="+", default=["none", "entrgi", "aps", "expectation"],
+                       choices=("none", "entrgi", "aps", "expectation"), help="step suite methods")  # fmt: skip
+    bench.add_argument("--new-tokens", type=int, default=128, help="step suite response length G (= steps T)")
+    bench.add_argument("--guidance-steps", type=int, default=3, help="step suite Adam steps M per guided step")
     bench.add_argument("--out", default="bench/out", help="folder for the CSV, plots and traces")
     bench.set_defaults(run=_bench)
     return parser

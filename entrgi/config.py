@@ -27,6 +27,7 @@ class GuidanceConfig:
     deprioritize_eos : confidence -inf where the sampled token ends the response.
     prompts_per_batch : prompts denoised together (each with K rows).
     chat_template : wrap prompts in the denoiser tokenizer's chat template when it has one.
+    cuda_graphs : ``auto`` (on CUDA), True or False: replay each step kind from a CUDA graph.
     """
 
     method: str = "entrgi"
@@ -47,12 +48,15 @@ class GuidanceConfig:
     backend: str = "auto"
     prompts_per_batch: int = 4
     chat_template: bool = True
+    cuda_graphs: str | bool = "auto"
 
     def __post_init__(self):
         check_choice("method", self.method, METHODS)
         check_choice("alg", self.alg, ALGS)
         check_choice("backend", self.backend, BACKENDS)
         check_sampling_args(self.temperature, self.top_p, self.top_k)
+        if self.cuda_graphs not in ("auto", True, False):
+            raise ValueError(f"cuda_graphs must be 'auto', True or False, got {self.cuda_graphs!r}")
         for name in ("num_samples", "steps", "max_new_tokens", "guide_every", "prompts_per_batch"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -71,6 +75,12 @@ class GuidanceConfig:
         """Whether steps run the reward-gradient loop. At temperature 0 the soft embedding
         is a one-hot argmax with no gradient, so greedy runs are unguided."""
         return self.method in GUIDED_METHODS and self.guidance_steps > 0 and self.temperature > 0
+
+    def use_cuda_graphs(self, device: torch.device) -> bool:
+        """Whether denoising steps replay CUDA graphs on ``device`` (``auto``: on CUDA)."""
+        if self.cuda_graphs is True and device.type != "cuda":
+            raise ValueError(f"cuda_graphs=True needs a CUDA denoiser, got device {device}")
+        return device.type == "cuda" and self.cuda_graphs in ("auto", True)
 
     def replace(self, **overrides) -> "GuidanceConfig":
         unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}

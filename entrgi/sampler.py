@@ -4,6 +4,12 @@ Static-shape design: one ``(B*K, P + G)`` token canvas per batch; every step wor
 the whole ``(B*K, G)`` response block with a boolean mask of still-masked positions,
 so no step has a data-dependent shape or reads a value back to the host. Host syncs
 happen only after the last step (decoding, final scoring, the NaN report).
+
+CUDA graphs: the step index lives in a device tensor that the step itself advances,
+so one captured graph per step kind (guided / unguided) replays every step. The
+first step of each kind runs eagerly on a side stream (compiles kernels, lazy
+inits), the second is captured, and replays follow; the generator is registered with
+each graph, so replays draw the same random numbers as eager steps would.
 """
 
 from __future__ import annotations
@@ -93,7 +99,12 @@ class DiffusionRun:
         self.attention = torch.cat([prompt_valid, torch.ones(n, g, dtype=torch.bool)], dim=1).to(device)
         self.end_ids = torch.tensor(denoiser.end_token_ids, dtype=torch.long, device=device)
         self.schedule = timesteps(config.steps, device=device)
+        self.step_index = torch.zeros(1, dtype=torch.long, device=device)
         self.non_finite = torch.zeros((), dtype=torch.bool, device=device)
+        self.use_graphs = config.use_cuda_graphs(device)
+        self._graphs: dict[bool, torch.cuda.CUDAGraph] = {}
+        self._warmed: set[bool] = set()
+        self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
 
     @property
     def response(self) -> torch.Tensor:
@@ -104,16 +115,40 @@ class DiffusionRun:
         return self.config.guided and step % self.config.guide_every == 0
 
     def step(self, step: int) -> None:
-        """Denoise once: logits, optional guidance, sample, commit. No host syncs."""
-        cfg = self.config
+        """Denoise once, eagerly: logits, optional guidance, sample, commit. No host
+        syncs. ``step`` picks guided or not; the schedule reads ``step_index``."""
+        self._step(self.guided_at(step))
+
+    def _step(self, guided: bool) -> None:
         masked = self.response == self.denoiser.mask_token_id
         with torch.no_grad(), record_function("entrgi.denoiser_forward"):
             phi_init = self.denoiser.logits(self.canvas, self.attention)[:, self.prompt_length :].float()
-        phi = self.optimize(phi_init, masked) if self.guided_at(step) else phi_init
+        phi = self.optimize(phi_init, masked) if guided else phi_init
         with record_function("entrgi.commit"):
-            self.commit(step, phi, phi_init, masked)
+            self.commit(phi, phi_init, masked)
+        self.step_index += 1
 
-    def commit(self, step: int, phi: torch.Tensor, phi_init: torch.Tensor, masked: torch.Tensor) -> None:
+    def graphed_step(self, step: int) -> None:
+        """:meth:`step` through a CUDA graph of its kind (warm-up, capture, then replay)."""
+        guided = self.guided_at(step)
+        graph = self._graphs.get(guided)
+        if graph is None and guided not in self._warmed:
+            self._warmed.add(guided)
+            side = torch.cuda.Stream(self.canvas.device)
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._step(guided)
+            torch.cuda.current_stream().wait_stream(side)
+            return
+        if graph is None:
+            graph = torch.cuda.CUDAGraph()
+            graph.register_generator_state(self.generator)
+            with torch.cuda.graph(graph, pool=self._pool):
+                self._step(guided)
+            self._graphs[guided] = graph
+        graph.replay()
+
+    def commit(self, phi: torch.Tensor, phi_init: torch.Tensor, masked: torch.Tensor) -> None:
         """Sample the step's tokens from phi and write the chosen masked positions."""
         cfg = self.config
         self.non_finite |= torch.isnan(phi).any()
@@ -122,12 +157,12 @@ class DiffusionRun:
             alg=cfg.alg, generator=self.generator, backend=cfg.backend, check_values=False,
         )  # fmt: skip
         if cfg.alg == "origin":
-            commit = random_commits(masked, self.schedule, step, self.generator)
+            commit = random_commits(masked, self.schedule, self.step_index, self.generator)
         else:
             confidence = drawn.confidence
             if cfg.deprioritize_eos:
                 confidence = confidence.masked_fill(torch.isin(drawn.tokens, self.end_ids), -torch.inf)
-            counts = commit_counts(masked, self.schedule, step)
+            counts = commit_counts(masked, self.schedule, self.step_index)
             commit = select_commits(confidence, masked, counts, cfg.alg_temp, self.generator)
         self.response.copy_(torch.where(commit, drawn.tokens, self.response))
 
@@ -161,8 +196,9 @@ class DiffusionRun:
             from tqdm.auto import tqdm
 
             steps = tqdm(steps, desc=f"denoising ({self.config.method})", leave=False)
+        advance = self.graphed_step if self.use_graphs else self.step
         for step in steps:
-            self.step(step)
+            advance(step)
         if self.non_finite.item():
             raise ValueError("non-finite (NaN) logits appeared during denoising; check the models' dtype and inputs")
 

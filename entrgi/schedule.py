@@ -12,13 +12,20 @@ def timesteps(steps: int, eps: float = 1e-3, device=None) -> torch.Tensor:
     return torch.linspace(1, eps, steps + 1, device=device)
 
 
-def commit_counts(masked: torch.Tensor, schedule: torch.Tensor, step: int) -> torch.Tensor:
-    """(N,) int64: ``int(n_masks * (1 - s/t))`` per row; every mask on the last step."""
+def _step_fraction(schedule: torch.Tensor, step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1 - s/t) of step ``step`` ((1,) int64 device tensor) and whether it is the last."""
+    t = schedule.index_select(0, step)
+    s = schedule.index_select(0, step + 1)
+    return 1 - s / t, step == schedule.numel() - 2
+
+
+def commit_counts(masked: torch.Tensor, schedule: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """(N,) int64: ``int(n_masks * (1 - s/t))`` per row; every mask on the last step.
+
+    ``step`` is a (1,) int64 tensor on the device, so one captured graph serves every step."""
     n_masks = masked.sum(-1)
-    if step == schedule.numel() - 2:
-        return n_masks
-    t, s = schedule[step], schedule[step + 1]
-    return (n_masks.float() * (1 - s / t)).long()
+    fraction, last = _step_fraction(schedule, step)
+    return torch.where(last, n_masks, (n_masks.float() * fraction).long())
 
 
 def select_commits(
@@ -46,11 +53,10 @@ def select_commits(
 
 
 def random_commits(
-    masked: torch.Tensor, schedule: torch.Tensor, step: int, generator: torch.Generator | None
+    masked: torch.Tensor, schedule: torch.Tensor, step: torch.Tensor, generator: torch.Generator | None
 ) -> torch.Tensor:
-    """``alg="origin"``: each masked position is committed with probability 1 - s/t."""
-    if step == schedule.numel() - 2:
-        return masked
-    t, s = schedule[step], schedule[step + 1]
+    """``alg="origin"``: each masked position is committed with probability 1 - s/t
+    (all of them on the last step); ``step`` as in :func:`commit_counts`."""
+    fraction, last = _step_fraction(schedule, step)
     draws = torch.rand(masked.shape, device=masked.device, generator=generator)
-    return masked & (draws < 1 - s / t)
+    return masked & ((draws < fraction) | last)

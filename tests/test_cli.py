@@ -50,6 +50,18 @@ def test_bench_op_suite_writes_csv_and_plots(tmp_path, capsys):
     assert (tmp_path / "time_vs_n.png").stat().st_size > 0
 
 
+def test_bench_step_suite_reports_each_method(tmp_path, capsys):
+    args = ["bench", "--suite", "step", "--preset", "tiny", "--new-tokens", "6", "--repeats", "2",
+            "--methods", "none", "entrgi", "--out", str(tmp_path)]  # fmt: skip
+    assert main(args) == 0
+    assert "x unguided" in capsys.readouterr().out
+    with (tmp_path / "step_results.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["method"] for r in rows] == ["none", "entrgi"]
+    assert all(float(r["ms_per_step"]) > 0 and r["preset"] == "tiny" for r in rows)
+    assert float(rows[0]["vs_unguided"]) == 1.0 and float(rows[1]["vs_unguided"]) > 0
+
+
 def test_bench_profile_reports_components(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("ENTRGI_CACHE", str(tmp_path / "cache"))
     assert main(["bench", "--profile", "--steps", "2", "--out", str(tmp_path)]) == 0

@@ -169,6 +169,26 @@ def test_step_has_no_cuda_sync(denoiser_paths, classifier_path):
         torch.cuda.set_sync_debug_mode("default")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", ["entrgi", "expectation", "none"])
+def test_cuda_graph_replay_matches_eager(denoiser_paths, classifier_path, method, monkeypatch):
+    from entrgi import load_reward
+
+    denoiser = load_denoiser(denoiser_paths["dream"], kind="dream", device="cuda")
+    reward = load_reward(classifier_path, device="cuda")
+    common = dict(method=method, steps=7, max_new_tokens=8, num_samples=2, guidance_steps=2, guide_every=2,
+                  alg_temp=0.3, seed=5, progress=False)  # fmt: skip
+    eager = generate(PROMPTS, denoiser=denoiser, reward=reward, cuda_graphs=False, **common)
+    replays = []
+    replay = torch.cuda.CUDAGraph.replay
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda graph: replays.append(1) or replay(graph))
+    graphed = generate(PROMPTS, denoiser=denoiser, reward=reward, **common)  # cuda_graphs="auto"
+    # guided steps 0, 2, 4, 6 and unguided 1, 3, 5: each kind runs eagerly once, then replays
+    assert len(replays) == (5 if method != "none" else 6)  # "none": one kind, warmed at step 0
+    assert [r.response_ids for r in graphed] == [r.response_ids for r in eager]
+    assert [r.rewards for r in graphed] == pytest.approx([r.rewards for r in eager])
+
+
 @pytest.mark.parametrize(
     "kwargs,error,match",
     [
@@ -182,6 +202,8 @@ def test_step_has_no_cuda_sync(denoiser_paths, classifier_path):
         (dict(max_new_tokens=500), ValueError, r"exceeds the denoiser's context of 128 positions"),
         (dict(lr=0.0), ValueError, "lr must be > 0"),
         (dict(bogus=1), ValueError, r"unknown GuidanceConfig fields: \['bogus'\]"),
+        (dict(cuda_graphs="yes"), ValueError, "cuda_graphs must be 'auto', True or False, got 'yes'"),
+        (dict(cuda_graphs=True), ValueError, "cuda_graphs=True needs a CUDA denoiser, got device cpu"),
     ],
 )
 def test_bad_generate_arguments_raise(denoisers, classifier_reward, kwargs, error, match):

@@ -1,0 +1,191 @@
+"""End-to-end denoising-step benchmark on random-weight models of the paper's shapes.
+
+Dream-7B is a Qwen2-7B body run bidirectionally; the rewards are Qwen3 sequence
+classifiers of Skywork-Reward-V2's 0.6B and 1.7B shapes. Weights are random (speed
+does not depend on them) and built in place, so nothing is downloaded. On a CPU the
+``tiny`` preset keeps the same code path at toy sizes.
+
+For each method (unguided ``none`` and every guided one) and each execution mode
+(eager, CUDA graphs) it runs the real :class:`DiffusionRun` and reports ms per step
+(median / p20 / p80 over the timed steps), peak memory, and the guided / unguided
+ratio measured in the same run.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from types import SimpleNamespace
+
+import torch
+
+from entrgi.benchmark import environment, quantile
+from entrgi.config import GuidanceConfig
+from entrgi.denoisers import Denoiser
+from entrgi.rewards import ClassifierReward
+from entrgi.rewards.base import RewardContext
+from entrgi.sampler import DiffusionRun
+
+# (hidden, intermediate, layers, heads, kv heads, head dim, vocab)
+SHAPES = {
+    "dream-7b": (3584, 18944, 28, 28, 4, 128, 152064),
+    "qwen3-0.6b": (1024, 3072, 28, 16, 8, 128, 151936),
+    "qwen3-1.7b": (2048, 6144, 28, 16, 8, 128, 151936),
+    "tiny-denoiser": (64, 128, 2, 4, 2, 16, 1024),
+    "tiny-reward": (32, 64, 2, 2, 1, 16, 1000),
+}
+PRESETS = {  # name: (denoiser, reward, prompts, K)
+    "1xK4-0.6b": ("dream-7b", "qwen3-0.6b", 1, 4),
+    "4xK4-1.7b": ("dream-7b", "qwen3-1.7b", 4, 4),
+    "tiny": ("tiny-denoiser", "tiny-reward", 1, 2),
+}
+PROMPT_TOKENS, REWARD_PREFIX_TOKENS, REWARD_SUFFIX_TOKENS = 64, 64, 8
+
+
+@dataclass
+class StepRow:
+    date: str
+    device: str
+    torch: str
+    triton: str
+    transformers: str
+    commit: str
+    preset: str
+    method: str
+    graphs: bool
+    new_tokens: int
+    guidance_steps: int
+    ms_per_step: float
+    p20_ms: float
+    p80_ms: float
+    peak_gib: float | None
+    vs_unguided: float | None = None
+
+
+class _IdsOnlyTokenizer:
+    """Just enough tokenizer for a denoiser / reward built from ids (no vocabulary)."""
+
+    mask_token_id = eos_token_id = sep_token_id = None
+    pad_token_id = 0
+
+    def get_vocab(self) -> dict:
+        return {}
+
+
+def _qwen_config(shape: str, classifier: bool):
+    from transformers import Qwen2Config, Qwen3Config
+
+    hidden, inter, layers, heads, kv, head_dim, vocab = SHAPES[shape]
+    common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                  num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096)  # fmt: skip
+    if classifier:
+        return Qwen3Config(head_dim=head_dim, num_labels=1, pad_token_id=0, **common)
+    return Qwen2Config(**common)
+
+
+def build_models(preset: str, device: torch.device, dtype: torch.dtype):
+    """Random-weight denoiser and reward of ``preset``'s shapes, built on ``device``."""
+    from transformers import Qwen2ForCausalLM, Qwen3ForSequenceClassification
+
+    denoiser_shape, reward_shape, _, _ = PRESETS[preset]
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            body = Qwen2ForCausalLM(_qwen_config(denoiser_shape, classifier=False))
+            classifier = Qwen3ForSequenceClassification(_qwen_config(reward_shape, classifier=True))
+    finally:
+        torch.set_default_dtype(default)
+    vocab = SHAPES[denoiser_shape][-1]
+    denoiser = Denoiser(body, _IdsOnlyTokenizer(), kind="dream", mask_token_id=vocab - 1)
+    return denoiser, ClassifierReward(classifier, _IdsOnlyTokenizer())
+
+
+def _run(denoiser, reward, config: GuidanceConfig, prompts: int, generator) -> DiffusionRun:
+    """A run over random prompt ids with a random reward context (no tokenizers)."""
+    n = prompts * config.num_samples
+    vocab = denoiser.vocab_size - 1
+    prompt_ids = torch.randint(0, vocab, (prompts, PROMPT_TOKENS), generator=generator, device=generator.device)
+    table = reward.input_embeddings()
+    context = RewardContext(
+        table[torch.randint(0, table.shape[0], (n, REWARD_PREFIX_TOKENS), device=table.device)],
+        torch.ones(n, REWARD_PREFIX_TOKENS, dtype=torch.bool, device=table.device),
+        table[torch.randint(0, table.shape[0], (n, REWARD_SUFFIX_TOKENS), device=table.device)],
+        torch.ones(n, REWARD_SUFFIX_TOKENS, dtype=torch.bool, device=table.device),
+    )
+    # Dream and the Qwen3 rewards share the Qwen vocabulary: identity mapping, clamped.
+    ids = torch.arange(denoiser.vocab_size, device=table.device).clamp_max(table.shape[0] - 1)
+    guidance = SimpleNamespace(weight=table[ids])
+    return DiffusionRun(denoiser, prompt_ids.tolist(), config, generator, guidance, reward, context)
+
+
+def _time_steps(run: DiffusionRun, warmup: int, timed: int) -> list[float]:
+    cuda = run.canvas.is_cuda
+    advance = run.graphed_step if run.use_graphs else run.step
+    for step in range(warmup):
+        advance(step)
+    times = []
+    for step in range(warmup, warmup + timed):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        advance(step)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def bench_steps(
+    preset: str,
+    methods=("none", "entrgi", "aps", "expectation"),
+    graph_modes=(False, True),
+    guidance_steps: int = 3,
+    new_tokens: int = 128,
+    timed: int = 8,
+    device: str | None = None,
+) -> list[StepRow]:
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    denoiser, reward = build_models(preset, device, dtype)
+    env = environment()
+    _, _, prompts, k = PRESETS[preset]
+    rows = []
+    for graphs in graph_modes:
+        if graphs and device.type != "cuda":
+            continue
+        for method in methods:
+            config = GuidanceConfig(method=method, num_samples=k, steps=new_tokens, max_new_tokens=new_tokens,
+                                    guidance_steps=guidance_steps, prompts_per_batch=prompts, cuda_graphs=graphs)  # fmt: skip
+            generator = torch.Generator(device).manual_seed(0)
+            run = _run(denoiser, reward, config, prompts, generator)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            times = _time_steps(run, warmup=2 if graphs else 1, timed=min(timed, new_tokens - 2))
+            peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+            rows.append(StepRow(**env, preset=preset, method=method, graphs=graphs, new_tokens=new_tokens,
+                                guidance_steps=guidance_steps, ms_per_step=statistics.median(times),
+                                p20_ms=quantile(times, 0.2), p80_ms=quantile(times, 0.8), peak_gib=peak))  # fmt: skip
+            del run
+    unguided = {r.graphs: r.ms_per_step for r in rows if r.method == "none"}
+    for r in rows:
+        r.vs_unguided = r.ms_per_step / unguided[r.graphs] if r.graphs in unguided else None
+    return rows
+
+
+def format_steps(rows: list[StepRow]) -> str:
+    head = (f"{'preset':<10} {'method':<12} {'graphs':<6} {'ms/step':>9} {'p20':>8} {'p80':>8} "
+            f"{'peak GiB':>9} {'x unguided':>10}")  # fmt: skip
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        peak = f"{r.peak_gib:9.2f}" if r.peak_gib is not None else f"{'n/a':>9}"
+        ratio = f"{r.vs_unguided:10.2f}" if r.vs_unguided is not None else f"{'':>10}"
+        lines.append(f"{r.preset:<10} {r.method:<12} {str(r.graphs):<6} {r.ms_per_step:9.2f} {r.p20_ms:8.2f} "
+                     f"{r.p80_ms:8.2f} {peak} {ratio}")  # fmt: skip
+    return "\n".join(lines)
+
+
+def step_rows_as_dicts(rows: list[StepRow]) -> list[dict]:
+    return [asdict(r) for r in rows]
