@@ -216,6 +216,7 @@ def _check_inputs(prompts, denoiser, reward, config: GuidanceConfig) -> list[str
         raise TypeError(f"denoiser must be an entrgi.Denoiser, got {type(denoiser).__name__}")
     if (config.method in GUIDED_METHODS or config.method == "bon") and reward is None:
         raise ValueError(f"method {config.method!r} needs a reward")
+    config.use_cuda_graphs(denoiser.device)  # raises for cuda_graphs=True off CUDA
     return prompts
 
 

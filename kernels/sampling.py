@@ -31,15 +31,21 @@ def _sample_kernel(
     top1_ptr,  # (N,) fp32 out: largest kept x / tau
     top2_ptr,  # (N,) fp32 out: second largest kept x / tau (-inf if none)
     neg_entropy_ptr,  # (N,) fp32 out: sum p log p of softmax(phi_init / tau)
+    skip_ptr,  # (N,) int32: rows != 0 are skipped, their outputs left unwritten (SKIP)
     stride_phi,
     stride_init,
     V,
     inv_tau,
     BLOCK_V: tl.constexpr,
     WITH_ENTROPY: tl.constexpr,
+    SKIP: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     base = phi_ptr + row * stride_phi
+    active = tl.full((), 1, tl.int1)
+    if SKIP:
+        active = tl.load(skip_ptr + row) == 0
+    v_end = tl.where(active, V, 0)
     threshold = tl.load(key_ptr + row)
     seed = tl.load(seed_ptr) + row
     best = -float("inf")
@@ -51,7 +57,7 @@ def _sample_kernel(
     mi = -float("inf")
     si = 0.0
     ti = 0.0
-    for start in range(0, V, BLOCK_V):
+    for start in range(0, v_end, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         in_row = cols < V
         raw = tl.load(base + cols, mask=in_row, other=-float("inf"))
@@ -78,13 +84,13 @@ def _sample_kernel(
         if WITH_ENTROPY:
             xi = tl.load(phi_init_ptr + row * stride_init + cols, mask=in_row, other=-float("inf"))
             mi, si, ti = _online_exp_moments(mi, si, ti, xi.to(tl.float32) * inv_tau)
-    tl.store(tokens_ptr + row, best_idx.to(tl.int64))
-    tl.store(lse_kept_ptr + row, m + tl.log(s))
-    tl.store(top1_ptr + row, top1)
-    tl.store(top2_ptr + row, top2)
+    tl.store(tokens_ptr + row, best_idx.to(tl.int64), mask=active)
+    tl.store(lse_kept_ptr + row, m + tl.log(s), mask=active)
+    tl.store(top1_ptr + row, top1, mask=active)
+    tl.store(top2_ptr + row, top2, mask=active)
     if WITH_ENTROPY:
         # sum p log p = E_p[x] - lse
-        tl.store(neg_entropy_ptr + row, ti / si - (mi + tl.log(si)))
+        tl.store(neg_entropy_ptr + row, ti / si - (mi + tl.log(si)), mask=active)
 
 
 def sample_filtered(
@@ -93,13 +99,16 @@ def sample_filtered(
     seed: torch.Tensor,
     temperature: float,
     phi_init: torch.Tensor | None = None,
+    skip: torch.Tensor | None = None,
+    tokens: torch.Tensor | None = None,
     block_v: int = 1024,
 ):
     """Draw one token per row from the kept set; returns tokens, lse_kept, top1, top2
-    and (with ``phi_init``) sum p log p of softmax(phi_init / tau)."""
+    and (with ``phi_init``) sum p log p of softmax(phi_init / tau). Rows where ``skip``
+    (N,) int32 is nonzero are left as they are in ``tokens`` (and unwritten elsewhere)."""
     n, vocab = phi.shape
     out = dict(
-        tokens=torch.empty(n, device=phi.device, dtype=torch.int64),
+        tokens=tokens if tokens is not None else torch.empty(n, device=phi.device, dtype=torch.int64),
         lse_kept=torch.empty(n, device=phi.device, dtype=torch.float32),
         top1=torch.empty(n, device=phi.device, dtype=torch.float32),
         top2=torch.empty(n, device=phi.device, dtype=torch.float32),
@@ -109,7 +118,94 @@ def sample_filtered(
     block = min(block_v, triton.next_power_of_2(vocab))
     _sample_kernel[(n,)](
         phi, init, keys, seed, out["tokens"], out["lse_kept"], out["top1"], out["top2"], out["neg_entropy"],
-        phi.stride(0), init.stride(0), vocab, 1.0 / temperature,
-        BLOCK_V=block, WITH_ENTROPY=phi_init is not None,
+        keys if skip is None else skip, phi.stride(0), init.stride(0), vocab, 1.0 / temperature,
+        BLOCK_V=block, WITH_ENTROPY=phi_init is not None, SKIP=skip is not None,
     )  # fmt: skip
     return out
+
+
+@triton.jit(do_not_specialize=["top_k"])
+def _rejection_sample_kernel(
+    phi_ptr,  # (N, V) logits
+    lse_tau_ptr,  # (N,) fp32: logsumexp(x / tau)
+    seed_ptr,  # (1,) int64 Philox seed
+    tokens_ptr,  # (N,) int64 out: the accepted draw (unwritten where rejected)
+    accepted_ptr,  # (N,) int32 out: 1 where a draw was accepted
+    stride_phi,
+    V,
+    inv_tau,
+    top_p,
+    top_k,
+    USE_P: tl.constexpr,
+    USE_K: tl.constexpr,
+    ROUNDS: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """Exact filtered sampling without a threshold: draw from the full tempered law by
+    Gumbel-max, accept iff the draw is in the kept set (mass strictly above it <= top_p
+    and fewer than top_k tokens strictly above it). Accepted draws follow the filtered
+    law exactly; rows rejected ROUNDS times are left to the threshold path."""
+    row = tl.program_id(0).to(tl.int64)
+    base = phi_ptr + row * stride_phi
+    lse = tl.load(lse_tau_ptr + row)
+    seed = tl.load(seed_ptr) + row
+    token = tl.zeros((), tl.int32)
+    done = tl.zeros((), tl.int32)
+    r = 0
+    while (r < ROUNDS) & (done == 0):
+        best = -float("inf")
+        best_idx = tl.zeros((), tl.int32)
+        for start in range(0, V, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            raw = tl.load(base + cols, mask=cols < V, other=-float("inf"))
+            u = tl.maximum(tl.rand(seed, cols + r * V), _MIN_UNIFORM)
+            score = raw.to(tl.float32) * inv_tau - tl.log(-tl.log(u))
+            tile_best = tl.max(score, 0)
+            tile_idx = tl.min(tl.where(score == tile_best, cols, V), 0)
+            better = tile_best > best
+            best_idx = tl.where(better, tile_idx, best_idx)
+            best = tl.where(better, tile_best, best)
+        accept = best > -float("inf")
+        if USE_P or USE_K:
+            drawn_key = _filter_key(tl.load(base + best_idx), inv_tau)
+            mass = 0.0
+            count = 0.0
+            for start in range(0, V, BLOCK_V):
+                cols = start + tl.arange(0, BLOCK_V)
+                raw = tl.load(base + cols, mask=cols < V, other=-float("inf"))
+                above = (_filter_key(raw, inv_tau) > drawn_key) & (cols < V)
+                if USE_P:
+                    mass += tl.sum(tl.where(above, tl.exp(raw.to(tl.float32) * inv_tau - lse), 0.0), 0)
+                if USE_K:
+                    count += tl.sum(above.to(tl.float32), 0)
+            if USE_P:
+                accept = accept & (mass <= top_p)
+            if USE_K:
+                accept = accept & (count < top_k)
+        token = tl.where(accept, best_idx, token)
+        done = accept.to(tl.int32)
+        r += 1
+    tl.store(tokens_ptr + row, token.to(tl.int64))
+    tl.store(accepted_ptr + row, done)
+
+
+def rejection_sample(
+    phi: torch.Tensor,
+    lse_tau: torch.Tensor,
+    seed: torch.Tensor,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    rounds: int = 4,
+    block_v: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens (N,) int64, accepted (N,) int32); rows with accepted == 0 need the
+    threshold path (about (1 - kept mass)^rounds of them)."""
+    n, vocab = phi.shape
+    tokens = torch.empty(n, device=phi.device, dtype=torch.int64)
+    accepted = torch.empty(n, device=phi.device, dtype=torch.int32)
+    _rejection_sample_kernel[(n,)](
+        phi, lse_tau, seed, tokens, accepted, phi.stride(0), vocab, 1.0 / temperature, float(top_p), int(top_k),
+        USE_P=top_p < 1.0, USE_K=0 < top_k < vocab, ROUNDS=rounds, BLOCK_V=min(block_v, triton.next_power_of_2(vocab)),
+    )  # fmt: skip
+    return tokens, accepted

@@ -71,6 +71,7 @@ def _threshold_kernel(
     phi_ptr,  # (N, V) logits, row stride `stride_phi`
     lse_tau_ptr,  # (N,) fp32: logsumexp(x / tau)
     key_ptr,  # (N,) int64 out: keep token v iff _filter_key(x_v) >= key_ptr[row]
+    skip_ptr,  # (N,) int32: rows != 0 are skipped, their key left unwritten (SKIP)
     stride_phi,
     V,
     inv_tau,
@@ -78,6 +79,7 @@ def _threshold_kernel(
     top_k,  # count target (USE_K)
     USE_P: tl.constexpr,
     USE_K: tl.constexpr,
+    SKIP: tl.constexpr,
     BLOCK_V: tl.constexpr,
     KEY_BITS: tl.constexpr,
     DIGIT_BITS: tl.constexpr,
@@ -85,6 +87,10 @@ def _threshold_kernel(
     row = tl.program_id(0).to(tl.int64)
     base = phi_ptr + row * stride_phi
     lse = tl.load(lse_tau_ptr + row)
+    active = tl.full((), 1, tl.int1)
+    if SKIP:
+        active = tl.load(skip_ptr + row) == 0
+    v_end = tl.where(active, V, 0)
     k_target = top_k * 1.0 - 0.5
     NUM_DIGITS: tl.constexpr = 1 << DIGIT_BITS
     digits = tl.arange(0, NUM_DIGITS)
@@ -98,7 +104,7 @@ def _threshold_kernel(
         # cross-thread reduction per pass
         acc_p = tl.zeros((BLOCK_V, NUM_DIGITS), tl.float32)
         acc_k = tl.zeros((BLOCK_V, NUM_DIGITS), tl.float32)
-        for start in range(0, V, BLOCK_V):
+        for start in range(0, v_end, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             in_row = cols < V
             raw = tl.load(base + cols, mask=in_row, other=-float("inf"))
@@ -116,14 +122,21 @@ def _threshold_kernel(
         if USE_K:
             digit_k, above_k = _choose_digit(tl.sum(acc_k, 0), above_k, k_target, NUM_DIGITS)
             prefix_k = (prefix_k << DIGIT_BITS) | digit_k
-    tl.store(key_ptr + row, tl.maximum(prefix_p, prefix_k))
+    tl.store(key_ptr + row, tl.maximum(prefix_p, prefix_k), mask=active)
 
 
 def keep_threshold_keys(
-    phi: torch.Tensor, lse_tau: torch.Tensor, temperature: float, top_p: float, top_k: int, block_v: int = 256
+    phi: torch.Tensor,
+    lse_tau: torch.Tensor,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    skip: torch.Tensor | None = None,
+    block_v: int = 256,
 ) -> torch.Tensor:
     """(N, V) logits -> (N,) int64 thresholds: token v is kept iff its ``_filter_key``
-    is >= its row's threshold (top-p then top-k; 0 keeps everything)."""
+    is >= its row's threshold (top-p then top-k; 0 keeps everything). Rows where
+    ``skip`` (N,) int32 is nonzero are not searched (their key is undefined)."""
     n, vocab = phi.shape
     use_p, use_k = top_p < 1.0, 0 < top_k < vocab
     if not (use_p or use_k):
@@ -131,7 +144,7 @@ def keep_threshold_keys(
     keys = torch.empty(n, device=phi.device, dtype=torch.int64)
     block = min(block_v, triton.next_power_of_2(vocab))
     _threshold_kernel[(n,)](
-        phi, lse_tau, keys, phi.stride(0), vocab, 1.0 / temperature, float(top_p), int(top_k),
-        USE_P=use_p, USE_K=use_k, BLOCK_V=block, KEY_BITS=32 if phi.dtype == torch.float32 else 16, DIGIT_BITS=DIGIT_BITS,
+        phi, lse_tau, keys, keys if skip is None else skip, phi.stride(0), vocab, 1.0 / temperature, float(top_p),
+        int(top_k), USE_P=use_p, USE_K=use_k, SKIP=skip is not None, BLOCK_V=block, KEY_BITS=32 if phi.dtype == torch.float32 else 16, DIGIT_BITS=DIGIT_BITS,
     )  # fmt: skip
     return keys

@@ -19,8 +19,8 @@ def available() -> bool:
     return True
 
 
-def _draw_seed(generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    return torch.randint(0, 2**62, (1,), generator=generator, device=device, dtype=torch.int64)
+def _draw_seeds(generator: torch.Generator | None, device: torch.device, count: int = 1) -> torch.Tensor:
+    return torch.randint(0, 2**62, (count,), generator=generator, device=device, dtype=torch.int64)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -55,8 +55,25 @@ def _filtered_draw(phi, temperature, top_p, top_k, generator, phi_init=None):
 
     lse_tau, entropy, argmax = row_stats(phi, temperature)
     keys = keep_threshold_keys(phi, lse_tau, temperature, top_p, top_k)
-    drawn = sample_filtered(phi, keys, _draw_seed(generator, phi.device), temperature, phi_init)
+    drawn = sample_filtered(phi, keys, _draw_seeds(generator, phi.device), temperature, phi_init)
     return lse_tau, entropy, argmax, drawn
+
+
+def _guidance_draw(phi, temperature, top_p, top_k, generator):
+    """Row stats and one filtered draw per row: rejection sampling from the full law
+    (about one extra pass when the kept mass is large), the exact threshold search
+    only for rows rejected every round (device-side skip, no host sync)."""
+    from entrgi_kernels.row_stats import row_stats
+    from entrgi_kernels.sampling import rejection_sample, sample_filtered
+    from entrgi_kernels.threshold import keep_threshold_keys
+
+    lse_tau, entropy, argmax = row_stats(phi, temperature)
+    seeds = _draw_seeds(generator, phi.device, 2)
+    tokens, accepted = rejection_sample(phi, lse_tau, seeds[:1], temperature, top_p, top_k)
+    if top_p < 1.0 or 0 < top_k < phi.shape[1]:
+        keys = keep_threshold_keys(phi, lse_tau, temperature, top_p, top_k, skip=accepted)
+        sample_filtered(phi, keys, seeds[1:], temperature, skip=accepted, tokens=tokens)
+    return lse_tau, entropy, argmax, tokens
 
 
 def guided_embedding(phi, table, temperature, top_p, top_k, mode, generator):
@@ -73,8 +90,7 @@ def guided_embedding(phi, table, temperature, top_p, top_k, mode, generator):
         lse_tau, entropy, argmax = row_stats(phi.detach(), temperature)
         tokens = argmax
     else:
-        lse_tau, entropy, argmax, drawn = _filtered_draw(phi.detach(), temperature, top_p, top_k, generator)
-        tokens = drawn["tokens"]
+        lse_tau, entropy, argmax, tokens = _guidance_draw(phi.detach(), temperature, top_p, top_k, generator)
     weights = _mode_weights(entropy, mode)
     embeds = _SoftEmbedding.apply(phi, table, lse_tau, weights, tokens, temperature)
     return embeds, tokens, weights, argmax
