@@ -235,9 +235,9 @@ def plot_csv(path: Path, out_dir: Path) -> list[Path]:
     return written
 
 
-def profile_step(steps: int, out_dir: Path, config=None, denoiser=None, reward=None) -> str:
-    """Profile guided denoising steps; returns a per-component table and writes a
-    Chrome trace. Defaults to the offline demo models."""
+def profile_step(steps: int, out_dir: Path, config=None, denoiser=None, reward=None, run=None) -> str:
+    """Profile eager guided denoising steps of ``run`` (default: built from the offline
+    demo models); returns a per-component table and writes a Chrome trace."""
     from torch.profiler import ProfilerActivity, profile
 
     from entrgi.config import GuidanceConfig
@@ -246,13 +246,14 @@ def profile_step(steps: int, out_dir: Path, config=None, denoiser=None, reward=N
     from entrgi.rewards import load_reward
     from entrgi.sampler import DiffusionRun, GuidanceTable
 
-    config = config or GuidanceConfig(num_samples=4, steps=steps, max_new_tokens=16, guidance_steps=3)
-    denoiser = denoiser or load_denoiser(str(build_demo_denoiser(default_cache_dir() / "demo-denoiser-minilm")))
-    reward = reward or load_reward(minilm_path(), kind="similarity")
-    prompts = list(DEMO_PROMPTS[:1])
-    run = DiffusionRun(denoiser, denoiser.encode_prompts(prompts), config,
-                       torch.Generator(denoiser.device).manual_seed(0), GuidanceTable(denoiser, reward), reward,
-                       reward.prepare(prompts, config.num_samples))  # fmt: skip
+    if run is None:
+        config = config or GuidanceConfig(num_samples=4, steps=steps, max_new_tokens=16, guidance_steps=3)
+        denoiser = denoiser or load_denoiser(str(build_demo_denoiser(default_cache_dir() / "demo-denoiser-minilm")))
+        reward = reward or load_reward(minilm_path(), kind="similarity")
+        prompts = list(DEMO_PROMPTS[:1])
+        run = DiffusionRun(denoiser, denoiser.encode_prompts(prompts), config,
+                           torch.Generator(denoiser.device).manual_seed(0), GuidanceTable(denoiser, reward), reward,
+                           reward.prepare(prompts, config.num_samples))  # fmt: skip
     run.step(0)  # warm-up
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities) as prof:

@@ -119,7 +119,12 @@ def _bench(args) -> int:
 
     out_dir = Path(args.out)
     if args.profile:
-        print(benchmark.profile_step(args.steps, out_dir))
+        run = None
+        if args.preset:
+            from entrgi.step_benchmark import preset_run
+
+            run = preset_run(args.preset[0], guidance_steps=args.guidance_steps, new_tokens=args.new_tokens)
+        print(benchmark.profile_step(args.steps, out_dir, run=run))
         return 0
     gpu = torch.cuda.is_available()
     if args.suite == "step":

@@ -120,6 +120,17 @@ def _run(denoiser, reward, config: GuidanceConfig, prompts: int, generator) -> D
     return DiffusionRun(denoiser, prompt_ids.tolist(), config, generator, guidance, reward, context)
 
 
+def preset_run(preset: str, method: str = "entrgi", guidance_steps: int = 3, new_tokens: int = 128,
+               graphs: bool = False) -> DiffusionRun:
+    """A ready :class:`DiffusionRun` of ``preset``'s models and batch (for profiling)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    denoiser, reward = build_models(preset, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    _, _, prompts, k = PRESETS[preset]
+    config = GuidanceConfig(method=method, num_samples=k, steps=new_tokens, max_new_tokens=new_tokens,
+                            guidance_steps=guidance_steps, prompts_per_batch=prompts, cuda_graphs=graphs)  # fmt: skip
+    return _run(denoiser, reward, config, prompts, torch.Generator(device).manual_seed(0))
+
+
 def _time_steps(run: DiffusionRun, warmup: int, timed: int) -> list[float]:
     cuda = run.canvas.is_cuda
     advance = run.graphed_step if run.use_graphs else run.step
