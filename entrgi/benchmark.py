@@ -152,28 +152,39 @@ def bench_op(n: int, vocab: int, d: int, dtype: torch.dtype, backends, repeats: 
     grad = torch.randn(n, d, device=device, dtype=table.dtype)
     rows: list[OpRow] = []
     for backend in backends:
-        forward, (prepare, backward), fwd_bwd, leaf_grad_free = _op_functions(backend, phi, table, grad)
-        for mode, fn in (("forward", forward), ("backward", backward), ("fwd+bwd", fwd_bwd)):
-            leaf_grad_free()
-            if mode == "backward":
-                prepare()
-            if device == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-            times = time_ms(fn, repeats)
-            extra = (torch.cuda.max_memory_allocated() - base) / 2**20 if device == "cuda" else None
-            nbytes, flops = op_cost(n, vocab, d, dtype, mode)
-            median = statistics.median(times)
-            floor = max(nbytes / PEAK_BYTES_PER_S, flops / PEAK_FLOP_PER_S) * 1e3 if device == "cuda" else None
-            rows.append(OpRow(
-                **env, backend=backend, mode=mode, n=n, vocab=vocab, d=d, dtype=str(dtype).removeprefix("torch."),
-                median_ms=median, p20_ms=quantile(times, 0.2), p80_ms=quantile(times, 0.8),
-                gbps=nbytes / median / 1e6, tflops=flops / median / 1e9, floor_ms=floor, extra_mib=extra,
-            ))  # fmt: skip
+        try:
+            rows += _bench_backend(backend, n, vocab, d, dtype, phi, table, grad, repeats, env)
+        except Exception as error:  # e.g. an inductor codegen failure: report it, keep the other backends
+            print(f"{backend} failed at N={n} d={d} {dtype}: {type(error).__name__}: {str(error).splitlines()[0]}")
     eager = {(r.mode): r.median_ms for r in rows if r.backend == "torch"}
     for r in rows:
         r.speedup_vs_torch = eager[r.mode] / r.median_ms if r.mode in eager else None
+    return rows
+
+
+def _bench_backend(backend, n, vocab, d, dtype, phi, table, grad, repeats, env) -> list[OpRow]:
+    """Forward, backward and fwd+bwd rows of one backend (speedups filled by the caller)."""
+    device = phi.device.type
+    rows = []
+    forward, (prepare, backward), fwd_bwd, leaf_grad_free = _op_functions(backend, phi, table, grad)
+    for mode, fn in (("forward", forward), ("backward", backward), ("fwd+bwd", fwd_bwd)):
+        leaf_grad_free()
+        if mode == "backward":
+            prepare()
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        times = time_ms(fn, repeats)
+        extra = (torch.cuda.max_memory_allocated() - base) / 2**20 if device == "cuda" else None
+        nbytes, flops = op_cost(n, vocab, d, dtype, mode)
+        median = statistics.median(times)
+        floor = max(nbytes / PEAK_BYTES_PER_S, flops / PEAK_FLOP_PER_S) * 1e3 if device == "cuda" else None
+        rows.append(OpRow(
+            **env, backend=backend, mode=mode, n=n, vocab=vocab, d=d, dtype=str(dtype).removeprefix("torch."),
+            median_ms=median, p20_ms=quantile(times, 0.2), p80_ms=quantile(times, 0.8),
+            gbps=nbytes / median / 1e6, tflops=flops / median / 1e9, floor_ms=floor, extra_mib=extra,
+        ))  # fmt: skip
     return rows
 
 
