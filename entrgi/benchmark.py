@@ -32,13 +32,22 @@ TEMPERATURE, TOP_P = 0.7, 0.95
 
 
 @dataclass
-class OpRow:
+class RunInfo:
+    """Where and when a benchmark row was measured (the leading CSV columns)."""
+
     date: str
     device: str
     torch: str
     triton: str
     transformers: str
     commit: str
+
+    def header(self) -> str:
+        return f"{self.device} | torch {self.torch} | triton {self.triton} | commit {self.commit} | {self.date}"
+
+
+@dataclass
+class OpRow(RunInfo):
     backend: str
     mode: str  # forward | backward | fwd+bwd
     n: int

@@ -140,7 +140,7 @@ def _bench(args) -> int:
         for d in sizes_d:
             for n in sizes_n:
                 rows += benchmark.bench_op(n, vocab, d, getattr(torch, dtype), backends, args.repeats, env)
-    print(f"{env['device']} | torch {env['torch']} | triton {env['triton']} | commit {env['commit']} | {env['date']}")
+    print(benchmark.RunInfo(**env).header())
     print(benchmark.format_table(rows))
     csv_path = out_dir / "op_results.csv"
     benchmark.append_csv(rows, csv_path)
@@ -156,8 +156,7 @@ def _bench_steps(args, out_dir: Path, gpu: bool) -> int:
     for preset in args.preset or (["1xK4-0.6b", "4xK4-1.7b"] if gpu else ["tiny"]):
         rows += step_benchmark.bench_steps(preset, methods=args.methods, guidance_steps=args.guidance_steps,
                                            new_tokens=args.new_tokens, timed=args.repeats)  # fmt: skip
-    env = benchmark.environment()
-    print(f"{env['device']} | torch {env['torch']} | triton {env['triton']} | commit {env['commit']} | {env['date']}")
+    print(rows[0].header())
     print(step_benchmark.format_steps(rows))
     csv_path = out_dir / "step_results.csv"
     benchmark.append_csv(rows, csv_path)

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
 
-from entrgi.benchmark import environment, quantile
+from entrgi.benchmark import RunInfo, environment, quantile
 from entrgi.config import GuidanceConfig
 from entrgi.denoisers import Denoiser
 from entrgi.rewards import ClassifierReward
@@ -44,13 +44,7 @@ PROMPT_TOKENS, REWARD_PREFIX_TOKENS, REWARD_SUFFIX_TOKENS = 64, 64, 8
 
 
 @dataclass
-class StepRow:
-    date: str
-    device: str
-    torch: str
-    triton: str
-    transformers: str
-    commit: str
+class StepRow(RunInfo):
     preset: str
     method: str
     graphs: bool
@@ -196,7 +190,3 @@ def format_steps(rows: list[StepRow]) -> str:
         lines.append(f"{r.preset:<10} {r.method:<12} {str(r.graphs):<6} {r.ms_per_step:9.2f} {r.p20_ms:8.2f} "
                      f"{r.p80_ms:8.2f} {peak} {ratio}")  # fmt: skip
     return "\n".join(lines)
-
-
-def step_rows_as_dicts(rows: list[StepRow]) -> list[dict]:
-    return [asdict(r) for r in rows]

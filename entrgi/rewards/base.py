@@ -42,24 +42,6 @@ class Reward(Protocol):
     def prepare(self, prompts: Sequence[str], num_samples: int) -> RewardContext:
         """Constant per-row inputs for ``len(prompts) * num_samples`` rows."""
 
-    def pack(self, context: RewardContext, response_embeds: torch.Tensor, response_valid: torch.Tensor):
-        """Concatenate ``[prefix | response | suffix]`` and pack it (see ``pack_inputs``)."""
-        embeds = torch.cat(
-            [context.prefix_embeds, response_embeds.to(context.prefix_embeds.dtype), context.suffix_embeds], dim=1
-        )
-        valid = torch.cat([context.prefix_valid, response_valid, context.suffix_valid], dim=1)
-        return pack_inputs(embeds, valid, self.align)
-
-    def pack_texts(self, prompts: Sequence[str], responses: Sequence[str]):
-        """Packed real-token inputs for decoded responses (truncated to ``max_response_tokens``)."""
-        if len(prompts) != len(responses):
-            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-        rows = [
-            self.tokenizer(r, add_special_tokens=False)["input_ids"][: self.max_response_tokens] for r in responses
-        ]
-        ids, valid = pad_id_lists(rows, "right")
-        return self.pack(self.prepare(prompts, 1), self._embed_ids(ids), valid.to(self.device))
-
     def score_embeds(
         self, context: RewardContext, response_embeds: torch.Tensor, response_valid: torch.Tensor
     ) -> torch.Tensor:
