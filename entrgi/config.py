@@ -10,6 +10,9 @@ from entrgi.ops.validation import BACKENDS, check_choice, check_sampling_args
 
 GUIDED_METHODS = MODES  # a guided method is a guided_embedding mode
 METHODS = (*GUIDED_METHODS, "bon", "none")
+REMASKING = ("low_confidence", "random")
+GUIDANCE_SCOPES = ("block", "all")
+PROBABILITY_CONFIDENCE = ("maskgit_plus", "low_confidence")
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,24 @@ class GuidanceConfig:
     prompts_per_batch : prompts denoised together (each with K rows).
     chat_template : wrap prompts in the denoiser tokenizer's chat template when it has one.
     cuda_graphs : ``auto`` (on CUDA), True or False: replay each step kind from a CUDA graph.
+
+    LLaDA-style semi-autoregressive decoding and Fast-dLLM parallel decoding:
+
+    block_length : split the response into blocks of this many positions, decoded left
+        to right: only the current block (a row's first block with a mask) may commit,
+        with LLaDA's linear schedule (``steps / n_blocks`` steps per block, the block's
+        masks spread evenly over them). None: one block, Dream's schedule.
+    guidance_scope : with blocks, which masked positions guidance steers: ``block`` (the
+        current block; later blocks are seen by the reward as the denoiser predicts
+        them) or ``all``.
+    remasking : LLaDA's commit rule, replacing ``alg``: ``low_confidence`` (probability of
+        the drawn token under softmax(phi)) or ``random`` (uniform confidence).
+    cfg_scale : classifier-free guidance: logits ``un + (cfg_scale + 1)(cond - un)``
+        where ``un`` sees the prompt masked (a second batch). 0 = off.
+    confidence_threshold : commit every masked position of the current block whose
+        probability confidence (``alg="maskgit_plus"`` or ``remasking="low_confidence"``)
+        is >= this, and at least the most confident one per step; the run ends once
+        everything is committed (at most ``max_new_tokens`` steps; ``steps`` is unused).
     """
 
     method: str = "entrgi"
@@ -49,6 +70,11 @@ class GuidanceConfig:
     prompts_per_batch: int = 4
     chat_template: bool = True
     cuda_graphs: str | bool = "auto"
+    block_length: int | None = None
+    guidance_scope: str = "block"
+    remasking: str | None = None
+    cfg_scale: float = 0.0
+    confidence_threshold: float | None = None
 
     def __post_init__(self):
         check_choice("method", self.method, METHODS)
@@ -69,6 +95,40 @@ class GuidanceConfig:
             raise ValueError(f"reward_temperature must be > 0, got {self.reward_temperature}")
         if not self.alg_temp >= 0:
             raise ValueError(f"alg_temp must be >= 0, got {self.alg_temp}")
+        self._check_decoding()
+
+    def _check_decoding(self) -> None:
+        check_choice("guidance_scope", self.guidance_scope, GUIDANCE_SCOPES)
+        if self.remasking is not None:
+            check_choice("remasking", self.remasking, REMASKING)
+        if not self.cfg_scale >= 0:
+            raise ValueError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
+        if self.block_length is not None:
+            length = self.block_length
+            if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+                raise ValueError(f"block_length must be an int >= 1 or None, got {length!r}")
+            if self.max_new_tokens % length:
+                raise ValueError(f"max_new_tokens ({self.max_new_tokens}) must be a multiple of block_length ({length})")
+            if self.confidence_threshold is None and self.steps % self.num_blocks:
+                raise ValueError(f"steps ({self.steps}) must be a multiple of the number of blocks ({self.num_blocks})")
+        if self.commit_rule == "origin" and (self.block_length is not None or self.confidence_threshold is not None):
+            raise ValueError("alg='origin' commits at random without a count; with block_length or "
+                             "confidence_threshold use remasking='random'")  # fmt: skip
+        if self.confidence_threshold is not None:
+            if not 0 < self.confidence_threshold <= 1:
+                raise ValueError(f"confidence_threshold must be in (0, 1], got {self.confidence_threshold}")
+            if self.commit_rule not in PROBABILITY_CONFIDENCE:
+                raise ValueError(f"confidence_threshold needs a probability confidence (alg='maskgit_plus' or "
+                                 f"remasking='low_confidence'), got {self.commit_rule!r}")  # fmt: skip
+
+    @property
+    def num_blocks(self) -> int:
+        return 1 if self.block_length is None else self.max_new_tokens // self.block_length
+
+    @property
+    def commit_rule(self) -> str:
+        """How committed positions are ranked: ``remasking`` when set, else ``alg``."""
+        return self.remasking or self.alg
 
     @property
     def guided(self) -> bool:

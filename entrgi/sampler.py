@@ -5,6 +5,16 @@ the whole ``(B*K, G)`` response block with a boolean mask of still-masked positi
 so no step has a data-dependent shape or reads a value back to the host. Host syncs
 happen only after the last step (decoding, final scoring, the NaN report).
 
+Decoding orders: Dream's schedule over the whole response, LLaDA's semi-autoregressive
+blocks (a row's current block is its first block with a mask, computed on the device),
+and Fast-dLLM's confidence threshold, which ends the run once every row is committed
+(checked on the host every ``DONE_CHECK_EVERY`` steps).
+
+Batches: each batch of ``prompts_per_batch`` prompts draws from its own generator,
+seeded from (seed, batch index), so a batch's tokens do not depend on which other
+batches run, in which process or in which order (resumed and multi-process runs
+reproduce a single-process run).
+
 CUDA graphs: the step index lives in a device tensor that the step itself advances,
 so one captured graph per step kind (guided / unguided) replays every step. The
 first step of each kind runs eagerly on a side stream (compiles kernels, lazy
@@ -27,7 +37,18 @@ from entrgi.optim import LogitAdam
 from entrgi.rewards import Reward, VocabMapping, build_vocab_mapping
 from entrgi.rewards.base import RewardContext, pad_id_lists
 from entrgi.rewards.packing import response_mask_until_end
-from entrgi.schedule import commit_counts, random_commits, select_commits, timesteps
+from entrgi.schedule import (
+    commit_counts,
+    current_block,
+    linear_counts,
+    random_commits,
+    remasking_confidence,
+    select_commits,
+    threshold_commits,
+    timesteps,
+)
+
+DONE_CHECK_EVERY = 4  # threshold decoding: steps between host checks for a finished batch
 
 
 @dataclass
@@ -39,6 +60,7 @@ class PromptResult:
     rewards: list[float] | None
     method: str = "entrgi"
     response_ids: list[list[int]] = field(repr=False, default_factory=list)
+    forward_passes: int = 0  # denoiser forward passes while this prompt still had masks
 
     @property
     def best_index(self) -> int:
@@ -97,6 +119,8 @@ class DiffusionRun:
         response = torch.full((n, g), denoiser.mask_token_id, dtype=torch.long)
         self.canvas = torch.cat([prompt, response], dim=1).to(device)
         self.attention = torch.cat([prompt_valid, torch.ones(n, g, dtype=torch.bool)], dim=1).to(device)
+        self.prompt_tokens = torch.cat([prompt_valid, torch.zeros(n, g, dtype=torch.bool)], dim=1).to(device)
+        self.forward_passes = torch.zeros(n, dtype=torch.long, device=device)
         self.end_ids = torch.tensor(denoiser.end_token_ids, dtype=torch.long, device=device)
         self.schedule = timesteps(config.steps, device=device)
         self.step_index = torch.zeros(1, dtype=torch.long, device=device)
@@ -120,13 +144,31 @@ class DiffusionRun:
         self._step(self.guided_at(step))
 
     def _step(self, guided: bool) -> None:
+        cfg = self.config
         masked = self.response == self.denoiser.mask_token_id
+        self.forward_passes += masked.any(-1)
         with torch.no_grad(), record_function("entrgi.denoiser_forward"):
-            phi_init = self.denoiser.logits(self.canvas, self.attention)[:, self.prompt_length :].float()
-        phi = self.optimize(phi_init, masked) if guided else phi_init
+            phi_init = self.response_logits()
+        in_block = masked if cfg.block_length is None else masked & current_block(masked, cfg.block_length)
+        if guided:
+            steered = in_block if cfg.guidance_scope == "block" and cfg.block_length is not None else None
+            phi = self.optimize(phi_init, masked, steered)
+        else:
+            phi = phi_init
         with record_function("entrgi.commit"):
-            self.commit(phi, phi_init, masked)
+            self.commit(phi, phi_init, in_block)
         self.step_index += 1
+
+    def response_logits(self) -> torch.Tensor:
+        """(N, G, V) float32 logits of the response block; with ``cfg_scale`` the
+        classifier-free mix ``un + (s + 1)(cond - un)``, ``un`` seeing the prompt masked."""
+        scale = self.config.cfg_scale
+        if scale == 0:
+            return self.denoiser.logits(self.canvas, self.attention)[:, self.prompt_length :].float()
+        unconditional = self.canvas.masked_fill(self.prompt_tokens, self.denoiser.mask_token_id)
+        both = self.denoiser.logits(torch.cat([self.canvas, unconditional]), self.attention.repeat(2, 1))
+        cond, un = both[:, self.prompt_length :].float().chunk(2)
+        return un + (scale + 1) * (cond - un)
 
     def graphed_step(self, step: int) -> None:
         """:meth:`step` through a CUDA graph of its kind (warm-up, capture, then replay)."""
@@ -148,26 +190,39 @@ class DiffusionRun:
             self._graphs[guided] = graph
         graph.replay()
 
-    def commit(self, phi: torch.Tensor, phi_init: torch.Tensor, masked: torch.Tensor) -> None:
-        """Sample the step's tokens from phi and write the chosen masked positions."""
+    def commit(self, phi: torch.Tensor, phi_init: torch.Tensor, eligible: torch.Tensor) -> None:
+        """Sample the step's tokens from phi and write the chosen ``eligible`` positions
+        (the still-masked positions of each row's current block)."""
         cfg = self.config
         self.non_finite |= torch.isnan(phi).any()
         drawn = sample_step(
             phi, phi_init, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-            alg=cfg.alg, generator=self.generator, backend=cfg.backend, check_values=False,
+            alg="origin" if cfg.remasking else cfg.alg, generator=self.generator, backend=cfg.backend,
+            check_values=False,
         )  # fmt: skip
-        if cfg.alg == "origin":
-            commit = random_commits(masked, self.schedule, self.step_index, self.generator)
+        if cfg.commit_rule == "origin":
+            commit = random_commits(eligible, self.schedule, self.step_index, self.generator)
         else:
             confidence = drawn.confidence
+            if cfg.remasking:
+                confidence = remasking_confidence(cfg.remasking, phi, drawn.tokens, self.generator)
             if cfg.deprioritize_eos:
                 confidence = confidence.masked_fill(torch.isin(drawn.tokens, self.end_ids), -torch.inf)
-            counts = commit_counts(masked, self.schedule, self.step_index)
-            commit = select_commits(confidence, masked, counts, cfg.alg_temp, self.generator)
+            if cfg.confidence_threshold is not None:
+                commit = threshold_commits(confidence, eligible, cfg.confidence_threshold)
+            else:
+                if cfg.block_length is None:
+                    counts = commit_counts(eligible, self.schedule, self.step_index)
+                else:
+                    counts = linear_counts(eligible, cfg.steps // cfg.num_blocks, self.step_index)
+                commit = select_commits(confidence, eligible, counts, cfg.alg_temp, self.generator)
         self.response.copy_(torch.where(commit, drawn.tokens, self.response))
 
-    def optimize(self, phi_init: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
-        """M Adam steps on float32 phi that raise the reward; only masked rows move."""
+    def optimize(
+        self, phi_init: torch.Tensor, masked: torch.Tensor, steered: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """M Adam steps on float32 phi that raise the reward; only masked rows move
+        (only ``steered`` rows when given; the reward still sees every masked row)."""
         cfg, table = self.config, self.table.weight
         phi = phi_init.clone().requires_grad_(True)
         optimizer = LogitAdam(phi, cfg.lr)
@@ -186,21 +241,33 @@ class DiffusionRun:
                 rewards = self.reward.score_embeds(self.reward_context, embeds, valid)
                 loss = -(rewards / cfg.reward_temperature).sum()
                 (grad,) = torch.autograd.grad(loss, phi)
+                if steered is not None:
+                    grad = grad * steered.unsqueeze(-1)
             with record_function("entrgi.optimizer"):
                 optimizer.step(grad)
         return phi.detach()
 
     def run(self, progress: bool = False) -> None:
-        steps = range(self.config.steps)
+        """Denoise until the response is committed: ``steps`` steps, or with a
+        confidence threshold until no mask is left (at most ``max_new_tokens`` steps)."""
+        cfg = self.config
+        until_done = cfg.confidence_threshold is not None
+        steps = range(cfg.max_new_tokens if until_done else cfg.steps)
         if progress:
             from tqdm.auto import tqdm
 
-            steps = tqdm(steps, desc=f"denoising ({self.config.method})", leave=False)
+            steps = tqdm(steps, desc=f"denoising ({cfg.method})", leave=False)
         advance = self.graphed_step if self.use_graphs else self.step
         for step in steps:
             advance(step)
+            if until_done and (step + 1) % DONE_CHECK_EVERY == 0 and self.finished():
+                break
         if self.non_finite.item():
             raise ValueError("non-finite (NaN) logits appeared during denoising; check the models' dtype and inputs")
+
+    def finished(self) -> bool:
+        """Whether every response position is committed (a host sync)."""
+        return not bool((self.response == self.denoiser.mask_token_id).any())
 
 
 def _check_inputs(prompts, denoiser, reward, config: GuidanceConfig) -> list[str]:
@@ -220,6 +287,57 @@ def _check_inputs(prompts, denoiser, reward, config: GuidanceConfig) -> list[str
     return prompts
 
 
+def batch_seed(seed: int, batch_index: int) -> int:
+    """The seed of batch ``batch_index``'s generator: ``seed`` for the first batch,
+    distinct and stable for the others."""
+    return (seed + 1_000_003 * batch_index) % (2**63)
+
+
+class BatchedGeneration:
+    """Prompts split into fixed batches of ``config.prompts_per_batch``, each generated
+    on its own generator (:func:`batch_seed`), so any subset of batches can run, in any
+    order and any process, with the tokens of a single :func:`generate` call.
+
+    Validates the inputs, encodes every prompt and builds the guidance table once.
+    """
+
+    def __init__(self, prompts, denoiser: Denoiser, reward: Reward | None, config: GuidanceConfig):
+        self.prompts = _check_inputs(prompts, denoiser, reward, config)
+        self.denoiser, self.reward, self.config = denoiser, reward, config
+        self.encoded = denoiser.encode_prompts(self.prompts, chat_template=config.chat_template)
+        longest = max(len(ids) for ids in self.encoded)
+        if denoiser.max_length is not None and longest + config.max_new_tokens > denoiser.max_length:
+            raise ValueError(
+                f"prompt ({longest} tokens) + max_new_tokens ({config.max_new_tokens}) exceeds the "
+                f"denoiser's context of {denoiser.max_length} positions"
+            )
+        self.table = GuidanceTable(denoiser, reward) if config.guided else None
+
+    @property
+    def num_batches(self) -> int:
+        return -(-len(self.prompts) // self.config.prompts_per_batch)
+
+    def batch_range(self, batch_index: int) -> range:
+        """Indices of the prompts in batch ``batch_index``."""
+        per_batch = self.config.prompts_per_batch
+        return range(batch_index * per_batch, min(len(self.prompts), (batch_index + 1) * per_batch))
+
+    def run_batch(self, batch_index: int, progress: bool = False) -> list[PromptResult]:
+        """Denoise one batch; one :class:`PromptResult` per prompt, in order."""
+        if not 0 <= batch_index < self.num_batches:
+            raise ValueError(f"batch_index must be in [0, {self.num_batches}), got {batch_index}")
+        indices = self.batch_range(batch_index)
+        batch = [self.prompts[i] for i in indices]
+        config, device = self.config, self.denoiser.device
+        generator = torch.Generator(device).manual_seed(batch_seed(config.seed, batch_index))
+        context = self.reward.prepare(batch, config.num_samples) if config.guided else None
+        run = DiffusionRun(
+            self.denoiser, [self.encoded[i] for i in indices], config, generator, self.table, self.reward, context
+        )
+        run.run(progress=progress)
+        return _collect(batch, run, self.denoiser, self.reward, config)
+
+
 def generate(
     prompts: str | Sequence[str],
     *,
@@ -235,31 +353,14 @@ def generate(
     :class:`PromptResult` per prompt, in order; ``rewards`` is None without a reward.
     """
     config = (config or GuidanceConfig()).replace(**overrides)
-    prompts = _check_inputs(prompts, denoiser, reward, config)
-    encoded = denoiser.encode_prompts(prompts, chat_template=config.chat_template)
-    longest = max(len(ids) for ids in encoded)
-    if denoiser.max_length is not None and longest + config.max_new_tokens > denoiser.max_length:
-        raise ValueError(
-            f"prompt ({longest} tokens) + max_new_tokens ({config.max_new_tokens}) exceeds the "
-            f"denoiser's context of {denoiser.max_length} positions"
-        )
-    generator = torch.Generator(denoiser.device).manual_seed(config.seed)
-    table = GuidanceTable(denoiser, reward) if config.guided else None
-    results: list[PromptResult] = []
-    for start in range(0, len(prompts), config.prompts_per_batch):
-        batch = prompts[start : start + config.prompts_per_batch]
-        context = reward.prepare(batch, config.num_samples) if config.guided else None
-        run = DiffusionRun(
-            denoiser, encoded[start : start + len(batch)], config, generator, table, reward, context
-        )
-        run.run(progress=progress)
-        results += _collect(batch, run, denoiser, reward, config)
-    return results
+    job = BatchedGeneration(prompts, denoiser, reward, config)
+    return [result for index in range(job.num_batches) for result in job.run_batch(index, progress)]
 
 
 def _collect(prompts, run: DiffusionRun, denoiser, reward, config) -> list[PromptResult]:
     k = config.num_samples
     ids = run.response.tolist()
+    passes = run.forward_passes.view(-1, k).amax(-1).tolist()
     texts = [denoiser.decode(row) for row in ids]
     rewards = None
     if reward is not None:
@@ -272,6 +373,7 @@ def _collect(prompts, run: DiffusionRun, denoiser, reward, config) -> list[Promp
             rewards=None if rewards is None else rewards[i * k : (i + 1) * k],
             method=config.method,
             response_ids=ids[i * k : (i + 1) * k],
+            forward_passes=passes[i],
         )
         for i, p in enumerate(prompts)
     ]

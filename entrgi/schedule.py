@@ -1,4 +1,6 @@
-"""Which masked positions a denoising step commits (Dream's schedule, sync-free)."""
+"""Which masked positions a denoising step commits: Dream's schedule, LLaDA's blocks
+and linear schedule, Fast-dLLM's confidence threshold. All sync-free: the step index
+lives in a device tensor, so one captured graph serves every step."""
 
 from __future__ import annotations
 
@@ -60,3 +62,40 @@ def random_commits(
     fraction, last = _step_fraction(schedule, step)
     draws = torch.rand(masked.shape, device=masked.device, generator=generator)
     return masked & ((draws < fraction) | last)
+
+
+def current_block(masked: torch.Tensor, block_length: int) -> torch.Tensor:
+    """(N, G) bool: the positions of each row's current block, the first block that
+    still holds a masked position (none once the row is fully committed)."""
+    g = masked.shape[-1]
+    columns = torch.arange(g, device=masked.device)
+    first_masked = torch.where(masked, columns, g).amin(-1, keepdim=True)
+    start = torch.div(first_masked, block_length, rounding_mode="floor") * block_length
+    return (columns >= start) & (columns < start + block_length)
+
+
+def linear_counts(masked: torch.Tensor, steps_per_block: int, step: torch.Tensor) -> torch.Tensor:
+    """(N,) int64: LLaDA's schedule, the block's masks spread evenly over its steps
+    (larger shares first): ``ceil(masks left / steps left in the block)``."""
+    steps_left = steps_per_block - torch.remainder(step, steps_per_block)
+    return torch.div(masked.sum(-1) + steps_left - 1, steps_left, rounding_mode="floor")
+
+
+def threshold_commits(confidence: torch.Tensor, masked: torch.Tensor, threshold: float) -> torch.Tensor:
+    """(N, G) bool: Fast-dLLM's parallel decoding, every masked position with
+    ``confidence >= threshold`` plus each row's most confident masked position."""
+    ones = torch.ones(masked.shape[0], dtype=torch.long, device=masked.device)
+    best = select_commits(confidence, masked, ones, 0.0, None)
+    return best | (masked & (confidence >= threshold))
+
+
+def remasking_confidence(
+    rule: str, phi: torch.Tensor, tokens: torch.Tensor, generator: torch.Generator | None
+) -> torch.Tensor:
+    """LLaDA's remasking scores, (N, G) float32: ``low_confidence`` is the probability
+    of the drawn token under softmax(phi) (temperature 1, unfiltered), ``random`` a
+    uniform draw. phi (N, G, V), tokens (N, G)."""
+    if rule == "random":
+        return torch.rand(tokens.shape, device=tokens.device, generator=generator)
+    drawn = phi.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return torch.exp(drawn - torch.logsumexp(phi, dim=-1))

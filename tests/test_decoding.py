@@ -1,0 +1,191 @@
+"""LLaDA-style blocks, remasking and classifier-free guidance; Fast-dLLM thresholds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from entrgi import GuidanceConfig, generate, load_denoiser
+from entrgi.sampler import DiffusionRun, GuidanceTable
+from entrgi.schedule import current_block, linear_counts, remasking_confidence, threshold_commits
+
+PROMPTS = ["hello there", "what is the weather like today in the big city"]
+
+
+@pytest.fixture(scope="module")
+def llada(denoiser_paths):
+    return load_denoiser(denoiser_paths["llada"], kind="llada")
+
+
+@pytest.fixture(scope="module")
+def dream(denoiser_paths):
+    return load_denoiser(denoiser_paths["dream"], kind="dream")
+
+
+def _run(denoiser, reward, config, prompts=PROMPTS, seed=0):
+    encoded = denoiser.encode_prompts(prompts)
+    table = GuidanceTable(denoiser, reward) if config.guided else None
+    context = reward.prepare(prompts, config.num_samples) if config.guided else None
+    return DiffusionRun(denoiser, encoded, config, torch.Generator().manual_seed(seed), table, reward, context)
+
+
+def _masks_per_block(run, block_length):
+    masked = run.response == run.denoiser.mask_token_id
+    return masked.view(masked.shape[0], -1, block_length).sum(-1).tolist()
+
+
+def test_current_block_is_the_first_block_with_a_mask():
+    masked = torch.tensor([[0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1], [0, 0, 0, 0, 0, 0], [1, 0, 0, 0, 1, 1]], dtype=torch.bool)
+    block = current_block(masked, 2).long().tolist()
+    assert block == [[0, 0, 1, 1, 0, 0], [0, 0, 0, 0, 1, 1], [0] * 6, [1, 1, 0, 0, 0, 0]]
+
+
+def test_linear_counts_spread_a_block_evenly_larger_shares_first():
+    # LLaDA's get_num_transfer_tokens: 10 masks over 4 steps -> 3, 3, 2, 2
+    left, counts = 10, []
+    for step in range(4):
+        masked = torch.arange(12).unsqueeze(0) < left  # `left` masks in a 12-wide block
+        counts.append(int(linear_counts(masked, 4, torch.tensor([step]))[0]))
+        left -= counts[-1]
+    assert counts == [3, 3, 2, 2]
+    # the block's step index wraps: step 5 of 4-step blocks is the second of its block
+    assert int(linear_counts(torch.ones(1, 7, dtype=torch.bool), 4, torch.tensor([5]))[0]) == 3
+
+
+def test_blocks_decode_left_to_right_with_the_linear_schedule(llada, classifier_reward):
+    config = GuidanceConfig(method="entrgi", steps=4, max_new_tokens=8, block_length=4, num_samples=2,
+                            guidance_steps=1, remasking="low_confidence", deprioritize_eos=False)  # fmt: skip
+    run = _run(llada, classifier_reward, config)
+    history = []
+    for step in range(config.steps):
+        run.step(step)
+        history.append(_masks_per_block(run, 4))
+    rows = len(PROMPTS) * 2
+    # 2 blocks x 2 steps: ceil(4 / 2) = 2 per step; the second block waits for the first
+    assert history == [[[2, 4]] * rows, [[0, 4]] * rows, [[0, 2]] * rows, [[0, 0]] * rows]
+
+
+@pytest.mark.parametrize("scope", ["block", "all"])
+def test_guidance_scope_steers_the_current_block_or_every_mask(llada, similarity_reward, scope):
+    config = GuidanceConfig(method="entrgi", steps=2, max_new_tokens=6, block_length=3, num_samples=2,
+                            guidance_steps=2, lr=1.0, guidance_scope=scope)  # fmt: skip
+    run = _run(llada, similarity_reward, config)
+    masked = run.response == llada.mask_token_id
+    masked[:, 0] = False  # a committed position inside the first block
+    phi_init = run.response_logits()
+    steered = masked & current_block(masked, 3) if scope == "block" else None
+    moved = (run.optimize(phi_init, masked, steered) != phi_init).any(-1)
+    expected = masked.clone()
+    if scope == "block":
+        expected[:, 3:] = False
+    assert torch.equal(moved, expected)
+
+
+def test_remasking_confidence_rules():
+    phi = torch.randn(3, 5, 11)
+    tokens = torch.randint(0, 11, (3, 5))
+    low = remasking_confidence("low_confidence", phi, tokens, None)
+    torch.testing.assert_close(low, torch.softmax(phi, -1).gather(-1, tokens[..., None])[..., 0])
+    first = remasking_confidence("random", phi, tokens, torch.Generator().manual_seed(3))
+    again = remasking_confidence("random", phi, tokens, torch.Generator().manual_seed(3))
+    assert torch.equal(first, again) and first.shape == (3, 5)
+    assert ((first >= 0) & (first < 1)).all() and first.std() > 0.1
+
+
+def test_classifier_free_guidance_mixes_a_prompt_masked_batch(dream, classifier_reward):
+    config = GuidanceConfig(method="none", steps=2, max_new_tokens=4, num_samples=1, cfg_scale=1.5)
+    run = _run(dream, classifier_reward, config)
+    mixed = run.response_logits()
+    unconditional = run.canvas.clone()
+    prompt = run.canvas[:, : run.prompt_length]
+    unconditional[:, : run.prompt_length] = torch.where(run.attention[:, : run.prompt_length],
+                                                        dream.mask_token_id, prompt)  # fmt: skip
+    p = run.prompt_length
+    cond = dream.logits(run.canvas, run.attention)[:, p:].float()
+    un = dream.logits(unconditional, run.attention)[:, p:].float()
+    torch.testing.assert_close(mixed, un + 2.5 * (cond - un), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(mixed, cond, atol=1e-3)
+    results = generate(PROMPTS, denoiser=dream, reward=classifier_reward, progress=False,
+                       **{**config.__dict__, "cfg_scale": 1.5})  # fmt: skip
+    assert all(dream.mask_token_id not in sum(r.response_ids, []) for r in results)
+
+
+def test_threshold_commits_everything_confident_and_at_least_one():
+    confidence = torch.tensor([[0.95, 0.2, 0.97, 0.5], [0.1, 0.3, 0.2, 0.05], [0.99, 0.99, 0.99, 0.99]])
+    masked = torch.tensor([[1, 1, 0, 1], [1, 1, 1, 0], [0, 0, 0, 0]], dtype=torch.bool)
+    commit = threshold_commits(confidence, masked, 0.9).long().tolist()
+    assert commit == [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0]]
+
+
+@pytest.mark.parametrize("threshold,blocks", [(1.0, None), (1e-6, None), (1e-6, 2), (0.3, 2)])
+def test_threshold_decoding_counts_forward_passes(llada, classifier_reward, threshold, blocks):
+    g = 8
+    results = generate(PROMPTS, denoiser=llada, reward=classifier_reward, method="entrgi", num_samples=2,
+                       max_new_tokens=g, guidance_steps=1, remasking="low_confidence", progress=False,
+                       confidence_threshold=threshold, block_length=None if blocks is None else g // blocks)  # fmt: skip
+    passes = [r.forward_passes for r in results]
+    for r in results:
+        assert llada.mask_token_id not in sum(r.response_ids, [])
+    if threshold == 1.0:  # nothing reaches probability 1: one commit per step
+        assert passes == [g, g]
+    elif threshold == 1e-6:  # everything passes: one step per block
+        assert passes == [blocks or 1] * 2
+    else:
+        assert all(blocks <= p <= g for p in passes)
+
+
+def test_fixed_step_runs_report_their_steps(llada, classifier_reward):
+    results = generate(PROMPTS, denoiser=llada, reward=classifier_reward, method="bon", steps=4, max_new_tokens=8,
+                       num_samples=2, block_length=4, progress=False)  # fmt: skip
+    assert [r.forward_passes for r in results] == [4, 4]
+
+
+def test_block_cfg_threshold_step_has_no_host_sync(dream, classifier_reward, monkeypatch):
+    config = GuidanceConfig(steps=4, max_new_tokens=4, block_length=2, num_samples=2, guidance_steps=1,
+                            cfg_scale=0.5, alg="maskgit_plus", confidence_threshold=0.5)  # fmt: skip
+    run = _run(dream, classifier_reward, config)
+
+    def forbidden(*_args, **_kwargs):
+        raise AssertionError("host sync inside the denoising step")
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "nonzero"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    for step in range(4):
+        run.step(step)
+    monkeypatch.undo()
+    assert run.finished()
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(block_length=3, max_new_tokens=8), r"max_new_tokens \(8\) must be a multiple of block_length \(3\)"),
+        (dict(block_length=2, max_new_tokens=8, steps=6), r"steps \(6\) must be a multiple of the number of blocks \(4\)"),
+        (dict(block_length=0), "block_length must be an int >= 1 or None, got 0"),
+        (dict(remasking="lowest"), "unknown remasking 'lowest'"),
+        (dict(guidance_scope="row"), "unknown guidance_scope 'row'"),
+        (dict(cfg_scale=-1.0), "cfg_scale must be >= 0, got -1.0"),
+        (dict(confidence_threshold=1.5, alg="maskgit_plus"), r"confidence_threshold must be in \(0, 1\], got 1.5"),
+        (dict(confidence_threshold=0.9), "needs a probability confidence .* got 'entropy'"),
+        (dict(alg="origin", block_length=4, max_new_tokens=8, steps=4), "use remasking='random'"),
+    ],
+)
+def test_bad_decoding_options_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GuidanceConfig(**kwargs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("threshold", [None, 0.5])
+def test_cuda_graphs_replay_blocks_cfg_and_thresholds(denoiser_paths, classifier_path, threshold):
+    from entrgi import load_reward
+
+    denoiser = load_denoiser(denoiser_paths["llada"], kind="llada", device="cuda")
+    reward = load_reward(classifier_path, device="cuda")
+    common = dict(method="entrgi", steps=8, max_new_tokens=8, block_length=4, num_samples=2, guidance_steps=2,
+                  cfg_scale=0.5, remasking="low_confidence", confidence_threshold=threshold, seed=5,
+                  progress=False)  # fmt: skip
+    eager = generate(PROMPTS, denoiser=denoiser, reward=reward, cuda_graphs=False, **common)
+    graphed = generate(PROMPTS, denoiser=denoiser, reward=reward, cuda_graphs=True, **common)
+    assert [r.response_ids for r in graphed] == [r.response_ids for r in eager]
+    assert [r.forward_passes for r in graphed] == [r.forward_passes for r in eager]
