@@ -23,7 +23,14 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         elif isinstance(f.default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
         else:
-            parser.add_argument(flag, type=type(f.default), default=None, metavar=f.name.upper())
+            parser.add_argument(flag, type=_field_type(f), default=None, metavar=f.name.upper())
+
+
+def _field_type(f: dataclasses.Field) -> type:
+    """The value type of a config field; optional fields (``int | None``) take their first."""
+    if f.default is not None:
+        return type(f.default)
+    return {"int": int, "float": float, "str": str}[str(f.type).split("|")[0].strip()]
 
 
 def _config_from_args(args) -> GuidanceConfig:
@@ -33,67 +40,61 @@ def _config_from_args(args) -> GuidanceConfig:
     return GuidanceConfig(**{k: v for k, v in values.items() if v is not None})
 
 
-def read_prompts(path: str, field: str = "prompt") -> list[str]:
-    """Prompts from a .jsonl file (``field`` of each object) or a text file (one per line)."""
-    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
-    if path.endswith(".jsonl"):
-        prompts = []
-        for number, line in enumerate(lines, 1):
-            record = json.loads(line)
-            if field not in record:
-                raise ValueError(f"{path}:{number} has no field {field!r}")
-            prompts.append(record[field])
-        return prompts
-    return lines
-
-
-def results_document(config: GuidanceConfig, results) -> dict:
-    """The published results layout: config, method, metrics and per-prompt results."""
-    top1 = [r.top1_reward for r in results]
-    avg = [r.avg_reward for r in results]
-    scored = results and results[0].rewards is not None
-    return {
-        "config": dataclasses.asdict(config),
-        "method": config.method,
-        "metrics": {
-            "mean_top1_reward": sum(top1) / len(top1) if scored else None,
-            "mean_avgN_reward": sum(avg) / len(avg) if scored else None,
-            "all_top1_rewards": top1,
-            "all_avgN_rewards": avg,
-        },
-        "results": [
-            {
-                "prompt": r.prompt,
-                "responses": r.responses,
-                "rewards": r.rewards,
-                "best_response": r.best_response,
-                "top1_reward": r.top1_reward,
-                "avg_reward": r.avg_reward,
-            }
-            for r in results
-        ],
-    }
-
-
 def _generate(args) -> int:
     import torch
 
-    from entrgi import generate, load_denoiser, load_reward
+    from entrgi import load_denoiser, load_reward
+    from entrgi.distributed import broadcast, close_world, init_world, run_batches
+    from entrgi.results import ResultsLog, read_prompts
+    from entrgi.sampler import BatchedGeneration
 
     prompts = list(args.prompt or [])
-    if args.prompts_file:
-        prompts += read_prompts(args.prompts_file, args.prompt_field)
+    if args.dataset:
+        prompts += read_prompts(args.dataset, args.prompt_field)
     if not prompts:
-        raise SystemExit("entrgi generate: give --prompt TEXT or --prompts-file PATH")
+        raise SystemExit("entrgi generate: give --prompt TEXT or --dataset PATH")
+    resumable = bool(args.output) and args.output.endswith(".jsonl")
     config = _config_from_args(args)
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    denoiser = load_denoiser(args.model, kind=args.model_kind, device=args.device, dtype=dtype)
-    reward = None
-    if args.reward_model:
-        reward = load_reward(args.reward_model, kind=args.reward_kind, target=args.target, device=args.device,
-                             dtype=dtype)  # fmt: skip
-    results = generate(prompts, denoiser=denoiser, reward=reward, config=config, progress=not args.quiet)
-    document = results_document(config, results)
+    world, device = init_world(args.device)
+    try:
+        dtype = getattr(torch, args.dtype) if args.dtype else None
+        denoiser = load_denoiser(args.model, kind=args.model_kind, device=device, dtype=dtype)
+        reward = None
+        if args.reward_model:
+            reward = load_reward(args.reward_model, kind=args.reward_kind, target=args.target, device=device,
+                                 dtype=dtype)  # fmt: skip
+        job = BatchedGeneration(prompts, denoiser, reward, config)
+        batches = range(job.num_batches)
+        log = None
+        if resumable and world.is_main:
+            log = ResultsLog(args.output, config, args.dataset or "(--prompt)", args.prompt_field)
+            finished = log.finished_batches(job.prompts, [job.batch_range(b) for b in batches])
+            if finished:
+                print(f"resuming {args.output}: {len(finished)} of {job.num_batches} batches already done")
+            batches = [b for b in batches if b not in finished]
+        batches = broadcast(world, list(batches))
+
+        def write_round(finished_round):
+            for batch, results in finished_round:
+                log.append(batch, job.batch_range(batch), results)
+
+        collected = run_batches(job, world, batches, write_round if log else None, progress=not args.quiet)
+        if world.is_main:
+            _report(args, config, log, collected)
+    finally:
+        close_world(world)
+    return 0
+
+
+def _report(args, config: GuidanceConfig, log, collected) -> None:
+    from entrgi.results import metrics, results_document
+
+    if log is not None:
+        summary = metrics(log.ordered_records())
+        print(f"{args.output}: {len(log.ordered_records())} prompts, mean Top@1 {summary['mean_top1_reward']}, "
+              f"mean Avg@{config.num_samples} {summary['mean_avgN_reward']}")  # fmt: skip
+        return
+    document = results_document(config, [r for _, results in collected for r in results])
     text = json.dumps(document, indent=2)
     if args.output:
         Path(args.output).write_text(text)
@@ -101,7 +102,6 @@ def _generate(args) -> int:
               f"mean Avg@{config.num_samples} {document['metrics']['mean_avgN_reward']}")  # fmt: skip
     else:
         print(text)
-    return 0
 
 
 def _demo(args) -> int:
@@ -168,16 +168,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="entrgi", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    gen = commands.add_parser("generate", help="guided sampling; writes a results JSON")
+    gen = commands.add_parser("generate", help="guided sampling; writes a results JSON (torchrun: one rank per GPU)")
     gen.add_argument("--model", required=True, help="denoiser id or path (Dream, LLaDA, masked LM)")
     gen.add_argument("--model-kind", choices=("dream", "llada", "mlm"), default=None)
     gen.add_argument("--reward-model", help="reward model id or path")
     gen.add_argument("--reward-kind", choices=("classifier", "similarity"), default="classifier")
     gen.add_argument("--target", help="target text of a similarity reward")
     gen.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    gen.add_argument("--prompts-file", help="a .jsonl or .txt file of prompts")
+    gen.add_argument("--dataset", "--prompts-file", dest="dataset", metavar="PATH",
+                     help="prompts: a .jsonl file (see --prompt-field) or a .txt file, one per line")  # fmt: skip
     gen.add_argument("--prompt-field", default="prompt", help="the JSONL field holding the prompt")
-    gen.add_argument("--output", "-o", help="results JSON path (default: stdout)")
+    gen.add_argument("--output", "-o", help="results path: .json (the published layout; default stdout) or "
+                     ".jsonl (one record per prompt, written per batch; rerun to resume)")  # fmt: skip
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--dtype", choices=tuple(DTYPES), default=None)
     gen.add_argument("--quiet", action="store_true", help="no progress bar")

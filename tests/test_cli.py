@@ -5,7 +5,8 @@ from __future__ import annotations
 import csv
 import json
 
-from entrgi.cli import main, read_prompts
+from entrgi.cli import main
+from entrgi.results import read_prompts
 
 
 def test_generate_writes_results_json(tmp_path, mlm_path, classifier_path):

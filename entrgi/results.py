@@ -1,0 +1,117 @@
+"""Prompt datasets in, results out: the published results JSON and a resumable JSONL log."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from entrgi.config import GuidanceConfig
+from entrgi.sampler import PromptResult
+
+RESULTS_FORMAT = "entrgi-results/1"
+
+
+def read_prompts(path: str, field: str = "prompt") -> list[str]:
+    """Prompts from a .jsonl file (``field`` of each object) or a text file (one per line)."""
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    if path.endswith(".jsonl"):
+        prompts = []
+        for number, line in enumerate(lines, 1):
+            record = json.loads(line)
+            if field not in record:
+                raise ValueError(f"{path}:{number} has no field {field!r}")
+            prompts.append(record[field])
+        return prompts
+    return lines
+
+
+def result_record(result: PromptResult) -> dict:
+    """One prompt's results as the published layout writes them."""
+    return {
+        "prompt": result.prompt,
+        "responses": result.responses,
+        "rewards": result.rewards,
+        "best_response": result.best_response,
+        "top1_reward": result.top1_reward,
+        "avg_reward": result.avg_reward,
+        "forward_passes": result.forward_passes,
+    }
+
+
+def metrics(records: Sequence[dict]) -> dict:
+    """Mean Top@1 and Avg@K over prompt records (None when unscored)."""
+    top1 = [r["top1_reward"] for r in records]
+    avg = [r["avg_reward"] for r in records]
+    scored = bool(records) and records[0]["rewards"] is not None
+    return {
+        "mean_top1_reward": sum(top1) / len(top1) if scored else None,
+        "mean_avgN_reward": sum(avg) / len(avg) if scored else None,
+        "all_top1_rewards": top1,
+        "all_avgN_rewards": avg,
+    }
+
+
+def results_document(config: GuidanceConfig, results: Iterable[PromptResult]) -> dict:
+    """The published results layout: config, method, metrics and per-prompt results."""
+    records = [result_record(r) for r in results]
+    return {"config": dataclasses.asdict(config), "method": config.method, "metrics": metrics(records),
+            "results": records}  # fmt: skip
+
+
+class ResultsLog:
+    """A JSONL results file that survives interruption.
+
+    Line 1 is a header with the config and the dataset; every further line is one
+    prompt's record with its dataset ``index`` and ``batch``. Whole batches are
+    appended and flushed to disk at once, so a resumed run skips finished batches
+    and, with per-batch generators, reproduces the uninterrupted run exactly. A line
+    torn by a crash is dropped on open; a config that differs from the file's raises.
+    """
+
+    def __init__(self, path: str | Path, config: GuidanceConfig, dataset: str, prompt_field: str):
+        self.path = Path(path)
+        self.header = {"format": RESULTS_FORMAT, "config": dataclasses.asdict(config), "dataset": dataset,
+                       "prompt_field": prompt_field}  # fmt: skip
+        self.records: list[dict] = []
+        if self.path.exists() and self.path.stat().st_size:
+            self._load()
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps(self.header) + "\n")
+
+    def _load(self) -> None:
+        text = self.path.read_text()
+        complete, _, torn = text.rpartition("\n")
+        if torn:  # an interrupted write: keep only whole lines
+            self.path.write_text(complete + "\n")
+        lines = complete.split("\n")
+        header = json.loads(lines[0])
+        if header.get("format") != RESULTS_FORMAT:
+            raise ValueError(f"{self.path} is not an entrgi results log (no {RESULTS_FORMAT!r} header)")
+        for key in ("config", "dataset", "prompt_field"):
+            if header.get(key) != self.header[key]:
+                raise ValueError(
+                    f"{self.path} was written with a different {key} ({header.get(key)!r}); "
+                    f"resume with the same settings or choose another --output"
+                )
+        self.records = [json.loads(line) for line in lines[1:] if line]
+
+    def finished_batches(self, prompts: Sequence[str], batch_ranges: Sequence[range]) -> set[int]:
+        """Batches whose every prompt has a record (checked against the prompt text)."""
+        done = {r["index"] for r in self.records if r["index"] < len(prompts) and prompts[r["index"]] == r["prompt"]}
+        return {b for b, indices in enumerate(batch_ranges) if all(i in done for i in indices)}
+
+    def append(self, batch: int, indices: Sequence[int], results: Sequence[PromptResult]) -> None:
+        records = [{"index": i, "batch": batch, **result_record(r)} for i, r in zip(indices, results)]
+        with self.path.open("a") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in records))
+            f.flush()
+            os.fsync(f.fileno())
+        self.records += records
+
+    def ordered_records(self) -> list[dict]:
+        """One record per dataset index (the latest), in dataset order."""
+        return list({r["index"]: r for r in sorted(self.records, key=lambda r: r["index"])}.values())

@@ -1,0 +1,99 @@
+"""Long runs: independent batches, resumable JSONL results, torchrun with 2 gloo processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from entrgi import GuidanceConfig, generate, load_denoiser, load_reward
+from entrgi.cli import main
+from entrgi.sampler import BatchedGeneration
+
+PROMPTS = ["hello there", "how are you", "tell me about the sea", "a sunny day", "what is rain"]
+FLAGS = ["--steps", "2", "--max-new-tokens", "3", "--num-samples", "2", "--guidance-steps", "1",
+         "--prompts-per-batch", "2", "--seed", "7", "--quiet"]  # fmt: skip
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "question": p}) + "\n" for i, p in enumerate(PROMPTS)))
+    return str(path)
+
+
+def _generate_args(mlm_path, classifier_path, dataset, output):
+    return ["generate", "--model", mlm_path, "--reward-model", classifier_path, "--dataset", dataset,
+            "--prompt-field", "question", "--output", str(output), *FLAGS]  # fmt: skip
+
+
+def test_a_batch_gives_the_same_tokens_alone_or_in_a_run(mlm_path, classifier_path):
+    denoiser, reward = load_denoiser(mlm_path), load_reward(classifier_path)
+    settings = dict(steps=2, max_new_tokens=3, num_samples=2, guidance_steps=1, prompts_per_batch=2, seed=3)
+    whole = generate(PROMPTS, denoiser=denoiser, reward=reward, progress=False, **settings)
+    job = BatchedGeneration(PROMPTS, denoiser, reward, GuidanceConfig(**settings))
+    assert job.num_batches == 3 and list(job.batch_range(2)) == [4]
+    last = job.run_batch(2)
+    assert [r.response_ids for r in last] == [whole[4].response_ids]
+    assert [r.rewards for r in last] == [whole[4].rewards]
+    assert whole[0].response_ids != whole[2].response_ids  # batches draw different numbers
+    with pytest.raises(ValueError, match=r"batch_index must be in \[0, 3\), got 3"):
+        job.run_batch(3)
+
+
+def _records(path):
+    lines = path.read_text().splitlines()
+    return json.loads(lines[0]), [json.loads(line) for line in lines[1:]]
+
+
+def test_jsonl_output_resumes_after_an_interruption(tmp_path, mlm_path, classifier_path, dataset, monkeypatch, capsys):
+    full = tmp_path / "full.jsonl"
+    assert main(_generate_args(mlm_path, classifier_path, dataset, full)) == 0
+    header, records = _records(full)
+    assert header["format"] == "entrgi-results/1" and header["config"]["prompts_per_batch"] == 2
+    assert [r["index"] for r in records] == [0, 1, 2, 3, 4] and [r["batch"] for r in records] == [0, 0, 1, 1, 2]
+    assert [r["prompt"] for r in records] == PROMPTS and all(r["forward_passes"] == 2 for r in records)
+
+    # killed while writing batch 1: batch 0 is on disk, then a torn line
+    partial = tmp_path / "partial.jsonl"
+    lines = full.read_text().splitlines(keepends=True)
+    partial.write_text("".join(lines[:3]) + lines[3][:25])
+    ran = []
+    run_batch = BatchedGeneration.run_batch
+    monkeypatch.setattr(BatchedGeneration, "run_batch", lambda self, b, p=False: ran.append(b) or run_batch(self, b, p))
+    assert main(_generate_args(mlm_path, classifier_path, dataset, partial)) == 0
+    assert ran == [1, 2]
+    assert "resuming" in capsys.readouterr().out
+    assert _records(partial) == _records(full)
+
+    ran.clear()
+    assert main(_generate_args(mlm_path, classifier_path, dataset, partial)) == 0  # nothing left to do
+    assert ran == [] and _records(partial) == _records(full)
+    with pytest.raises(ValueError, match="was written with a different config"):
+        main(_generate_args(mlm_path, classifier_path, dataset, partial)[:-1] + ["--lr", "0.1", "--quiet"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_gloo_processes_match_one_process(tmp_path, mlm_path, classifier_path, dataset):
+    single = tmp_path / "single.json"
+    assert main(_generate_args(mlm_path, classifier_path, dataset, single)) == 0
+    double = tmp_path / "double.json"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+               f"--master_port={_free_port()}", "-m", "entrgi",
+               *_generate_args(mlm_path, classifier_path, dataset, double)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("wrote") == 1  # only rank 0 writes
+    one, two = json.loads(single.read_text()), json.loads(double.read_text())
+    assert [r["prompt"] for r in two["results"]] == PROMPTS
+    assert two["results"] == one["results"] and two["metrics"] == one["metrics"]
