@@ -3,7 +3,14 @@
 from entrgi.config import METHODS, GuidanceConfig
 from entrgi.denoisers import Denoiser, load_denoiser
 from entrgi.ops import GuidedEmbedding, StepSample, guided_embedding, sample_step
-from entrgi.rewards import ClassifierReward, Reward, SimilarityReward, build_vocab_mapping, load_reward
+from entrgi.rewards import (
+    ClassifierReward,
+    LikelihoodReward,
+    Reward,
+    SimilarityReward,
+    build_vocab_mapping,
+    load_reward,
+)
 from entrgi.sampler import PromptResult, generate
 
 __version__ = "0.1.0"
@@ -14,6 +21,7 @@ __all__ = [
     "Denoiser",
     "GuidanceConfig",
     "GuidedEmbedding",
+    "LikelihoodReward",
     "PromptResult",
     "Reward",
     "SimilarityReward",

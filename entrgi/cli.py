@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from entrgi.config import GuidanceConfig
+from entrgi.rewards import REWARD_KINDS
 
 GRAPH_CHOICES = {"auto": "auto", "on": True, "off": False}
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
@@ -172,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", required=True, help="denoiser id or path (Dream, LLaDA, masked LM)")
     gen.add_argument("--model-kind", choices=("dream", "llada", "mlm"), default=None)
     gen.add_argument("--reward-model", help="reward model id or path")
-    gen.add_argument("--reward-kind", choices=("classifier", "similarity"), default="classifier")
+    gen.add_argument("--reward-kind", choices=REWARD_KINDS, default="classifier")
     gen.add_argument("--target", help="target text of a similarity reward")
     gen.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     gen.add_argument("--dataset", "--prompts-file", dest="dataset", metavar="PATH",
@@ -190,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--target", help="text the similarity reward moves towards")
     demo.add_argument("--model", help="use this denoiser instead of the built-in demo one")
     demo.add_argument("--reward-model", help="use this reward model instead of MiniLM")
-    demo.add_argument("--reward-kind", choices=("classifier", "similarity"), default="similarity")
+    demo.add_argument("--reward-kind", choices=REWARD_KINDS, default="similarity")
     demo.add_argument("--device", default="cpu")
     demo.set_defaults(run=_demo)
 

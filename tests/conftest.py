@@ -122,3 +122,26 @@ def similarity_reward(minilm_path):
     from entrgi import load_reward
 
     return load_reward(minilm_path, kind="similarity", target="a sunny day at the beach")
+
+
+@pytest.fixture(scope="session", params=["tied", "untied"])
+def likelihood_path(request, chat_tokenizer, tmp_path_factory) -> str:
+    """A Qwen3 causal LM (the AR reward of the published likelihood variant); its chat
+    template closes each turn with words, so the scored suffix is not empty."""
+    import copy
+
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tokenizer = copy.deepcopy(chat_tokenizer)
+    tokenizer.chat_template = CHAT_TEMPLATE.replace("}}\n{%", "}} end of turn\n{%")
+
+    torch.manual_seed(2)
+    config = Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=256,
+        tie_word_embeddings=request.param == "tied", pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    model = Qwen3ForCausalLM(config)
+    with torch.no_grad():  # a random model's logits are nearly flat; sharpen them
+        model.get_output_embeddings().weight.mul_(8.0)
+    return _save(model, tokenizer, tmp_path_factory, f"likelihood-{request.param}")

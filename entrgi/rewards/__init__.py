@@ -6,10 +6,11 @@ import torch
 
 from entrgi.rewards.base import EmbeddingInputReward, Reward, RewardContext
 from entrgi.rewards.classifier import ClassifierReward
+from entrgi.rewards.likelihood import LikelihoodReward
 from entrgi.rewards.similarity import SimilarityReward
 from entrgi.rewards.vocab import VocabMapping, build_vocab_mapping
 
-REWARD_KINDS = ("classifier", "similarity")
+REWARD_KINDS = ("classifier", "similarity", "likelihood")
 DEFAULT_TARGET = "A warm, friendly and helpful answer about the weather, the sun and the sea."
 
 
@@ -25,11 +26,12 @@ def load_reward(
 ) -> Reward:
     """Load a reward model by hub id or local path.
 
-    kind : ``classifier`` (``AutoModelForSequenceClassification`` with one label) or
-        ``similarity`` (``AutoModel`` encoder; needs ``target``, the text to move towards).
+    kind : ``classifier`` (``AutoModelForSequenceClassification`` with one label),
+        ``similarity`` (``AutoModel`` encoder; needs ``target``, the text to move towards)
+        or ``likelihood`` (``AutoModelForCausalLM``: mean log P(response + suffix | prefix)).
     Extra keyword arguments go to ``from_pretrained``.
     """
-    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     if kind not in REWARD_KINDS:
         raise ValueError(f"unknown reward kind {kind!r}; expected one of {REWARD_KINDS}")
@@ -39,6 +41,9 @@ def load_reward(
     if kind == "classifier":
         model = AutoModelForSequenceClassification.from_pretrained(name_or_path, **from_pretrained_kwargs)
         return ClassifierReward(model.to(device), tokenizer, system_prompt=system_prompt)
+    if kind == "likelihood":
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, **from_pretrained_kwargs)
+        return LikelihoodReward(model.to(device), tokenizer, system_prompt=system_prompt)
     model = AutoModel.from_pretrained(name_or_path, **from_pretrained_kwargs)
     return SimilarityReward(model.to(device), tokenizer, target=target or DEFAULT_TARGET)
 
@@ -48,6 +53,7 @@ __all__ = [
     "REWARD_KINDS",
     "ClassifierReward",
     "EmbeddingInputReward",
+    "LikelihoodReward",
     "Reward",
     "RewardContext",
     "SimilarityReward",

@@ -8,7 +8,9 @@ from typing import Protocol, Sequence, runtime_checkable
 import torch
 
 from entrgi.attention import attention_mask_4d
-from entrgi.rewards.packing import PackedInputs, pack_inputs
+from entrgi.rewards.packing import PREFIX, RESPONSE, SUFFIX, PackedInputs, pack_inputs
+
+PLACEHOLDER = "<<ENTRGI_RESPONSE_PLACEHOLDER>>"
 
 
 @dataclass
@@ -59,6 +61,31 @@ def special_affixes(tokenizer) -> tuple[list[int], list[int]]:
         if wrapped[start : start + len(plain)] == plain:
             return wrapped[:start], wrapped[start + len(plain) :]
     return [], []
+
+
+def chat_context_ids(tokenizer, prompt: str, system_prompt: str | None = None) -> tuple[list[int], list[int]]:
+    """Token ids before and after the response in a (user: prompt, assistant: response) chat.
+
+    The chat is rendered with the tokenizer's own template around a placeholder and
+    split there, so any template (with or without BOS, with a system prompt) gives the
+    exact prefix and suffix. Tokenizers without a template use
+    ``prompt + "\\n\\n" + response`` wrapped in the tokenizer's own special tokens.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": PLACEHOLDER}]
+        if system_prompt is not None:
+            messages.insert(0, {"role": "system", "content": system_prompt})
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        head, tail = [], []
+    else:
+        system = f"{system_prompt}\n\n" if system_prompt else ""
+        text = f"{system}{prompt}\n\n{PLACEHOLDER}"
+        head, tail = special_affixes(tokenizer)
+    if text.count(PLACEHOLDER) != 1:
+        raise ValueError("the reward chat template must render the assistant message exactly once")
+    prefix, suffix = text.split(PLACEHOLDER)
+    encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"] if s else []  # noqa: E731
+    return head + encode(prefix), encode(suffix) + tail
 
 
 def pad_id_lists(rows: Sequence[Sequence[int]], side: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,7 +159,12 @@ class EmbeddingInputReward:
             [context.prefix_embeds, response_embeds.to(context.prefix_embeds.dtype), context.suffix_embeds], dim=1
         )
         valid = torch.cat([context.prefix_valid, response_valid, context.suffix_valid], dim=1)
-        return pack_inputs(embeds, valid, self.align)
+        segment = torch.cat([
+            torch.full_like(context.prefix_valid, PREFIX, dtype=torch.long),
+            torch.full_like(response_valid, RESPONSE, dtype=torch.long),
+            torch.full_like(context.suffix_valid, SUFFIX, dtype=torch.long),
+        ], dim=1)  # fmt: skip
+        return pack_inputs(embeds, valid, self.align, segment)
 
     def pack_texts(self, prompts: Sequence[str], responses: Sequence[str]) -> PackedInputs:
         """Packed real-token inputs for decoded responses (truncated to ``max_response_tokens``)."""

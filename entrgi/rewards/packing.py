@@ -13,24 +13,32 @@ from typing import NamedTuple
 import torch
 
 
+PREFIX, RESPONSE, SUFFIX = 0, 1, 2  # segment ids of [prefix | response | suffix]
+
+
 class PackedInputs(NamedTuple):
     inputs_embeds: torch.Tensor  # (N, S, d)
     attention_mask: torch.Tensor  # (N, S) int64, 1 = real token
     position_ids: torch.Tensor  # (N, S) int64
+    segment: torch.Tensor | None = None  # (N, S) int64 segment id per packed position
 
 
-def pack_inputs(embeds: torch.Tensor, valid: torch.Tensor, align: str) -> PackedInputs:
+def pack_inputs(
+    embeds: torch.Tensor, valid: torch.Tensor, align: str, segment: torch.Tensor | None = None
+) -> PackedInputs:
     """Move each row's valid positions together, keeping their order.
 
     embeds : (N, S, d); valid : (N, S) bool; align : ``right`` (padding first) or
-    ``left`` (padding last). The gather is differentiable with respect to ``embeds``.
+    ``left`` (padding last); segment : optional (N, S) ids moved along with the
+    positions. The gather is differentiable with respect to ``embeds``.
     """
     key = valid.to(torch.int8)
     order = torch.sort(key if align == "right" else -key, dim=-1, stable=True).indices
     packed_valid = valid.gather(1, order)
     packed = embeds.gather(1, order.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
     positions = (packed_valid.long().cumsum(-1) - 1).clamp_min(0)
-    return PackedInputs(packed, packed_valid.long(), positions)
+    packed_segment = None if segment is None else segment.gather(1, order)
+    return PackedInputs(packed, packed_valid.long(), positions, packed_segment)
 
 
 def response_mask_until_end(token_ids: torch.Tensor, end_ids: torch.Tensor) -> torch.Tensor:

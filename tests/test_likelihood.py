@@ -1,0 +1,111 @@
+"""LikelihoodReward against a direct restatement of the published AR-likelihood reward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from entrgi import LikelihoodReward, guided_embedding, load_reward
+from entrgi.rewards.packing import response_mask_until_end
+
+
+@pytest.fixture(scope="module")
+def reward(likelihood_path) -> LikelihoodReward:
+    return load_reward(likelihood_path, kind="likelihood")
+
+
+def _log_probs(reward, ids: list[int]) -> torch.Tensor:
+    """(len(ids) - 1, V) log P(next | prefix) of a plain token sequence."""
+    logits = reward.model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
+    return torch.log_softmax(logits, dim=-1)
+
+
+def test_tied_and_untied_tables(reward, likelihood_path):
+    inputs = reward.model.get_input_embeddings().weight
+    assert reward.tied == ("-tied" in likelihood_path)
+    width = inputs.shape[1] * (1 if reward.tied else 2)
+    assert reward.input_embeddings().shape == (inputs.shape[0], width)
+
+
+def test_text_score_is_the_mean_log_probability_of_response_and_suffix(reward):
+    prompts, responses = ["hi", "tell me a long story about the sea"], ["the sun is out", "no"]
+    scores = reward.score_texts(prompts, responses)
+    for prompt, response, score in zip(prompts, responses, scores):
+        prefix, suffix = reward.context_ids(prompt)
+        targets = reward.tokenizer(response, add_special_tokens=False)["input_ids"] + suffix
+        ids = prefix + targets
+        lp = _log_probs(reward, ids)[len(prefix) - 1 :].gather(-1, torch.tensor(targets)[:, None])
+        torch.testing.assert_close(score, lp.mean(), atol=1e-4, rtol=1e-4)
+    assert scores[0] != scores[1]
+
+
+@pytest.mark.parametrize("mode", ["entrgi", "aps", "expectation"])
+def test_guided_value_matches_the_published_formula(reward, mode):
+    """Published: soft_lp = sum_v p_v lp[v] (p constant), hard_lp = lp[drawn], position
+    lp = soft_lp + w * stopgrad(hard_lp - soft_lp); committed and suffix tokens hard.
+    The value must match exactly; the gradient is that of sum_v q_v lp[v] with the
+    constant mixed law q = p + w (onehot(drawn) - p), which is the published gradient
+    when w = 0 (expectation) and at committed positions."""
+    vocab, g = reward.input_embeddings().shape[0], 5
+    context = reward.prepare(["what is the weather"], 1)
+    prefix, suffix = reward.context_ids("what is the weather")
+    assert reward.tokenizer.decode(suffix) == "end of turn"
+    phi = (torch.randn(1, g, vocab) * 3).requires_grad_(True)
+    committed = torch.tensor([[False, True, False, False, True]])
+    committed_ids = torch.tensor([[0, 2023, 0, 0, 2154]])
+
+    out = guided_embedding(phi, reward.input_embeddings(), temperature=0.7, top_p=0.9, mode=mode,
+                           generator=torch.Generator().manual_seed(11))  # fmt: skip
+    embeds = torch.where(committed[..., None], reward.input_embeddings()[committed_ids], out.embeds)
+    ids = torch.where(committed, committed_ids, out.argmax)
+    valid = response_mask_until_end(ids, torch.tensor([reward.tokenizer.sep_token_id]))
+    ours = reward.score_embeds(context, embeds, valid)
+    (grad_ours,) = torch.autograd.grad(ours.sum(), phi)
+
+    # the published computation, spelled out with full-vocabulary probabilities
+    table = reward.model.get_input_embeddings().weight
+    p = torch.softmax(phi / 0.7, dim=-1)
+    soft = p @ table
+    inputs = torch.where(committed[..., None], table[committed_ids],
+                         soft + out.weights[..., None] * (table[out.tokens] - soft).detach())  # fmt: skip
+    full = torch.cat([table[torch.tensor([prefix])], inputs, table[torch.tensor([suffix])]], dim=1)
+    keep = torch.cat([torch.ones(len(prefix), dtype=torch.bool), valid[0], torch.ones(len(suffix), dtype=torch.bool)])
+    lp = torch.log_softmax(reward.model(inputs_embeds=full[:, keep]).logits[0, :-1].float(), -1)[len(prefix) - 1 :]
+    n = int(valid.sum())
+    positions = valid[0].nonzero()[:, 0]
+    drawn = torch.where(committed, committed_ids, out.tokens)[0, positions]
+    w = torch.where(committed[0, positions], 1.0, out.weights[0, positions])
+    soft_lp = (p[0, positions].detach() * lp[:n]).sum(-1)
+    hard_lp = lp[:n].gather(-1, drawn[:, None])[:, 0]
+    suffix_lp = lp[n:].gather(-1, torch.tensor(suffix)[:, None])[:, 0]
+    guided_lp = torch.where(committed[0, positions], hard_lp, soft_lp + w * (hard_lp - soft_lp).detach())
+    published = torch.cat([guided_lp, suffix_lp]).mean()
+    q = (p[0, positions] + w[:, None] * (torch.nn.functional.one_hot(drawn, vocab) - p[0, positions])).detach()
+    mixed = torch.cat([(q * lp[:n]).sum(-1), suffix_lp]).mean()
+    (grad_mixed,) = torch.autograd.grad(mixed, phi, retain_graph=True)
+    (grad_published,) = torch.autograd.grad(published, phi)
+
+    torch.testing.assert_close(ours[0], published, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(grad_ours, grad_mixed, atol=1e-5, rtol=1e-3)
+    if mode == "expectation":
+        torch.testing.assert_close(grad_ours, grad_published, atol=1e-5, rtol=1e-3)
+    assert grad_ours.abs().sum() > 0
+
+
+def test_likelihood_guides_the_sampler(denoiser_paths, reward):
+    from entrgi import generate, load_denoiser
+
+    denoiser = load_denoiser(denoiser_paths["mlm"])
+    results = generate(["hello there"], denoiser=denoiser, reward=reward, method="entrgi", steps=2,
+                       max_new_tokens=4, num_samples=2, guidance_steps=1, progress=False)  # fmt: skip
+    assert len(results[0].rewards) == 2 and all(r < 0 for r in results[0].rewards)
+
+
+def test_a_head_with_bias_is_refused(reward):
+    import copy
+
+    model = copy.deepcopy(reward.model)
+    head = model.get_output_embeddings()
+    head.bias = torch.nn.Parameter(torch.zeros(head.weight.shape[0]))
+    with pytest.raises(ValueError, match="linear map without bias"):
+        LikelihoodReward(model, reward.tokenizer)
