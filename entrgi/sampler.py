@@ -32,11 +32,10 @@ from torch.profiler import record_function
 
 from entrgi.config import GUIDED_METHODS, GuidanceConfig
 from entrgi.denoisers import Denoiser
-from entrgi.ops import guided_embedding, sample_step
-from entrgi.optim import LogitAdam
+from entrgi.guidance import GuidanceStep, optimize_logits
+from entrgi.ops import sample_step
 from entrgi.rewards import Reward, VocabMapping, build_vocab_mapping
 from entrgi.rewards.base import RewardContext, pad_id_lists
-from entrgi.rewards.packing import response_mask_until_end
 from entrgi.schedule import (
     commit_counts,
     current_block,
@@ -223,29 +222,12 @@ class DiffusionRun:
     ) -> torch.Tensor:
         """M Adam steps on float32 phi that raise the reward; only masked rows move
         (only ``steered`` rows when given; the reward still sees every masked row)."""
-        cfg, table = self.config, self.table.weight
-        phi = phi_init.clone().requires_grad_(True)
-        optimizer = LogitAdam(phi, cfg.lr)
-        committed = self.response
-        committed_embeds = table[committed]
-        for _ in range(cfg.guidance_steps):
-            with record_function("entrgi.guided_embedding"):
-                out = guided_embedding(
-                    phi, table, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                    mode=cfg.method, generator=self.generator, backend=cfg.backend, check_values=False,
-                )  # fmt: skip
-                embeds = torch.where(masked.unsqueeze(-1), out.embeds, committed_embeds)
-                ids = torch.where(masked, out.argmax, committed)
-                valid = response_mask_until_end(ids, self.end_ids)
-            with record_function("entrgi.reward_forward_backward"):
-                rewards = self.reward.score_embeds(self.reward_context, embeds, valid)
-                loss = -(rewards / cfg.reward_temperature).sum()
-                (grad,) = torch.autograd.grad(loss, phi)
-                if steered is not None:
-                    grad = grad * steered.unsqueeze(-1)
-            with record_function("entrgi.optimizer"):
-                optimizer.step(grad)
-        return phi.detach()
+        cfg = self.config
+        guidance = GuidanceStep(cfg.method, cfg.guidance_steps, cfg.lr, cfg.reward_temperature, cfg.temperature,
+                                cfg.top_p, cfg.top_k, cfg.backend)  # fmt: skip
+        phi, _ = optimize_logits(phi_init, masked, self.response, self.table.weight, self.reward,
+                                 self.reward_context, self.end_ids, guidance, self.generator, steered)  # fmt: skip
+        return phi
 
     def run(self, progress: bool = False) -> None:
         """Denoise until the response is committed: ``steps`` steps, or with a

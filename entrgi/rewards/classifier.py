@@ -18,7 +18,8 @@ def last_token_pooling(model) -> bool:
 class ClassifierReward(EmbeddingInputReward):
     """Reward = the single logit of an ``AutoModelForSequenceClassification``, read at
     the last real token (decoder reward models) or the first (BERT-style ``[CLS]``).
-    The response sits in the reward tokenizer's chat (see :func:`chat_context_ids`).
+    The response sits in the reward tokenizer's chat (see :func:`chat_context_ids`);
+    ``tokenizer`` may be None when only :meth:`score_embeds` is used (integrations).
     """
 
     def __init__(self, model, tokenizer, system_prompt: str | None = None):
@@ -30,7 +31,8 @@ class ClassifierReward(EmbeddingInputReward):
         self.align = "right" if last_token_pooling(model) else "left"
         if getattr(model.config, "pad_token_id", None) is None:
             # Only checked for presence when batching: pooling reads our right-aligned last column.
-            model.config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+            pad = getattr(tokenizer, "pad_token_id", None)
+            model.config.pad_token_id = pad if pad is not None else 0
 
     def context_ids(self, prompt: str) -> tuple[list[int], list[int]]:
         return chat_context_ids(self.tokenizer, prompt, self.system_prompt)

@@ -1,0 +1,79 @@
+"""The guidance inner loop: M Adam steps on the response logits phi that raise a reward
+fed guided embeddings. Shared by the sampler and the drop-in integrations."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.profiler import record_function
+
+from entrgi.ops import guided_embedding
+from entrgi.optim import LogitAdam
+from entrgi.rewards import Reward, RewardContext
+from entrgi.rewards.packing import response_mask_until_end
+
+
+@dataclass(frozen=True)
+class GuidanceStep:
+    """How phi is steered: ``mode`` (entrgi | aps | expectation), M ``steps`` of Adam at
+    ``lr``, loss ``-sum R / reward_temperature``, and the sampling law of the hard tokens."""
+
+    mode: str
+    steps: int
+    lr: float
+    reward_temperature: float
+    temperature: float
+    top_p: float
+    top_k: int
+    backend: str = "auto"
+
+
+def optimize_logits(
+    phi_init: torch.Tensor,
+    masked: torch.Tensor,
+    response: torch.Tensor,
+    table: torch.Tensor,
+    reward: Reward,
+    context: RewardContext,
+    end_ids: torch.Tensor,
+    guidance: GuidanceStep,
+    generator: torch.Generator | None = None,
+    steered: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steer phi towards higher reward. No host syncs.
+
+    phi_init : (N, G, V) float32 logits of the response block; masked : (N, G) bool;
+    response : (N, G) token ids (committed ones are read at unmasked positions);
+    table : (V, d) reward embeddings in the denoiser's vocabulary; end_ids : (E,) ids
+    that end a response (the reward sees positions before the first one, judged on
+    argmax(phi) at masked positions). steered : (N, G) bool, the rows allowed to move
+    (default: every masked row; the reward sees every masked row either way).
+
+    Returns the optimised phi (N, G, V) float32 and the mean weight w over masked rows
+    and steps (a 0-d device tensor).
+    """
+    phi = phi_init.clone().requires_grad_(True)
+    optimizer = LogitAdam(phi, guidance.lr)
+    committed_embeds = table[response]
+    weight_sum = torch.zeros((), device=phi.device)
+    for _ in range(guidance.steps):
+        with record_function("entrgi.guided_embedding"):
+            out = guided_embedding(
+                phi, table, temperature=guidance.temperature, top_p=guidance.top_p, top_k=guidance.top_k,
+                mode=guidance.mode, generator=generator, backend=guidance.backend, check_values=False,
+            )  # fmt: skip
+            embeds = torch.where(masked.unsqueeze(-1), out.embeds, committed_embeds)
+            ids = torch.where(masked, out.argmax, response)
+            valid = response_mask_until_end(ids, end_ids)
+            weight_sum += (out.weights * masked).sum()
+        with record_function("entrgi.reward_forward_backward"):
+            rewards = reward.score_embeds(context, embeds, valid)
+            loss = -(rewards / guidance.reward_temperature).sum()
+            (grad,) = torch.autograd.grad(loss, phi)
+            if steered is not None:
+                grad = grad * steered.unsqueeze(-1)
+        with record_function("entrgi.optimizer"):
+            optimizer.step(grad)
+    mean_weight = weight_sum / (masked.sum() * max(guidance.steps, 1)).clamp_min(1)
+    return phi.detach(), mean_weight
