@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(VENV)/bin/entrgi demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests bench --benchmark-disable  # bench/: runs and well-formed output, never speed
 
 bench: $(STAMP)
 	$(VENV)/bin/entrgi bench --suite op

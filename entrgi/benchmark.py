@@ -277,15 +277,37 @@ def profile_step(steps: int, out_dir: Path, config=None, denoiser=None, reward=N
     run.step(0)  # warm-up
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities) as prof:
+        start = time.perf_counter()
         for step in range(1, steps):
             run.step(step)
+        if run.canvas.is_cuda:
+            torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - start) * 1e3 / (steps - 1)
     out_dir.mkdir(parents=True, exist_ok=True)
     trace = out_dir / "guided_step_trace.json"
     prof.export_chrome_trace(str(trace))
-    events = {e.key: e for e in prof.key_averages() if e.key.startswith("entrgi.")}
+    return _profile_table(prof.key_averages(), steps - 1, wall_ms, trace)
+
+
+SYNC_EVENTS = ("aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+
+
+def _profile_table(averages, steps: int, wall_ms: float, trace: Path) -> str:
+    """Per-component rows (``entrgi.*`` ranges), then the step's wall time, the device
+    time the kernels kept busy, the host gaps (wall minus busy: launch overhead and
+    waits) and the host syncs per step."""
+    per_step = lambda us: us / 1e3 / steps  # noqa: E731
+    components = sorted((e for e in averages if e.key.startswith("entrgi.")), key=lambda e: -e.cpu_time_total)
     lines = [f"{'component':<34} {'calls':>6} {'CPU ms/step':>12} {'device ms/step':>15}"]
-    for key, e in sorted(events.items(), key=lambda kv: -kv[1].cpu_time_total):
-        device_ms = getattr(e, "device_time_total", 0.0) / 1e3 / (steps - 1)
-        lines.append(f"{key:<34} {e.count:>6} {e.cpu_time_total / 1e3 / (steps - 1):12.2f} {device_ms:15.2f}")
+    for e in components:
+        lines.append(f"{e.key:<34} {e.count:>6} {per_step(e.cpu_time_total):12.2f} "
+                     f"{per_step(getattr(e, 'device_time_total', 0.0)):15.2f}")  # fmt: skip
+    busy_ms = per_step(sum(getattr(e, "self_device_time_total", 0.0) for e in averages))
+    syncs = sum(e.count for e in averages if e.key in SYNC_EVENTS) / steps
+    lines.append(f"{'step wall time':<34} {'':>6} {wall_ms:12.2f}")
+    if torch.cuda.is_available():
+        lines.append(f"{'device busy (all kernels)':<34} {'':>6} {'':>12} {busy_ms:15.2f}")
+        lines.append(f"{'host gaps (wall - device busy)':<34} {'':>6} {wall_ms - busy_ms:12.2f}")
+    lines.append(f"{'host syncs per step':<34} {syncs:>6.1f}")
     lines.append(f"(reward_forward_backward includes the guided_embedding backward; trace: {trace})")
     return "\n".join(lines)

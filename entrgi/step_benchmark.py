@@ -96,8 +96,18 @@ def build_models(preset: str, device: torch.device, dtype: torch.dtype):
     return denoiser, ClassifierReward(classifier, _IdsOnlyTokenizer())
 
 
-def _run(denoiser, reward, config: GuidanceConfig, prompts: int, generator) -> DiffusionRun:
+def step_config(preset: str, method: str, guidance_steps: int = 3, new_tokens: int = 128,
+                graphs: bool = False) -> GuidanceConfig:
+    """The config of ``preset``'s batch: one batch of its prompts x K, T = G = new_tokens."""
+    _, _, prompts, k = PRESETS[preset]
+    return GuidanceConfig(method=method, num_samples=k, steps=new_tokens, max_new_tokens=new_tokens,
+                          guidance_steps=guidance_steps, prompts_per_batch=prompts, cuda_graphs=graphs)  # fmt: skip
+
+
+def new_run(denoiser, reward, config: GuidanceConfig, seed: int = 0) -> DiffusionRun:
     """A run over random prompt ids with a random reward context (no tokenizers)."""
+    generator = torch.Generator(denoiser.device).manual_seed(seed)
+    prompts = config.prompts_per_batch
     n = prompts * config.num_samples
     vocab = denoiser.vocab_size - 1
     prompt_ids = torch.randint(0, vocab, (prompts, PROMPT_TOKENS), generator=generator, device=generator.device)
@@ -119,10 +129,7 @@ def preset_run(preset: str, method: str = "entrgi", guidance_steps: int = 3, new
     """A ready :class:`DiffusionRun` of ``preset``'s models and batch (for profiling)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     denoiser, reward = build_models(preset, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    _, _, prompts, k = PRESETS[preset]
-    config = GuidanceConfig(method=method, num_samples=k, steps=new_tokens, max_new_tokens=new_tokens,
-                            guidance_steps=guidance_steps, prompts_per_batch=prompts, cuda_graphs=graphs)  # fmt: skip
-    return _run(denoiser, reward, config, prompts, torch.Generator(device).manual_seed(0))
+    return new_run(denoiser, reward, step_config(preset, method, guidance_steps, new_tokens, graphs))
 
 
 def _time_steps(run: DiffusionRun, warmup: int, timed: int) -> list[float]:
@@ -155,16 +162,12 @@ def bench_steps(
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     denoiser, reward = build_models(preset, device, dtype)
     env = environment()
-    _, _, prompts, k = PRESETS[preset]
     rows = []
     for graphs in graph_modes:
         if graphs and device.type != "cuda":
             continue
         for method in methods:
-            config = GuidanceConfig(method=method, num_samples=k, steps=new_tokens, max_new_tokens=new_tokens,
-                                    guidance_steps=guidance_steps, prompts_per_batch=prompts, cuda_graphs=graphs)  # fmt: skip
-            generator = torch.Generator(device).manual_seed(0)
-            run = _run(denoiser, reward, config, prompts, generator)
+            run = new_run(denoiser, reward, step_config(preset, method, guidance_steps, new_tokens, graphs))
             if device.type == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()

@@ -69,6 +69,9 @@ def test_bench_profile_reports_components(tmp_path, capsys, monkeypatch):
     printed = capsys.readouterr().out
     for component in ("denoiser_forward", "guided_embedding", "reward_forward_backward", "optimizer", "commit"):
         assert f"entrgi.{component}" in printed
+    assert "step wall time" in printed
+    syncs = next(line for line in printed.splitlines() if line.startswith("host syncs per step"))
+    assert float(syncs.split()[-1]) == 0.0  # the eager step reads nothing back
     assert json.loads((tmp_path / "guided_step_trace.json").read_text())["traceEvents"]
 
 
