@@ -86,3 +86,20 @@ def test_demo_runs_offline_and_prints_the_table(tmp_path, monkeypatch, capsys):
     assert all(-1.0 <= r["mean_avg"] <= 1.0 and r["seconds"] > 0 for r in rows)
     printed = capsys.readouterr().out
     assert "mean Top@1" in printed and "EntRGi raises the mean reward" in printed
+
+
+def test_generate_exposes_decoding_orders_and_the_likelihood_reward(tmp_path, denoiser_paths, likelihood_path):
+    out = tmp_path / "results.json"
+    code = main([
+        "generate", "--model", denoiser_paths["llada"], "--model-kind", "llada", "--reward-model", likelihood_path,
+        "--reward-kind", "likelihood", "--prompt", "hello there", "--max-new-tokens", "4", "--num-samples", "2",
+        "--guidance-steps", "1", "--block-length", "2", "--remasking", "low_confidence", "--cfg-scale", "0.5",
+        "--confidence-threshold", "0.5", "--guidance-scope", "all", "--output", str(out), "--quiet",
+    ])  # fmt: skip
+    assert code == 0
+    document = json.loads(out.read_text())
+    config = document["config"]
+    assert (config["block_length"], config["remasking"], config["cfg_scale"]) == (2, "low_confidence", 0.5)
+    assert config["confidence_threshold"] == 0.5 and config["guidance_scope"] == "all"
+    result = document["results"][0]
+    assert 2 <= result["forward_passes"] <= 4 and all(r < 0 for r in result["rewards"])  # mean log-probs
