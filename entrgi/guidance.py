@@ -50,12 +50,21 @@ def optimize_logits(
     argmax(phi) at masked positions). steered : (N, G) bool, the rows allowed to move
     (default: every masked row; the reward sees every masked row either way).
 
+    A reward with a ``soft_target_columns`` attribute (a slice of the table's columns)
+    receives those columns' soft values ``softmax(phi / tau) @ table[:, cols]``
+    (held constant) appended to the embeddings, e.g. for targets that follow the
+    published code in differentiating only the soft part.
+
     Returns the optimised phi (N, G, V) float32 and the mean weight w over masked rows
     and steps (a 0-d device tensor).
     """
     phi = phi_init.clone().requires_grad_(True)
     optimizer = LogitAdam(phi, guidance.lr)
     committed_embeds = table[response]
+    soft_columns = getattr(reward, "soft_target_columns", None)
+    if soft_columns is not None:  # the reward also reads the soft (w = 0) value of these columns
+        soft_table = table[:, soft_columns].contiguous()
+        committed_soft = soft_table[response]
     weight_sum = torch.zeros((), device=phi.device)
     for _ in range(guidance.steps):
         with record_function("entrgi.guided_embedding"):
@@ -64,6 +73,10 @@ def optimize_logits(
                 mode=guidance.mode, generator=generator, backend=guidance.backend, check_values=False,
             )  # fmt: skip
             embeds = torch.where(masked.unsqueeze(-1), out.embeds, committed_embeds)
+            if soft_columns is not None:
+                soft = guided_embedding(phi.detach(), soft_table, temperature=guidance.temperature,
+                                        mode="expectation", backend=guidance.backend, check_values=False).embeds  # fmt: skip
+                embeds = torch.cat([embeds, torch.where(masked.unsqueeze(-1), soft, committed_soft)], dim=-1)
             ids = torch.where(masked, out.argmax, response)
             valid = response_mask_until_end(ids, end_ids)
             weight_sum += (out.weights * masked).sum()

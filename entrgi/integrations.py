@@ -99,8 +99,9 @@ def published_optimize_logits(
 
 def dllm_optimize_logits(self, base_logits, mask_index, x, max_prompt_len, caches, K, config, device):
     """Drop-in for dllm's ``EntrgiDreamSampler._optimize_logits``: returns
-    ``(phi, phi_init, ew_mean)`` or ``(None, None)`` when nothing is masked. Mode from
-    ``config.aps`` / ``config.soft_only`` (else EntRGi), as dllm does."""
+    ``(phi, phi_init, ew_mean)`` or ``(None, None)`` when nothing is masked; ``ew_mean``
+    is the mean entropy weight over masked rows and steps. Mode from ``config.aps`` /
+    ``config.soft_only`` (else EntRGi), as dllm does."""
     if not bool(mask_index.any()):
         return None, None
     mode = "aps" if config.aps else "expectation" if config.soft_only else "entrgi"

@@ -43,9 +43,9 @@ def test_text_score_is_the_mean_log_probability_of_response_and_suffix(reward):
 def test_guided_value_matches_the_published_formula(reward, mode):
     """Published: soft_lp = sum_v p_v lp[v] (p constant), hard_lp = lp[drawn], position
     lp = soft_lp + w * stopgrad(hard_lp - soft_lp); committed and suffix tokens hard.
-    The value must match exactly; the gradient is that of sum_v q_v lp[v] with the
-    constant mixed law q = p + w (onehot(drawn) - p), which is the published gradient
-    when w = 0 (expectation) and at committed positions."""
+    With the soft targets the guidance loop appends, value and gradient match it; fed
+    the op's embeddings alone, the value still matches and the gradient is that of
+    sum_v q_v lp[v] with the constant mixed law q = p + w (onehot(drawn) - p)."""
     vocab, g = reward.input_embeddings().shape[0], 5
     context = reward.prepare(["what is the weather"], 1)
     prefix, suffix = reward.context_ids("what is the weather")
@@ -59,7 +59,13 @@ def test_guided_value_matches_the_published_formula(reward, mode):
     embeds = torch.where(committed[..., None], reward.input_embeddings()[committed_ids], out.embeds)
     ids = torch.where(committed, committed_ids, out.argmax)
     valid = response_mask_until_end(ids, torch.tensor([reward.tokenizer.sep_token_id]))
-    ours = reward.score_embeds(context, embeds, valid)
+    alone = reward.score_embeds(context, embeds, valid)
+    (grad_alone,) = torch.autograd.grad(alone.sum(), phi, retain_graph=True)
+    columns = reward.soft_target_columns
+    soft = guided_embedding(phi.detach(), reward.input_embeddings()[:, columns].contiguous(), temperature=0.7,
+                            mode="expectation").embeds  # fmt: skip
+    soft = torch.where(committed[..., None], reward.input_embeddings()[committed_ids][..., columns], soft)
+    ours = reward.score_embeds(context, torch.cat([embeds, soft], dim=-1), valid)
     (grad_ours,) = torch.autograd.grad(ours.sum(), phi)
 
     # the published computation, spelled out with full-vocabulary probabilities
@@ -86,19 +92,25 @@ def test_guided_value_matches_the_published_formula(reward, mode):
     (grad_published,) = torch.autograd.grad(published, phi)
 
     torch.testing.assert_close(ours[0], published, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(grad_ours, grad_mixed, atol=1e-5, rtol=1e-3)
-    if mode == "expectation":
-        torch.testing.assert_close(grad_ours, grad_published, atol=1e-5, rtol=1e-3)
+    torch.testing.assert_close(grad_ours, grad_published, atol=1e-5, rtol=1e-3)
+    torch.testing.assert_close(alone[0], published, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(grad_alone, grad_mixed, atol=1e-5, rtol=1e-3)
+    if mode != "expectation":  # the two gradients differ by the w (hard - soft) part of the target
+        assert not torch.allclose(grad_mixed, grad_published, atol=1e-5, rtol=1e-3)
     assert grad_ours.abs().sum() > 0
 
 
-def test_likelihood_guides_the_sampler(denoiser_paths, reward):
+def test_likelihood_guides_the_sampler(denoiser_paths, reward, monkeypatch):
     from entrgi import generate, load_denoiser
 
     denoiser = load_denoiser(denoiser_paths["mlm"])
+    widths = []
+    score_embeds = type(reward).score_embeds
+    monkeypatch.setattr(reward, "score_embeds", lambda c, e, v: widths.append(e.shape[-1]) or score_embeds(reward, c, e, v))
     results = generate(["hello there"], denoiser=denoiser, reward=reward, method="entrgi", steps=2,
                        max_new_tokens=4, num_samples=2, guidance_steps=1, progress=False)  # fmt: skip
     assert len(results[0].rewards) == 2 and all(r < 0 for r in results[0].rewards)
+    assert set(widths) == {reward.input_embeddings().shape[1] + reward.hidden_size}  # soft targets appended
 
 
 def test_a_head_with_bias_is_refused(reward):

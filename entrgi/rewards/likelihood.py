@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from entrgi.rewards.base import EmbeddingInputReward, chat_context_ids
+from entrgi.rewards.base import EmbeddingInputReward, RewardContext, chat_context_ids
 from entrgi.rewards.packing import RESPONSE, PackedInputs
 
 
@@ -18,18 +18,14 @@ class LikelihoodReward(EmbeddingInputReward):
     At a guided position the target is, like the model's input, a mix of tokens:
     the published variant scores ``soft_lp + w * stopgrad(hard_lp - soft_lp)`` with
     ``soft_lp = sum_v p_v log P(v)`` (p held constant) and ``hard_lp = log P(drawn)``.
-    Since ``log P(v) = h . W_out[v] - lse(h)`` that is ``h . t - lse(h)`` with the
-    target vector ``t = stopgrad(soft + w (hard - soft))`` taken over the *output*
+    Since ``log P(v) = h . W_out[v] - lse(h)`` that is
+    ``h . t_soft + stopgrad(h . (t_mix - t_soft)) - lse(h)`` with the constant target
+    vectors ``t_mix = soft + w (hard - soft)`` and ``t_soft = soft`` over the *output*
     embedding table. The guidance table is therefore ``[W_in | W_out]`` (just ``W_in``
-    when the two are tied), so one fused op call yields the input and the target of
-    every position with the same draw and weight; gradients reach phi through the
-    input half only, as in the published code. Real tokens get exact log-probs.
-
-    The value equals the published one in every mode. Its gradient is that of
-    ``h . t - lse(h)`` with t held constant; the published code differentiates only
-    the soft part of the target (``t = soft``), so the two gradients agree for
-    ``expectation`` (w = 0) and at committed positions and differ by the term
-    ``w (hard - soft)`` of the target elsewhere.
+    when the two are tied): one fused op call yields each position's input and
+    ``t_mix``, and the guidance loop appends ``t_soft`` (``soft_target_columns``).
+    Gradients reach phi through the input half only, as in the published code; value
+    and gradient equal the published ones. Real tokens get exact log-probs.
     """
 
     align = "right"
@@ -49,16 +45,32 @@ class LikelihoodReward(EmbeddingInputReward):
         """(V_lm, d) input table when tied, else (V_lm, 2d) ``[W_in | W_out]``."""
         return self._table
 
+    @property
+    def soft_target_columns(self) -> slice:
+        """The table columns that hold output embeddings (see the guidance loop)."""
+        return slice(0, self.hidden_size) if self.tied else slice(self.hidden_size, 2 * self.hidden_size)
+
     def context_ids(self, prompt: str) -> tuple[list[int], list[int]]:
         return chat_context_ids(self.tokenizer, prompt, self.system_prompt)
 
+    def pack(self, context: RewardContext, response_embeds: torch.Tensor, response_valid: torch.Tensor) -> PackedInputs:
+        if response_embeds.shape[-1] > self._table.shape[1]:  # soft targets appended: a real token is its own
+            columns = self.soft_target_columns
+            widen = lambda embeds: torch.cat([embeds, embeds[..., columns]], dim=-1)  # noqa: E731
+            context = RewardContext(widen(context.prefix_embeds), context.prefix_valid,
+                                    widen(context.suffix_embeds), context.suffix_valid)  # fmt: skip
+        return super().pack(context, response_embeds, response_valid)
+
     def score_packed(self, packed: PackedInputs) -> torch.Tensor:
-        d = self.hidden_size
-        inputs = packed.inputs_embeds[..., :d]
-        targets = (inputs if self.tied else packed.inputs_embeds[..., d:]).detach()
+        d, width = self.hidden_size, self._table.shape[1]
+        embeds = packed.inputs_embeds
+        inputs = embeds[..., :d]
+        mixed = embeds[:, 1:, self.soft_target_columns].detach().float()
+        soft = embeds[:, 1:, width:].detach().float() if embeds.shape[-1] > width else mixed
         model_inputs = self.model_inputs(packed._replace(inputs_embeds=inputs), causal=True)
         hidden = self.model.base_model(**model_inputs).last_hidden_state[:, :-1]
         log_normaliser = torch.logsumexp(self.model.get_output_embeddings()(hidden).float(), dim=-1)
-        log_probs = (hidden.float() * targets[:, 1:].float()).sum(-1) - log_normaliser
+        hidden = hidden.float()
+        target_logits = (hidden * soft).sum(-1) + (hidden * (mixed - soft)).sum(-1).detach()
         scored = (packed.segment[:, 1:] >= RESPONSE) & packed.attention_mask[:, 1:].bool()
-        return (log_probs * scored).sum(-1) / scored.sum(-1).clamp_min(1)
+        return ((target_logits - log_normaliser) * scored).sum(-1) / scored.sum(-1).clamp_min(1)
