@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import torch
+
 from entrgi.ops import ALGS, MODES
 from entrgi.ops.validation import BACKENDS, check_choice, check_sampling_args
 
@@ -108,7 +110,9 @@ class GuidanceConfig:
             if isinstance(length, bool) or not isinstance(length, int) or length < 1:
                 raise ValueError(f"block_length must be an int >= 1 or None, got {length!r}")
             if self.max_new_tokens % length:
-                raise ValueError(f"max_new_tokens ({self.max_new_tokens}) must be a multiple of block_length ({length})")
+                raise ValueError(
+                    f"max_new_tokens ({self.max_new_tokens}) must be a multiple of block_length ({length})"
+                )
             if self.confidence_threshold is None and self.steps % self.num_blocks:
                 raise ValueError(f"steps ({self.steps}) must be a multiple of the number of blocks ({self.num_blocks})")
         if self.commit_rule == "origin" and (self.block_length is not None or self.confidence_threshold is not None):

@@ -77,7 +77,9 @@ def run_batches(
         rounds = tqdm(rounds, desc="batches", unit="round")
     for start in rounds:
         mine = start + world.rank
-        local = (batches[mine], job.run_batch(batches[mine], progress and world.size == 1)) if mine < len(batches) else None
+        local = (
+            (batches[mine], job.run_batch(batches[mine], progress and world.size == 1)) if mine < len(batches) else None
+        )
         gathered = [local] if world.size == 1 else _gather(world, local)
         if world.is_main:
             finished = sorted((item for item in gathered if item is not None), key=lambda item: item[0])

@@ -35,7 +35,9 @@ def _masks_per_block(run, block_length):
 
 
 def test_current_block_is_the_first_block_with_a_mask():
-    masked = torch.tensor([[0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1], [0, 0, 0, 0, 0, 0], [1, 0, 0, 0, 1, 1]], dtype=torch.bool)
+    masked = torch.tensor(
+        [[0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1], [0, 0, 0, 0, 0, 0], [1, 0, 0, 0, 1, 1]], dtype=torch.bool
+    )
     block = current_block(masked, 2).long().tolist()
     assert block == [[0, 0, 1, 1, 0, 0], [0, 0, 0, 0, 1, 1], [0] * 6, [1, 1, 0, 0, 0, 0]]
 
@@ -160,7 +162,10 @@ def test_block_cfg_threshold_step_has_no_host_sync(dream, classifier_reward, mon
     "kwargs,match",
     [
         (dict(block_length=3, max_new_tokens=8), r"max_new_tokens \(8\) must be a multiple of block_length \(3\)"),
-        (dict(block_length=2, max_new_tokens=8, steps=6), r"steps \(6\) must be a multiple of the number of blocks \(4\)"),
+        (
+            dict(block_length=2, max_new_tokens=8, steps=6),
+            r"steps \(6\) must be a multiple of the number of blocks \(4\)",
+        ),
         (dict(block_length=0), "block_length must be an int >= 1 or None, got 0"),
         (dict(remasking="lowest"), "unknown remasking 'lowest'"),
         (dict(guidance_scope="row"), "unknown guidance_scope 'row'"),

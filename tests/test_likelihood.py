@@ -106,7 +106,9 @@ def test_likelihood_guides_the_sampler(denoiser_paths, reward, monkeypatch):
     denoiser = load_denoiser(denoiser_paths["mlm"])
     widths = []
     score_embeds = type(reward).score_embeds
-    monkeypatch.setattr(reward, "score_embeds", lambda c, e, v: widths.append(e.shape[-1]) or score_embeds(reward, c, e, v))
+    monkeypatch.setattr(
+        reward, "score_embeds", lambda c, e, v: widths.append(e.shape[-1]) or score_embeds(reward, c, e, v)
+    )
     results = generate(["hello there"], denoiser=denoiser, reward=reward, method="entrgi", steps=2,
                        max_new_tokens=4, num_samples=2, guidance_steps=1, progress=False)  # fmt: skip
     assert len(results[0].rewards) == 2 and all(r < 0 for r in results[0].rewards)
