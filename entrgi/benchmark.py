@@ -197,15 +197,20 @@ def _bench_backend(backend, n, vocab, d, dtype, phi, table, grad, repeats, env) 
     return rows
 
 
+def cell(value: float | None, spec: str, missing: str = "n/a") -> str:
+    """``value`` in format ``spec`` (e.g. ``"9.2f"``); ``missing`` right-aligned to its width when None."""
+    return format(value, spec) if value is not None else f"{missing:>{int(spec.split('.')[0])}}"
+
+
 def format_table(rows: list[OpRow]) -> str:
     head = (f"{'backend':<8} {'mode':<8} {'N':>5} {'V':>7} {'d':>5} {'dtype':<8} {'median ms':>10} {'p20':>8} "
             f"{'p80':>8} {'GB/s':>8} {'TFLOP/s':>8} {'floor ms':>9} {'x floor':>8} {'extra MiB':>10} {'vs eager':>9}")  # fmt: skip
     lines = [head, "-" * len(head)]
     for r in rows:
-        floor = f"{r.floor_ms:9.3f}" if r.floor_ms else f"{'n/a':>9}"
-        ratio = f"{r.median_ms / r.floor_ms:8.1f}" if r.floor_ms else f"{'n/a':>8}"
-        extra = f"{r.extra_mib:10.1f}" if r.extra_mib is not None else f"{'n/a':>10}"
-        speed = f"{r.speedup_vs_torch:9.2f}" if r.speedup_vs_torch else f"{'':>9}"
+        floor = cell(r.floor_ms or None, "9.3f")
+        ratio = cell(r.median_ms / r.floor_ms if r.floor_ms else None, "8.1f")
+        extra = cell(r.extra_mib, "10.1f")
+        speed = cell(r.speedup_vs_torch or None, "9.2f", missing="")
         lines.append(f"{r.backend:<8} {r.mode:<8} {r.n:>5} {r.vocab:>7} {r.d:>5} {r.dtype:<8} {r.median_ms:10.3f} "
                      f"{r.p20_ms:8.3f} {r.p80_ms:8.3f} {r.gbps:8.1f} {r.tflops:8.2f} {floor} {ratio} {extra}{speed}")  # fmt: skip
     return "\n".join(lines)

@@ -91,8 +91,9 @@ def _report(args, config: GuidanceConfig, log, collected) -> None:
     from entrgi.results import metrics, results_document
 
     if log is not None:
-        summary = metrics(log.ordered_records())
-        print(f"{args.output}: {len(log.ordered_records())} prompts, mean Top@1 {summary['mean_top1_reward']}, "
+        records = log.ordered_records()
+        summary = metrics(records)
+        print(f"{args.output}: {len(records)} prompts, mean Top@1 {summary['mean_top1_reward']}, "
               f"mean Avg@{config.num_samples} {summary['mean_avgN_reward']}")  # fmt: skip
         return
     document = results_document(config, [r for _, results in collected for r in results])

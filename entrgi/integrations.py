@@ -28,6 +28,7 @@ import torch
 
 from entrgi.guidance import GuidanceStep, optimize_logits as guide
 from entrgi.rewards import ClassifierReward, RewardContext
+from entrgi.rewards.base import pad_rows
 
 DLLM_SAMPLER_MODULES = ("dllm.pipelines.entrgi", "dllm.pipelines.rl")
 _wrapped_rewards: dict[int, ClassifierReward] = {}
@@ -41,24 +42,11 @@ def _classifier(reward_model) -> ClassifierReward:
     return _wrapped_rewards[key]
 
 
-def _pad_embeds(rows: Sequence[torch.Tensor], side: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L_i, d) tensors -> (n, L, d) zero-padded on ``side`` and (n, L) bool valid."""
-    width = max(1, max(r.shape[0] for r in rows))
-    first = rows[0]
-    out = torch.zeros(len(rows), width, first.shape[-1], dtype=first.dtype, device=first.device)
-    valid = torch.zeros(len(rows), width, dtype=torch.bool, device=first.device)
-    for i, row in enumerate(rows):
-        cols = slice(width - row.shape[0], width) if side == "left" else slice(0, row.shape[0])
-        out[i, cols] = row
-        valid[i, cols] = True
-    return out, valid
-
-
 def context_from_caches(prefixes: Sequence[torch.Tensor], suffixes: Sequence[torch.Tensor], k: int) -> RewardContext:
     """A :class:`RewardContext` for K contiguous rows per prompt from per-prompt cached
     (1, P_b, d) prefix and (1, S_b, d) suffix embeddings."""
-    prefix, prefix_valid = _pad_embeds([p[0] for p in prefixes], "left")
-    suffix, suffix_valid = _pad_embeds([s[0] for s in suffixes], "right")
+    prefix, prefix_valid = pad_rows([p[0] for p in prefixes], "left")
+    suffix, suffix_valid = pad_rows([s[0] for s in suffixes], "right")
     repeat = lambda t: t.repeat_interleave(k, dim=0)  # noqa: E731
     return RewardContext(repeat(prefix), repeat(prefix_valid), repeat(suffix), repeat(suffix_valid))
 

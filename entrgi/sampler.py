@@ -128,6 +128,8 @@ class DiffusionRun:
         self._graphs: dict[bool, torch.cuda.CUDAGraph] = {}
         self._warmed: set[bool] = set()
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self.guidance = GuidanceStep(config.method, config.guidance_steps, config.lr, config.reward_temperature,
+                                     config.temperature, config.top_p, config.top_k, config.backend)  # fmt: skip
 
     @property
     def response(self) -> torch.Tensor:
@@ -222,11 +224,8 @@ class DiffusionRun:
     ) -> torch.Tensor:
         """M Adam steps on float32 phi that raise the reward; only masked rows move
         (only ``steered`` rows when given; the reward still sees every masked row)."""
-        cfg = self.config
-        guidance = GuidanceStep(cfg.method, cfg.guidance_steps, cfg.lr, cfg.reward_temperature, cfg.temperature,
-                                cfg.top_p, cfg.top_k, cfg.backend)  # fmt: skip
         phi, _ = optimize_logits(phi_init, masked, self.response, self.table.weight, self.reward,
-                                 self.reward_context, self.end_ids, guidance, self.generator, steered)  # fmt: skip
+                                 self.reward_context, self.end_ids, self.guidance, self.generator, steered)  # fmt: skip
         return phi
 
     def run(self, progress: bool = False) -> None:

@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 import torch
 
-from entrgi.benchmark import RunInfo, environment, quantile
+from entrgi.benchmark import RunInfo, cell, environment, quantile
 from entrgi.config import GuidanceConfig
 from entrgi.denoisers import Denoiser
 from entrgi.rewards import ClassifierReward
@@ -188,8 +188,8 @@ def format_steps(rows: list[StepRow]) -> str:
             f"{'peak GiB':>9} {'x unguided':>10}")  # fmt: skip
     lines = [head, "-" * len(head)]
     for r in rows:
-        peak = f"{r.peak_gib:9.2f}" if r.peak_gib is not None else f"{'n/a':>9}"
-        ratio = f"{r.vs_unguided:10.2f}" if r.vs_unguided is not None else f"{'':>10}"
+        peak = cell(r.peak_gib, "9.2f")
+        ratio = cell(r.vs_unguided, "10.2f", missing="")
         lines.append(f"{r.preset:<10} {r.method:<12} {str(r.graphs):<6} {r.ms_per_step:9.2f} {r.p20_ms:8.2f} "
                      f"{r.p80_ms:8.2f} {peak} {ratio}")  # fmt: skip
     return "\n".join(lines)

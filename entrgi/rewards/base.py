@@ -88,16 +88,23 @@ def chat_context_ids(tokenizer, prompt: str, system_prompt: str | None = None) -
     return head + encode(prefix), encode(suffix) + tail
 
 
+def pad_rows(rows: Sequence[torch.Tensor], side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad (L_i, ...) tensors to one length with zeros on ``side`` (``left`` or ``right``).
+    Returns the stacked rows (n, L, ...) and valid (n, L) bool, on the rows' device."""
+    first = rows[0]
+    width = max(1, max(r.shape[0] for r in rows))
+    padded = first.new_zeros((len(rows), width, *first.shape[1:]))
+    valid = torch.zeros(len(rows), width, dtype=torch.bool, device=first.device)
+    for i, row in enumerate(rows):
+        cols = slice(width - row.shape[0], width) if side == "left" else slice(0, row.shape[0])
+        padded[i, cols] = row
+        valid[i, cols] = True
+    return padded, valid
+
+
 def pad_id_lists(rows: Sequence[Sequence[int]], side: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Pad token-id lists to one length with zeros. Returns ids (n, S) and valid (n, S) bool."""
-    width = max(1, max(len(r) for r in rows))
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    valid = torch.zeros(len(rows), width, dtype=torch.bool)
-    for i, row in enumerate(rows):
-        cols = slice(width - len(row), width) if side == "left" else slice(0, len(row))
-        ids[i, cols] = torch.tensor(list(row), dtype=torch.long)
-        valid[i, cols] = True
-    return ids, valid
+    return pad_rows([torch.tensor(list(row), dtype=torch.long) for row in rows], side)
 
 
 class EmbeddingInputReward:
