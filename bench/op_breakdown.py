@@ -18,7 +18,7 @@ import torch
 
 from entrgi.benchmark import PEAK_BYTES_PER_S, PEAK_FLOP_PER_S, time_ms
 from entrgi_kernels.row_stats import row_stats
-from entrgi_kernels.sampling import sample_filtered
+from entrgi_kernels.sampling import rejection_sample, sample_filtered
 from entrgi_kernels.soft_embedding import (
     BACKWARD_GPU,
     FORWARD_GPU,
@@ -44,7 +44,7 @@ def breakdown(n: int, vocab: int, d: int, dtype: torch.dtype) -> list[tuple[str,
     table = torch.randn(vocab, d, device="cuda", dtype=torch.bfloat16)
     grad = torch.randn(n, d, device="cuda")
     seed = torch.zeros(1, device="cuda", dtype=torch.int64)
-    lse, entropy, argmax = row_stats(phi, TAU)
+    lse, entropy, _, argmax = row_stats(phi, TAU)
     keys = keep_threshold_keys(phi, lse, TAU, TOP_P, 0)
     soft, _ = soft_embedding_forward(phi, table, lse, entropy, argmax, TAU)
     phi_bytes, table_bytes = phi.numel() * phi.element_size(), table.numel() * 2
@@ -53,6 +53,7 @@ def breakdown(n: int, vocab: int, d: int, dtype: torch.dtype) -> list[tuple[str,
         ("row_stats", _median(lambda: row_stats(phi, TAU)), _floor_ms(phi_bytes)),
         ("threshold (top-p)", _median(lambda: keep_threshold_keys(phi, lse, TAU, TOP_P, 0)), _floor_ms(phi_bytes)),
         ("sample", _median(lambda: sample_filtered(phi, keys, seed, TAU)), _floor_ms(phi_bytes)),
+        ("rejection sample", _median(lambda: rejection_sample(phi, lse, seed, TAU, TOP_P, 0)), _floor_ms(2 * phi_bytes)),
         ("soft forward", _median(lambda: soft_embedding_forward(phi, table, lse, entropy, argmax, TAU)),
          _floor_ms(phi_bytes + table_bytes, gemm_flops)),
         ("soft backward", _median(lambda: soft_embedding_backward(phi, table, grad, lse, soft, TAU)),
@@ -64,7 +65,7 @@ def sweep(n: int, vocab: int, d: int, dtype: torch.dtype) -> list[tuple[str, Til
     phi = (torch.randn(n, vocab, device="cuda") * 3).to(dtype)
     table = torch.randn(vocab, d, device="cuda", dtype=torch.bfloat16)
     grad = torch.randn(n, d, device="cuda")
-    lse, entropy, argmax = row_stats(phi, TAU)
+    lse, entropy, _, argmax = row_stats(phi, TAU)
     soft, _ = soft_embedding_forward(phi, table, lse, entropy, argmax, TAU)
     results = []
     grid = itertools.product((64, 128), (64, 128), (64, 128, 256), (4, 8), (3,))

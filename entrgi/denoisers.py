@@ -8,6 +8,7 @@ from typing import Sequence
 import torch
 
 from entrgi.attention import attention_mask_4d
+from entrgi.run_cache import RunCache
 
 DENOISER_KINDS = ("dream", "llada", "mlm")
 LLADA_MASK_ID = 126336
@@ -42,6 +43,10 @@ class Denoiser:
         bool key-padding mask and position ids), ``llada`` (no shift) or ``mlm``
         (no shift); detected from the config when None.
     mask_token_id : overrides the tokenizer's / config's mask id.
+
+    ``run_cache`` keeps the sampler's recent denoising runs (static buffers, CUDA
+    graphs) for reuse by later batches and calls of the same shapes; call
+    ``run_cache.clear()`` to free them, e.g. after changing model weights in place.
     """
 
     def __init__(self, model, tokenizer, kind: str | None = None, mask_token_id: int | None = None):
@@ -56,6 +61,7 @@ class Denoiser:
         self.max_length = getattr(model.config, "max_position_embeddings", None)
         self.end_token_ids = self._find_end_ids()
         self._takes_position_ids = "position_ids" in inspect.signature(model.forward).parameters
+        self.run_cache = RunCache()
 
     @property
     def device(self) -> torch.device:

@@ -49,6 +49,7 @@ def optimize_logits(
     that end a response (the reward sees positions before the first one, judged on
     argmax(phi) at masked positions). steered : (N, G) bool, the rows allowed to move
     (default: every masked row; the reward sees every masked row either way).
+    Unmasked rows are never computed (the op and Adam skip them).
 
     A reward with a ``soft_target_columns`` attribute (a slice of the table's columns)
     receives those columns' soft values ``softmax(phi / tau) @ table[:, cols]``
@@ -58,8 +59,9 @@ def optimize_logits(
     Returns the optimised phi (N, G, V) float32 and the mean weight w over masked rows
     and steps (a 0-d device tensor).
     """
-    phi = phi_init.clone().requires_grad_(True)
-    optimizer = LogitAdam(phi, guidance.lr)
+    phi = phi_init.clone(memory_format=torch.contiguous_format).requires_grad_(True)
+    moving = masked if steered is None else steered
+    optimizer = LogitAdam(phi, guidance.lr, active=moving, backend=guidance.backend)
     committed_embeds = table[response]
     soft_columns = getattr(reward, "soft_target_columns", None)
     if soft_columns is not None:  # the reward also reads the soft (w = 0) value of these columns
@@ -70,22 +72,20 @@ def optimize_logits(
         with record_function("entrgi.guided_embedding"):
             out = guided_embedding(
                 phi, table, temperature=guidance.temperature, top_p=guidance.top_p, top_k=guidance.top_k,
-                mode=guidance.mode, generator=generator, backend=guidance.backend, check_values=False,
+                mode=guidance.mode, generator=generator, backend=guidance.backend, check_values=False, active=masked,
             )  # fmt: skip
             embeds = torch.where(masked.unsqueeze(-1), out.embeds, committed_embeds)
             if soft_columns is not None:
-                soft = guided_embedding(phi.detach(), soft_table, temperature=guidance.temperature,
-                                        mode="expectation", backend=guidance.backend, check_values=False).embeds  # fmt: skip
+                soft = guided_embedding(phi.detach(), soft_table, temperature=guidance.temperature, mode="expectation",
+                                        backend=guidance.backend, check_values=False, active=masked).embeds  # fmt: skip
                 embeds = torch.cat([embeds, torch.where(masked.unsqueeze(-1), soft, committed_soft)], dim=-1)
             ids = torch.where(masked, out.argmax, response)
             valid = response_mask_until_end(ids, end_ids)
-            weight_sum += (out.weights * masked).sum()
+            weight_sum += out.weights.sum()  # zero at unmasked rows
         with record_function("entrgi.reward_forward_backward"):
             rewards = reward.score_embeds(context, embeds, valid)
             loss = -(rewards / guidance.reward_temperature).sum()
             (grad,) = torch.autograd.grad(loss, phi)
-            if steered is not None:
-                grad = grad * steered.unsqueeze(-1)
         with record_function("entrgi.optimizer"):
             optimizer.step(grad)
     mean_weight = weight_sum / (masked.sum() * max(guidance.steps, 1)).clamp_min(1)

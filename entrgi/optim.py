@@ -4,24 +4,45 @@ from __future__ import annotations
 
 import torch
 
+from entrgi.ops.validation import resolve_backend
+
 
 class LogitAdam:
-    """``torch.optim.Adam`` (default betas/eps, no weight decay) on one tensor.
+    """``torch.optim.Adam`` (default betas/eps, no weight decay) on one float32 tensor
+    (..., V) whose rows may be frozen.
 
-    Bias corrections use the Python step count, which is static per guided step, so
-    the update reads no scalar back from the device. Moments start at zero.
+    ``active`` (...,) bool marks the rows that move (default all); the others keep
+    their values whatever their gradient. ``backend`` ``triton`` (``auto`` on CUDA)
+    runs one fused pass per step that does not touch frozen rows; ``torch`` is the
+    eager reference. Bias corrections use the Python step count, static per guided
+    step, so the update reads no scalar back from the device. Moments start at zero.
     """
 
-    def __init__(self, param: torch.Tensor, lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
+    def __init__(self, param: torch.Tensor, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
+                 active: torch.Tensor | None = None, backend: str = "auto"):  # fmt: skip
         self.param, self.lr, self.betas, self.eps = param, lr, betas, eps
         self.exp_avg = torch.zeros_like(param)
         self.exp_avg_sq = torch.zeros_like(param)
         self.step_count = 0
+        self.active = active
+        self.fused = resolve_backend(backend, param.device) == "triton"
+        if self.fused and not (param.dtype == torch.float32 and param.is_contiguous()):
+            raise ValueError(f"the fused Adam needs a contiguous float32 param, got {param.dtype}")
 
     @torch.no_grad()
     def step(self, grad: torch.Tensor) -> None:
         beta1, beta2 = self.betas
         self.step_count += 1
+        if self.fused:
+            from entrgi_kernels.adam import adam_step
+
+            vocab = self.param.shape[-1]
+            skip = None if self.active is None else (~self.active).reshape(-1).to(torch.int32)
+            adam_step(self.param.view(-1, vocab), grad.reshape(-1, vocab).contiguous(), self.exp_avg.view(-1, vocab),
+                      self.exp_avg_sq.view(-1, vocab), self.step_count, self.lr, beta1, beta2, self.eps, skip)  # fmt: skip
+            return
+        if self.active is not None:
+            grad = grad * self.active.unsqueeze(-1)  # zero gradient and moments: the row stays put
         self.exp_avg.lerp_(grad, 1 - beta1)
         self.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         bias_correction1 = 1 - beta1**self.step_count

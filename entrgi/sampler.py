@@ -19,11 +19,15 @@ CUDA graphs: the step index lives in a device tensor that the step itself advanc
 so one captured graph per step kind (guided / unguided) replays every step. The
 first step of each kind runs eagerly on a side stream (compiles kernels, lazy
 inits), the second is captured, and replays follow; the generator is registered with
-each graph, so replays draw the same random numbers as eager steps would.
+each graph, so replays draw the same random numbers as eager steps would. Runs are
+kept in the denoiser's ``run_cache`` and refilled (``DiffusionRun.load``) by later
+batches and ``generate`` calls of the same shapes, so their graphs are captured once.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -111,14 +115,9 @@ class DiffusionRun:
         self.denoiser, self.config, self.generator = denoiser, config, generator
         self.table, self.reward, self.reward_context = table, reward, reward_context
         device = denoiser.device
-        rows = [ids for ids in prompt_ids for _ in range(config.num_samples)]
-        prompt, prompt_valid = pad_id_lists(rows, "left")
-        self.prompt_length = prompt.shape[1]
-        n, g = len(rows), config.max_new_tokens
-        response = torch.full((n, g), denoiser.mask_token_id, dtype=torch.long)
-        self.canvas = torch.cat([prompt, response], dim=1).to(device)
-        self.attention = torch.cat([prompt_valid, torch.ones(n, g, dtype=torch.bool)], dim=1).to(device)
-        self.prompt_tokens = torch.cat([prompt_valid, torch.zeros(n, g, dtype=torch.bool)], dim=1).to(device)
+        self.canvas, self.attention, self.prompt_tokens = (x.to(device) for x in self._batch_canvas(prompt_ids))
+        n = self.canvas.shape[0]
+        self.prompt_length = self.canvas.shape[1] - config.max_new_tokens
         self.forward_passes = torch.zeros(n, dtype=torch.long, device=device)
         self.end_ids = torch.tensor(denoiser.end_token_ids, dtype=torch.long, device=device)
         self.schedule = timesteps(config.steps, device=device)
@@ -127,9 +126,33 @@ class DiffusionRun:
         self.use_graphs = config.use_cuda_graphs(device)
         self._graphs: dict[bool, torch.cuda.CUDAGraph] = {}
         self._warmed: set[bool] = set()
-        self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.guidance = GuidanceStep(config.method, config.guidance_steps, config.lr, config.reward_temperature,
                                      config.temperature, config.top_p, config.top_k, config.backend)  # fmt: skip
+
+    def _batch_canvas(self, prompt_ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, ...]:
+        """Host tensors (N, P + G): canvas ids, real-token mask, prompt-token mask."""
+        rows = [ids for ids in prompt_ids for _ in range(self.config.num_samples)]
+        prompt, prompt_valid = pad_id_lists(rows, "left")
+        n, g = len(rows), self.config.max_new_tokens
+        response = torch.full((n, g), self.denoiser.mask_token_id, dtype=torch.long)
+        canvas = torch.cat([prompt, response], dim=1)
+        attention = torch.cat([prompt_valid, torch.ones(n, g, dtype=torch.bool)], dim=1)
+        prompt_tokens = torch.cat([prompt_valid, torch.zeros(n, g, dtype=torch.bool)], dim=1)
+        return canvas, attention, prompt_tokens
+
+    def load(self, prompt_ids: Sequence[Sequence[int]], reward_context: RewardContext | None, seed: int) -> None:
+        """Start a new batch of the same shapes in these buffers (see :func:`batch_shapes`):
+        captured graphs replay on it as they are. The generator is reseeded with ``seed``."""
+        for buffer, fresh in zip((self.canvas, self.attention, self.prompt_tokens), self._batch_canvas(prompt_ids)):
+            if buffer.shape != fresh.shape:
+                raise ValueError(f"batch canvas {tuple(fresh.shape)} does not fit this run's {tuple(buffer.shape)}")
+            buffer.copy_(fresh)
+        if reward_context is not None:
+            for buffer, fresh in zip(_context_tensors(self.reward_context), _context_tensors(reward_context)):
+                buffer.copy_(fresh)
+        for counter in (self.forward_passes, self.step_index, self.non_finite):
+            counter.zero_()
+        self.generator.manual_seed(seed)
 
     @property
     def response(self) -> torch.Tensor:
@@ -186,7 +209,7 @@ class DiffusionRun:
         if graph is None:
             graph = torch.cuda.CUDAGraph()
             graph.register_generator_state(self.generator)
-            with torch.cuda.graph(graph, pool=self._pool):
+            with torch.cuda.graph(graph, pool=_graph_pool(self.canvas.device)):
                 self._step(guided)
             self._graphs[guided] = graph
         graph.replay()
@@ -199,7 +222,7 @@ class DiffusionRun:
         drawn = sample_step(
             phi, phi_init, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
             alg="origin" if cfg.remasking else cfg.alg, generator=self.generator, backend=cfg.backend,
-            check_values=False,
+            check_values=False, active=eligible,
         )  # fmt: skip
         if cfg.commit_rule == "origin":
             commit = random_commits(eligible, self.schedule, self.step_index, self.generator)
@@ -268,6 +291,31 @@ def _check_inputs(prompts, denoiser, reward, config: GuidanceConfig) -> list[str
     return prompts
 
 
+def batch_shapes(prompt_ids: Sequence[Sequence[int]], num_samples: int, context: RewardContext | None) -> tuple:
+    """What a run's buffers and graphs are sized by: rows, padded prompt length and the
+    reward context's shapes."""
+    rows, prompt_length = len(prompt_ids) * num_samples, max(len(ids) for ids in prompt_ids)
+    if context is None:
+        return rows, prompt_length
+    return rows, prompt_length, tuple(tuple(t.shape) for t in _context_tensors(context))
+
+
+def _context_tensors(context: RewardContext) -> list[torch.Tensor]:
+    return [getattr(context, f.name) for f in dataclasses.fields(context)]
+
+
+def _graph_pool(device: torch.device):
+    """One CUDA-graph memory pool per device, shared by every run's graphs: they replay
+    one at a time on one stream and keep no outputs in the pool (all state lives in
+    buffers allocated outside capture), so their temporaries may share memory."""
+    if device not in _GRAPH_POOLS:
+        _GRAPH_POOLS[device] = torch.cuda.graph_pool_handle()
+    return _GRAPH_POOLS[device]
+
+
+_GRAPH_POOLS: dict[torch.device, tuple] = {}
+
+
 def batch_seed(seed: int, batch_index: int) -> int:
     """The seed of batch ``batch_index``'s generator: ``seed`` for the first batch,
     distinct and stable for the others."""
@@ -279,7 +327,9 @@ class BatchedGeneration:
     on its own generator (:func:`batch_seed`), so any subset of batches can run, in any
     order and any process, with the tokens of a single :func:`generate` call.
 
-    Validates the inputs, encodes every prompt and builds the guidance table once.
+    Validates the inputs and encodes every prompt once. Runs are taken from the
+    denoiser's ``run_cache`` when one of the same shapes and settings exists (its CUDA
+    graphs replay the new batch), else built and stored there.
     """
 
     def __init__(self, prompts, denoiser: Denoiser, reward: Reward | None, config: GuidanceConfig):
@@ -292,7 +342,11 @@ class BatchedGeneration:
                 f"prompt ({longest} tokens) + max_new_tokens ({config.max_new_tokens}) exceeds the "
                 f"denoiser's context of {denoiser.max_length} positions"
             )
-        self.table = GuidanceTable(denoiser, reward) if config.guided else None
+
+    @functools.cached_property
+    def table(self) -> GuidanceTable | None:
+        """Built on first use: batches that reuse a cached run use the run's own table."""
+        return GuidanceTable(self.denoiser, self.reward) if self.config.guided else None
 
     @property
     def num_batches(self) -> int:
@@ -310,11 +364,18 @@ class BatchedGeneration:
         indices = self.batch_range(batch_index)
         batch = [self.prompts[i] for i in indices]
         config, device = self.config, self.denoiser.device
-        generator = torch.Generator(device).manual_seed(batch_seed(config.seed, batch_index))
+        seed = batch_seed(config.seed, batch_index)
+        prompt_ids = [self.encoded[i] for i in indices]
         context = self.reward.prepare(batch, config.num_samples) if config.guided else None
-        run = DiffusionRun(
-            self.denoiser, [self.encoded[i] for i in indices], config, generator, self.table, self.reward, context
-        )
+
+        def new_run() -> DiffusionRun:
+            generator = torch.Generator(device).manual_seed(seed)
+            return DiffusionRun(self.denoiser, prompt_ids, config, generator, self.table, self.reward, context)
+
+        key = (id(self.reward), config.replace(seed=0), batch_shapes(prompt_ids, config.num_samples, context))
+        run, reused = self.denoiser.run_cache.get_or_build(key, new_run)
+        if reused:
+            run.load(prompt_ids, context, seed)
         run.run(progress=progress)
         return _collect(batch, run, self.denoiser, self.reward, config)
 

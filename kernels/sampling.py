@@ -3,9 +3,13 @@
 x ~ softmax(filter(phi / tau)) is drawn as argmax over kept tokens of
 x_v / tau + G_v, with G_v = -log(-log u_v) and u_v from Philox keyed by
 (seed + row, absolute token id): no noise tensor is stored, and the draw does not
-depend on block sizes. The same pass gathers what the denoising step's confidence
-needs: the filtered law's log-normaliser and its two largest logits, and (when
-asked) sum p log p of softmax(phi_init / tau).
+depend on block sizes. Two ways to the filtered law:
+- ``rejection_sample``: draw from the full law and accept iff the draw is in the kept
+  set (a second pass counts the mass and number of tokens above it); no threshold.
+- ``sample_filtered``: Gumbel-max restricted to a precomputed kept-set threshold
+  (``threshold.py``), gathering what the step's commit confidence needs: the
+  filtered law's log-normaliser and its two largest logits.
+Rows marked in ``skip`` are not read.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from entrgi_kernels.row_stats import _online_exp_moments
+from entrgi_kernels.row_stats import _row_is_active
 from entrgi_kernels.threshold import _filter_key
 
 _MIN_UNIFORM = tl.constexpr(4.7e-10)
@@ -23,28 +27,22 @@ _MIN_UNIFORM = tl.constexpr(4.7e-10)
 @triton.jit
 def _sample_kernel(
     phi_ptr,  # (N, V) logits sampled from
-    phi_init_ptr,  # (N, V) un-steered logits (read only when WITH_ENTROPY)
     key_ptr,  # (N,) int64 kept-set key thresholds
     seed_ptr,  # (1,) int64 Philox seed (a device tensor, so graphs can replay fresh draws)
     tokens_ptr,  # (N,) int64 out: sampled token
     lse_kept_ptr,  # (N,) fp32 out: logsumexp of x / tau over kept tokens
     top1_ptr,  # (N,) fp32 out: largest kept x / tau
     top2_ptr,  # (N,) fp32 out: second largest kept x / tau (-inf if none)
-    neg_entropy_ptr,  # (N,) fp32 out: sum p log p of softmax(phi_init / tau)
     skip_ptr,  # (N,) int32: rows != 0 are skipped, their outputs left unwritten (SKIP)
     stride_phi,
-    stride_init,
     V,
     inv_tau,
     BLOCK_V: tl.constexpr,
-    WITH_ENTROPY: tl.constexpr,
     SKIP: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     base = phi_ptr + row * stride_phi
-    active = tl.full((), 1, tl.int1)
-    if SKIP:
-        active = tl.load(skip_ptr + row) == 0
+    active = _row_is_active(skip_ptr, row, SKIP)
     v_end = tl.where(active, V, 0)
     threshold = tl.load(key_ptr + row)
     seed = tl.load(seed_ptr) + row
@@ -54,9 +52,6 @@ def _sample_kernel(
     s = 0.0
     top1 = -float("inf")
     top2 = -float("inf")
-    mi = -float("inf")
-    si = 0.0
-    ti = 0.0
     for start in range(0, v_end, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         in_row = cols < V
@@ -81,16 +76,10 @@ def _sample_kernel(
         tile_second = tl.max(tl.where(cols == tile_first, -float("inf"), xk), 0)
         top2 = tl.maximum(tl.minimum(top1, tile_max), tl.maximum(top2, tile_second))
         top1 = tl.maximum(top1, tile_max)
-        if WITH_ENTROPY:
-            xi = tl.load(phi_init_ptr + row * stride_init + cols, mask=in_row, other=-float("inf"))
-            mi, si, ti = _online_exp_moments(mi, si, ti, xi.to(tl.float32) * inv_tau)
     tl.store(tokens_ptr + row, best_idx.to(tl.int64), mask=active)
     tl.store(lse_kept_ptr + row, m + tl.log(s), mask=active)
     tl.store(top1_ptr + row, top1, mask=active)
     tl.store(top2_ptr + row, top2, mask=active)
-    if WITH_ENTROPY:
-        # sum p log p = E_p[x] - lse
-        tl.store(neg_entropy_ptr + row, ti / si - (mi + tl.log(si)), mask=active)
 
 
 def sample_filtered(
@@ -98,28 +87,25 @@ def sample_filtered(
     keys: torch.Tensor,
     seed: torch.Tensor,
     temperature: float,
-    phi_init: torch.Tensor | None = None,
     skip: torch.Tensor | None = None,
     tokens: torch.Tensor | None = None,
     block_v: int = 1024,
-):
-    """Draw one token per row from the kept set; returns tokens, lse_kept, top1, top2
-    and (with ``phi_init``) sum p log p of softmax(phi_init / tau). Rows where ``skip``
-    (N,) int32 is nonzero are left as they are in ``tokens`` (and unwritten elsewhere)."""
+) -> dict[str, torch.Tensor]:
+    """Draw one token per row from the kept set ``_filter_key(x) >= keys``; returns
+    tokens (N,) int64 and the kept law's lse_kept, top1, top2 (N,) fp32 of x / tau.
+    Rows where ``skip`` (N,) int32 is nonzero are left as they are in ``tokens`` (0 when
+    not given) and unwritten elsewhere."""
     n, vocab = phi.shape
     out = dict(
-        tokens=tokens if tokens is not None else torch.empty(n, device=phi.device, dtype=torch.int64),
+        tokens=tokens if tokens is not None else torch.zeros(n, device=phi.device, dtype=torch.int64),
         lse_kept=torch.empty(n, device=phi.device, dtype=torch.float32),
         top1=torch.empty(n, device=phi.device, dtype=torch.float32),
         top2=torch.empty(n, device=phi.device, dtype=torch.float32),
-        neg_entropy=torch.empty(n, device=phi.device, dtype=torch.float32),
     )
-    init = phi if phi_init is None else phi_init
-    block = min(block_v, triton.next_power_of_2(vocab))
     _sample_kernel[(n,)](
-        phi, init, keys, seed, out["tokens"], out["lse_kept"], out["top1"], out["top2"], out["neg_entropy"],
-        keys if skip is None else skip, phi.stride(0), init.stride(0), vocab, 1.0 / temperature,
-        BLOCK_V=block, WITH_ENTROPY=phi_init is not None, SKIP=skip is not None,
+        phi, keys, seed, out["tokens"], out["lse_kept"], out["top1"], out["top2"], keys if skip is None else skip,
+        phi.stride(0), vocab, 1.0 / temperature, BLOCK_V=min(block_v, triton.next_power_of_2(vocab)),
+        SKIP=skip is not None,
     )  # fmt: skip
     return out
 
@@ -129,8 +115,9 @@ def _rejection_sample_kernel(
     phi_ptr,  # (N, V) logits
     lse_tau_ptr,  # (N,) fp32: logsumexp(x / tau)
     seed_ptr,  # (1,) int64 Philox seed
-    tokens_ptr,  # (N,) int64 out: the accepted draw (unwritten where rejected)
-    accepted_ptr,  # (N,) int32 out: 1 where a draw was accepted
+    tokens_ptr,  # (N,) int64 out: the accepted draw (0 where rejected or skipped)
+    accepted_ptr,  # (N,) int32 out: 1 where a draw was accepted or the row skipped
+    skip_ptr,  # (N,) int32: rows != 0 are not read (SKIP)
     stride_phi,
     V,
     inv_tau,
@@ -140,6 +127,7 @@ def _rejection_sample_kernel(
     USE_K: tl.constexpr,
     ROUNDS: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    SKIP: tl.constexpr,
 ):
     """Exact filtered sampling without a threshold: draw from the full tempered law by
     Gumbel-max, accept iff the draw is in the kept set (mass strictly above it <= top_p
@@ -150,7 +138,7 @@ def _rejection_sample_kernel(
     lse = tl.load(lse_tau_ptr + row)
     seed = tl.load(seed_ptr) + row
     token = tl.zeros((), tl.int32)
-    done = tl.zeros((), tl.int32)
+    done = 1 - _row_is_active(skip_ptr, row, SKIP).to(tl.int32)
     r = 0
     while (r < ROUNDS) & (done == 0):
         best = -float("inf")
@@ -196,16 +184,19 @@ def rejection_sample(
     temperature: float,
     top_p: float,
     top_k: int,
+    skip: torch.Tensor | None = None,
     rounds: int = 4,
     block_v: int = 1024,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens (N,) int64, accepted (N,) int32); rows with accepted == 0 need the
-    threshold path (about (1 - kept mass)^rounds of them)."""
+    threshold path (about (1 - kept mass)^rounds of them). Rows where ``skip`` (N,)
+    int32 is nonzero are not read: token 0, accepted 1."""
     n, vocab = phi.shape
     tokens = torch.empty(n, device=phi.device, dtype=torch.int64)
     accepted = torch.empty(n, device=phi.device, dtype=torch.int32)
     _rejection_sample_kernel[(n,)](
-        phi, lse_tau, seed, tokens, accepted, phi.stride(0), vocab, 1.0 / temperature, float(top_p), int(top_k),
-        USE_P=top_p < 1.0, USE_K=0 < top_k < vocab, ROUNDS=rounds, BLOCK_V=min(block_v, triton.next_power_of_2(vocab)),
+        phi, lse_tau, seed, tokens, accepted, accepted if skip is None else skip, phi.stride(0), vocab,
+        1.0 / temperature, float(top_p), int(top_k), USE_P=top_p < 1.0, USE_K=0 < top_k < vocab, ROUNDS=rounds,
+        BLOCK_V=min(block_v, triton.next_power_of_2(vocab)), SKIP=skip is not None,
     )  # fmt: skip
     return tokens, accepted

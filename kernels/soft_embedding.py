@@ -17,6 +17,11 @@ one (row block, V tile) per program with E_v . g = g @ E[v_tile]^T streamed over
 row blocks vary fastest so programs sharing an E tile run together. The dot rounds g
 to the table's dtype (bf16/fp16) as the tensor cores need.
 No (N, V) tensor is created besides phi and dphi.
+
+Inactive rows (e.g. committed positions of a denoising canvas) are skipped through a
+row list: ``order`` (N,) int32 holds the active rows first and ``count`` (1,) int32
+how many there are, both on the device (no host sync, fixed launch grids). Tiles of
+list positions >= count read nothing; inactive rows get soft = out = 0 and dphi = 0.
 """
 
 from __future__ import annotations
@@ -36,11 +41,29 @@ _LOG2E = math.log2(math.e)
 
 
 @triton.jit
+def _list_rows(order_ptr, count_ptr, first, positions, N, ROW_LIST: tl.constexpr):
+    """Rows at row-list ``positions`` (a block starting at ``first``): (rows, row_ok,
+    live). row_ok marks active rows; live is False when the whole block is inactive."""
+    if ROW_LIST:
+        count = tl.load(count_ptr)
+        rows = tl.load(order_ptr + positions, mask=positions < N, other=0)
+        row_ok = positions < count
+        live = first < count
+    else:
+        rows = positions
+        row_ok = positions < N
+        live = first < N
+    return rows, row_ok, live
+
+
+@triton.jit
 def _soft_partial_kernel(
     phi_ptr,  # (N, V) logits, row stride `stride_phi`
     table_ptr,  # (V, D) embedding table, row stride `stride_table`
     lse_tau_ptr,  # (N,) fp32
-    partial_ptr,  # (S, N, D) fp32 out: per-chunk sums of p @ E
+    partial_ptr,  # (S, N, D) fp32 out: per-chunk sums of p @ E, by row-list position
+    order_ptr,  # (N,) int32 row list, active rows first (ROW_LIST)
+    count_ptr,  # (1,) int32 number of active rows (ROW_LIST)
     N,
     V,
     D,
@@ -52,19 +75,22 @@ def _soft_partial_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    ROW_LIST: tl.constexpr,
 ):
     d_blocks = tl.cdiv(D, BLOCK_D)
     tile = tl.program_id(0)
     split = tl.program_id(1)
-    rows = (tile // d_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    first = (tile // d_blocks) * BLOCK_N
+    positions = first + tl.arange(0, BLOCK_N)
+    rows, row_ok, live = _list_rows(order_ptr, count_ptr, first, positions, N, ROW_LIST)
     dims = (tile % d_blocks) * BLOCK_D + tl.arange(0, BLOCK_D)
-    row_ok = rows < N
     dim_ok = dims < D
     rows64 = rows.to(tl.int64)
-    lse2 = tl.load(lse_tau_ptr + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+    lse2 = tl.load(lse_tau_ptr + rows64, mask=row_ok, other=0.0) * 1.4426950408889634
     acc = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     v_start = split * chunk
-    for start in range(v_start, tl.minimum(v_start + chunk, V), BLOCK_V):
+    v_end = tl.where(live, tl.minimum(v_start + chunk, V), v_start)
+    for start in range(v_start, v_end, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         col_ok = cols < V
         x = tl.load(
@@ -80,7 +106,7 @@ def _soft_partial_kernel(
             acc += tl.dot(p, e.to(tl.float32), input_precision="ieee")
         else:
             acc += tl.dot(p.to(e.dtype), e)
-    offsets = (split * N + rows64)[:, None] * D + dims[None, :]
+    offsets = (split * N + positions.to(tl.int64))[:, None] * D + dims[None, :]
     tl.store(partial_ptr + offsets, acc, mask=row_ok[:, None] & dim_ok[None, :])
 
 
@@ -92,23 +118,29 @@ def _straight_through_kernel(
     weight_ptr,  # (N,) fp32 straight-through weight w
     soft_ptr,  # (N, D) fp32 out: soft (saved for backward)
     out_ptr,  # (N, D) out, table dtype: soft + w (E[token] - soft)
+    order_ptr,  # (N,) int32 row list (ROW_LIST)
+    count_ptr,  # (1,) int32 number of active rows (ROW_LIST)
     N,
     D,
     S,
     stride_table,
     BLOCK_D: tl.constexpr,
+    ROW_LIST: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    position = tl.program_id(0)
+    row, active, _ = _list_rows(order_ptr, count_ptr, position, position, N, ROW_LIST)
+    row = row.to(tl.int64)
     dims = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     dim_ok = dims < D
     soft = tl.zeros((BLOCK_D,), tl.float32)
-    for split in range(S):
-        soft += tl.load(partial_ptr + (split * N + row) * D + dims, mask=dim_ok, other=0.0)
+    for split in range(tl.where(active, S, 0)):
+        soft += tl.load(partial_ptr + (split * N + position) * D + dims, mask=dim_ok, other=0.0)
     token = tl.load(tokens_ptr + row)
     w = tl.load(weight_ptr + row)
-    hard = tl.load(table_ptr + token * stride_table + dims, mask=dim_ok, other=0.0).to(tl.float32)
+    hard = tl.load(table_ptr + token * stride_table + dims, mask=dim_ok & active, other=0.0).to(tl.float32)
+    out = tl.where(active, soft + w * (hard - soft), 0.0)
     tl.store(soft_ptr + row * D + dims, soft, mask=dim_ok)
-    tl.store(out_ptr + row * D + dims, (soft + w * (hard - soft)).to(out_ptr.dtype.element_ty), mask=dim_ok)
+    tl.store(out_ptr + row * D + dims, out.to(out_ptr.dtype.element_ty), mask=dim_ok)
 
 
 @triton.jit
@@ -119,6 +151,8 @@ def _soft_embedding_bwd_kernel(
     lse_tau_ptr,  # (N,) fp32
     soft_dot_grad_ptr,  # (N,) fp32: soft . g
     dphi_ptr,  # (N, V) out, phi's dtype, row stride `stride_dphi`
+    order_ptr,  # (N,) int32 row list (ROW_LIST)
+    count_ptr,  # (1,) int32 number of active rows (ROW_LIST)
     N,
     V,
     D,
@@ -130,15 +164,18 @@ def _soft_embedding_bwd_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    ROW_LIST: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    first = tl.program_id(0) * BLOCK_N
+    positions = first + tl.arange(0, BLOCK_N)
+    rows, row_ok, live = _list_rows(order_ptr, count_ptr, first, positions, N, ROW_LIST)
+    in_list = positions < N  # inactive rows in the list still get dphi = 0 written
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-    row_ok = rows < N
     col_ok = cols < V
     rows64 = rows.to(tl.int64)
     cols64 = cols.to(tl.int64)
     eg = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
-    for start in range(0, D, BLOCK_D):
+    for start in range(0, tl.where(live, D, 0), BLOCK_D):
         dims = start + tl.arange(0, BLOCK_D)
         dim_ok = dims < D
         g = tl.load(grad_ptr + rows64[:, None] * D + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
@@ -154,13 +191,13 @@ def _soft_embedding_bwd_kernel(
         phi_ptr + rows64[:, None] * stride_phi + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
         other=-float("inf"),
     ).to(tl.float32)  # fmt: skip
-    lse = tl.load(lse_tau_ptr + rows, mask=row_ok, other=0.0)
-    sg = tl.load(soft_dot_grad_ptr + rows, mask=row_ok, other=0.0)
+    lse = tl.load(lse_tau_ptr + rows64, mask=row_ok, other=0.0)
+    sg = tl.load(soft_dot_grad_ptr + rows64, mask=row_ok, other=0.0)
     p = tl.exp(x * inv_tau - lse[:, None])
     dphi = p * (eg - sg[:, None]) * inv_tau
     tl.store(
         dphi_ptr + rows64[:, None] * stride_dphi + cols[None, :],
-        dphi.to(dphi_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :],
+        dphi.to(dphi_ptr.dtype.element_ty), mask=in_list[:, None] & col_ok[None, :],
     )  # fmt: skip
 
 
@@ -198,8 +235,21 @@ def _dot_fp32(table: torch.Tensor) -> bool:
     return _INTERPRET or table.dtype == torch.float32
 
 
-def soft_embedding_forward(phi, table, lse_tau, weights, tokens, temperature, config: TileConfig | None = None):
-    """Returns soft (N, D) fp32 and out (N, D) in the table's dtype."""
+def _row_list_args(row_list, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    if row_list is None:
+        unused = torch.empty(1, device=device, dtype=torch.int32)
+        return unused, unused
+    order, count = row_list
+    if order.shape != (n,) or order.dtype != torch.int32 or count.shape != (1,) or count.dtype != torch.int32:
+        raise ValueError("row_list must be (order (N,) int32, count (1,) int32)")
+    return order, count
+
+
+def soft_embedding_forward(
+    phi, table, lse_tau, weights, tokens, temperature, row_list=None, config: TileConfig | None = None
+):
+    """Returns soft (N, D) fp32 and out (N, D) in the table's dtype. ``row_list``
+    (order, count) restricts the work to the active rows (others: zeros)."""
     n, vocab = phi.shape
     d = table.shape[1]
     cfg = _fit(config or (INTERPRETER if _INTERPRET else FORWARD_GPU), d)
@@ -208,32 +258,38 @@ def soft_embedding_forward(phi, table, lse_tau, weights, tokens, temperature, co
     chunk = triton.cdiv(triton.cdiv(vocab, splits), cfg.block_v) * cfg.block_v
     splits = triton.cdiv(vocab, chunk)
     partial = torch.empty(splits, n, d, device=phi.device, dtype=torch.float32)
+    order, count = _row_list_args(row_list, n, phi.device)
     _soft_partial_kernel[(tiles, splits)](
-        phi, table, lse_tau, partial, n, vocab, d, phi.stride(0), table.stride(0), _LOG2E / temperature, chunk,
-        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, DOT_FP32=_dot_fp32(table),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        phi, table, lse_tau, partial, order, count, n, vocab, d, phi.stride(0), table.stride(0),
+        _LOG2E / temperature, chunk, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
+        DOT_FP32=_dot_fp32(table), ROW_LIST=row_list is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     soft = torch.empty(n, d, device=phi.device, dtype=torch.float32)
     out = torch.empty(n, d, device=phi.device, dtype=table.dtype)
     block_d = min(1024, triton.next_power_of_2(d))
     _straight_through_kernel[(n, triton.cdiv(d, block_d))](
-        partial, table, tokens, weights, soft, out, n, d, splits, table.stride(0), BLOCK_D=block_d,
+        partial, table, tokens, weights, soft, out, order, count, n, d, splits, table.stride(0), BLOCK_D=block_d,
+        ROW_LIST=row_list is not None,
     )  # fmt: skip
     return soft, out
 
 
-def soft_embedding_backward(phi, table, grad, lse_tau, soft, temperature, config: TileConfig | None = None):
-    """dphi (N, V) in phi's dtype for the incoming gradient ``grad`` (N, D)."""
+def soft_embedding_backward(
+    phi, table, grad, lse_tau, soft, temperature, row_list=None, config: TileConfig | None = None
+):
+    """dphi (N, V) in phi's dtype for the incoming gradient ``grad`` (N, D); rows
+    outside ``row_list`` get dphi = 0 without reading phi or the table."""
     n, vocab = phi.shape
     d = table.shape[1]
     cfg = _fit(config or (INTERPRETER if _INTERPRET else BACKWARD_GPU), d)
     grad = grad.float().contiguous()
     soft_dot_grad = (soft * grad).sum(-1)
     dphi = torch.empty_like(phi)
+    order, count = _row_list_args(row_list, n, phi.device)
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(vocab, cfg.block_v))
     _soft_embedding_bwd_kernel[grid](
-        phi, table, grad, lse_tau, soft_dot_grad, dphi, n, vocab, d, phi.stride(0), table.stride(0),
+        phi, table, grad, lse_tau, soft_dot_grad, dphi, order, count, n, vocab, d, phi.stride(0), table.stride(0),
         dphi.stride(0), 1.0 / temperature, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
-        DOT_FP32=_dot_fp32(table), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        DOT_FP32=_dot_fp32(table), ROW_LIST=row_list is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return dphi

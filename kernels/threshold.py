@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from entrgi_kernels.row_stats import _row_is_active
+
 DIGIT_BITS = 4
 
 
@@ -87,9 +89,7 @@ def _threshold_kernel(
     row = tl.program_id(0).to(tl.int64)
     base = phi_ptr + row * stride_phi
     lse = tl.load(lse_tau_ptr + row)
-    active = tl.full((), 1, tl.int1)
-    if SKIP:
-        active = tl.load(skip_ptr + row) == 0
+    active = _row_is_active(skip_ptr, row, SKIP)
     v_end = tl.where(active, V, 0)
     k_target = top_k * 1.0 - 0.5
     NUM_DIGITS: tl.constexpr = 1 << DIGIT_BITS

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from entrgi.optim import LogitAdam
 from entrgi.rewards.packing import pack_inputs, response_mask_until_end
 from entrgi.schedule import select_commits
 
@@ -70,18 +69,6 @@ def test_similarity_reward_matches_mean_pooled_sentence_embeddings(similarity_re
     scores = similarity_reward.score_texts(["", ""], texts)
     torch.testing.assert_close(scores, expected[:2] @ expected[2], atol=1e-4, rtol=0)
     assert scores[0] > 0.9 > scores[1]
-
-
-def test_logit_adam_matches_torch_adam():
-    ours, theirs = torch.randn(3, 7), None
-    theirs = ours.clone().requires_grad_(True)
-    optimizer, reference = LogitAdam(ours, lr=0.5), torch.optim.Adam([theirs], lr=0.5)
-    for _ in range(4):
-        grad = torch.randn(3, 7)
-        optimizer.step(grad)
-        theirs.grad = grad.clone()
-        reference.step()
-    torch.testing.assert_close(ours, theirs.detach(), atol=1e-6, rtol=1e-6)
 
 
 def test_commit_selection_never_touches_unmasked_positions():

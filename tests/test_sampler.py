@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from entrgi import GuidanceConfig, generate, load_denoiser
-from entrgi.sampler import DiffusionRun, GuidanceTable
+from entrgi.sampler import BatchedGeneration, DiffusionRun, GuidanceTable
 
 PROMPTS = ["hello there", "what is the weather like today in the big city"]
 SMALL = dict(steps=4, max_new_tokens=6, num_samples=2, guidance_steps=2, progress=False)
@@ -52,6 +52,45 @@ def test_determinism_per_seed(denoisers, similarity_reward):
     assert [r.response_ids for r in first] == [r.response_ids for r in again]
     assert [r.rewards for r in first] == [r.rewards for r in again]
     assert [r.response_ids for r in first] != [r.response_ids for r in other]
+
+
+def test_runs_are_reused_across_batches_and_calls(denoisers, classifier_reward, monkeypatch):
+    """Batches of one shape share one cached run (refilled by ``load``) within a call and
+    across calls, with the tokens of freshly built runs."""
+    denoiser = denoisers["dream"]
+    prompts = ["red car", "big dog", "red car", "a much longer prompt than the others"]
+    lengths = [len(ids) for ids in denoiser.encode_prompts(prompts)]
+    assert lengths[0] == lengths[1] != lengths[3]
+    config = GuidanceConfig(prompts_per_batch=1, seed=3, **{k: v for k, v in SMALL.items() if k != "progress"})
+    job = BatchedGeneration(prompts, denoiser, classifier_reward, config)
+    fresh = []
+    for index in range(job.num_batches):
+        denoiser.run_cache.clear()
+        fresh += job.run_batch(index)
+    denoiser.run_cache.clear()
+    built = []
+    init = DiffusionRun.__init__
+    monkeypatch.setattr(DiffusionRun, "__init__", lambda self, *a, **k: built.append(1) or init(self, *a, **k))
+    first = generate(prompts, denoiser=denoiser, reward=classifier_reward, config=config, progress=False)
+    again = generate(prompts, denoiser=denoiser, reward=classifier_reward, config=config, progress=False)
+    assert len(built) == 2 and len(denoiser.run_cache) == 2  # one run per shape, for both calls
+    for results in (first, again):
+        assert [r.response_ids for r in results] == [r.response_ids for r in fresh]
+        assert [r.forward_passes for r in results] == [r.forward_passes for r in fresh]
+    assert first[0].response_ids != first[2].response_ids  # same prompt, own batch seed
+    denoiser.run_cache.clear()
+
+
+def test_run_cache_is_bounded():
+    from entrgi.run_cache import RunCache
+
+    cache = RunCache(capacity=2)
+    for key in "abc":
+        cache.get_or_build(key, lambda: object())
+    assert len(cache) == 2
+    assert cache.get_or_build("c", lambda: None)[1] and not cache.get_or_build("a", lambda: None)[1]
+    with pytest.raises(ValueError, match="capacity"):
+        RunCache(capacity=0)
 
 
 def _run(denoiser, reward, config, prompts=PROMPTS):
@@ -187,6 +226,11 @@ def test_cuda_graph_replay_matches_eager(denoiser_paths, classifier_path, method
     assert len(replays) == (5 if method != "none" else 6)  # "none": one kind, warmed at step 0
     assert [r.response_ids for r in graphed] == [r.response_ids for r in eager]
     assert sum((r.rewards for r in graphed), []) == pytest.approx(sum((r.rewards for r in eager), []))
+    # a second call reuses the cached run: every step replays its graph, same tokens
+    replays.clear()
+    again = generate(PROMPTS, denoiser=denoiser, reward=reward, **common)
+    assert len(replays) == 7
+    assert [r.response_ids for r in again] == [r.response_ids for r in eager]
 
 
 @pytest.mark.parametrize(

@@ -88,7 +88,7 @@ def test_threshold_keeps_exactly_the_reference_set(top_p, top_k, dtype):
     x[17, :40], x[17, 40:80] = 0.0, -0.0  # signed zeros tie
     x = x.to(dtype).to(DEVICE)
     for tau in (0.7, 1.0):
-        lse, _, _ = row_stats(x, tau)
+        lse = row_stats(x, tau).lse_tau
         keys = keep_threshold_keys(x, lse, tau, top_p, top_k)
         scaled = x.float() * torch.tensor(1.0 / tau)  # the kernel's arithmetic (x / tau can differ by an ulp)
         expected = scaled >= keep_threshold(scaled, top_p, top_k)[:, None]
@@ -96,17 +96,44 @@ def test_threshold_keeps_exactly_the_reference_set(top_p, top_k, dtype):
 
 
 # (1.0, 0.15, 0) keeps little mass: most rows exhaust the rejection rounds and take the
-# threshold path, so both samplers are held to the law.
-@pytest.mark.parametrize("tau,top_p,top_k", [(0.7, 0.8, 0), (1.3, 0.9, 4), (1.0, 0.15, 0), (1.0, 1.0, 0)])
-def test_sampling_law(tau, top_p, top_k):
+# threshold path, so both samplers are held to the law. sample_step with a kept-law
+# confidence (maskgit_plus) draws through the threshold alone.
+LAW_CASES = [(0.7, 0.8, 0), (1.3, 0.9, 4), (1.0, 0.15, 0), (1.0, 1.0, 0)]
+
+
+def _law_rows():
     vocab = 10
     phi = torch.randn(vocab, generator=torch.Generator().manual_seed(5)) * 1.5
     phi[3] = -math.inf
     draws = 20_000 if DEVICE == "cuda" else 1500  # the interpreter runs one program per row
-    rows = phi.expand(draws, vocab).contiguous().to(DEVICE)
-    out = guided_embedding(rows, torch.randn(vocab, 16, device=DEVICE), temperature=tau, top_p=top_p, top_k=top_k,
+    return phi, phi.expand(draws, vocab).contiguous().to(DEVICE)
+
+
+@pytest.mark.parametrize("tau,top_p,top_k", LAW_CASES)
+def test_sampling_law(tau, top_p, top_k):
+    phi, rows = _law_rows()
+    out = guided_embedding(rows, torch.randn(10, 16, device=DEVICE), temperature=tau, top_p=top_p, top_k=top_k,
                            mode="aps", backend="triton", generator=torch.Generator(DEVICE).manual_seed(9))  # fmt: skip
     assert_law(out.tokens.cpu(), filtered_law(phi, tau, top_p, top_k))
+
+
+@pytest.mark.parametrize("tau,top_p,top_k", LAW_CASES[1:2])
+def test_step_sampling_law_through_the_threshold(tau, top_p, top_k):
+    phi, rows = _law_rows()
+    tokens = sample_step(rows, temperature=tau, top_p=top_p, top_k=top_k, alg="maskgit_plus", backend="triton",
+                         generator=torch.Generator(DEVICE).manual_seed(9)).tokens  # fmt: skip
+    assert_law(tokens.cpu(), filtered_law(phi, tau, top_p, top_k))
+
+
+@pytest.mark.parametrize("alg", ["entropy", "origin"])
+def test_step_draws_like_the_guidance_op(alg):
+    """Without a kept-law confidence the commit draws through the guidance op's
+    rejection sampler (whose law is tested above): same seed, same tokens."""
+    phi, table = _inputs(40, 30, 8, torch.float32, seed=8)
+    kwargs = dict(temperature=0.8, top_p=0.7, top_k=12, backend="triton")
+    step = sample_step(phi, alg=alg, generator=torch.Generator(DEVICE).manual_seed(2), **kwargs)
+    guided = guided_embedding(phi, table, generator=torch.Generator(DEVICE).manual_seed(2), **kwargs)
+    assert torch.equal(step.tokens, guided.tokens)
 
 
 def test_seed_reproducibility_and_fresh_draws():
@@ -142,3 +169,77 @@ def test_temperature_zero_and_leading_dims():
     assert out.embeds.shape == (2, 3, 16)
     assert torch.equal(out.tokens.view(-1), phi.argmax(-1))
     torch.testing.assert_close(out.embeds.view(6, 16), table[phi.argmax(-1)])
+
+
+ACTIVE_PATTERNS = {
+    "scattered": lambda n, g: torch.rand(n, generator=g) < 0.4,
+    "all": lambda n, g: torch.ones(n, dtype=torch.bool),
+    "none": lambda n, g: torch.zeros(n, dtype=torch.bool),
+    "tail": lambda n, g: torch.arange(n) >= n - 3,
+}
+
+
+@pytest.mark.parametrize("pattern", sorted(ACTIVE_PATTERNS))
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("mode", ["entrgi", "expectation"])
+def test_inactive_rows_are_skipped_and_zero(pattern, backend, mode):
+    """Active rows equal the unmasked call (same draws: the noise is keyed by row);
+    inactive rows are zero and pass no gradient."""
+    phi, table = _inputs(37, 90, 24, torch.float32, seed=2)
+    active = ACTIVE_PATTERNS[pattern](37, torch.Generator().manual_seed(1)).to(DEVICE)
+    g = torch.randn(37, 24, device=DEVICE)
+    results = []
+    for mask in (None, active):
+        leaf = phi.clone().requires_grad_(True)
+        out = guided_embedding(leaf, table, temperature=0.8, top_p=0.9, top_k=30, mode=mode, backend=backend,
+                               generator=torch.Generator(DEVICE).manual_seed(3), active=mask)  # fmt: skip
+        (out.embeds.float() * g).sum().backward()
+        results.append((out, leaf.grad))
+    (full, full_grad), (masked, masked_grad) = results
+    for name in ("embeds", "tokens", "weights", "argmax"):
+        got, want = getattr(masked, name), getattr(full, name)
+        torch.testing.assert_close(got[active], want[active], atol=1e-6, rtol=0, msg=name)
+        assert not got[~active].any(), f"{name} of inactive rows must be 0"
+    torch.testing.assert_close(masked_grad[active], full_grad[active], atol=1e-6, rtol=0)
+    assert not masked_grad[~active].any()
+
+
+@pytest.mark.parametrize("alg", ["entropy", "maskgit_plus", "origin"])
+def test_sample_step_inactive_rows(alg):
+    phi, _ = _inputs(21, 64, 8, torch.bfloat16, seed=4)
+    phi_init = (phi.float() * 0.5).to(phi.dtype)
+    active = (torch.rand(21, generator=torch.Generator().manual_seed(0)) < 0.5).to(DEVICE)
+    kwargs = dict(temperature=0.9, top_p=0.9, alg=alg, backend="triton")
+    full = sample_step(phi, phi_init, generator=torch.Generator(DEVICE).manual_seed(5), **kwargs)
+    masked = sample_step(phi, phi_init, generator=torch.Generator(DEVICE).manual_seed(5), active=active, **kwargs)
+    assert torch.equal(masked.tokens[active], full.tokens[active])
+    torch.testing.assert_close(masked.confidence[active], full.confidence[active])
+    assert not masked.tokens[~active].any()
+    assert torch.isneginf(masked.confidence[~active]).all()
+
+
+def test_sample_step_confidence_of_phi_itself():
+    """Without phi_init the entropy confidence reads phi (one row-stats pass)."""
+    phi, _ = _inputs(9, 41, 8, torch.float32, seed=6)
+    fused = sample_step(phi, temperature=0.6, alg="entropy", backend="triton")
+    from entrgi.ops.reference import step_confidence_reference
+
+    expected = step_confidence_reference(phi, phi, fused.tokens, 0.6, 1.0, 0, "entropy")
+    torch.testing.assert_close(fused.confidence, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_row_list_orders_active_rows_first():
+    from entrgi.ops.triton_backend import row_list
+
+    active = torch.tensor([False, True, True, False, True, False])
+    order, count = row_list(active)
+    assert order.tolist() == [1, 2, 4, 0, 3, 5] and count.tolist() == [3]
+    assert order.dtype == count.dtype == torch.int32
+
+
+def test_active_mask_is_validated():
+    phi, table = _inputs(4, 20, 8, torch.float32)
+    with pytest.raises(ValueError, match="active shape"):
+        guided_embedding(phi, table, active=torch.ones(3, dtype=torch.bool, device=DEVICE))
+    with pytest.raises(TypeError, match="bool"):
+        sample_step(phi, active=torch.ones(4, device=DEVICE))

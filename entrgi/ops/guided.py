@@ -8,6 +8,7 @@ import torch
 
 from entrgi.ops import reference
 from entrgi.ops.validation import (
+    check_active,
     check_choice,
     check_embed_table,
     check_finite_rows,
@@ -27,6 +28,9 @@ class GuidedEmbedding(NamedTuple):
     tokens : (..., ) int64. Sampled hard tokens (``expectation``: argmax, no draw).
     weights : (..., ) float32. ``w`` (entrgi: normalised entropy; aps: 1; expectation: 0).
     argmax : (..., ) int64. ``argmax(phi)`` (first index on ties), used for EOS tests.
+
+    Rows where the call's ``active`` mask is False hold embeds 0, tokens 0, weights 0
+    and argmax 0, and pass no gradient.
     """
 
     embeds: torch.Tensor
@@ -46,6 +50,7 @@ def guided_embedding(
     generator: torch.Generator | None = None,
     backend: str = "auto",
     check_values: bool = True,
+    active: torch.Tensor | None = None,
 ) -> GuidedEmbedding:
     """Entropy-aware reward-guidance embedding of logits ``phi``.
 
@@ -64,6 +69,8 @@ def guided_embedding(
     backend : ``auto`` (Triton on CUDA) | ``torch`` | ``triton``.
     check_values : reject NaN / all -inf rows (reads values back: a host sync).
         The sampler passes False inside its captured step.
+    active : (...,) bool, the rows to compute (default all). The Triton backend does
+        not read the others (a canvas's committed positions cost next to nothing).
 
     Example
     -------
@@ -74,21 +81,26 @@ def guided_embedding(
     check_embed_table(phi, embed_table)
     check_sampling_args(temperature, top_p, top_k)
     check_choice("mode", mode, MODES)
+    check_active(active, phi)
     if check_values:
         check_finite_rows("phi", phi)
     backend = resolve_backend(backend, phi.device)
     lead = phi.shape[:-1]
     rows = phi.reshape(-1, phi.shape[-1])
+    active_rows = None if active is None else active.reshape(-1)
     if backend == "triton":
         from entrgi.ops import triton_backend
 
         embeds, tokens, weights, argmax = triton_backend.guided_embedding(
-            rows, embed_table, temperature, top_p, top_k, mode, generator
+            rows, embed_table, temperature, top_p, top_k, mode, generator, active_rows
         )
     else:
         embeds, tokens, weights, argmax = reference.guided_embedding_reference(
             rows, embed_table, temperature, top_p, top_k, mode, generator
         )
+    if active_rows is not None:
+        embeds = torch.where(active_rows[:, None], embeds, 0)
+        tokens, weights, argmax = (x.where(active_rows, 0) for x in (tokens, weights, argmax))
     d = embed_table.shape[1]
     return GuidedEmbedding(
         embeds.reshape(*lead, d), tokens.reshape(lead), weights.reshape(lead), argmax.reshape(lead)

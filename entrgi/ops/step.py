@@ -7,7 +7,14 @@ from typing import NamedTuple
 import torch
 
 from entrgi.ops import reference
-from entrgi.ops.validation import check_choice, check_finite_rows, check_logits, check_sampling_args, resolve_backend
+from entrgi.ops.validation import (
+    check_active,
+    check_choice,
+    check_finite_rows,
+    check_logits,
+    check_sampling_args,
+    resolve_backend,
+)
 
 ALGS = ("entropy", "maskgit_plus", "topk_margin", "origin")
 
@@ -30,6 +37,7 @@ def sample_step(
     generator: torch.Generator | None = None,
     backend: str = "auto",
     check_values: bool = True,
+    active: torch.Tensor | None = None,
 ) -> StepSample:
     """Sample each row of the optimised logits and score how confident the commit is.
 
@@ -40,28 +48,36 @@ def sample_step(
     alg : ``entropy`` (sum p log p of softmax(phi_init/tau)), ``maskgit_plus``
         (probability of the drawn token), ``topk_margin`` (top-1 minus top-2
         probability) or ``origin`` (zeros: commits are drawn at random).
+    active : (...,) bool, the rows to sample (default all); the others get token 0 and
+        confidence -inf, and the Triton backend does not read them.
     """
-    phi_init = phi if phi_init is None else phi_init
     check_logits("phi", phi)
-    check_logits("phi_init", phi_init)
-    if phi_init.shape != phi.shape:
-        raise ValueError(f"phi_init shape {tuple(phi_init.shape)} != phi shape {tuple(phi.shape)}")
+    if phi_init is not None:
+        check_logits("phi_init", phi_init)
+        if phi_init.shape != phi.shape:
+            raise ValueError(f"phi_init shape {tuple(phi_init.shape)} != phi shape {tuple(phi.shape)}")
     check_sampling_args(temperature, top_p, top_k)
     check_choice("alg", alg, ALGS)
+    check_active(active, phi)
     if check_values:
         check_finite_rows("phi", phi)
     backend = resolve_backend(backend, phi.device)
     lead, vocab = phi.shape[:-1], phi.shape[-1]
-    rows, rows_init = phi.reshape(-1, vocab), phi_init.reshape(-1, vocab)
+    rows = phi.reshape(-1, vocab)
+    rows_init = None if phi_init is None or phi_init is phi else phi_init.reshape(-1, vocab)
+    active_rows = None if active is None else active.reshape(-1)
     if backend == "triton":
         from entrgi.ops import triton_backend
 
         tokens, confidence = triton_backend.sample_step(
-            rows, rows_init, temperature, top_p, top_k, alg, generator
+            rows, rows_init, temperature, top_p, top_k, alg, generator, active_rows
         )
     else:
         tokens = reference.sample_filtered(rows, temperature, top_p, top_k, generator)
         confidence = reference.step_confidence_reference(
-            rows, rows_init, tokens, temperature, top_p, top_k, alg
+            rows, rows if rows_init is None else rows_init, tokens, temperature, top_p, top_k, alg
         )
+    if active_rows is not None:
+        tokens = tokens.where(active_rows, 0)
+        confidence = confidence.where(active_rows, -torch.inf)
     return StepSample(tokens.reshape(lead), confidence.reshape(lead))

@@ -1,9 +1,10 @@
 """Triton backend of the ops: launches ``entrgi_kernels`` and wires their autograd.
 
-Inputs arrive validated and flattened to rows by the public ops. Randomness: a
-Philox seed is drawn from ``generator`` into a device tensor (no host sync), so each
-call, and each CUDA-graph replay, gets fresh noise while a seeded generator
-reproduces the same draws.
+Inputs arrive validated and flattened to rows by the public ops. Randomness: Philox
+seeds are drawn from ``generator`` into a device tensor (no host sync), so each call,
+and each CUDA-graph replay, gets fresh noise while a seeded generator reproduces the
+same draws. Inactive rows (``active`` False) are skipped: the per-row kernels do not
+read them, and the GEMM-shaped kernels walk a device-side row list of the active rows.
 """
 
 from __future__ import annotations
@@ -27,15 +28,33 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _skip_flags(active: torch.Tensor | None) -> torch.Tensor | None:
+    """(R,) int32, nonzero where the per-row kernels skip the row."""
+    return None if active is None else (~active).to(torch.int32)
+
+
+def row_list(active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R,) bool -> (order (R,) int32: active rows first, each group in row order;
+    count (1,) int32: number of active rows). Device ops only (no sync, fixed shapes)."""
+    n = active.shape[0]
+    flags = active.to(torch.int32)
+    count = flags.sum(dtype=torch.int32).reshape(1)
+    active_before = torch.cumsum(flags, 0, dtype=torch.int32) - flags
+    index = torch.arange(n, device=active.device, dtype=torch.int32)
+    slot = torch.where(active, active_before, count + index - active_before)
+    order = torch.empty_like(index).scatter_(0, slot.long(), index)
+    return order, count
+
+
 class _SoftEmbedding(torch.autograd.Function):
     """out = soft + w (E[token] - soft) with the gradient through soft only."""
 
     @staticmethod
-    def forward(ctx, phi, table, lse_tau, weights, tokens, temperature):
+    def forward(ctx, phi, table, lse_tau, weights, tokens, temperature, rows):
         from entrgi_kernels.soft_embedding import soft_embedding_forward
 
-        soft, out = soft_embedding_forward(phi, table, lse_tau, weights, tokens, temperature)
-        ctx.save_for_backward(phi, table, lse_tau, soft)
+        soft, out = soft_embedding_forward(phi, table, lse_tau, weights, tokens, temperature, rows)
+        ctx.save_for_backward(phi, table, lse_tau, soft, *(rows or ()))
         ctx.temperature = temperature
         return out
 
@@ -43,57 +62,44 @@ class _SoftEmbedding(torch.autograd.Function):
     def backward(ctx, grad_out):
         from entrgi_kernels.soft_embedding import soft_embedding_backward
 
-        phi, table, lse_tau, soft = ctx.saved_tensors
-        dphi = soft_embedding_backward(phi, table, grad_out, lse_tau, soft, ctx.temperature)
-        return dphi, None, None, None, None, None
+        phi, table, lse_tau, soft, *rows = ctx.saved_tensors
+        dphi = soft_embedding_backward(phi, table, grad_out, lse_tau, soft, ctx.temperature, tuple(rows) or None)
+        return dphi, None, None, None, None, None, None
 
 
-def _filtered_draw(phi, temperature, top_p, top_k, generator, phi_init=None):
-    from entrgi_kernels.row_stats import row_stats
-    from entrgi_kernels.sampling import sample_filtered
-    from entrgi_kernels.threshold import keep_threshold_keys
-
-    lse_tau, entropy, argmax = row_stats(phi, temperature)
-    keys = keep_threshold_keys(phi, lse_tau, temperature, top_p, top_k)
-    drawn = sample_filtered(phi, keys, _draw_seeds(generator, phi.device), temperature, phi_init)
-    return lse_tau, entropy, argmax, drawn
-
-
-def _guidance_draw(phi, temperature, top_p, top_k, generator):
-    """Row stats and one filtered draw per row: rejection sampling from the full law
-    (about one extra pass when the kept mass is large), the exact threshold search
-    only for rows rejected every round (device-side skip, no host sync)."""
-    from entrgi_kernels.row_stats import row_stats
+def _filtered_tokens(phi, lse_tau, temperature, top_p, top_k, generator, skip):
+    """One draw per row from softmax(filter(phi / tau)): rejection sampling from the
+    full law (about one extra pass when the kept mass is large), the exact threshold
+    search only for rows rejected every round (device-side skip, no host sync)."""
     from entrgi_kernels.sampling import rejection_sample, sample_filtered
     from entrgi_kernels.threshold import keep_threshold_keys
 
-    lse_tau, entropy, argmax = row_stats(phi, temperature)
     seeds = _draw_seeds(generator, phi.device, 2)
-    tokens, accepted = rejection_sample(phi, lse_tau, seeds[:1], temperature, top_p, top_k)
+    tokens, accepted = rejection_sample(phi, lse_tau, seeds[:1], temperature, top_p, top_k, skip=skip)
     if top_p < 1.0 or 0 < top_k < phi.shape[1]:
         keys = keep_threshold_keys(phi, lse_tau, temperature, top_p, top_k, skip=accepted)
         sample_filtered(phi, keys, seeds[1:], temperature, skip=accepted, tokens=tokens)
-    return lse_tau, entropy, argmax, tokens
+    return tokens
 
 
-def guided_embedding(phi, table, temperature, top_p, top_k, mode, generator):
-    """Rows (R, V) -> embeds (R, d), tokens, weights, argmax (see ``guided_embedding``)."""
+def guided_embedding(phi, table, temperature, top_p, top_k, mode, generator, active=None):
+    """Rows (R, V) -> embeds (R, d), tokens, weights, argmax (see ``guided_embedding``);
+    rows where ``active`` (R,) is False are not computed (zeros, zero gradient)."""
     from entrgi_kernels.row_stats import row_stats
 
     phi, table = _rows(phi), _rows(table)
+    skip = _skip_flags(active)
+    stats = row_stats(phi.detach(), temperature if temperature > 0 else 1.0, skip)
+    weights = _mode_weights(stats.entropy, mode)
     if temperature == 0.0:
-        argmax = phi.argmax(-1)
-        _, entropy, _ = row_stats(phi.detach(), 1.0)
-        weights = _mode_weights(entropy, mode)
-        return table[argmax], argmax, weights, argmax
+        return table[stats.argmax], stats.argmax, weights, stats.argmax
     if mode == "expectation":
-        lse_tau, entropy, argmax = row_stats(phi.detach(), temperature)
-        tokens = argmax
+        tokens = stats.argmax
     else:
-        lse_tau, entropy, argmax, tokens = _guidance_draw(phi.detach(), temperature, top_p, top_k, generator)
-    weights = _mode_weights(entropy, mode)
-    embeds = _SoftEmbedding.apply(phi, table, lse_tau, weights, tokens, temperature)
-    return embeds, tokens, weights, argmax
+        tokens = _filtered_tokens(phi.detach(), stats.lse_tau, temperature, top_p, top_k, generator, skip)
+    rows = None if active is None else row_list(active)
+    embeds = _SoftEmbedding.apply(phi, table, stats.lse_tau, weights, tokens, temperature, rows)
+    return embeds, tokens, weights, stats.argmax
 
 
 def _mode_weights(entropy: torch.Tensor, mode: str) -> torch.Tensor:
@@ -102,22 +108,31 @@ def _mode_weights(entropy: torch.Tensor, mode: str) -> torch.Tensor:
     return torch.full_like(entropy, 1.0 if mode == "aps" else 0.0)
 
 
-def sample_step(phi, phi_init, temperature, top_p, top_k, alg, generator):
-    """Rows (R, V) -> tokens (R,), confidence (R,) (see ``sample_step``)."""
-    phi, phi_init = _rows(phi.detach()), _rows(phi_init.detach())
+def sample_step(phi, phi_init, temperature, top_p, top_k, alg, generator, active=None):
+    """Rows (R, V) -> tokens (R,), confidence (R,) (see ``sample_step``); ``phi_init``
+    None means phi itself. Inactive rows are not read."""
+    from entrgi_kernels.row_stats import row_stats
+    from entrgi_kernels.sampling import sample_filtered
+    from entrgi_kernels.threshold import keep_threshold_keys
+
+    phi = _rows(phi.detach())
+    skip = _skip_flags(active)
     tau = temperature if temperature > 0 else 1.0  # greedy reads probabilities at tau = 1, as Dream
-    _, _, argmax, drawn = _filtered_draw(
-        phi, tau, top_p, top_k, generator, phi_init if alg == "entropy" else None
-    )
-    tokens = drawn["tokens"] if temperature > 0 else argmax
-    lse_kept = drawn["lse_kept"]
-    if alg == "entropy":
-        confidence = drawn["neg_entropy"]
-    elif alg == "maskgit_plus":
-        chosen = phi.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).float() / tau
-        confidence = torch.exp(chosen - lse_kept)
-    elif alg == "topk_margin":
-        confidence = torch.exp(drawn["top1"] - lse_kept) - torch.exp(drawn["top2"] - lse_kept)
+    stats = row_stats(phi, tau, skip)
+    if alg in ("maskgit_plus", "topk_margin"):  # need the kept law's normaliser: threshold path
+        keys = keep_threshold_keys(phi, stats.lse_tau, tau, top_p, top_k, skip=skip)
+        drawn = sample_filtered(phi, keys, _draw_seeds(generator, phi.device), tau, skip=skip)
+        tokens = drawn["tokens"] if temperature > 0 else stats.argmax
+        lse_kept = drawn["lse_kept"]
+        if alg == "maskgit_plus":
+            chosen = phi.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).float() / tau
+            return tokens, torch.exp(chosen - lse_kept)
+        return tokens, torch.exp(drawn["top1"] - lse_kept) - torch.exp(drawn["top2"] - lse_kept)
+    if temperature > 0:
+        tokens = _filtered_tokens(phi, stats.lse_tau, tau, top_p, top_k, generator, skip)
     else:
-        confidence = torch.zeros_like(lse_kept)
-    return tokens, confidence
+        tokens = stats.argmax
+    if alg == "origin":
+        return tokens, torch.zeros_like(stats.lse_tau)
+    plogp = stats.plogp_tau if phi_init is None else row_stats(_rows(phi_init.detach()), tau, skip).plogp_tau
+    return tokens, plogp

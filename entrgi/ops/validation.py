@@ -47,6 +47,18 @@ def check_embed_table(phi: torch.Tensor, embed_table: torch.Tensor) -> None:
         raise ValueError(f"phi is on {phi.device} but embed_table is on {embed_table.device}")
 
 
+def check_active(active: torch.Tensor | None, phi: torch.Tensor) -> None:
+    """``active`` is None or a bool mask over phi's rows (its leading dims)."""
+    if active is None:
+        return
+    if not isinstance(active, torch.Tensor) or active.dtype != torch.bool:
+        raise TypeError(f"active must be a bool tensor, got {getattr(active, 'dtype', type(active).__name__)}")
+    if active.shape != phi.shape[:-1]:
+        raise ValueError(f"active shape {tuple(active.shape)} != phi's leading shape {tuple(phi.shape[:-1])}")
+    if active.device != phi.device:
+        raise ValueError(f"phi is on {phi.device} but active is on {active.device}")
+
+
 def check_finite_rows(name: str, phi: torch.Tensor) -> None:
     """Reject NaN and rows without any finite logit. Reads values back (host sync):
     call it at API boundaries, not inside a captured step."""
