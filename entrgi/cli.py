@@ -125,7 +125,8 @@ def _bench(args) -> int:
         if args.preset:
             from entrgi.step_benchmark import preset_run
 
-            run = preset_run(args.preset[0], guidance_steps=args.guidance_steps, new_tokens=args.new_tokens)
+            run = preset_run(args.preset[0], guidance_steps=args.guidance_steps, new_tokens=args.new_tokens,
+                             masked_fraction=args.masked_fraction)
         print(benchmark.profile_step(args.steps, out_dir, run=run))
         return 0
     gpu = torch.cuda.is_available()
@@ -157,7 +158,8 @@ def _bench_steps(args, out_dir: Path, gpu: bool) -> int:
     rows = []
     for preset in args.preset or (["1xK4-0.6b", "4xK4-1.7b"] if gpu else ["tiny"]):
         rows += step_benchmark.bench_steps(preset, methods=args.methods, guidance_steps=args.guidance_steps,
-                                           new_tokens=args.new_tokens, timed=args.repeats)  # fmt: skip
+                                           new_tokens=args.new_tokens, timed=args.repeats,
+                                           masked_fraction=args.masked_fraction)  # fmt: skip
     print(rows[0].header())
     print(step_benchmark.format_steps(rows))
     csv_path = out_dir / "step_results.csv"
@@ -213,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
                        choices=("none", "entrgi", "aps", "expectation"), help="step suite methods")  # fmt: skip
     bench.add_argument("--new-tokens", type=int, default=128, help="step suite response length G (= steps T)")
     bench.add_argument("--guidance-steps", type=int, default=3, help="step suite Adam steps M per guided step")
+    bench.add_argument("--masked-fraction", type=float, default=0.5,
+                       help="step suite / preset profile: share of response positions still masked when timing "
+                            "starts (0.5: a run's average step; 1.0: its first steps)")  # fmt: skip
     bench.add_argument("--out", default="bench/out", help="folder for the CSV, plots and traces")
     bench.set_defaults(run=_bench)
     return parser

@@ -8,7 +8,9 @@ does not depend on them) and built in place, so nothing is downloaded. On a CPU 
 For each method (unguided ``none`` and every guided one) and each execution mode
 (eager, CUDA graphs) it runs the real :class:`DiffusionRun` and reports ms per step
 (median / p20 / p80 over the timed steps), peak memory, and the guided / unguided
-ratio measured in the same run.
+ratio measured in the same run. Timing starts from a canvas with ``masked_fraction``
+of the response still masked (default 0.5, the average step of a run: committed
+positions are skipped by the kernels; 1.0 times the first steps).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class StepRow(RunInfo):
     graphs: bool
     new_tokens: int
     guidance_steps: int
+    masked_fraction: float
     ms_per_step: float
     p20_ms: float
     p80_ms: float
@@ -104,8 +107,11 @@ def step_config(preset: str, method: str, guidance_steps: int = 3, new_tokens: i
                           guidance_steps=guidance_steps, prompts_per_batch=prompts, cuda_graphs=graphs)  # fmt: skip
 
 
-def new_run(denoiser, reward, config: GuidanceConfig, seed: int = 0) -> DiffusionRun:
-    """A run over random prompt ids with a random reward context (no tokenizers)."""
+def new_run(denoiser, reward, config: GuidanceConfig, seed: int = 0, masked_fraction: float = 1.0) -> DiffusionRun:
+    """A run over random prompt ids with a random reward context (no tokenizers), with
+    ``masked_fraction`` of its response positions masked and the rest random tokens."""
+    if not 0 < masked_fraction <= 1:
+        raise ValueError(f"masked_fraction must be in (0, 1], got {masked_fraction}")
     generator = torch.Generator(denoiser.device).manual_seed(seed)
     prompts = config.prompts_per_batch
     n = prompts * config.num_samples
@@ -121,15 +127,21 @@ def new_run(denoiser, reward, config: GuidanceConfig, seed: int = 0) -> Diffusio
     # Dream and the Qwen3 rewards share the Qwen vocabulary: identity mapping, clamped.
     ids = torch.arange(denoiser.vocab_size, device=table.device).clamp_max(table.shape[0] - 1)
     guidance = SimpleNamespace(weight=table[ids])
-    return DiffusionRun(denoiser, prompt_ids.tolist(), config, generator, guidance, reward, context)
+    run = DiffusionRun(denoiser, prompt_ids.tolist(), config, generator, guidance, reward, context)
+    shape, device = run.response.shape, run.response.device
+    committed = torch.rand(shape, generator=generator, device=device) >= masked_fraction
+    random_tokens = torch.randint(0, vocab, shape, generator=generator, device=device)
+    run.response.copy_(torch.where(committed, random_tokens, run.response))
+    return run
 
 
 def preset_run(preset: str, method: str = "entrgi", guidance_steps: int = 3, new_tokens: int = 128,
-               graphs: bool = False) -> DiffusionRun:
+               graphs: bool = False, masked_fraction: float = 1.0) -> DiffusionRun:
     """A ready :class:`DiffusionRun` of ``preset``'s models and batch (for profiling)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     denoiser, reward = build_models(preset, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    return new_run(denoiser, reward, step_config(preset, method, guidance_steps, new_tokens, graphs))
+    config = step_config(preset, method, guidance_steps, new_tokens, graphs)
+    return new_run(denoiser, reward, config, masked_fraction=masked_fraction)
 
 
 def _time_steps(run: DiffusionRun, warmup: int, timed: int) -> list[float]:
@@ -157,6 +169,7 @@ def bench_steps(
     new_tokens: int = 128,
     timed: int = 8,
     device: str | None = None,
+    masked_fraction: float = 0.5,
 ) -> list[StepRow]:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -167,14 +180,16 @@ def bench_steps(
         if graphs and device.type != "cuda":
             continue
         for method in methods:
-            run = new_run(denoiser, reward, step_config(preset, method, guidance_steps, new_tokens, graphs))
+            config = step_config(preset, method, guidance_steps, new_tokens, graphs)
+            run = new_run(denoiser, reward, config, masked_fraction=masked_fraction)
             if device.type == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             times = _time_steps(run, warmup=2 if graphs else 1, timed=min(timed, new_tokens - 2))
             peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
             rows.append(StepRow(**env, preset=preset, method=method, graphs=graphs, new_tokens=new_tokens,
-                                guidance_steps=guidance_steps, ms_per_step=statistics.median(times),
+                                guidance_steps=guidance_steps, masked_fraction=masked_fraction,
+                                ms_per_step=statistics.median(times),
                                 p20_ms=quantile(times, 0.2), p80_ms=quantile(times, 0.8), peak_gib=peak))  # fmt: skip
             del run
     unguided = {r.graphs: r.ms_per_step for r in rows if r.method == "none"}
@@ -184,12 +199,13 @@ def bench_steps(
 
 
 def format_steps(rows: list[StepRow]) -> str:
-    head = (f"{'preset':<10} {'method':<12} {'graphs':<6} {'ms/step':>9} {'p20':>8} {'p80':>8} "
+    head = (f"{'preset':<10} {'method':<12} {'graphs':<6} {'masked':>6} {'ms/step':>9} {'p20':>8} {'p80':>8} "
             f"{'peak GiB':>9} {'x unguided':>10}")  # fmt: skip
     lines = [head, "-" * len(head)]
     for r in rows:
         peak = cell(r.peak_gib, "9.2f")
         ratio = cell(r.vs_unguided, "10.2f", missing="")
-        lines.append(f"{r.preset:<10} {r.method:<12} {str(r.graphs):<6} {r.ms_per_step:9.2f} {r.p20_ms:8.2f} "
+        lines.append(f"{r.preset:<10} {r.method:<12} {str(r.graphs):<6} {r.masked_fraction:6.2f} "
+                     f"{r.ms_per_step:9.2f} {r.p20_ms:8.2f} "
                      f"{r.p80_ms:8.2f} {peak} {ratio}")  # fmt: skip
     return "\n".join(lines)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import csv
 import json
 
+import pytest
+import torch
+
 from entrgi.cli import main
 from entrgi.results import read_prompts
 
@@ -53,13 +56,14 @@ def test_bench_op_suite_writes_csv_and_plots(tmp_path, capsys):
 
 def test_bench_step_suite_reports_each_method(tmp_path, capsys):
     args = ["bench", "--suite", "step", "--preset", "tiny", "--new-tokens", "6", "--repeats", "2",
-            "--methods", "none", "entrgi", "--out", str(tmp_path)]  # fmt: skip
+            "--methods", "none", "entrgi", "--masked-fraction", "0.4", "--out", str(tmp_path)]  # fmt: skip
     assert main(args) == 0
     assert "x unguided" in capsys.readouterr().out
     with (tmp_path / "step_results.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert [r["method"] for r in rows] == ["none", "entrgi"]
     assert all(float(r["ms_per_step"]) > 0 and r["preset"] == "tiny" for r in rows)
+    assert all(float(r["masked_fraction"]) == 0.4 for r in rows)
     assert float(rows[0]["vs_unguided"]) == 1.0 and float(rows[1]["vs_unguided"]) > 0
 
 
@@ -103,3 +107,15 @@ def test_generate_exposes_decoding_orders_and_the_likelihood_reward(tmp_path, de
     assert config["confidence_threshold"] == 0.5 and config["guidance_scope"] == "all"
     result = document["results"][0]
     assert 2 <= result["forward_passes"] <= 4 and all(r < 0 for r in result["rewards"])  # mean log-probs
+
+
+def test_step_benchmark_starts_from_a_partly_committed_canvas():
+    from entrgi.step_benchmark import build_models, new_run, step_config
+
+    models = build_models("tiny", torch.device("cpu"), torch.float32)
+    config = step_config("tiny", "entrgi", new_tokens=64)
+    run = new_run(*models, config, masked_fraction=0.25)
+    masked = (run.response == run.denoiser.mask_token_id).float().mean().item()
+    assert 0.1 < masked < 0.4
+    with pytest.raises(ValueError, match="masked_fraction must be in"):
+        new_run(*models, config, masked_fraction=0.0)
