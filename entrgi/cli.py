@@ -125,8 +125,12 @@ def _bench(args) -> int:
         if args.preset:
             from entrgi.step_benchmark import preset_run
 
-            run = preset_run(args.preset[0], guidance_steps=args.guidance_steps, new_tokens=args.new_tokens,
-                             masked_fraction=args.masked_fraction)
+            run = preset_run(
+                args.preset[0],
+                guidance_steps=args.guidance_steps,
+                new_tokens=args.new_tokens,
+                masked_fraction=args.masked_fraction,
+            )
         print(benchmark.profile_step(args.steps, out_dir, run=run))
         return 0
     gpu = torch.cuda.is_available()

@@ -99,8 +99,9 @@ def build_models(preset: str, device: torch.device, dtype: torch.dtype):
     return denoiser, ClassifierReward(classifier, _IdsOnlyTokenizer())
 
 
-def step_config(preset: str, method: str, guidance_steps: int = 3, new_tokens: int = 128,
-                graphs: bool = False) -> GuidanceConfig:
+def step_config(
+    preset: str, method: str, guidance_steps: int = 3, new_tokens: int = 128, graphs: bool = False
+) -> GuidanceConfig:
     """The config of ``preset``'s batch: one batch of its prompts x K, T = G = new_tokens."""
     _, _, prompts, k = PRESETS[preset]
     return GuidanceConfig(method=method, num_samples=k, steps=new_tokens, max_new_tokens=new_tokens,
@@ -135,8 +136,14 @@ def new_run(denoiser, reward, config: GuidanceConfig, seed: int = 0, masked_frac
     return run
 
 
-def preset_run(preset: str, method: str = "entrgi", guidance_steps: int = 3, new_tokens: int = 128,
-               graphs: bool = False, masked_fraction: float = 1.0) -> DiffusionRun:
+def preset_run(
+    preset: str,
+    method: str = "entrgi",
+    guidance_steps: int = 3,
+    new_tokens: int = 128,
+    graphs: bool = False,
+    masked_fraction: float = 1.0,
+) -> DiffusionRun:
     """A ready :class:`DiffusionRun` of ``preset``'s models and batch (for profiling)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     denoiser, reward = build_models(preset, device, torch.bfloat16 if device.type == "cuda" else torch.float32)

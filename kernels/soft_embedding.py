@@ -181,7 +181,8 @@ def _soft_embedding_bwd_kernel(
         g = tl.load(grad_ptr + rows64[:, None] * D + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
         e_t = tl.load(
             table_ptr + cols64[None, :] * stride_table + dims[:, None],
-            mask=dim_ok[:, None] & col_ok[None, :], other=0.0,
+            mask=dim_ok[:, None] & col_ok[None, :],
+            other=0.0,
         )  # fmt: skip  (D tile, V tile): E transposed
         if DOT_FP32:
             eg += tl.dot(g, e_t.to(tl.float32), input_precision="ieee")

@@ -102,6 +102,4 @@ def guided_embedding(
         embeds = torch.where(active_rows[:, None], embeds, 0)
         tokens, weights, argmax = (x.where(active_rows, 0) for x in (tokens, weights, argmax))
     d = embed_table.shape[1]
-    return GuidedEmbedding(
-        embeds.reshape(*lead, d), tokens.reshape(lead), weights.reshape(lead), argmax.reshape(lead)
-    )
+    return GuidedEmbedding(embeds.reshape(*lead, d), tokens.reshape(lead), weights.reshape(lead), argmax.reshape(lead))

@@ -40,8 +40,7 @@ def check_embed_table(phi: torch.Tensor, embed_table: torch.Tensor) -> None:
         raise TypeError(f"embed_table must be float32, bfloat16 or float16, got {embed_table.dtype}")
     if embed_table.shape[0] != phi.shape[-1]:
         raise ValueError(
-            f"vocabulary size mismatch: phi has V={phi.shape[-1]} but embed_table has "
-            f"{embed_table.shape[0]} rows"
+            f"vocabulary size mismatch: phi has V={phi.shape[-1]} but embed_table has {embed_table.shape[0]} rows"
         )
     if embed_table.device != phi.device:
         raise ValueError(f"phi is on {phi.device} but embed_table is on {embed_table.device}")

@@ -177,9 +177,7 @@ class EmbeddingInputReward:
         """Packed real-token inputs for decoded responses (truncated to ``max_response_tokens``)."""
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-        rows = [
-            self.tokenizer(r, add_special_tokens=False)["input_ids"][: self.max_response_tokens] for r in responses
-        ]
+        rows = [self.tokenizer(r, add_special_tokens=False)["input_ids"][: self.max_response_tokens] for r in responses]
         ids, valid = pad_id_lists(rows, "right")
         return self.pack(self.prepare(prompts, 1), self._embed_ids(ids), valid.to(self.device))
 
