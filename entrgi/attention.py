@@ -11,8 +11,11 @@ from __future__ import annotations
 import torch
 
 
-def attention_mask_4d(model, valid: torch.Tensor, causal: bool, dtype: torch.dtype) -> torch.Tensor:
-    """(N, S) bool key validity -> (N, 1, S, S) mask for ``model``.
+def attention_mask_4d(
+    model, valid: torch.Tensor, causal: bool, dtype: torch.dtype, past_valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(N, S) bool key validity -> (N, 1, S, P + S) mask for ``model``, where ``past_valid``
+    (N, P) bool marks cached keys in front of the S new ones (P = 0 without a cache).
 
     Every query may attend to itself, so padded rows are never fully masked (a fully
     masked sdpa row is NaN, and NaN values leak through zero attention weights).
@@ -20,6 +23,8 @@ def attention_mask_4d(model, valid: torch.Tensor, causal: bool, dtype: torch.dty
     """
     impl = getattr(model.config, "_attn_implementation", "sdpa")
     if impl not in ("sdpa", "eager"):
+        if past_valid is not None:
+            raise ValueError(f"a cached prefix needs sdpa or eager attention, the model uses {impl!r}")
         return valid.long()
     n, s = valid.shape
     allowed = valid[:, None, None, :].expand(n, 1, s, s)
@@ -27,6 +32,8 @@ def attention_mask_4d(model, valid: torch.Tensor, causal: bool, dtype: torch.dty
     if causal:
         allowed = allowed & torch.ones(s, s, dtype=torch.bool, device=valid.device).tril()
     allowed = allowed | eye
+    if past_valid is not None:
+        allowed = torch.cat([past_valid[:, None, None, :].expand(n, 1, s, past_valid.shape[1]), allowed], dim=-1)
     if impl == "sdpa":
         return allowed
     return torch.zeros(allowed.shape, dtype=dtype, device=valid.device).masked_fill(~allowed, torch.finfo(dtype).min)

@@ -63,7 +63,7 @@ def _generate(args) -> int:
         reward = None
         if args.reward_model:
             reward = load_reward(args.reward_model, kind=args.reward_kind, target=args.target, device=device,
-                                 dtype=dtype)  # fmt: skip
+                                 dtype=dtype, cache_prefix=args.reward_cache_prefix)  # fmt: skip
         job = BatchedGeneration(prompts, denoiser, reward, config)
         batches = range(job.num_batches)
         log = None
@@ -130,6 +130,7 @@ def _bench(args) -> int:
                 guidance_steps=args.guidance_steps,
                 new_tokens=args.new_tokens,
                 masked_fraction=args.masked_fraction,
+                reward_cache_prefix=args.reward_cache_prefix,
             )
         print(benchmark.profile_step(args.steps, out_dir, run=run))
         return 0
@@ -163,7 +164,8 @@ def _bench_steps(args, out_dir: Path, gpu: bool) -> int:
     for preset in args.preset or (["1xK4-0.6b", "4xK4-1.7b"] if gpu else ["tiny"]):
         rows += step_benchmark.bench_steps(preset, methods=args.methods, guidance_steps=args.guidance_steps,
                                            new_tokens=args.new_tokens, timed=args.repeats,
-                                           masked_fraction=args.masked_fraction)  # fmt: skip
+                                           masked_fraction=args.masked_fraction,
+                                           reward_cache_prefix=args.reward_cache_prefix)  # fmt: skip
     print(rows[0].header())
     print(step_benchmark.format_steps(rows))
     csv_path = out_dir / "step_results.csv"
@@ -182,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--reward-model", help="reward model id or path")
     gen.add_argument("--reward-kind", choices=REWARD_KINDS, default="classifier")
     gen.add_argument("--target", help="target text of a similarity reward")
+    gen.add_argument("--reward-cache-prefix", action="store_true",
+                     help="causal rewards: compute the prompt side's keys/values once per batch")  # fmt: skip
     gen.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     gen.add_argument("--dataset", "--prompts-file", dest="dataset", metavar="PATH",
                      help="prompts: a .jsonl file (see --prompt-field) or a .txt file, one per line")  # fmt: skip
@@ -222,6 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--masked-fraction", type=float, default=0.5,
                        help="step suite / preset profile: share of response positions still masked when timing "
                             "starts (0.5: a run's average step; 1.0: its first steps)")  # fmt: skip
+    bench.add_argument(
+        "--reward-cache-prefix",
+        action="store_true",
+        help="step suite / preset profile: the reward caches its prompt side's keys and values",
+    )
     bench.add_argument("--out", default="bench/out", help="folder for the CSV, plots and traces")
     bench.set_defaults(run=_bench)
     return parser

@@ -26,7 +26,6 @@ batches and ``generate`` calls of the same shapes, so their graphs are captured 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -148,7 +147,7 @@ class DiffusionRun:
                 raise ValueError(f"batch canvas {tuple(fresh.shape)} does not fit this run's {tuple(buffer.shape)}")
             buffer.copy_(fresh)
         if reward_context is not None:
-            for buffer, fresh in zip(_context_tensors(self.reward_context), _context_tensors(reward_context)):
+            for buffer, fresh in zip(self.reward_context.tensors(), reward_context.tensors()):
                 buffer.copy_(fresh)
         for counter in (self.forward_passes, self.step_index, self.non_finite):
             counter.zero_()
@@ -297,11 +296,7 @@ def batch_shapes(prompt_ids: Sequence[Sequence[int]], num_samples: int, context:
     rows, prompt_length = len(prompt_ids) * num_samples, max(len(ids) for ids in prompt_ids)
     if context is None:
         return rows, prompt_length
-    return rows, prompt_length, tuple(tuple(t.shape) for t in _context_tensors(context))
-
-
-def _context_tensors(context: RewardContext) -> list[torch.Tensor]:
-    return [getattr(context, f.name) for f in dataclasses.fields(context)]
+    return rows, prompt_length, tuple(tuple(t.shape) for t in context.tensors())
 
 
 def _graph_pool(device: torch.device):

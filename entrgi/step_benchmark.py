@@ -50,6 +50,7 @@ class StepRow(RunInfo):
     preset: str
     method: str
     graphs: bool
+    reward_cache_prefix: bool
     new_tokens: int
     guidance_steps: int
     masked_fraction: float
@@ -81,8 +82,9 @@ def _qwen_config(shape: str, classifier: bool):
     return Qwen2Config(**common)
 
 
-def build_models(preset: str, device: torch.device, dtype: torch.dtype):
-    """Random-weight denoiser and reward of ``preset``'s shapes, built on ``device``."""
+def build_models(preset: str, device: torch.device, dtype: torch.dtype, cache_prefix: bool = False):
+    """Random-weight denoiser and reward of ``preset``'s shapes, built on ``device``
+    (``cache_prefix``: the reward computes its prompt side's keys / values once)."""
     from transformers import Qwen2ForCausalLM, Qwen3ForSequenceClassification
 
     denoiser_shape, reward_shape, _, _ = PRESETS[preset]
@@ -96,7 +98,7 @@ def build_models(preset: str, device: torch.device, dtype: torch.dtype):
         torch.set_default_dtype(default)
     vocab = SHAPES[denoiser_shape][-1]
     denoiser = Denoiser(body, _IdsOnlyTokenizer(), kind="dream", mask_token_id=vocab - 1)
-    return denoiser, ClassifierReward(classifier, _IdsOnlyTokenizer())
+    return denoiser, ClassifierReward(classifier, _IdsOnlyTokenizer(), cache_prefix=cache_prefix)
 
 
 def step_config(
@@ -125,6 +127,8 @@ def new_run(denoiser, reward, config: GuidanceConfig, seed: int = 0, masked_frac
         table[torch.randint(0, table.shape[0], (n, REWARD_SUFFIX_TOKENS), device=table.device)],
         torch.ones(n, REWARD_SUFFIX_TOKENS, dtype=torch.bool, device=table.device),
     )
+    if reward.cache_prefix:
+        context.prefix_kv = reward.cached_prefix(context)
     # Dream and the Qwen3 rewards share the Qwen vocabulary: identity mapping, clamped.
     ids = torch.arange(denoiser.vocab_size, device=table.device).clamp_max(table.shape[0] - 1)
     guidance = SimpleNamespace(weight=table[ids])
@@ -143,10 +147,12 @@ def preset_run(
     new_tokens: int = 128,
     graphs: bool = False,
     masked_fraction: float = 1.0,
+    reward_cache_prefix: bool = False,
 ) -> DiffusionRun:
     """A ready :class:`DiffusionRun` of ``preset``'s models and batch (for profiling)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    denoiser, reward = build_models(preset, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    denoiser, reward = build_models(preset, device, dtype, reward_cache_prefix)
     config = step_config(preset, method, guidance_steps, new_tokens, graphs)
     return new_run(denoiser, reward, config, masked_fraction=masked_fraction)
 
@@ -177,10 +183,11 @@ def bench_steps(
     timed: int = 8,
     device: str | None = None,
     masked_fraction: float = 0.5,
+    reward_cache_prefix: bool = False,
 ) -> list[StepRow]:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    denoiser, reward = build_models(preset, device, dtype)
+    denoiser, reward = build_models(preset, device, dtype, reward_cache_prefix)
     env = environment()
     rows = []
     for graphs in graph_modes:
@@ -194,7 +201,8 @@ def bench_steps(
                 torch.cuda.reset_peak_memory_stats()
             times = _time_steps(run, warmup=2 if graphs else 1, timed=min(timed, new_tokens - 2))
             peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-            rows.append(StepRow(**env, preset=preset, method=method, graphs=graphs, new_tokens=new_tokens,
+            rows.append(StepRow(**env, preset=preset, method=method, graphs=graphs,
+                                reward_cache_prefix=reward_cache_prefix, new_tokens=new_tokens,
                                 guidance_steps=guidance_steps, masked_fraction=masked_fraction,
                                 ms_per_step=statistics.median(times),
                                 p20_ms=quantile(times, 0.2), p80_ms=quantile(times, 0.8), peak_gib=peak))  # fmt: skip

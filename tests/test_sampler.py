@@ -54,9 +54,13 @@ def test_determinism_per_seed(denoisers, similarity_reward):
     assert [r.response_ids for r in first] != [r.response_ids for r in other]
 
 
-def test_runs_are_reused_across_batches_and_calls(denoisers, classifier_reward, monkeypatch):
-    """Batches of one shape share one cached run (refilled by ``load``) within a call and
-    across calls, with the tokens of freshly built runs."""
+@pytest.mark.parametrize("cache_prefix", [False, True])
+def test_runs_are_reused_across_batches_and_calls(denoisers, classifier_path, monkeypatch, cache_prefix):
+    """Batches of one shape share one cached run (refilled by ``load``, cached reward
+    prefix included) within a call and across calls, with the tokens of fresh runs."""
+    from entrgi import load_reward
+
+    classifier_reward = load_reward(classifier_path, cache_prefix=cache_prefix)
     denoiser = denoisers["dream"]
     prompts = ["red car", "big dog", "red car", "a much longer prompt than the others"]
     lengths = [len(ids) for ids in denoiser.encode_prompts(prompts)]

@@ -22,6 +22,7 @@ def load_reward(
     system_prompt: str | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
+    cache_prefix: bool = False,
     **from_pretrained_kwargs,
 ) -> Reward:
     """Load a reward model by hub id or local path.
@@ -29,6 +30,8 @@ def load_reward(
     kind : ``classifier`` (``AutoModelForSequenceClassification`` with one label),
         ``similarity`` (``AutoModel`` encoder; needs ``target``, the text to move towards)
         or ``likelihood`` (``AutoModelForCausalLM``: mean log P(response + suffix | prefix)).
+    cache_prefix : decoder classifier / likelihood rewards: compute the prompt side's
+        keys and values once per batch and score only response and suffix tokens.
     Extra keyword arguments go to ``from_pretrained``.
     """
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -40,10 +43,12 @@ def load_reward(
         from_pretrained_kwargs["dtype"] = dtype
     if kind == "classifier":
         model = AutoModelForSequenceClassification.from_pretrained(name_or_path, **from_pretrained_kwargs)
-        return ClassifierReward(model.to(device), tokenizer, system_prompt=system_prompt)
+        return ClassifierReward(model.to(device), tokenizer, system_prompt=system_prompt, cache_prefix=cache_prefix)
     if kind == "likelihood":
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **from_pretrained_kwargs)
-        return LikelihoodReward(model.to(device), tokenizer, system_prompt=system_prompt)
+        return LikelihoodReward(model.to(device), tokenizer, system_prompt=system_prompt, cache_prefix=cache_prefix)
+    if cache_prefix:
+        raise ValueError("cache_prefix needs a causal reward (classifier or likelihood), not a similarity encoder")
     model = AutoModel.from_pretrained(name_or_path, **from_pretrained_kwargs)
     return SimilarityReward(model.to(device), tokenizer, target=target or DEFAULT_TARGET)
 

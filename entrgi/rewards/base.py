@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Protocol, Sequence, runtime_checkable
 
@@ -9,6 +10,7 @@ import torch
 
 from entrgi.attention import attention_mask_4d
 from entrgi.rewards.packing import PREFIX, RESPONSE, SUFFIX, PackedInputs, pack_inputs
+from entrgi.rewards.prefix_cache import PrefixKeysValues, prefix_keys_values
 
 PLACEHOLDER = "<<ENTRGI_RESPONSE_PLACEHOLDER>>"
 
@@ -18,13 +20,24 @@ class RewardContext:
     """Per-row constant inputs for one batch, built once by :meth:`Reward.prepare`.
 
     Rows are ``num_samples`` contiguous copies of each prompt. Prefix is left-padded,
-    suffix right-padded; ``*_valid`` marks real tokens.
+    suffix right-padded; ``*_valid`` marks real tokens. ``prefix_kv``: the reward
+    model's keys then values over ``prefix[:, :-1]`` (one tensor per layer each) when
+    the reward caches its prefix, else None.
     """
 
     prefix_embeds: torch.Tensor  # (N, P, d)
     prefix_valid: torch.Tensor  # (N, P) bool
     suffix_embeds: torch.Tensor  # (N, S, d)
     suffix_valid: torch.Tensor  # (N, S) bool
+    prefix_kv: tuple[torch.Tensor, ...] | None = None
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor of the context, in field order (cached keys / values flattened)."""
+        found = []
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            found.extend(value if isinstance(value, tuple) else [] if value is None else [value])
+        return found
 
 
 @runtime_checkable
@@ -113,15 +126,22 @@ class EmbeddingInputReward:
     Subclasses provide ``context_ids(prompt) -> (prefix ids, suffix ids)`` and
     ``score_packed(packed) -> (N,)``, and set ``align`` (``right`` when the model reads
     the last column, ``left`` when it reads the first).
+
+    ``cache_prefix`` (causal models only): compute the prefix's keys and values once
+    per batch in :meth:`prepare`; each scoring then runs the model over the last
+    prefix token, the response and the suffix only (see ``prefix_cache``).
     """
 
     align = "right"
     max_response_tokens = 1024
 
-    def __init__(self, model, tokenizer):
+    def __init__(self, model, tokenizer, cache_prefix: bool = False):
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self._context_cache: dict[str, tuple[list[int], list[int]]] = {}
+        if cache_prefix and self.align != "right":
+            raise ValueError("cache_prefix needs a causal (decoder) reward model; this one reads its first column")
+        self.cache_prefix = cache_prefix
 
     @property
     def device(self) -> torch.device:
@@ -137,9 +157,35 @@ class EmbeddingInputReward:
         raise NotImplementedError
 
     def model_inputs(self, packed: PackedInputs, causal: bool) -> dict:
-        """Keyword arguments for the HF model, with a prebuilt 4-D mask (no host sync)."""
-        mask = attention_mask_4d(self.model, packed.attention_mask.bool(), causal, packed.inputs_embeds.dtype)
-        return {"inputs_embeds": packed.inputs_embeds, "attention_mask": mask, "position_ids": packed.position_ids}
+        """Keyword arguments for the HF model, with a prebuilt 4-D mask (no host sync)
+        and, for a cached prefix, its keys and values as ``past_key_values``."""
+        dtype = packed.inputs_embeds.dtype
+        mask = attention_mask_4d(self.model, packed.attention_mask.bool(), causal, dtype, packed.past_valid)
+        inputs = {"inputs_embeds": packed.inputs_embeds, "attention_mask": mask, "position_ids": packed.position_ids}
+        if packed.past_kv is not None:
+            layers = len(packed.past_kv) // 2
+            inputs["past_key_values"] = PrefixKeysValues(list(packed.past_kv[:layers]), list(packed.past_kv[layers:]))
+            inputs["use_cache"] = True
+        return inputs
+
+    def model_embeds(self, embeds: torch.Tensor) -> torch.Tensor:
+        """The part of context / guided embeddings the model takes as ``inputs_embeds``."""
+        return embeds
+
+    def cached_prefix(self, context: RewardContext) -> tuple[torch.Tensor, ...] | None:
+        """The model's keys then values over ``context``'s ``prefix[:, :-1]`` (what
+        :meth:`prepare` stores as ``prefix_kv`` with ``cache_prefix``); None when the
+        prefix has a single column."""
+        if context.prefix_embeds.shape[1] < 2:
+            return None  # nothing before the last prefix column
+        valid = context.prefix_valid[:, :-1]
+        embeds = self.model_embeds(context.prefix_embeds[:, :-1])
+        inputs = {
+            "inputs_embeds": embeds,
+            "attention_mask": attention_mask_4d(self.model, valid, True, embeds.dtype),
+            "position_ids": (valid.long().cumsum(-1) - 1).clamp_min(0),
+        }
+        return prefix_keys_values(self.model.base_model, inputs)
 
     def _cached_context_ids(self, prompt: str) -> tuple[list[int], list[int]]:
         if prompt not in self._context_cache:
@@ -153,25 +199,36 @@ class EmbeddingInputReward:
         contexts = [self._cached_context_ids(p) for p in prompts for _ in range(num_samples)]
         prefix_ids, prefix_valid = pad_id_lists([c[0] for c in contexts], "left")
         suffix_ids, suffix_valid = pad_id_lists([c[1] for c in contexts], "right")
-        return RewardContext(
+        context = RewardContext(
             self._embed_ids(prefix_ids),
             prefix_valid.to(self.device),
             self._embed_ids(suffix_ids),
             suffix_valid.to(self.device),
         )
+        if self.cache_prefix:
+            context.prefix_kv = self.cached_prefix(context)
+        return context
 
     def pack(self, context: RewardContext, response_embeds: torch.Tensor, response_valid: torch.Tensor) -> PackedInputs:
-        """Concatenate ``[prefix | response | suffix]`` and pack it (see ``pack_inputs``)."""
-        embeds = torch.cat(
-            [context.prefix_embeds, response_embeds.to(context.prefix_embeds.dtype), context.suffix_embeds], dim=1
-        )
-        valid = torch.cat([context.prefix_valid, response_valid, context.suffix_valid], dim=1)
+        """Concatenate ``[prefix | response | suffix]`` and pack it (see ``pack_inputs``);
+        with cached prefix keys only the prefix's last column leads the block."""
+        cached = context.prefix_kv is not None
+        prefix_embeds, prefix_valid = context.prefix_embeds, context.prefix_valid
+        if cached:
+            prefix_embeds, prefix_valid = prefix_embeds[:, -1:], prefix_valid[:, -1:]
+        embeds = torch.cat([prefix_embeds, response_embeds.to(prefix_embeds.dtype), context.suffix_embeds], dim=1)
+        valid = torch.cat([prefix_valid, response_valid, context.suffix_valid], dim=1)
         segment = torch.cat([
-            torch.full_like(context.prefix_valid, PREFIX, dtype=torch.long),
+            torch.full_like(prefix_valid, PREFIX, dtype=torch.long),
             torch.full_like(response_valid, RESPONSE, dtype=torch.long),
             torch.full_like(context.suffix_valid, SUFFIX, dtype=torch.long),
         ], dim=1)  # fmt: skip
-        return pack_inputs(embeds, valid, self.align, segment)
+        packed = pack_inputs(embeds, valid, self.align, segment)
+        if not cached:
+            return packed
+        past_valid = context.prefix_valid[:, :-1]
+        positions = packed.position_ids + past_valid.sum(-1, keepdim=True)  # positions count real tokens
+        return packed._replace(position_ids=positions, past_kv=context.prefix_kv, past_valid=past_valid)
 
     def pack_texts(self, prompts: Sequence[str], responses: Sequence[str]) -> PackedInputs:
         """Packed real-token inputs for decoded responses (truncated to ``max_response_tokens``)."""

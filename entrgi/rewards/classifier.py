@@ -20,15 +20,16 @@ class ClassifierReward(EmbeddingInputReward):
     the last real token (decoder reward models) or the first (BERT-style ``[CLS]``).
     The response sits in the reward tokenizer's chat (see :func:`chat_context_ids`);
     ``tokenizer`` may be None when only :meth:`score_embeds` is used (integrations).
+    ``cache_prefix``: decoder classifiers only (see :class:`EmbeddingInputReward`).
     """
 
-    def __init__(self, model, tokenizer, system_prompt: str | None = None):
+    def __init__(self, model, tokenizer, system_prompt: str | None = None, cache_prefix: bool = False):
         num_labels = getattr(model.config, "num_labels", 1)
         if num_labels != 1:
             raise ValueError(f"a classifier reward needs num_labels == 1, got {num_labels}")
-        super().__init__(model, tokenizer)
-        self.system_prompt = system_prompt
         self.align = "right" if last_token_pooling(model) else "left"
+        super().__init__(model, tokenizer, cache_prefix)
+        self.system_prompt = system_prompt
         if getattr(model.config, "pad_token_id", None) is None:
             # Only checked for presence when batching: pooling reads our right-aligned last column.
             pad = getattr(tokenizer, "pad_token_id", None)

@@ -4,6 +4,8 @@ causal LM, fed guided embeddings like the classifier reward (the published
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from entrgi.rewards.base import EmbeddingInputReward, RewardContext, chat_context_ids
@@ -26,15 +28,16 @@ class LikelihoodReward(EmbeddingInputReward):
     ``t_mix``, and the guidance loop appends ``t_soft`` (``soft_target_columns``).
     Gradients reach phi through the input half only, as in the published code; value
     and gradient equal the published ones. Real tokens get exact log-probs.
+    ``cache_prefix``: see :class:`EmbeddingInputReward`.
     """
 
     align = "right"
 
-    def __init__(self, model, tokenizer, system_prompt: str | None = None):
+    def __init__(self, model, tokenizer, system_prompt: str | None = None, cache_prefix: bool = False):
         head = model.get_output_embeddings()
         if head is None or getattr(head, "bias", None) is not None:
             raise ValueError("LikelihoodReward needs a causal LM whose output head is a linear map without bias")
-        super().__init__(model, tokenizer)
+        super().__init__(model, tokenizer, cache_prefix)
         self.system_prompt = system_prompt
         inputs = model.get_input_embeddings().weight
         self.hidden_size = inputs.shape[1]
@@ -57,14 +60,18 @@ class LikelihoodReward(EmbeddingInputReward):
         if response_embeds.shape[-1] > self._table.shape[1]:  # soft targets appended: a real token is its own
             columns = self.soft_target_columns
             widen = lambda embeds: torch.cat([embeds, embeds[..., columns]], dim=-1)  # noqa: E731
-            context = RewardContext(widen(context.prefix_embeds), context.prefix_valid,
-                                    widen(context.suffix_embeds), context.suffix_valid)  # fmt: skip
+            context = dataclasses.replace(
+                context, prefix_embeds=widen(context.prefix_embeds), suffix_embeds=widen(context.suffix_embeds)
+            )
         return super().pack(context, response_embeds, response_valid)
 
+    def model_embeds(self, embeds: torch.Tensor) -> torch.Tensor:
+        return embeds[..., : self.hidden_size]  # the W_in half
+
     def score_packed(self, packed: PackedInputs) -> torch.Tensor:
-        d, width = self.hidden_size, self._table.shape[1]
+        width = self._table.shape[1]
         embeds = packed.inputs_embeds
-        inputs = embeds[..., :d]
+        inputs = self.model_embeds(embeds)
         mixed = embeds[:, 1:, self.soft_target_columns].detach().float()
         soft = embeds[:, 1:, width:].detach().float() if embeds.shape[-1] > width else mixed
         model_inputs = self.model_inputs(packed._replace(inputs_embeds=inputs), causal=True)

@@ -21,6 +21,8 @@ class PackedInputs(NamedTuple):
     attention_mask: torch.Tensor  # (N, S) int64, 1 = real token
     position_ids: torch.Tensor  # (N, S) int64
     segment: torch.Tensor | None = None  # (N, S) int64 segment id per packed position
+    past_kv: tuple[torch.Tensor, ...] | None = None  # cached prefix keys then values, one per layer
+    past_valid: torch.Tensor | None = None  # (N, P) bool: real tokens among the cached prefix keys
 
 
 def pack_inputs(

@@ -1,0 +1,60 @@
+"""Prompt-side keys and values of a causal reward model, computed once per batch.
+
+In ``[prefix | response | suffix]`` the prefix (the chat up to the response) never
+changes during a run, and a causal model's prefix states do not depend on what
+follows. So the prefix's keys and values are computed once (``prefix_keys_values``)
+and every guidance step runs the model over ``[last prefix token | response |
+suffix]`` only, attending to the cached keys: the same values and gradients for
+about (prefix length / total length) less reward compute and activation memory.
+The last prefix token stays in the new block so the block always holds a real
+token (the classifier reads the last one; the likelihood reward needs the state
+that predicts the first response token).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class PrefixKeysValues:
+    """A ``past_key_values`` for HF attention layers that call ``update(k, v, layer)``:
+    returns each layer's cached prefix keys / values (N, heads, P, head_dim) followed by
+    the new ones, and stores nothing, so one instance serves every step and replay."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]):
+        self.keys, self.values = keys, values
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        keys = torch.cat([self.keys[layer_idx], key_states], dim=-2)
+        return keys, torch.cat([self.values[layer_idx], value_states], dim=-2)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.keys[0].shape[-2]
+
+
+class _Recorder:
+    """A ``past_key_values`` that keeps what each layer computes (the prefill pass)."""
+
+    def __init__(self):
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        self.keys[layer_idx], self.values[layer_idx] = key_states, value_states
+        return key_states, value_states
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+
+@torch.no_grad()
+def prefix_keys_values(base_model, inputs: dict) -> tuple[torch.Tensor, ...]:
+    """Run ``base_model`` (the decoder body) on the prefix ``inputs`` (inputs_embeds,
+    attention_mask, position_ids) and return its keys then its values, one tensor per
+    layer each: ``(k_0, ..., k_L-1, v_0, ..., v_L-1)``."""
+    recorder = _Recorder()
+    base_model(**inputs, past_key_values=recorder, use_cache=True)
+    layers = sorted(recorder.keys)
+    if not layers or layers != list(range(len(layers))):
+        raise ValueError("the reward model's layers do not call past_key_values.update: cannot cache its prefix")
+    return tuple(recorder.keys[i] for i in layers) + tuple(recorder.values[i] for i in layers)
