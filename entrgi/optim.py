@@ -26,8 +26,12 @@ class LogitAdam:
         self.step_count = 0
         self.active = active
         self.fused = resolve_backend(backend, param.device) == "triton"
-        if self.fused and not (param.dtype == torch.float32 and param.is_contiguous()):
-            raise ValueError(f"the fused Adam needs a contiguous float32 param, got {param.dtype}")
+        if self.fused:
+            if not (param.dtype == torch.float32 and param.is_contiguous()):
+                raise ValueError(f"the fused Adam needs a contiguous float32 param, got {param.dtype}")
+            from entrgi.ops.triton_backend import skip_flags
+
+            self._skip = None if active is None else skip_flags(active.reshape(-1))
 
     @torch.no_grad()
     def step(self, grad: torch.Tensor) -> None:
@@ -37,9 +41,8 @@ class LogitAdam:
             from entrgi_kernels.adam import adam_step
 
             vocab = self.param.shape[-1]
-            skip = None if self.active is None else (~self.active).reshape(-1).to(torch.int32)
             adam_step(self.param.view(-1, vocab), grad.reshape(-1, vocab).contiguous(), self.exp_avg.view(-1, vocab),
-                      self.exp_avg_sq.view(-1, vocab), self.step_count, self.lr, beta1, beta2, self.eps, skip)  # fmt: skip
+                      self.exp_avg_sq.view(-1, vocab), self.step_count, self.lr, beta1, beta2, self.eps, self._skip)  # fmt: skip
             return
         if self.active is not None:
             grad = grad * self.active.unsqueeze(-1)  # zero gradient and moments: the row stays put

@@ -28,7 +28,7 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _skip_flags(active: torch.Tensor | None) -> torch.Tensor | None:
+def skip_flags(active: torch.Tensor | None) -> torch.Tensor | None:
     """(R,) int32, nonzero where the per-row kernels skip the row."""
     return None if active is None else (~active).to(torch.int32)
 
@@ -88,7 +88,7 @@ def guided_embedding(phi, table, temperature, top_p, top_k, mode, generator, act
     from entrgi_kernels.row_stats import row_stats
 
     phi, table = _rows(phi), _rows(table)
-    skip = _skip_flags(active)
+    skip = skip_flags(active)
     stats = row_stats(phi.detach(), temperature if temperature > 0 else 1.0, skip)
     weights = _mode_weights(stats.entropy, mode)
     if temperature == 0.0:
@@ -116,7 +116,7 @@ def sample_step(phi, phi_init, temperature, top_p, top_k, alg, generator, active
     from entrgi_kernels.threshold import keep_threshold_keys
 
     phi = _rows(phi.detach())
-    skip = _skip_flags(active)
+    skip = skip_flags(active)
     tau = temperature if temperature > 0 else 1.0  # greedy reads probabilities at tau = 1, as Dream
     stats = row_stats(phi, tau, skip)
     if alg in ("maskgit_plus", "topk_margin"):  # need the kept law's normaliser: threshold path
