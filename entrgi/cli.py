@@ -63,7 +63,8 @@ def _generate(args) -> int:
         reward = None
         if args.reward_model:
             reward = load_reward(args.reward_model, kind=args.reward_kind, target=args.target, device=device,
-                                 dtype=dtype, cache_prefix=args.reward_cache_prefix)  # fmt: skip
+                                 dtype=dtype, cache_prefix=args.reward_cache_prefix,
+                                 checkpoint_layers=args.reward_checkpoint)  # fmt: skip
         job = BatchedGeneration(prompts, denoiser, reward, config)
         batches = range(job.num_batches)
         log = None
@@ -131,6 +132,7 @@ def _bench(args) -> int:
                 new_tokens=args.new_tokens,
                 masked_fraction=args.masked_fraction,
                 reward_cache_prefix=args.reward_cache_prefix,
+                reward_checkpoint=args.reward_checkpoint,
             )
         print(benchmark.profile_step(args.steps, out_dir, run=run))
         return 0
@@ -165,7 +167,8 @@ def _bench_steps(args, out_dir: Path, gpu: bool) -> int:
         rows += step_benchmark.bench_steps(preset, methods=args.methods, guidance_steps=args.guidance_steps,
                                            new_tokens=args.new_tokens, timed=args.repeats,
                                            masked_fraction=args.masked_fraction,
-                                           reward_cache_prefix=args.reward_cache_prefix)  # fmt: skip
+                                           reward_cache_prefix=args.reward_cache_prefix,
+                                           reward_checkpoint=args.reward_checkpoint)  # fmt: skip
     print(rows[0].header())
     print(step_benchmark.format_steps(rows))
     csv_path = out_dir / "step_results.csv"
@@ -186,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--target", help="target text of a similarity reward")
     gen.add_argument("--reward-cache-prefix", action="store_true",
                      help="causal rewards: compute the prompt side's keys/values once per batch")  # fmt: skip
+    gen.add_argument("--reward-checkpoint", action="store_true",
+                     help="recompute the reward's layer activations in the guidance backward (less memory)")  # fmt: skip
     gen.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     gen.add_argument("--dataset", "--prompts-file", dest="dataset", metavar="PATH",
                      help="prompts: a .jsonl file (see --prompt-field) or a .txt file, one per line")  # fmt: skip
@@ -231,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="step suite / preset profile: the reward caches its prompt side's keys and values",
     )
+    bench.add_argument("--reward-checkpoint", action="store_true",
+                       help="step suite / preset profile: the reward recomputes its layer activations in the backward")  # fmt: skip
     bench.add_argument("--out", default="bench/out", help="folder for the CSV, plots and traces")
     bench.set_defaults(run=_bench)
     return parser

@@ -51,6 +51,7 @@ class StepRow(RunInfo):
     method: str
     graphs: bool
     reward_cache_prefix: bool
+    reward_checkpoint: bool
     new_tokens: int
     guidance_steps: int
     masked_fraction: float
@@ -82,9 +83,12 @@ def _qwen_config(shape: str, classifier: bool):
     return Qwen2Config(**common)
 
 
-def build_models(preset: str, device: torch.device, dtype: torch.dtype, cache_prefix: bool = False):
+def build_models(
+    preset: str, device: torch.device, dtype: torch.dtype, cache_prefix: bool = False, checkpoint_layers: bool = False
+):
     """Random-weight denoiser and reward of ``preset``'s shapes, built on ``device``
-    (``cache_prefix``: the reward computes its prompt side's keys / values once)."""
+    (``cache_prefix``: the reward computes its prompt side's keys / values once;
+    ``checkpoint_layers``: it recomputes its layers' activations in the backward)."""
     from transformers import Qwen2ForCausalLM, Qwen3ForSequenceClassification
 
     denoiser_shape, reward_shape, _, _ = PRESETS[preset]
@@ -98,7 +102,9 @@ def build_models(preset: str, device: torch.device, dtype: torch.dtype, cache_pr
         torch.set_default_dtype(default)
     vocab = SHAPES[denoiser_shape][-1]
     denoiser = Denoiser(body, _IdsOnlyTokenizer(), kind="dream", mask_token_id=vocab - 1)
-    return denoiser, ClassifierReward(classifier, _IdsOnlyTokenizer(), cache_prefix=cache_prefix)
+    reward = ClassifierReward(classifier, _IdsOnlyTokenizer(), cache_prefix=cache_prefix,
+                              checkpoint_layers=checkpoint_layers)  # fmt: skip
+    return denoiser, reward
 
 
 def step_config(
@@ -148,11 +154,12 @@ def preset_run(
     graphs: bool = False,
     masked_fraction: float = 1.0,
     reward_cache_prefix: bool = False,
+    reward_checkpoint: bool = False,
 ) -> DiffusionRun:
     """A ready :class:`DiffusionRun` of ``preset``'s models and batch (for profiling)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    denoiser, reward = build_models(preset, device, dtype, reward_cache_prefix)
+    denoiser, reward = build_models(preset, device, dtype, reward_cache_prefix, reward_checkpoint)
     config = step_config(preset, method, guidance_steps, new_tokens, graphs)
     return new_run(denoiser, reward, config, masked_fraction=masked_fraction)
 
@@ -184,10 +191,11 @@ def bench_steps(
     device: str | None = None,
     masked_fraction: float = 0.5,
     reward_cache_prefix: bool = False,
+    reward_checkpoint: bool = False,
 ) -> list[StepRow]:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    denoiser, reward = build_models(preset, device, dtype, reward_cache_prefix)
+    denoiser, reward = build_models(preset, device, dtype, reward_cache_prefix, reward_checkpoint)
     env = environment()
     rows = []
     for graphs in graph_modes:
@@ -202,7 +210,8 @@ def bench_steps(
             times = _time_steps(run, warmup=2 if graphs else 1, timed=min(timed, new_tokens - 2))
             peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
             rows.append(StepRow(**env, preset=preset, method=method, graphs=graphs,
-                                reward_cache_prefix=reward_cache_prefix, new_tokens=new_tokens,
+                                reward_cache_prefix=reward_cache_prefix, reward_checkpoint=reward_checkpoint,
+                                new_tokens=new_tokens,
                                 guidance_steps=guidance_steps, masked_fraction=masked_fraction,
                                 ms_per_step=statistics.median(times),
                                 p20_ms=quantile(times, 0.2), p80_ms=quantile(times, 0.8), peak_gib=peak))  # fmt: skip

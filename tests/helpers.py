@@ -61,3 +61,34 @@ def assert_law(samples: torch.Tensor, law: torch.Tensor) -> None:
     df = int(support.sum()) - 1
     if df > 0:
         assert stat < chi2_critical(df), f"χ²={stat:.1f} exceeds the {df}-dof critical value"
+
+
+def guided_reward_inputs(reward, rows: int, length: int, seed: int, extra_columns: int = 0):
+    """(rows, length, d) random mixes of the reward's table rows (like guided embeddings),
+    requiring grad, and (rows, length) valid masks cut at random."""
+    g = torch.Generator().manual_seed(seed)
+    table = reward.input_embeddings().detach()
+    weights = torch.softmax(torch.randn(rows, length, table.shape[0], generator=g) * 3, dim=-1)
+    embeds = weights @ table
+    if extra_columns:
+        embeds = torch.cat([embeds, weights @ table[:, -extra_columns:]], dim=-1)
+    ends = torch.randint(0, length + 1, (rows,), generator=g)
+    valid = torch.arange(length)[None, :] < ends[:, None]
+    return embeds.requires_grad_(True), valid
+
+
+def reward_scores_and_grads(reward, context, embeds, valid):
+    """Rewards (N,) and their summed gradient with respect to ``embeds``."""
+    scores = reward.score_embeds(context, embeds, valid)
+    (grad,) = torch.autograd.grad(scores.sum(), embeds)
+    return scores, grad
+
+
+def assert_same_rewards(reference, candidate, embeds, valid, tol: float = 1e-5) -> None:
+    """``reference`` and ``candidate`` ((reward, context) pairs) give the same rewards and
+    gradients for ``embeds``; the gradient is not all zero."""
+    want, want_grad = reward_scores_and_grads(*reference, embeds, valid)
+    got, got_grad = reward_scores_and_grads(*candidate, embeds, valid)
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    torch.testing.assert_close(got_grad, want_grad, atol=tol, rtol=tol)
+    assert want_grad.abs().sum() > 0

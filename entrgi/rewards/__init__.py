@@ -23,6 +23,7 @@ def load_reward(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     cache_prefix: bool = False,
+    checkpoint_layers: bool = False,
     **from_pretrained_kwargs,
 ) -> Reward:
     """Load a reward model by hub id or local path.
@@ -32,6 +33,9 @@ def load_reward(
         or ``likelihood`` (``AutoModelForCausalLM``: mean log P(response + suffix | prefix)).
     cache_prefix : decoder classifier / likelihood rewards: compute the prompt side's
         keys and values once per batch and score only response and suffix tokens.
+    checkpoint_layers : during guidance, keep only each layer's input for the backward
+        and recompute the rest (most of the reward's activation memory, for about one
+        extra reward forward per guidance step).
     Extra keyword arguments go to ``from_pretrained``.
     """
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -41,16 +45,19 @@ def load_reward(
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     if dtype is not None:
         from_pretrained_kwargs["dtype"] = dtype
+    options = {"cache_prefix": cache_prefix, "checkpoint_layers": checkpoint_layers}
     if kind == "classifier":
         model = AutoModelForSequenceClassification.from_pretrained(name_or_path, **from_pretrained_kwargs)
-        return ClassifierReward(model.to(device), tokenizer, system_prompt=system_prompt, cache_prefix=cache_prefix)
+        return ClassifierReward(model.to(device), tokenizer, system_prompt=system_prompt, **options)
     if kind == "likelihood":
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **from_pretrained_kwargs)
-        return LikelihoodReward(model.to(device), tokenizer, system_prompt=system_prompt, cache_prefix=cache_prefix)
+        return LikelihoodReward(model.to(device), tokenizer, system_prompt=system_prompt, **options)
     if cache_prefix:
         raise ValueError("cache_prefix needs a causal reward (classifier or likelihood), not a similarity encoder")
     model = AutoModel.from_pretrained(name_or_path, **from_pretrained_kwargs)
-    return SimilarityReward(model.to(device), tokenizer, target=target or DEFAULT_TARGET)
+    return SimilarityReward(
+        model.to(device), tokenizer, target=target or DEFAULT_TARGET, checkpoint_layers=checkpoint_layers
+    )
 
 
 __all__ = [

@@ -9,6 +9,7 @@ from typing import Protocol, Sequence, runtime_checkable
 import torch
 
 from entrgi.attention import attention_mask_4d
+from entrgi.rewards.checkpointing import checkpoint_layers_of, checkpointed
 from entrgi.rewards.packing import PREFIX, RESPONSE, SUFFIX, PackedInputs, pack_inputs
 from entrgi.rewards.prefix_cache import PrefixKeysValues, prefix_keys_values
 
@@ -130,18 +131,25 @@ class EmbeddingInputReward:
     ``cache_prefix`` (causal models only): compute the prefix's keys and values once
     per batch in :meth:`prepare`; each scoring then runs the model over the last
     prefix token, the response and the suffix only (see ``prefix_cache``).
+
+    ``checkpoint_layers``: during guidance (:meth:`score_embeds`) the model's layers
+    keep only their inputs for the backward and recompute the rest (see
+    ``checkpointing``): most of the reward's activation memory for about one extra
+    forward. Same values and gradients.
     """
 
     align = "right"
     max_response_tokens = 1024
 
-    def __init__(self, model, tokenizer, cache_prefix: bool = False):
+    def __init__(self, model, tokenizer, cache_prefix: bool = False, checkpoint_layers: bool = False):
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self._context_cache: dict[str, tuple[list[int], list[int]]] = {}
         if cache_prefix and self.align != "right":
             raise ValueError("cache_prefix needs a causal (decoder) reward model; this one reads its first column")
         self.cache_prefix = cache_prefix
+        self.checkpoint_layers = checkpoint_layers
+        self._layers = checkpoint_layers_of(self.model) if checkpoint_layers else []
 
     @property
     def device(self) -> torch.device:
@@ -166,6 +174,8 @@ class EmbeddingInputReward:
             layers = len(packed.past_kv) // 2
             inputs["past_key_values"] = PrefixKeysValues(list(packed.past_kv[:layers]), list(packed.past_kv[layers:]))
             inputs["use_cache"] = True
+        elif causal:
+            inputs["use_cache"] = False  # no key/value cache to build (and none to grow on recompute)
         return inputs
 
     def model_embeds(self, embeds: torch.Tensor) -> torch.Tensor:
@@ -241,7 +251,8 @@ class EmbeddingInputReward:
     def score_embeds(
         self, context: RewardContext, response_embeds: torch.Tensor, response_valid: torch.Tensor
     ) -> torch.Tensor:
-        return self.score_packed(self.pack(context, response_embeds, response_valid)).float()
+        with checkpointed(self._layers):
+            return self.score_packed(self.pack(context, response_embeds, response_valid)).float()
 
     @torch.no_grad()
     def score_texts(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:

@@ -1,0 +1,92 @@
+"""Reward layer checkpointing: same rewards and gradients, fewer saved activations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from entrgi import generate, load_denoiser, load_reward
+from helpers import assert_same_rewards, guided_reward_inputs
+
+PROMPTS = ["hi", "tell me a long story about the sea and the wind"]
+
+
+def _saved_bytes(reward, context, embeds, valid) -> int:
+    """Bytes of the distinct non-parameter tensors autograd keeps for the reward's backward."""
+    parameters = {p.untyped_storage().data_ptr() for p in reward.model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        reward.score_embeds(context, embeds, valid)
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("cache_prefix", [False, True])
+def test_checkpointed_classifier_matches_and_saves_less(classifier_path, cache_prefix):
+    plain = load_reward(classifier_path, cache_prefix=cache_prefix)
+    checkpointed = load_reward(classifier_path, cache_prefix=cache_prefix, checkpoint_layers=True)
+    context = plain.prepare(PROMPTS, 3)
+    embeds, valid = guided_reward_inputs(plain, 6, 7, seed=3)
+    assert_same_rewards((plain, context), (checkpointed, context), embeds, valid, tol=1e-6)
+    assert _saved_bytes(checkpointed, context, embeds, valid) < 0.6 * _saved_bytes(plain, context, embeds, valid)
+
+
+def test_checkpointed_likelihood_and_similarity_match(likelihood_path, minilm_path):
+    for path, kind, options in ((likelihood_path, "likelihood", {}), (minilm_path, "similarity", {"target": "sea"})):
+        plain = load_reward(path, kind=kind, **options)
+        checkpointed = load_reward(path, kind=kind, checkpoint_layers=True, **options)
+        context = plain.prepare(PROMPTS, 2)
+        soft_width = plain.hidden_size if kind == "likelihood" and not plain.tied else 0
+        embeds, valid = guided_reward_inputs(plain, 4, 5, seed=4, extra_columns=soft_width)
+        assert_same_rewards((plain, context), (checkpointed, context), embeds, valid, tol=1e-6)
+
+
+def test_layers_get_their_own_forward_back(classifier_path):
+    reward = load_reward(classifier_path, checkpoint_layers=True)
+    layers = reward.model.base_model.layers
+    context = reward.prepare(PROMPTS, 1)
+    embeds, valid = guided_reward_inputs(reward, 2, 4, seed=5)
+    reward.score_embeds(context, embeds, valid)
+    assert all("forward" not in layer.__dict__ for layer in layers)
+    with pytest.raises(ValueError, match="boom"):
+        reward.score_packed = lambda packed: (_ for _ in ()).throw(ValueError("boom"))
+        reward.score_embeds(context, embeds, valid)
+    assert all("forward" not in layer.__dict__ for layer in layers)
+
+
+def test_checkpointing_needs_transformers_layers(chat_tokenizer):
+    from entrgi.rewards import ClassifierReward
+
+    class Plain(torch.nn.Module):
+        config = type("Config", (), {"num_labels": 1, "pad_token_id": 0})()
+
+    with pytest.raises(ValueError, match="GradientCheckpointingLayer"):
+        ClassifierReward(Plain(), chat_tokenizer, checkpoint_layers=True)
+
+
+def test_generate_with_checkpointed_reward_gives_the_same_tokens(denoiser_paths, classifier_path):
+    denoiser = load_denoiser(denoiser_paths["dream"], kind="dream")
+    common = dict(steps=4, max_new_tokens=6, num_samples=2, guidance_steps=2, seed=6, progress=False)
+    plain = generate(PROMPTS, denoiser=denoiser, reward=load_reward(classifier_path), **common)
+    reward = load_reward(classifier_path, checkpoint_layers=True, cache_prefix=True)
+    checkpointed = generate(PROMPTS, denoiser=denoiser, reward=reward, **common)
+    assert [r.response_ids for r in checkpointed] == [r.response_ids for r in plain]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(
+    "options", [{"cache_prefix": True}, {"checkpoint_layers": True}, {"cache_prefix": True, "checkpoint_layers": True}]
+)
+def test_graph_replay_with_reward_memory_options_matches_eager(denoiser_paths, classifier_path, options):
+    denoiser = load_denoiser(denoiser_paths["dream"], kind="dream", device="cuda")
+    reward = load_reward(classifier_path, device="cuda", **options)
+    common = dict(steps=6, max_new_tokens=8, num_samples=2, guidance_steps=2, seed=7, progress=False)
+    eager = generate(PROMPTS, denoiser=denoiser, reward=reward, cuda_graphs=False, **common)
+    graphed = generate(PROMPTS, denoiser=denoiser, reward=reward, cuda_graphs=True, **common)
+    assert [r.response_ids for r in graphed] == [r.response_ids for r in eager]
