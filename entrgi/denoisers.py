@@ -60,7 +60,9 @@ class Denoiser:
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self.max_length = getattr(model.config, "max_position_embeddings", None)
         self.end_token_ids = self._find_end_ids()
-        self._takes_position_ids = "position_ids" in inspect.signature(model.forward).parameters
+        arguments = inspect.signature(model.forward).parameters
+        self._takes_position_ids = "position_ids" in arguments
+        self._keep_argument = next((a for a in ("logits_to_keep", "num_logits_to_keep") if a in arguments), None)
         self.run_cache = RunCache()
 
     @property
@@ -100,20 +102,36 @@ class Denoiser:
             return [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
         return [self.tokenizer(p)["input_ids"] for p in prompts]
 
-    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def logits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_last: int | None = None
+    ) -> torch.Tensor:
         """(N, L) ids and (N, L) bool key-padding mask -> (N, L, V) logits, where
-        ``logits[:, i]`` is the prediction for position i (Dream's shift applied)."""
-        positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        ``logits[:, i]`` is the prediction for position i (Dream's shift applied).
+        ``keep_last``: only the last that many positions, (N, keep_last, V); models
+        that take ``logits_to_keep`` / ``num_logits_to_keep`` then run their output
+        head on those positions only (the prompt's logits are never computed)."""
+        length = input_ids.shape[1]
+        if keep_last is not None and not 0 < keep_last <= length:
+            raise ValueError(f"keep_last must be in [1, {length}], got {keep_last}")
         if self.kind == "llada":
             # LLaDA's own code turns a 2-D mask into an additive bias (no host check).
-            return self.model(input_ids=input_ids, attention_mask=attention_mask.long()).logits
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask.long()).logits
+            return logits if keep_last is None else logits[:, -keep_last:]
+        shift = int(self.kind == "dream")
+        head_rows = None if keep_last is None or keep_last + shift > length else keep_last + shift
         # Key-padding mask, 4-D so the model uses it as given: bidirectional, no host sync.
-        mask = attention_mask_4d(self.model, attention_mask, causal=False, dtype=self.model.dtype)
-        kwargs = {"position_ids": positions} if self._takes_position_ids else {}
-        logits = self.model(input_ids=input_ids, attention_mask=mask, **kwargs).logits
-        if self.kind == "dream":
-            return torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
-        return logits
+        kwargs = {"attention_mask": attention_mask_4d(self.model, attention_mask, causal=False, dtype=self.model.dtype)}
+        if self._takes_position_ids:
+            kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        if head_rows is not None and self._keep_argument is not None:
+            kwargs[self._keep_argument] = head_rows
+        logits = self.model(input_ids=input_ids, **kwargs).logits
+        if head_rows is not None:  # (N, head_rows, V): the last positions' raw logits
+            logits = logits[:, -head_rows:]
+            return logits[:, :keep_last] if shift else logits
+        if shift:
+            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+        return logits if keep_last is None else logits[:, -keep_last:]
 
     def decode(self, response_ids: Sequence[int]) -> str:
         """Text of one response: cut at the first end token; ids with no string (beyond

@@ -36,7 +36,7 @@ from torch.profiler import record_function
 from entrgi.config import GUIDED_METHODS, GuidanceConfig
 from entrgi.denoisers import Denoiser
 from entrgi.guidance import GuidanceStep, optimize_logits
-from entrgi.ops import sample_step
+from entrgi.ops import entropy_confidence, sample_step
 from entrgi.rewards import Reward, VocabMapping, build_vocab_mapping
 from entrgi.rewards.base import RewardContext, pad_id_lists
 from entrgi.schedule import (
@@ -171,26 +171,30 @@ class DiffusionRun:
         masked = self.response == self.denoiser.mask_token_id
         self.forward_passes += masked.any(-1)
         with torch.no_grad(), record_function("entrgi.denoiser_forward"):
-            phi_init = self.response_logits()
+            phi = self.response_logits()
         in_block = masked if cfg.block_length is None else masked & current_block(masked, cfg.block_length)
+        initial_confidence = None
         if guided:
+            if cfg.alg == "entropy":  # the commit scores the un-steered logits: before they move
+                initial_confidence = entropy_confidence(phi, temperature=cfg.temperature, backend=cfg.backend,
+                                                        active=in_block)  # fmt: skip
             steered = in_block if cfg.guidance_scope == "block" and cfg.block_length is not None else None
-            phi = self.optimize(phi_init, masked, steered)
-        else:
-            phi = phi_init
+            self.optimize(phi, masked, steered)
         with record_function("entrgi.commit"):
-            self.commit(phi, phi_init, in_block)
+            self.commit(phi, in_block, initial_confidence)
         self.step_index += 1
 
     def response_logits(self) -> torch.Tensor:
-        """(N, G, V) float32 logits of the response block; with ``cfg_scale`` the
-        classifier-free mix ``un + (s + 1)(cond - un)``, ``un`` seeing the prompt masked."""
-        scale = self.config.cfg_scale
+        """(N, G, V) contiguous float32 logits of the response block (a fresh tensor);
+        with ``cfg_scale`` the classifier-free mix ``un + (s + 1)(cond - un)``, ``un``
+        seeing the prompt masked."""
+        scale, width = self.config.cfg_scale, self.config.max_new_tokens
         if scale == 0:
-            return self.denoiser.logits(self.canvas, self.attention)[:, self.prompt_length :].float()
+            logits = self.denoiser.logits(self.canvas, self.attention, keep_last=width)
+            return logits.to(torch.float32, copy=True, memory_format=torch.contiguous_format)
         unconditional = self.canvas.masked_fill(self.prompt_tokens, self.denoiser.mask_token_id)
-        both = self.denoiser.logits(torch.cat([self.canvas, unconditional]), self.attention.repeat(2, 1))
-        cond, un = both[:, self.prompt_length :].float().chunk(2)
+        both = self.denoiser.logits(torch.cat([self.canvas, unconditional]), self.attention.repeat(2, 1), width)
+        cond, un = both.float().chunk(2)
         return un + (scale + 1) * (cond - un)
 
     def graphed_step(self, step: int) -> None:
@@ -213,20 +217,22 @@ class DiffusionRun:
             self._graphs[guided] = graph
         graph.replay()
 
-    def commit(self, phi: torch.Tensor, phi_init: torch.Tensor, eligible: torch.Tensor) -> None:
+    def commit(self, phi: torch.Tensor, eligible: torch.Tensor, confidence: torch.Tensor | None = None) -> None:
         """Sample the step's tokens from phi and write the chosen ``eligible`` positions
-        (the still-masked positions of each row's current block)."""
+        (the still-masked positions of each row's current block). ``confidence`` (N, G):
+        the commit confidence when the caller computed it before phi was optimised
+        (``alg`` entropy scores the un-steered logits); None computes it from phi."""
         cfg = self.config
         self.non_finite |= torch.isnan(phi).any()
         drawn = sample_step(
-            phi, phi_init, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-            alg="origin" if cfg.remasking else cfg.alg, generator=self.generator, backend=cfg.backend,
-            check_values=False, active=eligible,
+            phi, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+            alg="origin" if cfg.remasking or confidence is not None else cfg.alg, generator=self.generator,
+            backend=cfg.backend, check_values=False, active=eligible,
         )  # fmt: skip
         if cfg.commit_rule == "origin":
             commit = random_commits(eligible, self.schedule, self.step_index, self.generator)
         else:
-            confidence = drawn.confidence
+            confidence = drawn.confidence if confidence is None else confidence
             if cfg.remasking:
                 confidence = remasking_confidence(cfg.remasking, phi, drawn.tokens, self.generator)
             if cfg.deprioritize_eos:
@@ -241,14 +247,12 @@ class DiffusionRun:
                 commit = select_commits(confidence, eligible, counts, cfg.alg_temp, self.generator)
         self.response.copy_(torch.where(commit, drawn.tokens, self.response))
 
-    def optimize(
-        self, phi_init: torch.Tensor, masked: torch.Tensor, steered: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """M Adam steps on float32 phi that raise the reward; only masked rows move
-        (only ``steered`` rows when given; the reward still sees every masked row)."""
-        phi, _ = optimize_logits(phi_init, masked, self.response, self.table.weight, self.reward,
-                                 self.reward_context, self.end_ids, self.guidance, self.generator, steered)  # fmt: skip
-        return phi
+    def optimize(self, phi: torch.Tensor, masked: torch.Tensor, steered: torch.Tensor | None = None) -> None:
+        """M Adam steps, in place, on the contiguous float32 logits phi (N, G, V) that
+        raise the reward; only masked rows move (only ``steered`` rows when given; the
+        reward still sees every masked row)."""
+        optimize_logits(phi, masked, self.response, self.table.weight, self.reward, self.reward_context,
+                        self.end_ids, self.guidance, self.generator, steered, in_place=True)  # fmt: skip
 
     def run(self, progress: bool = False) -> None:
         """Denoise until the response is committed: ``steps`` steps, or with a

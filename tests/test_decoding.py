@@ -76,11 +76,49 @@ def test_guidance_scope_steers_the_current_block_or_every_mask(llada, similarity
     masked[:, 0] = False  # a committed position inside the first block
     phi_init = run.response_logits()
     steered = masked & current_block(masked, 3) if scope == "block" else None
-    moved = (run.optimize(phi_init, masked, steered) != phi_init).any(-1)
+    phi = phi_init.clone()
+    run.optimize(phi, masked, steered)
+    moved = (phi != phi_init).any(-1)
     expected = masked.clone()
     if scope == "block":
         expected[:, 3:] = False
     assert torch.equal(moved, expected)
+
+
+def test_guided_commit_scores_the_unsteered_logits(dream, similarity_reward, monkeypatch):
+    """phi is optimised in place, so the entropy confidence is taken before it moves."""
+    import entrgi.sampler as sampler
+    from entrgi.ops.reference import entropy_confidence_reference
+
+    config = GuidanceConfig(method="entrgi", steps=3, max_new_tokens=6, num_samples=2, guidance_steps=2, lr=2.0,
+                            deprioritize_eos=False)  # fmt: skip
+    run = _run(dream, similarity_reward, config)
+    unsteered = run.response_logits()
+    seen = {}
+    sample_step, select_commits = sampler.sample_step, sampler.select_commits
+
+    def spy_sample(phi, **kwargs):
+        seen["phi"] = phi.clone()
+        return sample_step(phi, **kwargs)
+
+    def spy_select(confidence, *args):
+        seen["confidence"] = confidence.clone()
+        return select_commits(confidence, *args)
+
+    monkeypatch.setattr(sampler, "sample_step", spy_sample)
+    monkeypatch.setattr(sampler, "select_commits", spy_select)
+    run.step(0)
+    entropy = lambda phi: entropy_confidence_reference(phi.flatten(0, 1), config.temperature).view(phi.shape[:2])  # noqa: E731
+    torch.testing.assert_close(seen["confidence"], entropy(unsteered))
+    assert not torch.allclose(entropy(seen["phi"]), entropy(unsteered))  # guidance did move phi
+
+
+def test_in_place_guidance_needs_a_contiguous_float32_phi():
+    from entrgi.guidance import optimize_logits
+
+    for phi in (torch.randn(2, 3, 8).transpose(0, 1), torch.randn(2, 3, 8, dtype=torch.float64)):
+        with pytest.raises(ValueError, match="in_place needs a contiguous float32"):
+            optimize_logits(phi, *[None] * 7, in_place=True)
 
 
 def test_remasking_confidence_rules():

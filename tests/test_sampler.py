@@ -33,6 +33,21 @@ def test_kinds_are_detected_and_dream_is_shifted(denoisers):
 
 
 @pytest.mark.parametrize("kind", ["mlm", "llada", "dream"])
+def test_logits_of_the_last_positions_match_the_full_logits(denoisers, kind):
+    denoiser = denoisers[kind]
+    ids = torch.randint(1000, 2000, (3, 9))
+    mask = torch.ones(3, 9, dtype=torch.bool)
+    mask[0, :4] = False  # a left-padded row
+    full = denoiser.logits(ids, mask)
+    for keep in (1, 5, 8, 9):
+        torch.testing.assert_close(denoiser.logits(ids, mask, keep_last=keep), full[:, -keep:])
+    if kind == "dream":  # the head runs on the kept positions only
+        assert denoiser._keep_argument == "logits_to_keep"
+    with pytest.raises(ValueError, match="keep_last"):
+        denoiser.logits(ids, mask, keep_last=10)
+
+
+@pytest.mark.parametrize("kind", ["mlm", "llada", "dream"])
 @pytest.mark.parametrize("method", ["entrgi", "aps", "expectation", "bon", "none"])
 def test_every_method_runs_on_every_denoiser(denoisers, classifier_reward, kind, method):
     results = generate(PROMPTS, denoiser=denoisers[kind], reward=classifier_reward, method=method, **SMALL)

@@ -228,6 +228,21 @@ def test_sample_step_confidence_of_phi_itself():
     torch.testing.assert_close(fused.confidence, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [0.0, 0.6, 1.3])
+def test_entropy_confidence_matches_the_reference(dtype, temperature):
+    from entrgi.ops import entropy_confidence
+
+    phi, _ = _inputs(2 * 7, 45, 8, dtype, seed=8)
+    phi = phi.view(2, 7, 45)
+    active = (torch.rand(2, 7, generator=torch.Generator().manual_seed(1)) < 0.6).to(DEVICE)
+    want = entropy_confidence(phi, temperature=temperature, backend="torch", active=active)
+    got = entropy_confidence(phi, temperature=temperature, backend="triton", active=active)
+    assert got.shape == (2, 7) and torch.isneginf(got[~active]).all()
+    torch.testing.assert_close(got[active], want[active], atol=1e-5, rtol=1e-5)
+    assert want[active].lt(0).all()  # sum p log p of a spread-out row is negative
+
+
 def test_row_list_orders_active_rows_first():
     from entrgi.ops.triton_backend import row_list
 

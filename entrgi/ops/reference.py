@@ -125,6 +125,13 @@ def guided_embedding_reference(
     return embeds.to(embed_table.dtype), tokens, weights, argmax
 
 
+def entropy_confidence_reference(phi: torch.Tensor, temperature: float) -> torch.Tensor:
+    """sum p log p of ``softmax(phi / tau)`` per row (tau = 0 reads tau = 1, as Dream).
+    phi (R, V) -> (R,) float32."""
+    tau = temperature if temperature > 0 else 1.0
+    return xlogx_sum(torch.log_softmax(phi.float() / tau, dim=-1))
+
+
 def step_confidence_reference(
     phi: torch.Tensor,
     phi_init: torch.Tensor,
@@ -142,9 +149,9 @@ def step_confidence_reference(
     ``origin``: zeros (positions are committed at random). tau = 0 reads the
     probabilities at temperature 1, as Dream does. Returns (R,) float32.
     """
-    tau = temperature if temperature > 0 else 1.0
     if alg == "entropy":
-        return xlogx_sum(torch.log_softmax(phi_init.float() / tau, dim=-1))
+        return entropy_confidence_reference(phi_init, temperature)
+    tau = temperature if temperature > 0 else 1.0
     if alg == "origin":
         return torch.zeros(phi.shape[0], device=phi.device)
     scaled = phi.float() / tau

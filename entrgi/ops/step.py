@@ -81,3 +81,31 @@ def sample_step(
         tokens = tokens.where(active_rows, 0)
         confidence = confidence.where(active_rows, -torch.inf)
     return StepSample(tokens.reshape(lead), confidence.reshape(lead))
+
+
+def entropy_confidence(
+    phi: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    backend: str = "auto",
+    active: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The ``alg="entropy"`` commit confidence of logits ``phi`` (..., V): sum p log p of
+    ``softmax(phi / tau)`` per row (tau = 0 reads tau = 1), float32 (...,). Lets a caller
+    score the un-steered logits before optimising them in place. Rows where ``active``
+    is False get -inf and are not read by the Triton backend."""
+    check_logits("phi", phi)
+    check_sampling_args(temperature, 1.0, 0)
+    check_active(active, phi)
+    lead, vocab = phi.shape[:-1], phi.shape[-1]
+    rows = phi.reshape(-1, vocab)
+    active_rows = None if active is None else active.reshape(-1)
+    if resolve_backend(backend, phi.device) == "triton":
+        from entrgi.ops import triton_backend
+
+        confidence = triton_backend.entropy_confidence(rows, temperature, active_rows)
+    else:
+        confidence = reference.entropy_confidence_reference(rows, temperature)
+    if active_rows is not None:
+        confidence = confidence.where(active_rows, -torch.inf)
+    return confidence.reshape(lead)

@@ -134,5 +134,13 @@ def sample_step(phi, phi_init, temperature, top_p, top_k, alg, generator, active
         tokens = stats.argmax
     if alg == "origin":
         return tokens, torch.zeros_like(stats.lse_tau)
-    plogp = stats.plogp_tau if phi_init is None else row_stats(_rows(phi_init.detach()), tau, skip).plogp_tau
-    return tokens, plogp
+    return tokens, stats.plogp_tau if phi_init is None else entropy_confidence(phi_init, tau, active)
+
+
+def entropy_confidence(phi, temperature, active=None):
+    """Rows (R, V) -> sum p log p of softmax(phi / tau) (R,), one row-stats pass;
+    inactive rows are not read (0)."""
+    from entrgi_kernels.row_stats import row_stats
+
+    tau = temperature if temperature > 0 else 1.0
+    return row_stats(_rows(phi.detach()), tau, skip_flags(active)).plogp_tau
