@@ -5,7 +5,8 @@
 
 Times are CUDA-event medians (``entrgi.benchmark.time_ms``); the floor of each kernel
 is its ideal bytes over the measured copy bandwidth (or FLOPs over the bf16 peak).
-GPU only.
+With ``--dtype float32`` (the guidance loop's phi) it also times the Adam step after a
+stored dphi and the backward with the step fused in. GPU only.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import statistics
 import torch
 
 from entrgi.benchmark import PEAK_BYTES_PER_S, PEAK_FLOP_PER_S, time_ms
+from entrgi_kernels.adam import AdamUpdate, adam_step
 from entrgi_kernels.row_stats import row_stats
 from entrgi_kernels.sampling import rejection_sample, sample_filtered
 from entrgi_kernels.soft_embedding import (
@@ -58,6 +60,19 @@ def breakdown(n: int, vocab: int, d: int, dtype: torch.dtype) -> list[tuple[str,
          _floor_ms(phi_bytes + table_bytes, gemm_flops)),
         ("soft backward", _median(lambda: soft_embedding_backward(phi, table, grad, lse, soft, TAU)),
          _floor_ms(2 * phi_bytes + table_bytes, gemm_flops)),
+    ] + (_adam_rows(phi, table, grad, lse, soft) if dtype == torch.float32 else [])  # fmt: skip
+
+
+def _adam_rows(phi, table, grad, lse, soft) -> list[tuple[str, float, float]]:
+    """The guidance loop's Adam step on fp32 phi: after a stored dphi, or inside the backward."""
+    param, dphi = phi.clone(), soft_embedding_backward(phi, table, grad, lse, soft, TAU)
+    moments = torch.zeros_like(phi), torch.zeros_like(phi)
+    update = lambda: AdamUpdate(*moments, step=1, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8)  # noqa: E731
+    phi_bytes, table_bytes = phi.numel() * 4, table.numel() * 2
+    fused = lambda: soft_embedding_backward(param, table, grad, lse, soft, TAU, adam=update())  # noqa: E731
+    return [
+        ("adam (separate)", _median(lambda: adam_step(param, dphi, update())), _floor_ms(7 * phi_bytes)),
+        ("soft bwd + adam", _median(fused), _floor_ms(6 * phi_bytes + table_bytes, 2.0 * phi.numel() * table.shape[1])),
     ]  # fmt: skip
 
 

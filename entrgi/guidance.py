@@ -79,6 +79,7 @@ def optimize_logits(
             out = guided_embedding(
                 phi, table, temperature=guidance.temperature, top_p=guidance.top_p, top_k=guidance.top_k,
                 mode=guidance.mode, generator=generator, backend=guidance.backend, check_values=False, active=masked,
+                optimizer=optimizer,
             )  # fmt: skip
             embeds = torch.where(masked.unsqueeze(-1), out.embeds, committed_embeds)
             if soft_columns is not None:
@@ -91,8 +92,7 @@ def optimize_logits(
         with record_function("entrgi.reward_forward_backward"):
             rewards = reward.score_embeds(context, embeds, valid)
             loss = -(rewards / guidance.reward_temperature).sum()
-            (grad,) = torch.autograd.grad(loss, phi)
-        with record_function("entrgi.optimizer"):
-            optimizer.step(grad)
+            # phi's backward is the Adam step (fused into the op's backward kernel on Triton)
+            torch.autograd.backward(loss, inputs=[phi])
     mean_weight = weight_sum / (masked.sum() * max(guidance.steps, 1)).clamp_min(1)
     return phi.detach(), mean_weight

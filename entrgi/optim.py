@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch.profiler import record_function
 
 from entrgi.ops.validation import resolve_backend
 
@@ -16,6 +17,10 @@ class LogitAdam:
     runs one fused pass per step that does not touch frozen rows; ``torch`` is the
     eager reference. Bias corrections use the Python step count, static per guided
     step, so the update reads no scalar back from the device. Moments start at zero.
+
+    Passed to ``guided_embedding(..., optimizer=)``, the step runs inside the op's
+    backward (with the Triton backend in the backward kernel: the gradient is never
+    stored).
     """
 
     def __init__(self, param: torch.Tensor, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
@@ -33,17 +38,31 @@ class LogitAdam:
 
             self._skip = None if active is None else skip_flags(active.reshape(-1))
 
-    @torch.no_grad()
-    def step(self, grad: torch.Tensor) -> None:
-        beta1, beta2 = self.betas
+    def fused_update(self):
+        """The next step as an ``entrgi_kernels.adam.AdamUpdate`` over (rows, V) views of
+        the moments, for a kernel that applies it in place (fused backend only);
+        advances the step count."""
+        from entrgi_kernels.adam import AdamUpdate
+
+        if not self.fused:
+            raise RuntimeError("fused_update needs the fused (Triton) backend")
         self.step_count += 1
+        vocab = self.param.shape[-1]
+        return AdamUpdate(self.exp_avg.view(-1, vocab), self.exp_avg_sq.view(-1, vocab), self.step_count, self.lr,
+                          *self.betas, self.eps, self._skip)  # fmt: skip
+
+    @torch.no_grad()
+    @record_function("entrgi.optimizer")
+    def step(self, grad: torch.Tensor) -> None:
+        """One Adam step with gradient ``grad`` (the param's shape)."""
         if self.fused:
             from entrgi_kernels.adam import adam_step
 
             vocab = self.param.shape[-1]
-            adam_step(self.param.view(-1, vocab), grad.reshape(-1, vocab).contiguous(), self.exp_avg.view(-1, vocab),
-                      self.exp_avg_sq.view(-1, vocab), self.step_count, self.lr, beta1, beta2, self.eps, self._skip)  # fmt: skip
+            adam_step(self.param.view(-1, vocab), grad.reshape(-1, vocab).contiguous(), self.fused_update())
             return
+        beta1, beta2 = self.betas
+        self.step_count += 1
         if self.active is not None:
             grad = grad * self.active.unsqueeze(-1)  # zero gradient and moments: the row stays put
         self.exp_avg.lerp_(grad, 1 - beta1)

@@ -1,17 +1,62 @@
 """Adam on the logits in one pass: reads param, grad and both moments once, writes
 param and moments once (torch's unfused update makes about twice the passes).
 
+The same update also runs inside the soft-embedding backward (``soft_embedding``),
+where the gradient is never stored: :func:`adam_update` is the shared arithmetic and
+:class:`AdamUpdate` one step's state and scalars.
+
 Rows marked in ``skip`` are not touched: a committed position's logits have zero
 gradient and zero moments, so Adam would leave them unchanged anyway.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
 from entrgi_kernels.row_stats import _row_is_active
+
+
+@dataclass(frozen=True)
+class AdamUpdate:
+    """Step ``step`` (>= 1) of ``torch.optim.Adam`` (no weight decay) on contiguous
+    (N, V) fp32 rows: the moments, updated in place, and the scalars. Rows where
+    ``skip`` (N,) int32 is nonzero are not touched."""
+
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    step: int
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    skip: torch.Tensor | None = None
+
+    def scalars(self) -> tuple[float, float, float, float, float]:
+        """(lr / (1 - beta1^t), beta1, beta2, 1 / sqrt(1 - beta2^t), eps), the kernels' order."""
+        bias1, bias2 = 1 - self.beta1**self.step, 1 - self.beta2**self.step
+        return self.lr / bias1, self.beta1, self.beta2, 1.0 / bias2**0.5, self.eps
+
+    def check(self, param: torch.Tensor) -> None:
+        if not param.is_contiguous() or param.dtype != torch.float32:
+            raise ValueError(f"the Adam param must be a contiguous float32 tensor, got {param.dtype}")
+        for name, t in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
+            if t.shape != param.shape or not t.is_contiguous() or t.dtype != torch.float32:
+                raise ValueError(f"{name} must be contiguous float32 with shape {tuple(param.shape)}")
+        if self.step < 1:
+            raise ValueError(f"Adam step counts start at 1, got {self.step}")
+
+
+@triton.jit
+def adam_update(p, g, m, v, lr_corrected, beta1, beta2, inv_bias2_sqrt, eps):
+    """One Adam step on fp32 tiles: returns the new (param, exp_avg, exp_avg_sq)."""
+    m = m + (1.0 - beta1) * (g - m)  # torch's lerp
+    v = beta2 * v + (1.0 - beta2) * g * g
+    p = p - lr_corrected * m / (tl.sqrt(v) * inv_bias2_sqrt + eps)
+    return p, m, v
 
 
 @triton.jit
@@ -37,38 +82,22 @@ def _adam_kernel(
     g = tl.load(grad_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
     m = tl.load(exp_avg_ptr + offsets, mask=ok, other=0.0)
     v = tl.load(exp_avg_sq_ptr + offsets, mask=ok, other=0.0)
-    m = m + (1.0 - beta1) * (g - m)  # torch's lerp
-    v = beta2 * v + (1.0 - beta2) * g * g
     p = tl.load(param_ptr + offsets, mask=ok, other=0.0)
-    p = p - lr_corrected * m / (tl.sqrt(v) * inv_bias2_sqrt + eps)
+    p, m, v = adam_update(p, g, m, v, lr_corrected, beta1, beta2, inv_bias2_sqrt, eps)
     tl.store(exp_avg_ptr + offsets, m, mask=ok)
     tl.store(exp_avg_sq_ptr + offsets, v, mask=ok)
     tl.store(param_ptr + offsets, p, mask=ok)
 
 
-def adam_step(
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    step: int,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    skip: torch.Tensor | None = None,
-    block_v: int = 1024,
-) -> None:
-    """One Adam step (step count ``step`` >= 1) on contiguous (N, V) fp32 ``param`` and
-    moments, in place. Rows where ``skip`` (N,) int32 is nonzero are not touched."""
+def adam_step(param: torch.Tensor, grad: torch.Tensor, update: AdamUpdate, block_v: int = 1024) -> None:
+    """Apply ``update`` to contiguous (N, V) fp32 ``param`` with gradient ``grad``, in place."""
+    update.check(param)
+    if grad.shape != param.shape or not grad.is_contiguous():
+        raise ValueError(f"grad must be contiguous with shape {tuple(param.shape)}")
     n, vocab = param.shape
-    for name, t in (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
-        if t.shape != param.shape or not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous with shape {tuple(param.shape)}")
-    if not param.is_contiguous() or param.dtype != torch.float32:
-        raise ValueError("param must be a contiguous float32 tensor")
     block = min(block_v, triton.next_power_of_2(vocab))
+    skip = update.skip
     _adam_kernel[(n, triton.cdiv(vocab, block))](
-        param, grad, exp_avg, exp_avg_sq, exp_avg if skip is None else skip, vocab, lr / (1 - beta1**step),
-        beta1, beta2, 1.0 / (1 - beta2**step) ** 0.5, eps, BLOCK_V=block, SKIP=skip is not None,
+        param, grad, update.exp_avg, update.exp_avg_sq, update.exp_avg if skip is None else skip, vocab,
+        *update.scalars(), BLOCK_V=block, SKIP=skip is not None,
     )  # fmt: skip

@@ -16,7 +16,9 @@ Backward, with g = dL/d out and only the soft path differentiable:
 one (row block, V tile) per program with E_v . g = g @ E[v_tile]^T streamed over d;
 row blocks vary fastest so programs sharing an E tile run together. The dot rounds g
 to the table's dtype (bf16/fp16) as the tensor cores need.
-No (N, V) tensor is created besides phi and dphi.
+No (N, V) tensor is created besides phi and dphi; with an Adam step fused into the
+backward (the guidance loop's case) not even dphi: each tile of dphi updates phi and
+the Adam moments in place the moment it is computed.
 
 Inactive rows (e.g. committed positions of a denoising canvas) are skipped through a
 row list: ``order`` (N,) int32 holds the active rows first and ``count`` (1,) int32
@@ -34,6 +36,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
+from entrgi_kernels.adam import AdamUpdate, adam_update
 
 # The interpreter computes bf16/fp16 dots incorrectly: cast operands to fp32 there.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -150,9 +154,12 @@ def _soft_embedding_bwd_kernel(
     grad_ptr,  # (N, D) fp32 incoming gradient g, contiguous
     lse_tau_ptr,  # (N,) fp32
     soft_dot_grad_ptr,  # (N,) fp32: soft . g
-    dphi_ptr,  # (N, V) out, phi's dtype, row stride `stride_dphi`
+    dphi_ptr,  # (N, V) out, phi's dtype, row stride `stride_dphi` (not ADAM)
     order_ptr,  # (N,) int32 row list (ROW_LIST)
     count_ptr,  # (1,) int32 number of active rows (ROW_LIST)
+    exp_avg_ptr,  # (N, V) fp32 Adam first moment, in place (ADAM)
+    exp_avg_sq_ptr,  # (N, V) fp32 Adam second moment, in place (ADAM)
+    skip_ptr,  # (N,) int32: rows != 0 take no Adam step (ADAM and SKIP)
     N,
     V,
     D,
@@ -160,11 +167,18 @@ def _soft_embedding_bwd_kernel(
     stride_table,
     stride_dphi,
     inv_tau,
+    lr_corrected,
+    beta1,
+    beta2,
+    inv_bias2_sqrt,
+    eps,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_FP32: tl.constexpr,
     ROW_LIST: tl.constexpr,
+    ADAM: tl.constexpr,
+    SKIP: tl.constexpr,
 ):
     first = tl.program_id(0) * BLOCK_N
     positions = first + tl.arange(0, BLOCK_N)
@@ -196,10 +210,23 @@ def _soft_embedding_bwd_kernel(
     sg = tl.load(soft_dot_grad_ptr + rows64, mask=row_ok, other=0.0)
     p = tl.exp(x * inv_tau - lse[:, None])
     dphi = p * (eg - sg[:, None]) * inv_tau
-    tl.store(
-        dphi_ptr + rows64[:, None] * stride_dphi + cols[None, :],
-        dphi.to(dphi_ptr.dtype.element_ty), mask=in_list[:, None] & col_ok[None, :],
-    )  # fmt: skip
+    if ADAM:  # phi (contiguous fp32) takes its Adam step here; dphi is never stored
+        moving = row_ok
+        if SKIP:
+            moving = moving & (tl.load(skip_ptr + rows64, mask=row_ok, other=1) == 0)
+        ok = moving[:, None] & col_ok[None, :]
+        offsets = rows64[:, None] * V + cols[None, :]
+        m = tl.load(exp_avg_ptr + offsets, mask=ok, other=0.0)
+        v = tl.load(exp_avg_sq_ptr + offsets, mask=ok, other=0.0)
+        x, m, v = adam_update(x, dphi, m, v, lr_corrected, beta1, beta2, inv_bias2_sqrt, eps)
+        tl.store(exp_avg_ptr + offsets, m, mask=ok)
+        tl.store(exp_avg_sq_ptr + offsets, v, mask=ok)
+        tl.store(phi_ptr + offsets, x, mask=ok)
+    else:
+        tl.store(
+            dphi_ptr + rows64[:, None] * stride_dphi + cols[None, :],
+            dphi.to(dphi_ptr.dtype.element_ty), mask=in_list[:, None] & col_ok[None, :],
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -276,21 +303,36 @@ def soft_embedding_forward(
 
 
 def soft_embedding_backward(
-    phi, table, grad, lse_tau, soft, temperature, row_list=None, config: TileConfig | None = None
-):
+    phi, table, grad, lse_tau, soft, temperature, row_list=None, adam: AdamUpdate | None = None,
+    config: TileConfig | None = None,
+):  # fmt: skip
     """dphi (N, V) in phi's dtype for the incoming gradient ``grad`` (N, D); rows
-    outside ``row_list`` get dphi = 0 without reading phi or the table."""
+    outside ``row_list`` get dphi = 0 without reading phi or the table.
+
+    With ``adam`` the kernel applies that Adam step to phi (contiguous fp32) in place
+    instead, from the dphi tile in registers, and returns None: dphi is never stored.
+    Rows outside ``row_list`` and rows in ``adam.skip`` are not touched."""
     n, vocab = phi.shape
     d = table.shape[1]
     cfg = _fit(config or (INTERPRETER if _INTERPRET else BACKWARD_GPU), d)
     grad = grad.float().contiguous()
     soft_dot_grad = (soft * grad).sum(-1)
-    dphi = torch.empty_like(phi)
+    if adam is None:
+        dphi = torch.empty_like(phi)
+        exp_avg = exp_avg_sq = skip = dphi
+        scalars = (0.0,) * 5
+    else:
+        adam.check(phi)
+        dphi, exp_avg, exp_avg_sq = phi, adam.exp_avg, adam.exp_avg_sq
+        skip = phi if adam.skip is None else adam.skip
+        scalars = adam.scalars()
     order, count = _row_list_args(row_list, n, phi.device)
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(vocab, cfg.block_v))
     _soft_embedding_bwd_kernel[grid](
-        phi, table, grad, lse_tau, soft_dot_grad, dphi, order, count, n, vocab, d, phi.stride(0), table.stride(0),
-        dphi.stride(0), 1.0 / temperature, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
-        DOT_FP32=_dot_fp32(table), ROW_LIST=row_list is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        phi, table, grad, lse_tau, soft_dot_grad, dphi, order, count, exp_avg, exp_avg_sq, skip, n, vocab, d,
+        phi.stride(0), table.stride(0), dphi.stride(0), 1.0 / temperature, *scalars, BLOCK_N=cfg.block_n,
+        BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, DOT_FP32=_dot_fp32(table), ROW_LIST=row_list is not None,
+        ADAM=adam is not None, SKIP=adam is not None and adam.skip is not None, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )  # fmt: skip
-    return dphi
+    return None if adam is not None else dphi

@@ -243,6 +243,59 @@ def test_entropy_confidence_matches_the_reference(dtype, temperature):
     assert want[active].lt(0).all()  # sum p log p of a spread-out row is negative
 
 
+def _adam_steps(phi, table, grads, backend, active, moving, fused_into_backward):
+    """Three Adam steps on phi (R, V) fp32 through the op's backward (loss = sum embeds * g)."""
+    from entrgi.optim import LogitAdam
+
+    leaf = phi.clone().requires_grad_(True)
+    optimizer = LogitAdam(leaf, lr=0.3, active=moving, backend=backend)
+    for g in grads:
+        kwargs = dict(temperature=0.8, top_p=0.9, backend=backend, active=active)
+        if fused_into_backward:
+            out = guided_embedding(leaf, table, optimizer=optimizer, **kwargs)
+            torch.autograd.backward((out.embeds.float() * g).sum(), inputs=[leaf])
+            assert leaf.grad is None
+        else:
+            out = guided_embedding(leaf, table, **kwargs)
+            (grad,) = torch.autograd.grad((out.embeds.float() * g).sum(), leaf)
+            optimizer.step(grad)
+    return leaf.detach()
+
+
+@pytest.mark.parametrize("table_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,vocab,d", [(7, 101, 24), (20, 70, 130)])
+def test_adam_fused_into_the_backward_matches_a_separate_step(table_dtype, rows, vocab, d):
+    """The Triton backward kernel's in-place Adam step equals dphi followed by Adam,
+    and both equal the reference backend; frozen and skipped rows stay put."""
+    phi, table = _inputs(rows, vocab, d, torch.float32, seed=9)
+    table = table.to(table_dtype)
+    g = torch.Generator().manual_seed(2)
+    grads = [torch.randn(rows, d, generator=g).to(DEVICE) for _ in range(3)]
+    active = (torch.rand(rows, generator=g) < 0.7).to(DEVICE)
+    moving = active & (torch.rand(rows, generator=g) < 0.7).to(DEVICE)
+    fused = _adam_steps(phi, table, grads, "triton", active, moving, fused_into_backward=True)
+    separate = _adam_steps(phi, table, grads, "triton", active, moving, fused_into_backward=False)
+    reference = _adam_steps(phi, table, grads, "torch", active, moving, fused_into_backward=True)
+    torch.testing.assert_close(fused, separate, atol=1e-6, rtol=1e-6, equal_nan=True)
+    tol = 1e-4 if table_dtype == torch.float32 else 3e-2  # the tensor-core dot rounds g to bf16
+    torch.testing.assert_close(fused, reference, atol=tol, rtol=tol, equal_nan=True)
+    assert torch.equal(fused[~moving], phi[~moving])
+    assert (fused[moving] != phi[moving]).any(-1).all()
+
+
+def test_optimizer_argument_is_validated():
+    from entrgi.optim import LogitAdam
+
+    phi, table = _inputs(3, 40, 8, torch.float32, seed=10)
+    leaf = phi.clone().requires_grad_(True)
+    with pytest.raises(ValueError, match="over phi itself"):
+        guided_embedding(leaf, table, optimizer=LogitAdam(phi.clone(), lr=0.1))
+    with pytest.raises(ValueError, match="require grad"):
+        guided_embedding(phi, table, optimizer=LogitAdam(phi, lr=0.1))
+    with pytest.raises(ValueError, match="temperature 0"):
+        guided_embedding(leaf, table, temperature=0.0, optimizer=LogitAdam(leaf, lr=0.1))
+
+
 def test_row_list_orders_active_rows_first():
     from entrgi.ops.triton_backend import row_list
 

@@ -10,6 +10,7 @@ from entrgi.ops import reference
 from entrgi.ops.validation import (
     check_active,
     check_choice,
+    check_optimizer_over,
     check_embed_table,
     check_finite_rows,
     check_logits,
@@ -39,6 +40,21 @@ class GuidedEmbedding(NamedTuple):
     argmax: torch.Tensor
 
 
+class _StepOnBackward(torch.autograd.Function):
+    """Identity on phi's rows whose backward hands the gradient to ``optimizer.step``
+    and passes none on (the reference backend's ``optimizer=``)."""
+
+    @staticmethod
+    def forward(ctx, rows, optimizer):
+        ctx.optimizer = optimizer
+        return rows.view_as(rows)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.optimizer.step(grad.view_as(ctx.optimizer.param))
+        return None, None
+
+
 def guided_embedding(
     phi: torch.Tensor,
     embed_table: torch.Tensor,
@@ -51,6 +67,7 @@ def guided_embedding(
     backend: str = "auto",
     check_values: bool = True,
     active: torch.Tensor | None = None,
+    optimizer=None,
 ) -> GuidedEmbedding:
     """Entropy-aware reward-guidance embedding of logits ``phi``.
 
@@ -71,6 +88,12 @@ def guided_embedding(
         The sampler passes False inside its captured step.
     active : (...,) bool, the rows to compute (default all). The Triton backend does
         not read the others (a canvas's committed positions cost next to nothing).
+    optimizer : a :class:`~entrgi.optim.LogitAdam` over phi. phi's backward then takes
+        the optimizer's step in place instead of producing a gradient (phi.grad stays
+        None; run it as ``torch.autograd.backward(loss, inputs=[phi])``); the Triton
+        backend applies the step inside its backward kernel, so dphi (N, V) is never
+        stored. Rows outside ``active`` take no step (with a fresh optimizer and a
+        fixed ``active`` they would not move anyway).
 
     Example
     -------
@@ -82,6 +105,8 @@ def guided_embedding(
     check_sampling_args(temperature, top_p, top_k)
     check_choice("mode", mode, MODES)
     check_active(active, phi)
+    if optimizer is not None:
+        check_optimizer_over(optimizer, phi, temperature)
     if check_values:
         check_finite_rows("phi", phi)
     backend = resolve_backend(backend, phi.device)
@@ -92,9 +117,11 @@ def guided_embedding(
         from entrgi.ops import triton_backend
 
         embeds, tokens, weights, argmax = triton_backend.guided_embedding(
-            rows, embed_table, temperature, top_p, top_k, mode, generator, active_rows
+            rows, embed_table, temperature, top_p, top_k, mode, generator, active_rows, optimizer
         )
     else:
+        if optimizer is not None:
+            rows = _StepOnBackward.apply(rows, optimizer)
         embeds, tokens, weights, argmax = reference.guided_embedding_reference(
             rows, embed_table, temperature, top_p, top_k, mode, generator
         )

@@ -10,6 +10,7 @@ read them, and the GEMM-shaped kernels walk a device-side row list of the active
 from __future__ import annotations
 
 import torch
+from torch.profiler import record_function
 
 
 def available() -> bool:
@@ -50,12 +51,12 @@ class _SoftEmbedding(torch.autograd.Function):
     """out = soft + w (E[token] - soft) with the gradient through soft only."""
 
     @staticmethod
-    def forward(ctx, phi, table, lse_tau, weights, tokens, temperature, rows):
+    def forward(ctx, phi, table, lse_tau, weights, tokens, temperature, rows, optimizer):
         from entrgi_kernels.soft_embedding import soft_embedding_forward
 
         soft, out = soft_embedding_forward(phi, table, lse_tau, weights, tokens, temperature, rows)
         ctx.save_for_backward(phi, table, lse_tau, soft, *(rows or ()))
-        ctx.temperature = temperature
+        ctx.temperature, ctx.optimizer = temperature, optimizer
         return out
 
     @staticmethod
@@ -63,8 +64,18 @@ class _SoftEmbedding(torch.autograd.Function):
         from entrgi_kernels.soft_embedding import soft_embedding_backward
 
         phi, table, lse_tau, soft, *rows = ctx.saved_tensors
-        dphi = soft_embedding_backward(phi, table, grad_out, lse_tau, soft, ctx.temperature, tuple(rows) or None)
-        return dphi, None, None, None, None, None, None
+        args = (phi, table, grad_out, lse_tau, soft, ctx.temperature, tuple(rows) or None)
+        optimizer = ctx.optimizer
+        if optimizer is None:
+            dphi = soft_embedding_backward(*args)
+        elif optimizer.fused:  # the step happens in the kernel: dphi is never stored
+            with record_function("entrgi.op_backward_with_adam"):
+                soft_embedding_backward(*args, adam=optimizer.fused_update())
+            dphi = None
+        else:
+            optimizer.step(soft_embedding_backward(*args).view_as(optimizer.param))
+            dphi = None
+        return dphi, None, None, None, None, None, None, None
 
 
 def _filtered_tokens(phi, lse_tau, temperature, top_p, top_k, generator, skip):
@@ -82,9 +93,10 @@ def _filtered_tokens(phi, lse_tau, temperature, top_p, top_k, generator, skip):
     return tokens
 
 
-def guided_embedding(phi, table, temperature, top_p, top_k, mode, generator, active=None):
+def guided_embedding(phi, table, temperature, top_p, top_k, mode, generator, active=None, optimizer=None):
     """Rows (R, V) -> embeds (R, d), tokens, weights, argmax (see ``guided_embedding``);
-    rows where ``active`` (R,) is False are not computed (zeros, zero gradient)."""
+    rows where ``active`` (R,) is False are not computed (zeros, zero gradient).
+    ``optimizer``: phi's backward takes its step instead of returning dphi."""
     from entrgi_kernels.row_stats import row_stats
 
     phi, table = _rows(phi), _rows(table)
@@ -98,7 +110,7 @@ def guided_embedding(phi, table, temperature, top_p, top_k, mode, generator, act
     else:
         tokens = _filtered_tokens(phi.detach(), stats.lse_tau, temperature, top_p, top_k, generator, skip)
     rows = None if active is None else row_list(active)
-    embeds = _SoftEmbedding.apply(phi, table, stats.lse_tau, weights, tokens, temperature, rows)
+    embeds = _SoftEmbedding.apply(phi, table, stats.lse_tau, weights, tokens, temperature, rows, optimizer)
     return embeds, tokens, weights, stats.argmax
 
 

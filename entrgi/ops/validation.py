@@ -78,3 +78,14 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if triton_backend.available():
             return "triton"
     return "torch"
+
+
+def check_optimizer_over(optimizer, phi: torch.Tensor, temperature: float) -> None:
+    """``guided_embedding(optimizer=)``: the optimizer must own phi, and phi must carry a gradient."""
+    param = getattr(optimizer, "param", None)
+    if param is None or param.data_ptr() != phi.data_ptr() or param.shape != phi.shape:
+        raise ValueError(f"optimizer must be a LogitAdam over phi itself (shape {tuple(phi.shape)})")
+    if not phi.requires_grad:
+        raise ValueError("optimizer= needs phi to require grad: its backward takes the optimizer's step")
+    if temperature == 0.0:
+        raise ValueError("optimizer= with temperature 0: the greedy embedding has no gradient to step on")
