@@ -51,12 +51,19 @@ class AdamUpdate:
 
 
 @triton.jit
-def adam_update(p, g, m, v, lr_corrected, beta1, beta2, inv_bias2_sqrt, eps):
-    """One Adam step on fp32 tiles: returns the new (param, exp_avg, exp_avg_sq)."""
+def adam_update(
+    param_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets, ok, p, g, lr_corrected, beta1, beta2, inv_bias2_sqrt, eps
+):
+    """One Adam step on a tile: ``p`` (fp32 param values) and ``g`` (fp32 gradient) at
+    ``offsets`` (where ``ok``); loads the moments and stores param and moments there."""
+    m = tl.load(exp_avg_ptr + offsets, mask=ok, other=0.0)
+    v = tl.load(exp_avg_sq_ptr + offsets, mask=ok, other=0.0)
     m = m + (1.0 - beta1) * (g - m)  # torch's lerp
     v = beta2 * v + (1.0 - beta2) * g * g
     p = p - lr_corrected * m / (tl.sqrt(v) * inv_bias2_sqrt + eps)
-    return p, m, v
+    tl.store(exp_avg_ptr + offsets, m, mask=ok)
+    tl.store(exp_avg_sq_ptr + offsets, v, mask=ok)
+    tl.store(param_ptr + offsets, p, mask=ok)
 
 
 @triton.jit
@@ -80,13 +87,9 @@ def _adam_kernel(
     ok = (cols < V) & _row_is_active(skip_ptr, row, SKIP)
     offsets = row * V + cols
     g = tl.load(grad_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
-    m = tl.load(exp_avg_ptr + offsets, mask=ok, other=0.0)
-    v = tl.load(exp_avg_sq_ptr + offsets, mask=ok, other=0.0)
     p = tl.load(param_ptr + offsets, mask=ok, other=0.0)
-    p, m, v = adam_update(p, g, m, v, lr_corrected, beta1, beta2, inv_bias2_sqrt, eps)
-    tl.store(exp_avg_ptr + offsets, m, mask=ok)
-    tl.store(exp_avg_sq_ptr + offsets, v, mask=ok)
-    tl.store(param_ptr + offsets, p, mask=ok)
+    adam_update(param_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets, ok, p, g, lr_corrected, beta1, beta2,
+                inv_bias2_sqrt, eps)  # fmt: skip
 
 
 def adam_step(param: torch.Tensor, grad: torch.Tensor, update: AdamUpdate, block_v: int = 1024) -> None:

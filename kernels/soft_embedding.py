@@ -214,14 +214,8 @@ def _soft_embedding_bwd_kernel(
         moving = row_ok
         if SKIP:
             moving = moving & (tl.load(skip_ptr + rows64, mask=row_ok, other=1) == 0)
-        ok = moving[:, None] & col_ok[None, :]
-        offsets = rows64[:, None] * V + cols[None, :]
-        m = tl.load(exp_avg_ptr + offsets, mask=ok, other=0.0)
-        v = tl.load(exp_avg_sq_ptr + offsets, mask=ok, other=0.0)
-        x, m, v = adam_update(x, dphi, m, v, lr_corrected, beta1, beta2, inv_bias2_sqrt, eps)
-        tl.store(exp_avg_ptr + offsets, m, mask=ok)
-        tl.store(exp_avg_sq_ptr + offsets, v, mask=ok)
-        tl.store(phi_ptr + offsets, x, mask=ok)
+        adam_update(phi_ptr, exp_avg_ptr, exp_avg_sq_ptr, rows64[:, None] * V + cols[None, :],
+                    moving[:, None] & col_ok[None, :], x, dphi, lr_corrected, beta1, beta2, inv_bias2_sqrt, eps)  # fmt: skip
     else:
         tl.store(
             dphi_ptr + rows64[:, None] * stride_dphi + cols[None, :],
