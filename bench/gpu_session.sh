@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Everything a lent GPU should check and time, in stages that each fit one 10-minute call
+# of the device tool. Logs and CSVs go to $OUT (default bench/out); the last lines of
+# each stage are a short summary. Usage, from the repository root on the GPU machine:
+#   bash bench/gpu_session.sh tests     # install offline, the whole test suite on CUDA
+#   bash bench/gpu_session.sh step      # step suite: 2 presets x reward memory options
+#   bash bench/gpu_session.sh op        # op suite (triton vs eager) + per-kernel breakdown
+set -euo pipefail
+case "${1:-}" in
+tests | step | op) ;;
+*)
+    echo "usage: bash bench/gpu_session.sh tests|step|op" >&2
+    exit 2
+    ;;
+esac
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/out}
+mkdir -p "$OUT"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+python -m pip install --quiet --no-deps --no-build-isolation --no-index -e . >/dev/null
+python - <<'EOF' | tee "$OUT/environment.txt"
+import subprocess, torch, triton, transformers
+print(torch.cuda.get_device_name(), "| torch", torch.__version__, "| triton", triton.__version__,
+      "| transformers", transformers.__version__, "| commit",
+      subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip())
+EOF
+
+case "$1" in
+tests)
+    python -m pytest -q -x tests -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -15
+    ;;
+step)
+    for options in "" "--reward-cache-prefix" "--reward-checkpoint" "--reward-cache-prefix --reward-checkpoint"; do
+        # shellcheck disable=SC2086  # options are separate flags
+        entrgi bench --suite step --preset 1xK4-0.6b 4xK4-1.7b --methods none entrgi --repeats 8 \
+            $options --out "$OUT" 2>&1 | tee -a "$OUT/step.log" | tail -6
+    done
+    ;;
+op)
+    entrgi bench --suite op --backends triton torch --n 512 2048 --d 1024 2048 --dtype bfloat16 --repeats 20 \
+        --out "$OUT" 2>&1 | tee "$OUT/op.log" | tail -14
+    python bench/op_breakdown.py --n 512 2048 --d 1024 2048 --dtype float32 2>&1 | tee "$OUT/breakdown.log"
+    ;;
+esac
