@@ -175,7 +175,7 @@ class DiffusionRun:
         in_block = masked if cfg.block_length is None else masked & current_block(masked, cfg.block_length)
         initial_confidence = None
         if guided:
-            if cfg.alg == "entropy":  # the commit scores the un-steered logits: before they move
+            if cfg.commit_rule == "entropy":  # the commit scores the un-steered logits: before they move
                 initial_confidence = entropy_confidence(phi, temperature=cfg.temperature, backend=cfg.backend,
                                                         active=in_block)  # fmt: skip
             steered = in_block if cfg.guidance_scope == "block" and cfg.block_length is not None else None

@@ -10,10 +10,10 @@ from entrgi.ops import reference
 from entrgi.ops.validation import (
     check_active,
     check_choice,
-    check_optimizer_over,
     check_embed_table,
     check_finite_rows,
     check_logits,
+    check_optimizer_over,
     check_sampling_args,
     resolve_backend,
 )
@@ -42,7 +42,7 @@ class GuidedEmbedding(NamedTuple):
 
 class _StepOnBackward(torch.autograd.Function):
     """Identity on phi's rows whose backward hands the gradient to ``optimizer.step``
-    and passes none on (the reference backend's ``optimizer=``)."""
+    and passes none on (``optimizer=`` when the step is not fused into a kernel)."""
 
     @staticmethod
     def forward(ctx, rows, optimizer):
@@ -113,15 +113,16 @@ def guided_embedding(
     lead = phi.shape[:-1]
     rows = phi.reshape(-1, phi.shape[-1])
     active_rows = None if active is None else active.reshape(-1)
+    in_kernel = optimizer if backend == "triton" and optimizer is not None and optimizer.fused else None
+    if optimizer is not None and in_kernel is None:
+        rows = _StepOnBackward.apply(rows, optimizer)
     if backend == "triton":
         from entrgi.ops import triton_backend
 
         embeds, tokens, weights, argmax = triton_backend.guided_embedding(
-            rows, embed_table, temperature, top_p, top_k, mode, generator, active_rows, optimizer
+            rows, embed_table, temperature, top_p, top_k, mode, generator, active_rows, in_kernel
         )
     else:
-        if optimizer is not None:
-            rows = _StepOnBackward.apply(rows, optimizer)
         embeds, tokens, weights, argmax = reference.guided_embedding_reference(
             rows, embed_table, temperature, top_p, top_k, mode, generator
         )

@@ -65,15 +65,11 @@ class _SoftEmbedding(torch.autograd.Function):
 
         phi, table, lse_tau, soft, *rows = ctx.saved_tensors
         args = (phi, table, grad_out, lse_tau, soft, ctx.temperature, tuple(rows) or None)
-        optimizer = ctx.optimizer
-        if optimizer is None:
+        if ctx.optimizer is None:
             dphi = soft_embedding_backward(*args)
-        elif optimizer.fused:  # the step happens in the kernel: dphi is never stored
+        else:  # the step happens in the kernel: dphi is never stored
             with record_function("entrgi.op_backward_with_adam"):
-                soft_embedding_backward(*args, adam=optimizer.fused_update())
-            dphi = None
-        else:
-            optimizer.step(soft_embedding_backward(*args).view_as(optimizer.param))
+                soft_embedding_backward(*args, adam=ctx.optimizer.fused_update())
             dphi = None
         return dphi, None, None, None, None, None, None, None
 
@@ -96,7 +92,8 @@ def _filtered_tokens(phi, lse_tau, temperature, top_p, top_k, generator, skip):
 def guided_embedding(phi, table, temperature, top_p, top_k, mode, generator, active=None, optimizer=None):
     """Rows (R, V) -> embeds (R, d), tokens, weights, argmax (see ``guided_embedding``);
     rows where ``active`` (R,) is False are not computed (zeros, zero gradient).
-    ``optimizer``: phi's backward takes its step instead of returning dphi."""
+    ``optimizer``: a fused LogitAdam whose step the backward kernel takes instead of
+    returning dphi."""
     from entrgi_kernels.row_stats import row_stats
 
     phi, table = _rows(phi), _rows(table)
