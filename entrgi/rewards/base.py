@@ -148,8 +148,7 @@ class EmbeddingInputReward:
         if cache_prefix and self.align != "right":
             raise ValueError("cache_prefix needs a causal (decoder) reward model; this one reads its first column")
         self.cache_prefix = cache_prefix
-        self.checkpoint_layers = checkpoint_layers
-        self._layers = checkpoint_layers_of(self.model) if checkpoint_layers else []
+        self.checkpointed_layers = checkpoint_layers_of(self.model) if checkpoint_layers else []
 
     @property
     def device(self) -> torch.device:
@@ -251,7 +250,7 @@ class EmbeddingInputReward:
     def score_embeds(
         self, context: RewardContext, response_embeds: torch.Tensor, response_valid: torch.Tensor
     ) -> torch.Tensor:
-        with checkpointed(self._layers):
+        with checkpointed(self.checkpointed_layers):
             return self.score_packed(self.pack(context, response_embeds, response_valid)).float()
 
     @torch.no_grad()
