@@ -41,6 +41,7 @@ def optimize_logits(
     generator: torch.Generator | None = None,
     steered: torch.Tensor | None = None,
     in_place: bool = False,
+    table_rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Steer phi towards higher reward. No host syncs.
 
@@ -52,7 +53,9 @@ def optimize_logits(
     (default: every masked row; the reward sees every masked row either way).
     Unmasked rows are never computed (the op and Adam skip them). ``in_place``: optimise
     phi_init's own storage (a contiguous float32 tensor the caller no longer needs)
-    instead of a copy, saving one (N, G, V) float32 buffer.
+    instead of a copy, saving one (N, G, V) float32 buffer. ``table_rows`` (V,): the
+    table is in the reward's vocabulary and token v reads row ``table_rows[v]`` (see
+    :func:`~entrgi.ops.guided_embedding`).
 
     A reward with a ``soft_target_columns`` attribute (a slice of the table's columns)
     receives those columns' soft values ``softmax(phi / tau) @ table[:, cols]``
@@ -68,23 +71,25 @@ def optimize_logits(
     phi = start.detach().requires_grad_(True)
     moving = masked if steered is None else steered
     optimizer = LogitAdam(phi, guidance.lr, active=moving, backend=guidance.backend)
-    committed_embeds = table[response]
+    committed_rows = response if table_rows is None else table_rows[response]
+    committed_embeds = table[committed_rows]
     soft_columns = getattr(reward, "soft_target_columns", None)
     if soft_columns is not None:  # the reward also reads the soft (w = 0) value of these columns
         soft_table = table[:, soft_columns].contiguous()
-        committed_soft = soft_table[response]
+        committed_soft = soft_table[committed_rows]
     weight_sum = torch.zeros((), device=phi.device)
     for _ in range(guidance.steps):
         with record_function("entrgi.guided_embedding"):
             out = guided_embedding(
                 phi, table, temperature=guidance.temperature, top_p=guidance.top_p, top_k=guidance.top_k,
                 mode=guidance.mode, generator=generator, backend=guidance.backend, check_values=False, active=masked,
-                optimizer=optimizer,
+                optimizer=optimizer, table_rows=table_rows,
             )  # fmt: skip
             embeds = torch.where(masked.unsqueeze(-1), out.embeds, committed_embeds)
             if soft_columns is not None:
                 soft = guided_embedding(phi.detach(), soft_table, temperature=guidance.temperature, mode="expectation",
-                                        backend=guidance.backend, check_values=False, active=masked).embeds  # fmt: skip
+                                        backend=guidance.backend, check_values=False, active=masked,
+                                        table_rows=table_rows).embeds  # fmt: skip
                 embeds = torch.cat([embeds, torch.where(masked.unsqueeze(-1), soft, committed_soft)], dim=-1)
             ids = torch.where(masked, out.argmax, response)
             valid = response_mask_until_end(ids, end_ids)

@@ -37,6 +37,7 @@ from entrgi.config import GUIDED_METHODS, GuidanceConfig
 from entrgi.denoisers import Denoiser
 from entrgi.guidance import GuidanceStep, optimize_logits
 from entrgi.ops import entropy_confidence, sample_step
+from entrgi.ops.validation import check_table_rows_range
 from entrgi.rewards import Reward, VocabMapping, build_vocab_mapping
 from entrgi.rewards.base import RewardContext, pad_id_lists
 from entrgi.schedule import (
@@ -85,12 +86,21 @@ class PromptResult:
 
 
 class GuidanceTable:
-    """The reward's input embeddings re-indexed to the denoiser's vocabulary, (V, d)."""
+    """The reward's input embeddings seen from the denoiser's vocabulary, without a copy.
+
+    ``weight`` (V_t, d) is the reward's own embedding matrix (shared storage when both
+    models are on one device); ``rows`` (V,) int32 is the reward row of each denoiser
+    token (None when the vocabularies coincide), gathered by the guidance kernels.
+    """
 
     def __init__(self, denoiser: Denoiser, reward: Reward):
         self.mapping: VocabMapping = build_vocab_mapping(denoiser.tokenizer, reward.tokenizer, denoiser.vocab_size)
-        table = reward.input_embeddings().detach()
-        self.weight = table[self.mapping.ids.to(table.device)].to(denoiser.device)
+        self.weight = reward.input_embeddings().detach().to(denoiser.device)
+        ids = self.mapping.ids
+        same_vocabulary = ids.numel() == self.weight.shape[0] and torch.equal(ids, torch.arange(ids.numel()))
+        if not same_vocabulary:
+            check_table_rows_range(ids, self.weight)
+        self.rows = None if same_vocabulary else ids.to(device=denoiser.device, dtype=torch.int32)
 
 
 class DiffusionRun:
@@ -252,7 +262,8 @@ class DiffusionRun:
         raise the reward; only masked rows move (only ``steered`` rows when given; the
         reward still sees every masked row)."""
         optimize_logits(phi, masked, self.response, self.table.weight, self.reward, self.reward_context,
-                        self.end_ids, self.guidance, self.generator, steered, in_place=True)  # fmt: skip
+                        self.end_ids, self.guidance, self.generator, steered, in_place=True,
+                        table_rows=self.table.rows)  # fmt: skip
 
     def run(self, progress: bool = False) -> None:
         """Denoise until the response is committed: ``steps`` steps, or with a

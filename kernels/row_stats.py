@@ -1,7 +1,8 @@
 """Per-row softmax statistics in one streaming pass over the vocabulary.
 
 For each row x of phi (length V) and inverse temperature 1/tau, with running maxima
-rescaled on every new maximum (online softmax):
+rescaled on every new maximum (online softmax), over S chunks of V in parallel whose
+partials a second kernel combines (``launch.vocab_chunks``):
     lse_tau  = logsumexp(x / tau)
     entropy  = H(softmax(x)) / log V = (lse_1 - sum e^(x - lse_1) x) / log V
     plogp_tau = sum p log p of softmax(x / tau) = E_p[x / tau] - lse_tau
@@ -19,18 +20,13 @@ import torch
 import triton
 import triton.language as tl
 
+from entrgi_kernels.launch import INTERPRET, programs_to_fill, vocab_chunks
 
-@triton.jit
-def _online_exp_moments(m, s, t, x):
-    """Fold a tile x into running (max m, sum e^(x-m) s, sum e^(x-m) x t), rescaling on a
-    new maximum; -inf entries add nothing. lse = m + log s, E_p[x] = t / s."""
-    m_new = tl.maximum(m, tl.max(x, 0))
-    safe = tl.where(m_new == -float("inf"), 0.0, m_new)
-    scale = tl.exp(m - safe)
-    e = tl.exp(x - safe)
-    s = s * scale + tl.sum(e, 0)
-    t = t * scale + tl.sum(tl.where(e > 0, e * x, 0.0), 0)
-    return m_new, s, t
+# Tile width and warps of the per-row kernels; each split covers at least
+# MIN_TILES_PER_SPLIT tiles. Small tiles under the interpreter make CPU tests run
+# several splits.
+ROW_BLOCK_V, ROW_WARPS = (32, 1) if INTERPRET else (2048, 8)
+MIN_TILES_PER_SPLIT = 2 if INTERPRET else 8
 
 
 @triton.jit
@@ -43,48 +39,112 @@ def _row_is_active(skip_ptr, row, SKIP: tl.constexpr):
 
 
 @triton.jit
-def _row_stats_kernel(
+def _first_argmax(best, index, NONE):
+    """Reduce per-lane (best value, its index) to the row's: the largest value, and the
+    smallest index holding it (torch's tie rule); index 0 when every value is -inf."""
+    top = tl.max(best, 0)
+    first = tl.min(tl.where(best == top, index, NONE), 0)
+    return top, tl.where(top == -float("inf"), 0, first)
+
+
+@triton.jit
+def _row_stats_partial_kernel(
     phi_ptr,  # (N, V) logits, any float dtype, row stride `stride_phi`
+    moments_ptr,  # (N, S, 5) fp32 out: per chunk m, sum e^(x-m), sum e^(x-m) x, and the same two at tau
+    best_ptr,  # (N, S) fp32 out: chunk maximum
+    best_idx_ptr,  # (N, S) int32 out: first index of the chunk maximum
+    skip_ptr,  # (N,) int32: rows != 0 are not read (SKIP)
+    stride_phi,
+    V,
+    S,
+    chunk,  # vocabulary entries per split, a multiple of BLOCK_V
+    inv_tau,
+    BLOCK_V: tl.constexpr,
+    SKIP: tl.constexpr,
+):
+    """One (row, chunk): online softmax moments at temperatures 1 and tau sharing one
+    running maximum (max(x / tau) = max(x) / tau), and the argmax. Sums and the argmax
+    are kept per lane; the only cross-lane reduction in the loop is the tile maximum."""
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    if _row_is_active(skip_ptr, row, SKIP):
+        base = phi_ptr + row * stride_phi
+        m = -float("inf")
+        s1 = tl.zeros((BLOCK_V,), tl.float32)
+        t1 = tl.zeros((BLOCK_V,), tl.float32)
+        st = tl.zeros((BLOCK_V,), tl.float32)
+        tt = tl.zeros((BLOCK_V,), tl.float32)
+        best = tl.full((BLOCK_V,), -float("inf"), tl.float32)
+        best_idx = tl.zeros((BLOCK_V,), tl.int32)
+        v_start = split * chunk
+        for start in range(v_start, tl.minimum(v_start + chunk, V), BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            x = tl.load(base + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(x, 0))
+            safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+            e1 = tl.exp(x - safe)
+            et = tl.exp((x - safe) * inv_tau)
+            scale1 = tl.exp(m - safe)
+            scalet = tl.exp((m - safe) * inv_tau)
+            s1 = s1 * scale1 + e1
+            t1 = t1 * scale1 + tl.where(e1 > 0, e1 * x, 0.0)  # 0 * (-inf) guarded
+            st = st * scalet + et
+            tt = tt * scalet + tl.where(et > 0, et * x, 0.0)
+            m = m_new
+            better = x > best  # strict: a lane keeps its first maximum
+            best_idx = tl.where(better, cols, best_idx)
+            best = tl.where(better, x, best)
+        top, top_idx = _first_argmax(best, best_idx, V)
+        slot = row * S + split
+        moments = moments_ptr + slot * 5
+        tl.store(moments, m)
+        tl.store(moments + 1, tl.sum(s1, 0))
+        tl.store(moments + 2, tl.sum(t1, 0))
+        tl.store(moments + 3, tl.sum(st, 0))
+        tl.store(moments + 4, tl.sum(tt, 0))
+        tl.store(best_ptr + slot, top)
+        tl.store(best_idx_ptr + slot, top_idx)
+
+
+@triton.jit
+def _row_stats_combine_kernel(
+    moments_ptr,  # (N, S, 5) fp32 chunk moments
+    best_ptr,  # (N, S) fp32 chunk maxima
+    best_idx_ptr,  # (N, S) int32 their first indices
     lse_tau_ptr,  # (N,) fp32 out: logsumexp(x / tau)
     entropy_ptr,  # (N,) fp32 out: normalised entropy at temperature 1
     plogp_tau_ptr,  # (N,) fp32 out: sum p log p of softmax(x / tau)
     argmax_ptr,  # (N,) int64 out
-    skip_ptr,  # (N,) int32: rows != 0 are not read, their outputs 0 (SKIP)
-    stride_phi,
+    skip_ptr,  # (N,) int32: rows != 0 get 0 outputs (SKIP)
     V,
+    S,
     inv_tau,
     inv_log_v,
-    BLOCK_V: tl.constexpr,
+    BLOCK_S: tl.constexpr,
     SKIP: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    base = phi_ptr + row * stride_phi
     active = _row_is_active(skip_ptr, row, SKIP)
-    m1 = -float("inf")
-    s1 = 0.0
-    t1 = 0.0
-    mt = -float("inf")
-    st = 0.0
-    tt = 0.0
-    best = -float("inf")
-    best_idx = 0
-    for start in range(0, tl.where(active, V, 0), BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        x = tl.load(base + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
-        m1, s1, t1 = _online_exp_moments(m1, s1, t1, x)
-        mt, st, tt = _online_exp_moments(mt, st, tt, x * inv_tau)
-        # argmax, first index on ties
-        tile_best = tl.max(x, 0)
-        tile_idx = tl.min(tl.where(x == tile_best, cols, V), 0)
-        better = tile_best > best
-        best_idx = tl.where(better, tile_idx, best_idx)
-        best = tl.where(better, tile_best, best)
-    lse1 = m1 + tl.log(s1)
-    lse_tau = mt + tl.log(st)
+    splits = tl.arange(0, BLOCK_S)
+    ok = (splits < S) & active
+    slots = row * S + splits
+    m = tl.load(moments_ptr + slots * 5, mask=ok, other=-float("inf"))
+    top = tl.max(m, 0)
+    safe = tl.where(top == -float("inf"), 0.0, top)
+    scale1 = tl.exp(m - safe)
+    scalet = tl.exp((m - safe) * inv_tau)
+    s1 = tl.sum(scale1 * tl.load(moments_ptr + slots * 5 + 1, mask=ok, other=0.0), 0)
+    t1 = tl.sum(scale1 * tl.load(moments_ptr + slots * 5 + 2, mask=ok, other=0.0), 0)
+    st = tl.sum(scalet * tl.load(moments_ptr + slots * 5 + 3, mask=ok, other=0.0), 0)
+    tt = tl.sum(scalet * tl.load(moments_ptr + slots * 5 + 4, mask=ok, other=0.0), 0)
+    best = tl.load(best_ptr + slots, mask=ok, other=-float("inf"))
+    _, argmax = _first_argmax(best, tl.load(best_idx_ptr + slots, mask=ok, other=V), V)
+    lse1 = safe + tl.log(s1)
+    lse_tau = safe * inv_tau + tl.log(st)
     tl.store(lse_tau_ptr + row, tl.where(active, lse_tau, 0.0))
     tl.store(entropy_ptr + row, tl.where(active, (lse1 - t1 / s1) * inv_log_v, 0.0))
-    tl.store(plogp_tau_ptr + row, tl.where(active, tt / st - lse_tau, 0.0))
-    tl.store(argmax_ptr + row, tl.where(active, best_idx, 0).to(tl.int64))
+    tl.store(plogp_tau_ptr + row, tl.where(active, tt / st * inv_tau - lse_tau, 0.0))
+    tl.store(argmax_ptr + row, tl.where(active, argmax, 0).to(tl.int64))
 
 
 class RowStats(NamedTuple):
@@ -97,17 +157,42 @@ class RowStats(NamedTuple):
     argmax: torch.Tensor
 
 
-def row_stats(phi: torch.Tensor, temperature: float, skip: torch.Tensor | None = None, block_v: int = 1024):
-    """phi (N, V) -> :class:`RowStats`. ``temperature`` must be > 0 (greedy callers need
-    only the argmax). Rows where ``skip`` (N,) int32 is nonzero are not read (outputs 0)."""
+def row_geometry(phi: torch.Tensor, splits: int | None, block_v: int | None) -> tuple[int, int, int]:
+    """(tile width, splits, chunk) of a per-row kernel over phi (N, V): enough
+    (row, chunk) programs to fill the GPU, each at least MIN_TILES_PER_SPLIT tiles."""
     n, vocab = phi.shape
+    block = min(block_v or ROW_BLOCK_V, triton.next_power_of_2(vocab))
+    fill = triton.cdiv(programs_to_fill(phi.device, 8), n)
+    return block, *vocab_chunks(vocab, block * MIN_TILES_PER_SPLIT, fill, splits)
+
+
+def row_stats(
+    phi: torch.Tensor,
+    temperature: float,
+    skip: torch.Tensor | None = None,
+    splits: int | None = None,
+    block_v: int | None = None,
+) -> RowStats:
+    """phi (N, V) -> :class:`RowStats`. ``temperature`` must be > 0 (greedy callers need
+    only the argmax). Rows where ``skip`` (N,) int32 is nonzero are not read (outputs 0).
+    The vocabulary is split over ``splits`` programs per row (default: enough to fill
+    the GPU)."""
+    n, vocab = phi.shape
+    block, splits, chunk = row_geometry(phi, splits, block_v)
+    moments = torch.empty(n, splits, 5, device=phi.device, dtype=torch.float32)
+    best = torch.empty(n, splits, device=phi.device, dtype=torch.float32)
+    best_idx = torch.empty(n, splits, device=phi.device, dtype=torch.int32)
+    skip_arg = moments if skip is None else skip
+    _row_stats_partial_kernel[(n, splits)](
+        phi, moments, best, best_idx, skip_arg, phi.stride(0), vocab, splits, chunk, 1.0 / temperature,
+        BLOCK_V=block, SKIP=skip is not None, num_warps=ROW_WARPS,
+    )  # fmt: skip
     lse_tau = torch.empty(n, device=phi.device, dtype=torch.float32)
     entropy = torch.empty_like(lse_tau)
     plogp_tau = torch.empty_like(lse_tau)
     argmax = torch.empty(n, device=phi.device, dtype=torch.int64)
-    block = min(block_v, triton.next_power_of_2(vocab))
-    _row_stats_kernel[(n,)](
-        phi, lse_tau, entropy, plogp_tau, argmax, lse_tau if skip is None else skip, phi.stride(0), vocab,
-        1.0 / temperature, 1.0 / math.log(vocab), BLOCK_V=block, SKIP=skip is not None,
+    _row_stats_combine_kernel[(n,)](
+        moments, best, best_idx, lse_tau, entropy, plogp_tau, argmax, skip_arg, vocab, splits, 1.0 / temperature,
+        1.0 / math.log(vocab), BLOCK_S=triton.next_power_of_2(splits), SKIP=skip is not None,
     )  # fmt: skip
     return RowStats(lse_tau, entropy, plogp_tau, argmax)

@@ -20,6 +20,10 @@ No (N, V) tensor is created besides phi and dphi; with an Adam step fused into t
 backward (the guidance loop's case) not even dphi: each tile of dphi updates phi and
 the Adam moments in place the moment it is computed.
 
+The table may be in another vocabulary (the reward model's own embedding matrix):
+with ``table_rows`` (V,) each E tile is gathered row by row through it, so no (V, D)
+copy in the logits' vocabulary is needed.
+
 Inactive rows (e.g. committed positions of a denoising canvas) are skipped through a
 row list: ``order`` (N,) int32 holds the active rows first and ``count`` (1,) int32
 how many there are, both on the device (no host sync, fixed launch grids). Tiles of
@@ -28,9 +32,7 @@ list positions >= count read nothing; inactive rows get soft = out = 0 and dphi 
 
 from __future__ import annotations
 
-import functools
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -38,9 +40,8 @@ import triton
 import triton.language as tl
 
 from entrgi_kernels.adam import AdamUpdate, adam_update
+from entrgi_kernels.launch import INTERPRET, programs_to_fill, vocab_chunks
 
-# The interpreter computes bf16/fp16 dots incorrectly: cast operands to fp32 there.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LOG2E = math.log2(math.e)
 
 
@@ -61,9 +62,21 @@ def _list_rows(order_ptr, count_ptr, first, positions, N, ROW_LIST: tl.constexpr
 
 
 @triton.jit
+def _table_row(table_rows_ptr, tokens, ok, GATHER: tl.constexpr):
+    """int64 table row of each vocabulary entry: ``table_rows[tokens]`` (GATHER) or the
+    token itself."""
+    if GATHER:
+        rows = tl.load(table_rows_ptr + tokens, mask=ok, other=0).to(tl.int64)
+    else:
+        rows = tokens.to(tl.int64)
+    return rows
+
+
+@triton.jit
 def _soft_partial_kernel(
     phi_ptr,  # (N, V) logits, row stride `stride_phi`
-    table_ptr,  # (V, D) embedding table, row stride `stride_table`
+    table_ptr,  # (V_t, D) embedding table, row stride `stride_table`
+    table_rows_ptr,  # (V,) int: table row of each vocabulary entry (GATHER)
     lse_tau_ptr,  # (N,) fp32
     partial_ptr,  # (S, N, D) fp32 out: per-chunk sums of p @ E, by row-list position
     order_ptr,  # (N,) int32 row list, active rows first (ROW_LIST)
@@ -80,6 +93,7 @@ def _soft_partial_kernel(
     BLOCK_D: tl.constexpr,
     DOT_FP32: tl.constexpr,
     ROW_LIST: tl.constexpr,
+    GATHER: tl.constexpr,
 ):
     d_blocks = tl.cdiv(D, BLOCK_D)
     tile = tl.program_id(0)
@@ -103,7 +117,7 @@ def _soft_partial_kernel(
         ).to(tl.float32)  # fmt: skip
         p = tl.exp2(x * scale - lse2[:, None])
         e = tl.load(
-            table_ptr + cols.to(tl.int64)[:, None] * stride_table + dims[None, :],
+            table_ptr + _table_row(table_rows_ptr, cols, col_ok, GATHER)[:, None] * stride_table + dims[None, :],
             mask=col_ok[:, None] & dim_ok[None, :], other=0.0,
         )  # fmt: skip
         if DOT_FP32:
@@ -117,7 +131,8 @@ def _soft_partial_kernel(
 @triton.jit
 def _straight_through_kernel(
     partial_ptr,  # (S, N, D) fp32
-    table_ptr,  # (V, D) embedding table
+    table_ptr,  # (V_t, D) embedding table
+    table_rows_ptr,  # (V,) int: table row of each vocabulary entry (GATHER)
     tokens_ptr,  # (N,) int64 hard tokens
     weight_ptr,  # (N,) fp32 straight-through weight w
     soft_ptr,  # (N, D) fp32 out: soft (saved for backward)
@@ -130,6 +145,7 @@ def _straight_through_kernel(
     stride_table,
     BLOCK_D: tl.constexpr,
     ROW_LIST: tl.constexpr,
+    GATHER: tl.constexpr,
 ):
     position = tl.program_id(0)
     row, active, _ = _list_rows(order_ptr, count_ptr, position, position, N, ROW_LIST)
@@ -139,7 +155,7 @@ def _straight_through_kernel(
     soft = tl.zeros((BLOCK_D,), tl.float32)
     for split in range(tl.where(active, S, 0)):
         soft += tl.load(partial_ptr + (split * N + position) * D + dims, mask=dim_ok, other=0.0)
-    token = tl.load(tokens_ptr + row)
+    token = _table_row(table_rows_ptr, tl.load(tokens_ptr + row), active, GATHER)
     w = tl.load(weight_ptr + row)
     hard = tl.load(table_ptr + token * stride_table + dims, mask=dim_ok & active, other=0.0).to(tl.float32)
     out = tl.where(active, soft + w * (hard - soft), 0.0)
@@ -150,7 +166,8 @@ def _straight_through_kernel(
 @triton.jit
 def _soft_embedding_bwd_kernel(
     phi_ptr,  # (N, V) logits
-    table_ptr,  # (V, D) embedding table
+    table_ptr,  # (V_t, D) embedding table
+    table_rows_ptr,  # (V,) int: table row of each vocabulary entry (GATHER)
     grad_ptr,  # (N, D) fp32 incoming gradient g, contiguous
     lse_tau_ptr,  # (N,) fp32
     soft_dot_grad_ptr,  # (N,) fp32: soft . g
@@ -179,6 +196,7 @@ def _soft_embedding_bwd_kernel(
     ROW_LIST: tl.constexpr,
     ADAM: tl.constexpr,
     SKIP: tl.constexpr,
+    GATHER: tl.constexpr,
 ):
     first = tl.program_id(0) * BLOCK_N
     positions = first + tl.arange(0, BLOCK_N)
@@ -187,14 +205,14 @@ def _soft_embedding_bwd_kernel(
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     col_ok = cols < V
     rows64 = rows.to(tl.int64)
-    cols64 = cols.to(tl.int64)
+    table_rows = _table_row(table_rows_ptr, cols, col_ok, GATHER)
     eg = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
     for start in range(0, tl.where(live, D, 0), BLOCK_D):
         dims = start + tl.arange(0, BLOCK_D)
         dim_ok = dims < D
         g = tl.load(grad_ptr + rows64[:, None] * D + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
         e_t = tl.load(
-            table_ptr + cols64[None, :] * stride_table + dims[:, None],
+            table_ptr + table_rows[None, :] * stride_table + dims[:, None],
             mask=dim_ok[:, None] & col_ok[None, :],
             other=0.0,
         )  # fmt: skip  (D tile, V tile): E transposed
@@ -241,20 +259,19 @@ BACKWARD_GPU = TileConfig(block_n=128, block_v=128, block_d=64, num_warps=4, num
 INTERPRETER = TileConfig(block_n=16, block_v=64, block_d=64, num_warps=1, num_stages=1)
 
 
-@functools.lru_cache(maxsize=None)
-def _programs_to_fill(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _fit(config: TileConfig, d: int) -> TileConfig:
     block_d = min(config.block_d, max(16, triton.next_power_of_2(d)))
     return TileConfig(config.block_n, config.block_v, block_d, config.num_warps, config.num_stages)
 
 
 def _dot_fp32(table: torch.Tensor) -> bool:
-    return _INTERPRET or table.dtype == torch.float32
+    """The interpreter computes bf16/fp16 dots incorrectly: fp32 operands there."""
+    return INTERPRET or table.dtype == torch.float32
+
+
+def _gather_arg(table_rows: torch.Tensor | None, table: torch.Tensor) -> torch.Tensor:
+    """The kernels' table_rows pointer (the table itself, unread, without a gather)."""
+    return table if table_rows is None else table_rows
 
 
 def _row_list_args(row_list, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -268,47 +285,50 @@ def _row_list_args(row_list, n: int, device) -> tuple[torch.Tensor, torch.Tensor
 
 
 def soft_embedding_forward(
-    phi, table, lse_tau, weights, tokens, temperature, row_list=None, config: TileConfig | None = None
-):
+    phi, table, lse_tau, weights, tokens, temperature, row_list=None, config: TileConfig | None = None,
+    table_rows: torch.Tensor | None = None,
+):  # fmt: skip
     """Returns soft (N, D) fp32 and out (N, D) in the table's dtype. ``row_list``
-    (order, count) restricts the work to the active rows (others: zeros)."""
+    (order, count) restricts the work to the active rows (others: zeros).
+    ``table_rows`` (V,) int32/int64: vocabulary entry v reads ``table[table_rows[v]]``
+    (a table in another vocabulary, gathered in the kernel instead of copied)."""
     n, vocab = phi.shape
     d = table.shape[1]
-    cfg = _fit(config or (INTERPRETER if _INTERPRET else FORWARD_GPU), d)
+    cfg = _fit(config or (INTERPRETER if INTERPRET else FORWARD_GPU), d)
     tiles = triton.cdiv(n, cfg.block_n) * triton.cdiv(d, cfg.block_d)
-    splits = max(1, min(triton.cdiv(vocab, cfg.block_v), triton.cdiv(_programs_to_fill(phi.device), tiles)))
-    chunk = triton.cdiv(triton.cdiv(vocab, splits), cfg.block_v) * cfg.block_v
-    splits = triton.cdiv(vocab, chunk)
+    splits, chunk = vocab_chunks(vocab, cfg.block_v, triton.cdiv(programs_to_fill(phi.device, 2), tiles))
     partial = torch.empty(splits, n, d, device=phi.device, dtype=torch.float32)
     order, count = _row_list_args(row_list, n, phi.device)
     _soft_partial_kernel[(tiles, splits)](
-        phi, table, lse_tau, partial, order, count, n, vocab, d, phi.stride(0), table.stride(0),
-        _LOG2E / temperature, chunk, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
-        DOT_FP32=_dot_fp32(table), ROW_LIST=row_list is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        phi, table, _gather_arg(table_rows, table), lse_tau, partial, order, count, n, vocab, d, phi.stride(0),
+        table.stride(0), _LOG2E / temperature, chunk, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
+        DOT_FP32=_dot_fp32(table), ROW_LIST=row_list is not None, GATHER=table_rows is not None,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     soft = torch.empty(n, d, device=phi.device, dtype=torch.float32)
     out = torch.empty(n, d, device=phi.device, dtype=table.dtype)
     block_d = min(1024, triton.next_power_of_2(d))
     _straight_through_kernel[(n, triton.cdiv(d, block_d))](
-        partial, table, tokens, weights, soft, out, order, count, n, d, splits, table.stride(0), BLOCK_D=block_d,
-        ROW_LIST=row_list is not None,
+        partial, table, _gather_arg(table_rows, table), tokens, weights, soft, out, order, count, n, d, splits,
+        table.stride(0), BLOCK_D=block_d, ROW_LIST=row_list is not None, GATHER=table_rows is not None,
     )  # fmt: skip
     return soft, out
 
 
 def soft_embedding_backward(
     phi, table, grad, lse_tau, soft, temperature, row_list=None, adam: AdamUpdate | None = None,
-    config: TileConfig | None = None,
+    config: TileConfig | None = None, table_rows: torch.Tensor | None = None,
 ):  # fmt: skip
     """dphi (N, V) in phi's dtype for the incoming gradient ``grad`` (N, D); rows
-    outside ``row_list`` get dphi = 0 without reading phi or the table.
+    outside ``row_list`` get dphi = 0 without reading phi or the table. ``table_rows``
+    as in :func:`soft_embedding_forward`.
 
     With ``adam`` the kernel applies that Adam step to phi (contiguous fp32) in place
     instead, from the dphi tile in registers, and returns None: dphi is never stored.
     Rows outside ``row_list`` and rows in ``adam.skip`` are not touched."""
     n, vocab = phi.shape
     d = table.shape[1]
-    cfg = _fit(config or (INTERPRETER if _INTERPRET else BACKWARD_GPU), d)
+    cfg = _fit(config or (INTERPRETER if INTERPRET else BACKWARD_GPU), d)
     grad = grad.float().contiguous()
     soft_dot_grad = (soft * grad).sum(-1)
     if adam is None:
@@ -323,10 +343,10 @@ def soft_embedding_backward(
     order, count = _row_list_args(row_list, n, phi.device)
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(vocab, cfg.block_v))
     _soft_embedding_bwd_kernel[grid](
-        phi, table, grad, lse_tau, soft_dot_grad, dphi, order, count, exp_avg, exp_avg_sq, skip, n, vocab, d,
-        phi.stride(0), table.stride(0), dphi.stride(0), 1.0 / temperature, *scalars, BLOCK_N=cfg.block_n,
-        BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, DOT_FP32=_dot_fp32(table), ROW_LIST=row_list is not None,
-        ADAM=adam is not None, SKIP=adam is not None and adam.skip is not None, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        phi, table, _gather_arg(table_rows, table), grad, lse_tau, soft_dot_grad, dphi, order, count, exp_avg,
+        exp_avg_sq, skip, n, vocab, d, phi.stride(0), table.stride(0), dphi.stride(0), 1.0 / temperature, *scalars,
+        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, DOT_FP32=_dot_fp32(table),
+        ROW_LIST=row_list is not None, ADAM=adam is not None, SKIP=adam is not None and adam.skip is not None,
+        GATHER=table_rows is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return None if adam is not None else dphi

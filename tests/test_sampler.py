@@ -189,8 +189,27 @@ def test_eos_is_deprioritised_and_cuts_the_response(denoisers, classifier_reward
 def test_vocab_mapping_reports_coverage(denoisers, classifier_reward):
     table = GuidanceTable(denoisers["mlm"], classifier_reward)
     assert table.mapping.mapped == len(denoisers["mlm"].tokenizer)
-    assert torch.equal(table.weight, classifier_reward.input_embeddings()[table.mapping.ids])
+    reward_table = classifier_reward.input_embeddings()
+    assert table.weight.data_ptr() == reward_table.data_ptr(), "the reward's own matrix, not a copy"
+    rows = torch.arange(len(reward_table)) if table.rows is None else table.rows.long()
+    assert torch.equal(rows, table.mapping.ids)
     assert "100.00%" in table.mapping.report()
+
+
+def test_guidance_reads_a_table_in_another_vocabulary_through_its_rows(denoisers, classifier_reward):
+    """A reward whose vocabulary orders tokens differently: its matrix read through
+    ``rows`` steers exactly as the same embeddings in the denoiser's order."""
+    config = GuidanceConfig(steps=3, max_new_tokens=5, num_samples=2, guidance_steps=2)
+    direct = _run(denoisers["dream"], classifier_reward, config)
+    shuffled = _run(denoisers["dream"], classifier_reward, config)
+    table = shuffled.table
+    assert table.rows is None  # the tiny models share one vocabulary
+    order = torch.randperm(len(table.weight), generator=torch.Generator().manual_seed(0))
+    table.weight, table.rows = table.weight[order], torch.argsort(order).to(torch.int32)
+    for step in range(config.steps):
+        direct.step(step)
+        shuffled.step(step)
+    assert torch.equal(shuffled.response, direct.response)
 
 
 def test_step_has_no_host_sync(denoisers, classifier_reward, monkeypatch):

@@ -95,7 +95,7 @@ def test_threshold_keeps_exactly_the_reference_set(top_p, top_k, dtype):
         assert torch.equal(_filter_keys(x, tau) >= keys[:, None], expected)
 
 
-# (1.0, 0.15, 0) keeps little mass: most rows exhaust the rejection rounds and take the
+# (1.0, 0.15, 0) keeps little mass: most rows reject all four draws and take the
 # threshold path, so both samplers are held to the law. sample_step with a kept-law
 # confidence (maskgit_plus) draws through the threshold alone.
 LAW_CASES = [(0.7, 0.8, 0), (1.3, 0.9, 4), (1.0, 0.15, 0), (1.0, 1.0, 0)]
@@ -311,3 +311,46 @@ def test_active_mask_is_validated():
         guided_embedding(phi, table, active=torch.ones(3, dtype=torch.bool, device=DEVICE))
     with pytest.raises(TypeError, match="bool"):
         sample_step(phi, active=torch.ones(4, device=DEVICE))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("fused_adam", [False, True])
+def test_table_rows_read_the_reward_table_in_place(backend, fused_adam):
+    """A (V_t, d) table read through table_rows (V,) gives exactly what the copied
+    (V, d) table gives: embeddings, draws, gradients or Adam steps, greedy rows."""
+    from entrgi.optim import LogitAdam
+
+    phi, _ = _inputs(13, 90, 24, torch.float32, seed=12)
+    g = torch.Generator().manual_seed(3)
+    reward_table = torch.randn(70, 24, generator=g).to(torch.bfloat16).to(DEVICE)
+    table_rows = torch.randint(0, 70, (90,), generator=g).to(DEVICE)  # repeated and unread rows
+    active = (torch.rand(13, generator=g) < 0.7).to(DEVICE)
+    grad = torch.randn(13, 24, generator=g).to(DEVICE)
+    results = []
+    for table, rows in ((reward_table[table_rows], None), (reward_table, table_rows.to(torch.int32))):
+        leaf = phi.clone().requires_grad_(True)
+        optimizer = LogitAdam(leaf, lr=0.3, active=active, backend=backend) if fused_adam else None
+        out = guided_embedding(leaf, table, temperature=0.8, top_p=0.9, backend=backend, active=active,
+                               generator=torch.Generator(DEVICE).manual_seed(1), optimizer=optimizer,
+                               table_rows=rows)  # fmt: skip
+        torch.autograd.backward((out.embeds.float() * grad).sum(), inputs=[leaf])
+        greedy = guided_embedding(phi, table, temperature=0.0, backend=backend, table_rows=rows).embeds
+        results.append((out, leaf.detach() if fused_adam else leaf.grad, greedy))
+    (copied, copied_phi, copied_greedy), (gathered, gathered_phi, gathered_greedy) = results
+    for name in copied._fields:
+        assert torch.equal(getattr(gathered, name), getattr(copied, name)), name
+    assert torch.equal(gathered_phi, copied_phi) and gathered_phi.ne(phi).any()
+    assert torch.equal(gathered_greedy, copied_greedy)
+
+
+def test_table_rows_are_validated():
+    phi, table = _inputs(3, 40, 8, torch.float32, seed=13)
+    rows = torch.arange(40, device=DEVICE)
+    with pytest.raises(ValueError, match=r"table_rows must have shape \(V,\) = \(40,\)"):
+        guided_embedding(phi, table, table_rows=rows[:30])
+    with pytest.raises(TypeError, match="int32/int64"):
+        guided_embedding(phi, table, table_rows=rows.float())
+    with pytest.raises(ValueError, match=r"table_rows values must lie in \[0, 20\), got \[0, 39\]"):
+        guided_embedding(phi, table[:20], table_rows=rows)
+    with pytest.raises(ValueError, match="vocabulary size mismatch"):
+        guided_embedding(phi, table[:20])

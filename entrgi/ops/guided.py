@@ -15,6 +15,7 @@ from entrgi.ops.validation import (
     check_logits,
     check_optimizer_over,
     check_sampling_args,
+    check_table_rows_range,
     resolve_backend,
 )
 
@@ -68,6 +69,7 @@ def guided_embedding(
     check_values: bool = True,
     active: torch.Tensor | None = None,
     optimizer=None,
+    table_rows: torch.Tensor | None = None,
 ) -> GuidedEmbedding:
     """Entropy-aware reward-guidance embedding of logits ``phi``.
 
@@ -78,13 +80,15 @@ def guided_embedding(
     Parameters
     ----------
     phi : (..., V) float32/bfloat16/float16 logits.
-    embed_table : (V, d) reward input embeddings indexed by the denoiser's vocabulary.
+    embed_table : (V, d) reward input embeddings indexed by the denoiser's vocabulary,
+        or (V_t, d) in another vocabulary with ``table_rows``.
     temperature : tau >= 0; 0 is greedy (one-hot argmax, no gradient).
     top_p : in (0, 1]; 1 disables. top_k : >= 0; 0 disables.
     mode : ``entrgi`` | ``aps`` (w = 1) | ``expectation`` (w = 0, no sample drawn).
     generator : source of the sampling noise (seeds the Triton kernel's Philox).
     backend : ``auto`` (Triton on CUDA) | ``torch`` | ``triton``.
-    check_values : reject NaN / all -inf rows (reads values back: a host sync).
+    check_values : reject NaN / all -inf rows and out-of-range ``table_rows`` (reads
+        values back: a host sync).
         The sampler passes False inside its captured step.
     active : (...,) bool, the rows to compute (default all). The Triton backend does
         not read the others (a canvas's committed positions cost next to nothing).
@@ -94,6 +98,9 @@ def guided_embedding(
         backend applies the step inside its backward kernel, so dphi (N, V) is never
         stored. Rows outside ``active`` take no step (with a fresh optimizer and a
         fixed ``active`` they would not move anyway).
+    table_rows : (V,) int32/int64. Token v's embedding is ``embed_table[table_rows[v]]``:
+        the reward's own embedding matrix serves without a (V, d) copy in the
+        denoiser's vocabulary (the Triton kernels gather through it).
 
     Example
     -------
@@ -101,7 +108,7 @@ def guided_embedding(
     >>> reward(out.embeds).sum().backward()   # gradient reaches phi
     """
     check_logits("phi", phi)
-    check_embed_table(phi, embed_table)
+    check_embed_table(phi, embed_table, table_rows)
     check_sampling_args(temperature, top_p, top_k)
     check_choice("mode", mode, MODES)
     check_active(active, phi)
@@ -109,6 +116,8 @@ def guided_embedding(
         check_optimizer_over(optimizer, phi, temperature)
     if check_values:
         check_finite_rows("phi", phi)
+        if table_rows is not None:
+            check_table_rows_range(table_rows, embed_table)
     backend = resolve_backend(backend, phi.device)
     lead = phi.shape[:-1]
     rows = phi.reshape(-1, phi.shape[-1])
@@ -120,11 +129,12 @@ def guided_embedding(
         from entrgi.ops import triton_backend
 
         embeds, tokens, weights, argmax = triton_backend.guided_embedding(
-            rows, embed_table, temperature, top_p, top_k, mode, generator, active_rows, in_kernel
+            rows, embed_table, temperature, top_p, top_k, mode, generator, active_rows, in_kernel, table_rows
         )
-    else:
+    else:  # the reference reads a table in phi's vocabulary
+        table = embed_table if table_rows is None else embed_table[table_rows]
         embeds, tokens, weights, argmax = reference.guided_embedding_reference(
-            rows, embed_table, temperature, top_p, top_k, mode, generator
+            rows, table, temperature, top_p, top_k, mode, generator
         )
     if active_rows is not None:
         embeds = torch.where(active_rows[:, None], embeds, 0)

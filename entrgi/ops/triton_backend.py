@@ -51,12 +51,14 @@ class _SoftEmbedding(torch.autograd.Function):
     """out = soft + w (E[token] - soft) with the gradient through soft only."""
 
     @staticmethod
-    def forward(ctx, phi, table, lse_tau, weights, tokens, temperature, rows, optimizer):
+    def forward(ctx, phi, table, table_rows, lse_tau, weights, tokens, temperature, rows, optimizer):
         from entrgi_kernels.soft_embedding import soft_embedding_forward
 
-        soft, out = soft_embedding_forward(phi, table, lse_tau, weights, tokens, temperature, rows)
+        soft, out = soft_embedding_forward(
+            phi, table, lse_tau, weights, tokens, temperature, rows, table_rows=table_rows
+        )
         ctx.save_for_backward(phi, table, lse_tau, soft, *(rows or ()))
-        ctx.temperature, ctx.optimizer = temperature, optimizer
+        ctx.table_rows, ctx.temperature, ctx.optimizer = table_rows, temperature, optimizer
         return out
 
     @staticmethod
@@ -66,12 +68,12 @@ class _SoftEmbedding(torch.autograd.Function):
         phi, table, lse_tau, soft, *rows = ctx.saved_tensors
         args = (phi, table, grad_out, lse_tau, soft, ctx.temperature, tuple(rows) or None)
         if ctx.optimizer is None:
-            dphi = soft_embedding_backward(*args)
+            dphi = soft_embedding_backward(*args, table_rows=ctx.table_rows)
         else:  # the step happens in the kernel: dphi is never stored
             with record_function("entrgi.op_backward_with_adam"):
-                soft_embedding_backward(*args, adam=ctx.optimizer.fused_update())
+                soft_embedding_backward(*args, adam=ctx.optimizer.fused_update(), table_rows=ctx.table_rows)
             dphi = None
-        return dphi, None, None, None, None, None, None, None
+        return dphi, None, None, None, None, None, None, None, None
 
 
 def _filtered_tokens(phi, lse_tau, temperature, top_p, top_k, generator, skip):
@@ -89,11 +91,13 @@ def _filtered_tokens(phi, lse_tau, temperature, top_p, top_k, generator, skip):
     return tokens
 
 
-def guided_embedding(phi, table, temperature, top_p, top_k, mode, generator, active=None, optimizer=None):
+def guided_embedding(
+    phi, table, temperature, top_p, top_k, mode, generator, active=None, optimizer=None, table_rows=None
+):  # fmt: skip
     """Rows (R, V) -> embeds (R, d), tokens, weights, argmax (see ``guided_embedding``);
     rows where ``active`` (R,) is False are not computed (zeros, zero gradient).
     ``optimizer``: a fused LogitAdam whose step the backward kernel takes instead of
-    returning dphi."""
+    returning dphi. ``table_rows`` (V,): token v's embedding is table[table_rows[v]]."""
     from entrgi_kernels.row_stats import row_stats
 
     phi, table = _rows(phi), _rows(table)
@@ -101,13 +105,14 @@ def guided_embedding(phi, table, temperature, top_p, top_k, mode, generator, act
     stats = row_stats(phi.detach(), temperature if temperature > 0 else 1.0, skip)
     weights = _mode_weights(stats.entropy, mode)
     if temperature == 0.0:
-        return table[stats.argmax], stats.argmax, weights, stats.argmax
+        greedy_rows = stats.argmax if table_rows is None else table_rows[stats.argmax]
+        return table[greedy_rows], stats.argmax, weights, stats.argmax
     if mode == "expectation":
         tokens = stats.argmax
     else:
         tokens = _filtered_tokens(phi.detach(), stats.lse_tau, temperature, top_p, top_k, generator, skip)
     rows = None if active is None else row_list(active)
-    embeds = _SoftEmbedding.apply(phi, table, stats.lse_tau, weights, tokens, temperature, rows, optimizer)
+    embeds = _SoftEmbedding.apply(phi, table, table_rows, stats.lse_tau, weights, tokens, temperature, rows, optimizer)
     return embeds, tokens, weights, stats.argmax
 
 

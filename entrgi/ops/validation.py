@@ -31,19 +31,38 @@ def check_logits(name: str, phi: torch.Tensor) -> None:
         raise ValueError(f"{name} must have shape (..., V) with V >= 2, got {tuple(phi.shape)}")
 
 
-def check_embed_table(phi: torch.Tensor, embed_table: torch.Tensor) -> None:
+def check_embed_table(phi: torch.Tensor, embed_table: torch.Tensor, table_rows: torch.Tensor | None = None) -> None:
+    """``embed_table`` (V, d) in phi's vocabulary, or (V_t, d) indexed through
+    ``table_rows`` (V,) int32/int64 (values in [0, V_t) are checked by
+    :func:`check_table_rows_range`, which reads them back)."""
     if not isinstance(embed_table, torch.Tensor):
         raise TypeError(f"embed_table must be a torch.Tensor, got {type(embed_table).__name__}")
     if embed_table.dim() != 2:
         raise ValueError(f"embed_table must have shape (V, d), got {tuple(embed_table.shape)}")
     if embed_table.dtype not in FLOAT_DTYPES:
         raise TypeError(f"embed_table must be float32, bfloat16 or float16, got {embed_table.dtype}")
-    if embed_table.shape[0] != phi.shape[-1]:
-        raise ValueError(
-            f"vocabulary size mismatch: phi has V={phi.shape[-1]} but embed_table has {embed_table.shape[0]} rows"
-        )
     if embed_table.device != phi.device:
         raise ValueError(f"phi is on {phi.device} but embed_table is on {embed_table.device}")
+    if table_rows is None:
+        if embed_table.shape[0] != phi.shape[-1]:
+            raise ValueError(
+                f"vocabulary size mismatch: phi has V={phi.shape[-1]} but embed_table has {embed_table.shape[0]} rows"
+            )
+        return
+    if not isinstance(table_rows, torch.Tensor) or table_rows.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"table_rows must be an int32/int64 tensor, got {getattr(table_rows, 'dtype', table_rows)}")
+    if table_rows.shape != (phi.shape[-1],):
+        raise ValueError(f"table_rows must have shape (V,) = ({phi.shape[-1]},), got {tuple(table_rows.shape)}")
+    if table_rows.device != phi.device:
+        raise ValueError(f"phi is on {phi.device} but table_rows is on {table_rows.device}")
+
+
+def check_table_rows_range(table_rows: torch.Tensor, embed_table: torch.Tensor) -> None:
+    """Every entry of ``table_rows`` names a row of ``embed_table``. Reads values back
+    (host sync): call it at API boundaries, not inside a captured step."""
+    low, high = table_rows.min().item(), table_rows.max().item()
+    if low < 0 or high >= embed_table.shape[0]:
+        raise ValueError(f"table_rows values must lie in [0, {embed_table.shape[0]}), got [{low}, {high}]")
 
 
 def check_active(active: torch.Tensor | None, phi: torch.Tensor) -> None:

@@ -1,0 +1,37 @@
+"""Launch geometry shared by the kernels.
+
+Kernels split the vocabulary across programs when the rows alone would not fill the
+GPU (flash-decoding): each program reduces one chunk of V and a small kernel combines
+the chunks' partials in a fixed order (deterministic, no atomics).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+
+# Under TRITON_INTERPRET=1 kernels run on the CPU one program at a time: callers pick
+# small tiles there (and work around the interpreter's 16-bit dots).
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def programs_to_fill(device: torch.device, per_sm: int) -> int:
+    """``per_sm`` programs per streaming multiprocessor (4 off the GPU, where the
+    interpreter runs programs one at a time)."""
+    if device.type != "cuda":
+        return 4
+    return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def vocab_chunks(vocab: int, block_v: int, max_splits: int, splits: int | None = None) -> tuple[int, int]:
+    """(splits, chunk): ``chunk`` entries of V per program, a multiple of ``block_v``,
+    with at most ``max_splits`` programs per row (or ``splits`` when given)."""
+    if splits is not None and splits < 1:
+        raise ValueError(f"splits must be >= 1, got {splits}")
+    wanted = max(1, min(triton.cdiv(vocab, block_v), splits or max_splits))
+    chunk = triton.cdiv(triton.cdiv(vocab, wanted), block_v) * block_v
+    return triton.cdiv(vocab, chunk), chunk

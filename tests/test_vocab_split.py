@@ -1,0 +1,117 @@
+"""Per-row kernels split over vocabulary chunks (flash-decoding) give the answer of one
+program per row: statistics against float64, argmax ties across chunk borders, and the
+very same draws for every split count (the noise is keyed by absolute token id, so the
+sampling-law tests in test_triton_ops cover every split)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BLOCK_V = 8  # small tiles: a vocabulary of ~100 spans many tiles and several chunks
+SPLITS = (1, 2, 3, 7)
+
+
+def _rows(vocab: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """Random rows with -inf entries, one row -inf over its whole first half (whole
+    chunks without a finite entry), heavy ties, and a maximum tied across chunks."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(9, vocab, generator=g) * 3
+    x[:, 1::5] = -math.inf
+    x[1, : vocab // 2] = -math.inf
+    x[2] = torch.randint(-2, 2, (vocab,), generator=g).float()
+    x[3, 2], x[3, vocab - 3] = 50.0, 50.0  # first index wins, even from another chunk
+    x[4] = -math.inf
+    x[4, vocab - 1] = 0.5  # the only finite entry sits in the last chunk
+    return x.to(dtype).to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("vocab", [37, 101])
+@pytest.mark.parametrize("splits", SPLITS)
+def test_row_stats_of_every_split_match_float64(dtype, vocab, splits):
+    from entrgi_kernels.row_stats import row_stats
+
+    x = _rows(vocab, dtype)
+    tau = 0.6
+    stats = row_stats(x, tau, splits=splits, block_v=BLOCK_V)
+    xd = x.cpu().double()
+    p1, pt = torch.softmax(xd, -1), torch.softmax(xd / tau, -1)
+    xlogx = lambda p: torch.where(p > 0, p * p.log(), torch.zeros_like(p)).sum(-1)  # noqa: E731
+    torch.testing.assert_close(stats.lse_tau.cpu().double(), torch.logsumexp(xd / tau, -1), atol=2e-5, rtol=2e-6)
+    torch.testing.assert_close(stats.entropy.cpu().double(), -xlogx(p1) / math.log(vocab), atol=2e-5, rtol=0)
+    torch.testing.assert_close(stats.plogp_tau.cpu().double(), xlogx(pt), atol=5e-5, rtol=0)
+    assert torch.equal(stats.argmax.cpu(), x.cpu().argmax(-1))
+
+
+@pytest.mark.parametrize("splits", SPLITS)
+def test_row_stats_skip_rows_with_splits(splits):
+    from entrgi_kernels.row_stats import row_stats
+
+    x = _rows(101, torch.float32, seed=1)
+    skip = torch.tensor([0, 1, 0, 0, 1, 0, 0, 1, 0], dtype=torch.int32, device=DEVICE)
+    full = row_stats(x, 0.8, splits=splits, block_v=BLOCK_V)
+    part = row_stats(x, 0.8, skip=skip, splits=splits, block_v=BLOCK_V)
+    for got, want in zip(part, full):
+        assert torch.equal(got[skip == 0], want[skip == 0])
+        assert not got[skip != 0].any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("top_p,top_k", [(0.8, 0), (0.3, 6), (1.0, 0), (0.05, 0)])
+def test_rejection_draws_do_not_depend_on_the_split(dtype, top_p, top_k):
+    from entrgi_kernels.row_stats import row_stats
+    from entrgi_kernels.sampling import rejection_sample
+
+    x = torch.cat([_rows(101, dtype, seed=s) for s in range(2)])
+    lse = row_stats(x, 0.9).lse_tau
+    seed = torch.tensor([2024], device=DEVICE)
+    skip = (torch.arange(18, device=DEVICE) % 5 == 1).to(torch.int32)
+    draws = [rejection_sample(x, lse, seed, 0.9, top_p, top_k, skip=skip, splits=s, block_v=BLOCK_V) for s in (1, 3, 7)]
+    tokens, accepted = draws[0]
+    for other_tokens, other_accepted in draws[1:]:
+        assert torch.equal(other_tokens, tokens) and torch.equal(other_accepted, accepted)
+    assert accepted[skip != 0].all() and not tokens[skip != 0].any()
+    live = (skip == 0) & (accepted == 1)
+    assert live.sum() > 6, "most rows must accept one of their four draws"
+    scaled = x.float() * torch.tensor(1.0 / 0.9)
+    from entrgi.ops.reference import keep_threshold
+
+    keep = scaled >= keep_threshold(scaled, top_p, top_k)[:, None]
+    assert keep.gather(-1, tokens[:, None]).squeeze(-1)[live].all()
+    if top_p == 1.0 and top_k == 0:
+        assert accepted.all()
+
+
+def test_rows_rejecting_every_draw_are_reported():
+    """A kept set of one token with almost no mass: every draw is rejected, the row is
+    flagged for the threshold path (token 0)."""
+    from entrgi_kernels.row_stats import row_stats
+    from entrgi_kernels.sampling import rejection_sample
+
+    x = torch.zeros(3, 64, device=DEVICE)
+    x[:, 10] = 1e-3  # top-1 holds about 1/64 of the mass
+    lse = row_stats(x, 1.0).lse_tau
+    tokens, accepted = rejection_sample(
+        x, lse, torch.tensor([5], device=DEVICE), 1.0, 1.0, 1, splits=2, block_v=BLOCK_V
+    )
+    draws_kept = accepted.bool()
+    assert torch.equal(tokens[draws_kept], torch.full_like(tokens[draws_kept], 10))
+    assert not tokens[~draws_kept].any()
+    assert (~draws_kept).any(), "with p(keep) ~ 1/64 and four draws, most rows reject all"
+
+
+def test_vocab_chunks_cover_the_vocabulary():
+    from entrgi_kernels.launch import vocab_chunks
+
+    for vocab, block, most in [(152_064, 2048, 9), (101, 8, 7), (10, 16, 4), (5, 8, 1)]:
+        splits, chunk = vocab_chunks(vocab, block, most)
+        assert chunk % block == 0 and 1 <= splits <= most
+        assert (splits - 1) * chunk < vocab <= splits * chunk
+    with pytest.raises(ValueError, match="splits must be >= 1"):
+        vocab_chunks(100, 8, 4, splits=0)
