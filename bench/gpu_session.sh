@@ -30,7 +30,8 @@ tests)
     python -m pytest -q -x tests -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -15
     ;;
 step)
-    for options in "" "--reward-cache-prefix" "--reward-checkpoint" "--reward-cache-prefix --reward-checkpoint"; do
+    for options in "" "--reward-checkpoint" "--reward-cache-prefix --reward-checkpoint" \
+        "--reward-cache-prefix --reward-checkpoint --adam-moments bfloat16"; do
         # shellcheck disable=SC2086  # options are separate flags
         entrgi bench --suite step --preset 1xK4-0.6b 4xK4-1.7b --methods none entrgi --repeats 8 \
             $options --out "$OUT" 2>&1 | tee -a "$OUT/step.log" | tail -6

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from entrgi.config import GuidanceConfig
+from entrgi.config import ADAM_MOMENTS, GuidanceConfig
 from entrgi.rewards import REWARD_KINDS
 
 GRAPH_CHOICES = {"auto": "auto", "on": True, "off": False}
@@ -133,6 +133,7 @@ def _bench(args) -> int:
                 masked_fraction=args.masked_fraction,
                 reward_cache_prefix=args.reward_cache_prefix,
                 reward_checkpoint=args.reward_checkpoint,
+                adam_moments=args.adam_moments,
             )
         print(benchmark.profile_step(args.steps, out_dir, run=run))
         return 0
@@ -168,7 +169,8 @@ def _bench_steps(args, out_dir: Path, gpu: bool) -> int:
                                            new_tokens=args.new_tokens, timed=args.repeats,
                                            masked_fraction=args.masked_fraction,
                                            reward_cache_prefix=args.reward_cache_prefix,
-                                           reward_checkpoint=args.reward_checkpoint)  # fmt: skip
+                                           reward_checkpoint=args.reward_checkpoint,
+                                           adam_moments=args.adam_moments)  # fmt: skip
     print(rows[0].header())
     print(step_benchmark.format_steps(rows))
     csv_path = out_dir / "step_results.csv"
@@ -238,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--reward-checkpoint", action="store_true",
                        help="step suite / preset profile: the reward recomputes its layer activations in the backward")  # fmt: skip
+    bench.add_argument("--adam-moments", choices=ADAM_MOMENTS, default="float32",
+                       help="step suite / preset profile: dtype of the logits' Adam moments (bfloat16 halves them)")  # fmt: skip
     bench.add_argument("--out", default="bench/out", help="folder for the CSV, plots and traces")
     bench.set_defaults(run=_bench)
     return parser

@@ -15,6 +15,7 @@ METHODS = (*GUIDED_METHODS, "bon", "none")
 REMASKING = ("low_confidence", "random")
 GUIDANCE_SCOPES = ("block", "all")
 PROBABILITY_CONFIDENCE = ("maskgit_plus", "low_confidence")
+ADAM_MOMENTS = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,9 @@ class GuidanceConfig:
     prompts_per_batch : prompts denoised together (each with K rows).
     chat_template : wrap prompts in the denoiser tokenizer's chat template when it has one.
     cuda_graphs : ``auto`` (on CUDA), True or False: replay each step kind from a CUDA graph.
+    adam_moments : ``float32`` (exact Adam) or ``bfloat16`` (the moments of the logits'
+        Adam stored rounded: 2 x 2 instead of 2 x 4 bytes per logit of the response
+        block, an approximation; see :class:`~entrgi.optim.LogitAdam`).
 
     LLaDA-style semi-autoregressive decoding and Fast-dLLM parallel decoding:
 
@@ -72,6 +76,7 @@ class GuidanceConfig:
     prompts_per_batch: int = 4
     chat_template: bool = True
     cuda_graphs: str | bool = "auto"
+    adam_moments: str = "float32"
     block_length: int | None = None
     guidance_scope: str = "block"
     remasking: str | None = None
@@ -82,6 +87,7 @@ class GuidanceConfig:
         check_choice("method", self.method, METHODS)
         check_choice("alg", self.alg, ALGS)
         check_choice("backend", self.backend, BACKENDS)
+        check_choice("adam_moments", self.adam_moments, ADAM_MOMENTS)
         check_sampling_args(self.temperature, self.top_p, self.top_k)
         if self.cuda_graphs not in ("auto", True, False):
             raise ValueError(f"cuda_graphs must be 'auto', True or False, got {self.cuda_graphs!r}")

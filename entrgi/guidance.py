@@ -17,7 +17,8 @@ from entrgi.rewards.packing import response_mask_until_end
 @dataclass(frozen=True)
 class GuidanceStep:
     """How phi is steered: ``mode`` (entrgi | aps | expectation), M ``steps`` of Adam at
-    ``lr``, loss ``-sum R / reward_temperature``, and the sampling law of the hard tokens."""
+    ``lr`` (moments in ``moment_dtype``), loss ``-sum R / reward_temperature``, and the
+    sampling law of the hard tokens."""
 
     mode: str
     steps: int
@@ -27,6 +28,7 @@ class GuidanceStep:
     top_p: float
     top_k: int
     backend: str = "auto"
+    moment_dtype: torch.dtype = torch.float32
 
 
 def optimize_logits(
@@ -70,7 +72,7 @@ def optimize_logits(
     start = phi_init if in_place else phi_init.clone(memory_format=torch.contiguous_format)
     phi = start.detach().requires_grad_(True)
     moving = masked if steered is None else steered
-    optimizer = LogitAdam(phi, guidance.lr, active=moving, backend=guidance.backend)
+    optimizer = LogitAdam(phi, guidance.lr, active=moving, backend=guidance.backend, moment_dtype=guidance.moment_dtype)
     committed_rows = response if table_rows is None else table_rows[response]
     committed_embeds = table[committed_rows]
     soft_columns = getattr(reward, "soft_target_columns", None)

@@ -7,6 +7,8 @@ from torch.profiler import record_function
 
 from entrgi.ops.validation import resolve_backend
 
+MOMENT_DTYPES = (torch.float32, torch.bfloat16)
+
 
 class LogitAdam:
     """``torch.optim.Adam`` (default betas/eps, no weight decay) on one float32 tensor
@@ -21,13 +23,20 @@ class LogitAdam:
     Passed to ``guided_embedding(..., optimizer=)``, the step runs inside the op's
     backward (with the Triton backend in the backward kernel: the gradient is never
     stored).
+
+    ``moment_dtype`` ``torch.bfloat16`` halves the two moments' memory (2 x 4 -> 2 x 2
+    bytes per logit): each step is computed in float32 from the stored moments and
+    rounds them once when storing (an approximation of Adam; float32 is exact).
     """
 
     def __init__(self, param: torch.Tensor, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
-                 active: torch.Tensor | None = None, backend: str = "auto"):  # fmt: skip
+                 active: torch.Tensor | None = None, backend: str = "auto",
+                 moment_dtype: torch.dtype = torch.float32):  # fmt: skip
+        if moment_dtype not in MOMENT_DTYPES:
+            raise ValueError(f"moment_dtype must be torch.float32 or torch.bfloat16, got {moment_dtype}")
         self.param, self.lr, self.betas, self.eps = param, lr, betas, eps
-        self.exp_avg = torch.zeros_like(param)
-        self.exp_avg_sq = torch.zeros_like(param)
+        self.exp_avg = torch.zeros_like(param, dtype=moment_dtype)
+        self.exp_avg_sq = torch.zeros_like(param, dtype=moment_dtype)
         self.step_count = 0
         self.active = active
         self.fused = resolve_backend(backend, param.device) == "triton"
@@ -65,9 +74,13 @@ class LogitAdam:
         self.step_count += 1
         if self.active is not None:
             grad = grad * self.active.unsqueeze(-1)  # zero gradient and moments: the row stays put
-        self.exp_avg.lerp_(grad, 1 - beta1)
-        self.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        exp_avg, exp_avg_sq = self.exp_avg.float(), self.exp_avg_sq.float()  # the moments themselves if float32
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         bias_correction1 = 1 - beta1**self.step_count
         bias_correction2_sqrt = (1 - beta2**self.step_count) ** 0.5
-        denom = (self.exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(self.eps)
-        self.param.addcdiv_(self.exp_avg, denom, value=-self.lr / bias_correction1)
+        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(self.eps)
+        self.param.addcdiv_(exp_avg, denom, value=-self.lr / bias_correction1)
+        if exp_avg is not self.exp_avg:  # bfloat16 moments: rounded once, as the kernels store them
+            self.exp_avg.copy_(exp_avg)
+            self.exp_avg_sq.copy_(exp_avg_sq)

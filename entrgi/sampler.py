@@ -136,7 +136,8 @@ class DiffusionRun:
         self._graphs: dict[bool, torch.cuda.CUDAGraph] = {}
         self._warmed: set[bool] = set()
         self.guidance = GuidanceStep(config.method, config.guidance_steps, config.lr, config.reward_temperature,
-                                     config.temperature, config.top_p, config.top_k, config.backend)  # fmt: skip
+                                     config.temperature, config.top_p, config.top_k, config.backend,
+                                     getattr(torch, config.adam_moments))  # fmt: skip
 
     def _batch_canvas(self, prompt_ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, ...]:
         """Host tensors (N, P + G): canvas ids, real-token mask, prompt-token mask."""

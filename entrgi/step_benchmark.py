@@ -52,6 +52,7 @@ class StepRow(RunInfo):
     graphs: bool
     reward_cache_prefix: bool
     reward_checkpoint: bool
+    adam_moments: str
     new_tokens: int
     guidance_steps: int
     masked_fraction: float
@@ -108,12 +109,14 @@ def build_models(
 
 
 def step_config(
-    preset: str, method: str, guidance_steps: int = 3, new_tokens: int = 128, graphs: bool = False
-) -> GuidanceConfig:
+    preset: str, method: str, guidance_steps: int = 3, new_tokens: int = 128, graphs: bool = False,
+    adam_moments: str = "float32",
+) -> GuidanceConfig:  # fmt: skip
     """The config of ``preset``'s batch: one batch of its prompts x K, T = G = new_tokens."""
     _, _, prompts, k = PRESETS[preset]
     return GuidanceConfig(method=method, num_samples=k, steps=new_tokens, max_new_tokens=new_tokens,
-                          guidance_steps=guidance_steps, prompts_per_batch=prompts, cuda_graphs=graphs)  # fmt: skip
+                          guidance_steps=guidance_steps, prompts_per_batch=prompts, cuda_graphs=graphs,
+                          adam_moments=adam_moments)  # fmt: skip
 
 
 def new_run(denoiser, reward, config: GuidanceConfig, seed: int = 0, masked_fraction: float = 1.0) -> DiffusionRun:
@@ -135,9 +138,10 @@ def new_run(denoiser, reward, config: GuidanceConfig, seed: int = 0, masked_frac
     )
     if reward.cache_prefix:
         context.prefix_kv = reward.cached_prefix(context)
-    # Dream and the Qwen3 rewards share the Qwen vocabulary: identity mapping, clamped.
+    # Dream and the Qwen3 rewards share the Qwen vocabulary: identity mapping, clamped,
+    # read through the mapping as GuidanceTable does (no copy of the reward's table).
     ids = torch.arange(denoiser.vocab_size, device=table.device).clamp_max(table.shape[0] - 1)
-    guidance = SimpleNamespace(weight=table[ids])
+    guidance = SimpleNamespace(weight=table.detach(), rows=ids.to(torch.int32))
     run = DiffusionRun(denoiser, prompt_ids.tolist(), config, generator, guidance, reward, context)
     shape, device = run.response.shape, run.response.device
     committed = torch.rand(shape, generator=generator, device=device) >= masked_fraction
@@ -155,12 +159,13 @@ def preset_run(
     masked_fraction: float = 1.0,
     reward_cache_prefix: bool = False,
     reward_checkpoint: bool = False,
+    adam_moments: str = "float32",
 ) -> DiffusionRun:
     """A ready :class:`DiffusionRun` of ``preset``'s models and batch (for profiling)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     denoiser, reward = build_models(preset, device, dtype, reward_cache_prefix, reward_checkpoint)
-    config = step_config(preset, method, guidance_steps, new_tokens, graphs)
+    config = step_config(preset, method, guidance_steps, new_tokens, graphs, adam_moments)
     return new_run(denoiser, reward, config, masked_fraction=masked_fraction)
 
 
@@ -192,6 +197,7 @@ def bench_steps(
     masked_fraction: float = 0.5,
     reward_cache_prefix: bool = False,
     reward_checkpoint: bool = False,
+    adam_moments: str = "float32",
 ) -> list[StepRow]:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -202,7 +208,7 @@ def bench_steps(
         if graphs and device.type != "cuda":
             continue
         for method in methods:
-            config = step_config(preset, method, guidance_steps, new_tokens, graphs)
+            config = step_config(preset, method, guidance_steps, new_tokens, graphs, adam_moments)
             run = new_run(denoiser, reward, config, masked_fraction=masked_fraction)
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -211,7 +217,7 @@ def bench_steps(
             peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
             rows.append(StepRow(**env, preset=preset, method=method, graphs=graphs,
                                 reward_cache_prefix=reward_cache_prefix, reward_checkpoint=reward_checkpoint,
-                                new_tokens=new_tokens,
+                                adam_moments=adam_moments, new_tokens=new_tokens,
                                 guidance_steps=guidance_steps, masked_fraction=masked_fraction,
                                 ms_per_step=statistics.median(times),
                                 p20_ms=quantile(times, 0.2), p80_ms=quantile(times, 0.8), peak_gib=peak))  # fmt: skip

@@ -20,11 +20,15 @@ import triton.language as tl
 from entrgi_kernels.row_stats import _row_is_active
 
 
+MOMENT_DTYPES = (torch.float32, torch.bfloat16)
+
+
 @dataclass(frozen=True)
 class AdamUpdate:
     """Step ``step`` (>= 1) of ``torch.optim.Adam`` (no weight decay) on contiguous
-    (N, V) fp32 rows: the moments, updated in place, and the scalars. Rows where
-    ``skip`` (N,) int32 is nonzero are not touched."""
+    (N, V) fp32 rows: the moments (fp32, or bf16 to halve their memory at the cost of
+    rounding them each step), updated in place, and the scalars. Rows where ``skip``
+    (N,) int32 is nonzero are not touched."""
 
     exp_avg: torch.Tensor
     exp_avg_sq: torch.Tensor
@@ -44,10 +48,24 @@ class AdamUpdate:
         if not param.is_contiguous() or param.dtype != torch.float32:
             raise ValueError(f"the Adam param must be a contiguous float32 tensor, got {param.dtype}")
         for name, t in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
-            if t.shape != param.shape or not t.is_contiguous() or t.dtype != torch.float32:
-                raise ValueError(f"{name} must be contiguous float32 with shape {tuple(param.shape)}")
+            if t.shape != param.shape or not t.is_contiguous() or t.dtype not in MOMENT_DTYPES:
+                raise ValueError(
+                    f"{name} must be contiguous float32 or bfloat16 with shape {tuple(param.shape)}, "
+                    f"got {t.dtype} {tuple(t.shape)}"
+                )
         if self.step < 1:
             raise ValueError(f"Adam step counts start at 1, got {self.step}")
+
+
+@triton.jit
+def _to_moment_dtype(x, ptr):
+    """fp32 -> the dtype ``ptr`` points to. bf16 rounds to nearest even on the bits, as
+    torch does (the interpreter's own cast truncates; this is the same everywhere)."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        bits = x.to(tl.int32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        x = (bits >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    return x
 
 
 @triton.jit
@@ -55,14 +73,15 @@ def adam_update(
     param_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets, ok, p, g, lr_corrected, beta1, beta2, inv_bias2_sqrt, eps
 ):
     """One Adam step on a tile: ``p`` (fp32 param values) and ``g`` (fp32 gradient) at
-    ``offsets`` (where ``ok``); loads the moments and stores param and moments there."""
-    m = tl.load(exp_avg_ptr + offsets, mask=ok, other=0.0)
-    v = tl.load(exp_avg_sq_ptr + offsets, mask=ok, other=0.0)
+    ``offsets`` (where ``ok``); loads the moments and stores param and moments there.
+    The update is computed in fp32; bf16 moments are rounded once, when stored."""
+    m = tl.load(exp_avg_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+    v = tl.load(exp_avg_sq_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
     m = m + (1.0 - beta1) * (g - m)  # torch's lerp
     v = beta2 * v + (1.0 - beta2) * g * g
     p = p - lr_corrected * m / (tl.sqrt(v) * inv_bias2_sqrt + eps)
-    tl.store(exp_avg_ptr + offsets, m, mask=ok)
-    tl.store(exp_avg_sq_ptr + offsets, v, mask=ok)
+    tl.store(exp_avg_ptr + offsets, _to_moment_dtype(m, exp_avg_ptr), mask=ok)
+    tl.store(exp_avg_sq_ptr + offsets, _to_moment_dtype(v, exp_avg_sq_ptr), mask=ok)
     tl.store(param_ptr + offsets, p, mask=ok)
 
 
@@ -70,8 +89,8 @@ def adam_update(
 def _adam_kernel(
     param_ptr,  # (N, V) fp32, updated in place
     grad_ptr,  # (N, V) gradient, any float dtype
-    exp_avg_ptr,  # (N, V) fp32 first moment, in place
-    exp_avg_sq_ptr,  # (N, V) fp32 second moment, in place
+    exp_avg_ptr,  # (N, V) fp32 or bf16 first moment, in place
+    exp_avg_sq_ptr,  # (N, V) fp32 or bf16 second moment, in place
     skip_ptr,  # (N,) int32: rows != 0 are left untouched (SKIP)
     V,
     lr_corrected,  # lr / (1 - beta1^t)

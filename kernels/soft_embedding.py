@@ -174,8 +174,8 @@ def _soft_embedding_bwd_kernel(
     dphi_ptr,  # (N, V) out, phi's dtype, row stride `stride_dphi` (not ADAM)
     order_ptr,  # (N,) int32 row list (ROW_LIST)
     count_ptr,  # (1,) int32 number of active rows (ROW_LIST)
-    exp_avg_ptr,  # (N, V) fp32 Adam first moment, in place (ADAM)
-    exp_avg_sq_ptr,  # (N, V) fp32 Adam second moment, in place (ADAM)
+    exp_avg_ptr,  # (N, V) fp32 or bf16 Adam first moment, in place (ADAM)
+    exp_avg_sq_ptr,  # (N, V) fp32 or bf16 Adam second moment, in place (ADAM)
     skip_ptr,  # (N,) int32: rows != 0 take no Adam step (ADAM and SKIP)
     N,
     V,

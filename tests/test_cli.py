@@ -57,7 +57,7 @@ def test_bench_op_suite_writes_csv_and_plots(tmp_path, capsys):
 def test_bench_step_suite_reports_each_method(tmp_path, capsys):
     args = ["bench", "--suite", "step", "--preset", "tiny", "--new-tokens", "6", "--repeats", "2",
             "--methods", "none", "entrgi", "--masked-fraction", "0.4", "--reward-cache-prefix",
-            "--reward-checkpoint", "--out", str(tmp_path)]  # fmt: skip
+            "--reward-checkpoint", "--adam-moments", "bfloat16", "--out", str(tmp_path)]  # fmt: skip
     assert main(args) == 0
     assert "x unguided" in capsys.readouterr().out
     with (tmp_path / "step_results.csv").open() as handle:
@@ -65,7 +65,7 @@ def test_bench_step_suite_reports_each_method(tmp_path, capsys):
     assert [r["method"] for r in rows] == ["none", "entrgi"]
     assert all(float(r["ms_per_step"]) > 0 and r["preset"] == "tiny" for r in rows)
     assert all(float(r["masked_fraction"]) == 0.4 and r["reward_cache_prefix"] == "True" for r in rows)
-    assert all(r["reward_checkpoint"] == "True" for r in rows)
+    assert all(r["reward_checkpoint"] == "True" and r["adam_moments"] == "bfloat16" for r in rows)
     assert float(rows[0]["vs_unguided"]) == 1.0 and float(rows[1]["vs_unguided"]) > 0
 
 
@@ -101,13 +101,14 @@ def test_generate_exposes_decoding_orders_and_the_likelihood_reward(tmp_path, de
         "--reward-kind", "likelihood", "--prompt", "hello there", "--max-new-tokens", "4", "--num-samples", "2",
         "--guidance-steps", "1", "--block-length", "2", "--remasking", "low_confidence", "--cfg-scale", "0.5",
         "--confidence-threshold", "0.5", "--guidance-scope", "all", "--reward-cache-prefix", "--reward-checkpoint",
-        "--output", str(out),
+        "--adam-moments", "bfloat16", "--output", str(out),
         "--quiet",
     ])  # fmt: skip
     assert code == 0
     document = json.loads(out.read_text())
     config = document["config"]
     assert (config["block_length"], config["remasking"], config["cfg_scale"]) == (2, "low_confidence", 0.5)
+    assert config["adam_moments"] == "bfloat16"
     assert config["confidence_threshold"] == 0.5 and config["guidance_scope"] == "all"
     result = document["results"][0]
     assert 2 <= result["forward_passes"] <= 4 and all(r < 0 for r in result["rewards"])  # mean log-probs

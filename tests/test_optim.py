@@ -37,3 +37,35 @@ def test_fused_adam_needs_float32():
     pytest.importorskip("triton")
     with pytest.raises(ValueError, match="float32"):
         LogitAdam(torch.zeros(2, 4, dtype=torch.bfloat16, device=DEVICE), lr=0.1, backend="triton")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bfloat16_moments_round_a_float32_step(backend):
+    """Each step is float32 Adam from the stored moments; the moments are then stored
+    rounded to bfloat16 (restated here step by step)."""
+    g = torch.Generator().manual_seed(1)
+    start = torch.randn(3, 1100, generator=g).to(DEVICE)
+    ours, exact = start.clone(), start.clone()
+    optimizer = LogitAdam(ours, lr=0.5, backend=backend, moment_dtype=torch.bfloat16)
+    exact_optimizer = LogitAdam(exact, lr=0.5, backend=backend)
+    assert optimizer.exp_avg.dtype == optimizer.exp_avg_sq.dtype == torch.bfloat16
+    want = start.clone()
+    m = v = torch.zeros_like(start, dtype=torch.bfloat16)
+    for step in range(1, 5):
+        grad = torch.randn(3, 1100, generator=g).to(DEVICE)
+        optimizer.step(grad)
+        exact_optimizer.step(grad)
+        m_step = m.float() + 0.1 * (grad - m.float())
+        v_step = 0.999 * v.float() + 0.001 * grad * grad
+        denom = v_step.sqrt() / (1 - 0.999**step) ** 0.5 + 1e-8
+        want -= 0.5 / (1 - 0.9**step) * m_step / denom
+        m, v = m_step.bfloat16(), v_step.bfloat16()
+    torch.testing.assert_close(ours, want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(optimizer.exp_avg, m) and torch.equal(optimizer.exp_avg_sq, v)
+    assert not torch.equal(ours, exact), "the rounding must show"
+    torch.testing.assert_close(ours, exact, atol=0.05, rtol=0)  # and stay small
+
+
+def test_moment_dtype_is_validated():
+    with pytest.raises(ValueError, match="moment_dtype must be torch.float32 or torch.bfloat16, got torch.float16"):
+        LogitAdam(torch.zeros(2, 4, device=DEVICE), lr=0.1, moment_dtype=torch.float16)

@@ -212,6 +212,30 @@ def test_guidance_reads_a_table_in_another_vocabulary_through_its_rows(denoisers
     assert torch.equal(shuffled.response, direct.response)
 
 
+def test_bfloat16_adam_moments_steer_like_float32(denoisers, similarity_reward, monkeypatch):
+    """``adam_moments="bfloat16"`` reaches the guidance loop and steers about as float32
+    moments do (same seed, same start: close steered logits)."""
+    import entrgi.sampler
+
+    config = GuidanceConfig(steps=2, max_new_tokens=5, num_samples=2, guidance_steps=3, lr=0.5)
+    original, steered = entrgi.sampler.optimize_logits, {}
+    for dtype in ("float32", "bfloat16"):
+        run = _run(denoisers["mlm"], similarity_reward, config.replace(adam_moments=dtype))
+        assert run.guidance.moment_dtype == getattr(torch, dtype)
+
+        def spy(phi, *args, dtype=dtype, **kwargs):
+            before = phi.clone()
+            original(phi, *args, **kwargs)
+            steered[dtype] = (before, phi.clone())
+
+        monkeypatch.setattr(entrgi.sampler, "optimize_logits", spy)
+        run.step(0)
+    (start32, end32), (start16, end16) = steered["float32"], steered["bfloat16"]
+    assert torch.equal(start32, start16) and not torch.equal(end32, start32)
+    torch.testing.assert_close(end16, end32, atol=0.05, rtol=0)
+    assert not torch.equal(end16, end32)
+
+
 def test_step_has_no_host_sync(denoisers, classifier_reward, monkeypatch):
     config = GuidanceConfig(steps=3, max_new_tokens=4, num_samples=2, guidance_steps=2, alg_temp=0.5)
     run = _run(denoisers["dream"], classifier_reward, config)
@@ -286,6 +310,7 @@ def test_cuda_graph_replay_matches_eager(denoiser_paths, classifier_path, method
         (dict(bogus=1), ValueError, r"unknown GuidanceConfig fields: \['bogus'\]"),
         (dict(cuda_graphs="yes"), ValueError, "cuda_graphs must be 'auto', True or False, got 'yes'"),
         (dict(cuda_graphs=True), ValueError, "cuda_graphs=True needs a CUDA denoiser, got device cpu"),
+        (dict(adam_moments="float16"), ValueError, "unknown adam_moments 'float16'"),
     ],
 )
 def test_bad_generate_arguments_raise(denoisers, classifier_reward, kwargs, error, match):

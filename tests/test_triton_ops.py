@@ -6,6 +6,7 @@ the same-dtype PyTorch reference's error plus a small tolerance.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -243,12 +244,12 @@ def test_entropy_confidence_matches_the_reference(dtype, temperature):
     assert want[active].lt(0).all()  # sum p log p of a spread-out row is negative
 
 
-def _adam_steps(phi, table, grads, backend, active, moving, fused_into_backward):
+def _adam_steps(phi, table, grads, backend, active, moving, fused_into_backward, moment_dtype):
     """Three Adam steps on phi (R, V) fp32 through the op's backward (loss = sum embeds * g)."""
     from entrgi.optim import LogitAdam
 
     leaf = phi.clone().requires_grad_(True)
-    optimizer = LogitAdam(leaf, lr=0.3, active=moving, backend=backend)
+    optimizer = LogitAdam(leaf, lr=0.3, active=moving, backend=backend, moment_dtype=moment_dtype)
     for g in grads:
         kwargs = dict(temperature=0.8, top_p=0.9, backend=backend, active=active)
         if fused_into_backward:
@@ -262,9 +263,10 @@ def _adam_steps(phi, table, grads, backend, active, moving, fused_into_backward)
     return leaf.detach()
 
 
+@pytest.mark.parametrize("moment_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("table_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows,vocab,d", [(7, 101, 24), (20, 70, 130)])
-def test_adam_fused_into_the_backward_matches_a_separate_step(table_dtype, rows, vocab, d):
+def test_adam_fused_into_the_backward_matches_a_separate_step(table_dtype, rows, vocab, d, moment_dtype):
     """The Triton backward kernel's in-place Adam step equals dphi followed by Adam,
     and both equal the reference backend; frozen and skipped rows stay put."""
     phi, table = _inputs(rows, vocab, d, torch.float32, seed=9)
@@ -273,9 +275,10 @@ def test_adam_fused_into_the_backward_matches_a_separate_step(table_dtype, rows,
     grads = [torch.randn(rows, d, generator=g).to(DEVICE) for _ in range(3)]
     active = (torch.rand(rows, generator=g) < 0.7).to(DEVICE)
     moving = active & (torch.rand(rows, generator=g) < 0.7).to(DEVICE)
-    fused = _adam_steps(phi, table, grads, "triton", active, moving, fused_into_backward=True)
-    separate = _adam_steps(phi, table, grads, "triton", active, moving, fused_into_backward=False)
-    reference = _adam_steps(phi, table, grads, "torch", active, moving, fused_into_backward=True)
+    steps = functools.partial(_adam_steps, phi, table, grads, active=active, moving=moving, moment_dtype=moment_dtype)
+    fused = steps("triton", fused_into_backward=True)
+    separate = steps("triton", fused_into_backward=False)
+    reference = steps("torch", fused_into_backward=True)
     torch.testing.assert_close(fused, separate, atol=1e-6, rtol=1e-6, equal_nan=True)
     tol = 1e-4 if table_dtype == torch.float32 else 3e-2  # the tensor-core dot rounds g to bf16
     torch.testing.assert_close(fused, reference, atol=tol, rtol=tol, equal_nan=True)
