@@ -40,6 +40,6 @@ step)
 op)
     entrgi bench --suite op --backends triton torch --n 512 2048 --d 1024 2048 --dtype bfloat16 --repeats 20 \
         --out "$OUT" 2>&1 | tee "$OUT/op.log" | tail -14
-    python bench/op_breakdown.py --n 512 2048 --d 1024 2048 --dtype float32 2>&1 | tee "$OUT/breakdown.log"
+    python bench/op_breakdown.py --n 128 512 2048 --d 1024 2048 --dtype float32 2>&1 | tee "$OUT/breakdown.log"
     ;;
 esac
