@@ -77,9 +77,9 @@ class _SoftEmbedding(torch.autograd.Function):
 
 
 def _filtered_tokens(phi, lse_tau, temperature, top_p, top_k, generator, skip):
-    """One draw per row from softmax(filter(phi / tau)): rejection sampling from the
-    full law (about one extra pass when the kept mass is large), the exact threshold
-    search only for rows rejected every round (device-side skip, no host sync)."""
+    """One draw per row from softmax(filter(phi / tau)): four draws from the full law,
+    the first in the kept set wins (two split-V passes over phi); the exact threshold
+    search only for rows that reject all four (device-side skip, no host sync)."""
     from entrgi_kernels.sampling import rejection_sample, sample_filtered
     from entrgi_kernels.threshold import keep_threshold_keys
 
