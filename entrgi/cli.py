@@ -57,6 +57,7 @@ def _generate(args) -> int:
     resumable = bool(args.output) and args.output.endswith(".jsonl")
     config = _config_from_args(args)
     world, device = init_world(args.device)
+    finished_cleanly = False
     try:
         dtype = getattr(torch, args.dtype) if args.dtype else None
         denoiser = load_denoiser(args.model, kind=args.model_kind, device=device, dtype=dtype)
@@ -83,8 +84,9 @@ def _generate(args) -> int:
         collected = run_batches(job, world, batches, write_round if log else None, progress=not args.quiet)
         if world.is_main:
             _report(args, config, log, collected)
+        finished_cleanly = True
     finally:
-        close_world(world)
+        close_world(world, synchronize=finished_cleanly)
     return 0
 
 

@@ -44,8 +44,13 @@ def init_world(device: str) -> tuple[World, str]:
     return world, device
 
 
-def close_world(world: World) -> None:
+def close_world(world: World, synchronize: bool = True) -> None:
+    """Leave the job. ``synchronize`` first waits for every rank, so that no rank tears
+    down its communication threads while another still talks to it (gloo can abort the
+    process then); pass False after an error, when another rank may never arrive."""
     if world.size > 1:
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()
 
 
