@@ -128,15 +128,7 @@ def _bench(args) -> int:
         if args.preset:
             from entrgi.step_benchmark import preset_run
 
-            run = preset_run(
-                args.preset[0],
-                guidance_steps=args.guidance_steps,
-                new_tokens=args.new_tokens,
-                masked_fraction=args.masked_fraction,
-                reward_cache_prefix=args.reward_cache_prefix,
-                reward_checkpoint=args.reward_checkpoint,
-                adam_moments=args.adam_moments,
-            )
+            run = preset_run(args.preset[0], **_step_options(args))
         print(benchmark.profile_step(args.steps, out_dir, run=run))
         return 0
     gpu = torch.cuda.is_available()
@@ -162,17 +154,19 @@ def _bench(args) -> int:
     return 0
 
 
+def _step_options(args) -> dict:
+    """The step suite's and the preset profile's shared settings."""
+    names = ("guidance_steps", "new_tokens", "masked_fraction", "reward_cache_prefix", "reward_checkpoint",
+             "adam_moments")  # fmt: skip
+    return {name: getattr(args, name) for name in names}
+
+
 def _bench_steps(args, out_dir: Path, gpu: bool) -> int:
     from entrgi import benchmark, step_benchmark
 
     rows = []
     for preset in args.preset or (["1xK4-0.6b", "4xK4-1.7b"] if gpu else ["tiny"]):
-        rows += step_benchmark.bench_steps(preset, methods=args.methods, guidance_steps=args.guidance_steps,
-                                           new_tokens=args.new_tokens, timed=args.repeats,
-                                           masked_fraction=args.masked_fraction,
-                                           reward_cache_prefix=args.reward_cache_prefix,
-                                           reward_checkpoint=args.reward_checkpoint,
-                                           adam_moments=args.adam_moments)  # fmt: skip
+        rows += step_benchmark.bench_steps(preset, methods=args.methods, timed=args.repeats, **_step_options(args))
     print(rows[0].header())
     print(step_benchmark.format_steps(rows))
     csv_path = out_dir / "step_results.csv"

@@ -162,11 +162,17 @@ def _gumbel_partial_kernel(
 
 
 @triton.jit
+def _split_slots(row, S, DRAWS: tl.constexpr, BLOCK_S: tl.constexpr):
+    """A row's per-chunk, per-draw partials in an (N, S, DRAWS) buffer: (BLOCK_S, DRAWS)
+    offsets, and a (BLOCK_S, 1) mask of the real chunks."""
+    splits = tl.arange(0, BLOCK_S)
+    return (row * S + splits)[:, None] * DRAWS + tl.arange(0, DRAWS)[None, :], (splits < S)[:, None]
+
+
+@triton.jit
 def _drawn_tokens(best_ptr, best_idx_ptr, row, S, V, DRAWS: tl.constexpr, BLOCK_S: tl.constexpr):
     """Combine a row's chunk maxima: (each draw's score, its token), (DRAWS,) each."""
-    splits = tl.arange(0, BLOCK_S)
-    slots = (row * S + splits)[:, None] * DRAWS + tl.arange(0, DRAWS)[None, :]
-    ok = (splits < S)[:, None]
+    slots, ok = _split_slots(row, S, DRAWS, BLOCK_S)
     best = tl.load(best_ptr + slots, mask=ok, other=-float("inf"))
     return _first_argmax(best, tl.load(best_idx_ptr + slots, mask=ok, other=V), V)
 
@@ -244,9 +250,7 @@ def _accept_kernel(
     if active:
         scores, tokens = _drawn_tokens(best_ptr, best_idx_ptr, row, S, V, DRAWS, BLOCK_S)
         kept = scores > -float("inf")
-        splits = tl.arange(0, BLOCK_S)
-        slots = (row * S + splits)[:, None] * DRAWS + tl.arange(0, DRAWS)[None, :]
-        ok = (splits < S)[:, None]
+        slots, ok = _split_slots(row, S, DRAWS, BLOCK_S)
         if USE_P:
             kept = kept & (tl.sum(tl.load(mass_ptr + slots, mask=ok, other=0.0), 0) <= top_p)
         if USE_K:
