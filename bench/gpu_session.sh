@@ -4,12 +4,13 @@
 # each stage are a short summary. Usage, from the repository root on the GPU machine:
 #   bash bench/gpu_session.sh tests     # install offline, the whole test suite on CUDA
 #   bash bench/gpu_session.sh step      # step suite: 2 presets x reward memory options
+#   bash bench/gpu_session.sh compile   # step suite with compiled layers (compiles first)
 #   bash bench/gpu_session.sh op        # op suite (triton vs eager) + per-kernel breakdown
 set -euo pipefail
 case "${1:-}" in
-tests | step | op) ;;
+tests | step | compile | op) ;;
 *)
-    echo "usage: bash bench/gpu_session.sh tests|step|op" >&2
+    echo "usage: bash bench/gpu_session.sh tests|step|compile|op" >&2
     exit 2
     ;;
 esac
@@ -25,17 +26,26 @@ print(torch.cuda.get_device_name(), "| torch", torch.__version__, "| triton", tr
       subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip())
 EOF
 
+step_suites() { # the step suite of both presets once per option set; the log's name first
+    local log=$1
+    shift
+    for options in "$@"; do
+        # shellcheck disable=SC2086  # options are separate flags
+        entrgi bench --suite step --preset 1xK4-0.6b 4xK4-1.7b --methods none entrgi --repeats 8 \
+            $options --out "$OUT" 2>&1 | tee -a "$OUT/$log" | tail -6
+    done
+}
+
 case "$1" in
 tests)
     python -m pytest -q -x tests -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -15
     ;;
 step)
-    for options in "" "--reward-checkpoint" "--reward-cache-prefix --reward-checkpoint" \
-        "--reward-cache-prefix --reward-checkpoint --adam-moments bfloat16"; do
-        # shellcheck disable=SC2086  # options are separate flags
-        entrgi bench --suite step --preset 1xK4-0.6b 4xK4-1.7b --methods none entrgi --repeats 8 \
-            $options --out "$OUT" 2>&1 | tee -a "$OUT/step.log" | tail -6
-    done
+    step_suites step.log "" "--reward-checkpoint" "--reward-cache-prefix --reward-checkpoint" \
+        "--reward-cache-prefix --reward-checkpoint --adam-moments bfloat16"
+    ;;
+compile)
+    step_suites compile.log "--compile-layers" "--compile-layers --reward-cache-prefix --reward-checkpoint"
     ;;
 op)
     entrgi bench --suite op --backends triton torch --n 512 2048 --d 1024 2048 --dtype bfloat16 --repeats 20 \

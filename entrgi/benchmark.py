@@ -17,7 +17,7 @@ import platform
 import statistics
 import subprocess
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -216,7 +216,21 @@ def format_table(rows: list[OpRow]) -> str:
     return "\n".join(lines)
 
 
+def check_csv(path: Path, row_type: type) -> None:
+    """Raise when the CSV at ``path`` exists with columns other than ``row_type``'s
+    (written by an older version): checked before a run, so no result is lost."""
+    if not path.exists():
+        return
+    names = [f.name for f in fields(row_type)]
+    with path.open(newline="") as handle:
+        header = next(csv.reader(handle), [])
+    if header != names:
+        raise ValueError(f"{path} has columns {header}, not {row_type.__name__}'s {names}: use another --out folder")
+
+
 def append_csv(rows: list[OpRow], path: Path) -> None:
+    """Append ``rows`` to the CSV at ``path``, with a header when the file is new."""
+    check_csv(path, type(rows[0]))
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists()
     with path.open("a", newline="") as handle:

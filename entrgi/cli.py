@@ -13,6 +13,7 @@ from entrgi.rewards import REWARD_KINDS
 
 GRAPH_CHOICES = {"auto": "auto", "on": True, "off": False}
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+COMPILE_HELP = "run the denoiser's and the reward's layers through torch.compile (fused kernels; compiles first)"
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -60,12 +61,13 @@ def _generate(args) -> int:
     finished_cleanly = False
     try:
         dtype = getattr(torch, args.dtype) if args.dtype else None
-        denoiser = load_denoiser(args.model, kind=args.model_kind, device=device, dtype=dtype)
+        denoiser = load_denoiser(args.model, kind=args.model_kind, device=device, dtype=dtype,
+                                 compile_layers=args.compile_layers)  # fmt: skip
         reward = None
         if args.reward_model:
             reward = load_reward(args.reward_model, kind=args.reward_kind, target=args.target, device=device,
                                  dtype=dtype, cache_prefix=args.reward_cache_prefix,
-                                 checkpoint_layers=args.reward_checkpoint)  # fmt: skip
+                                 checkpoint_layers=args.reward_checkpoint, compile_layers=args.compile_layers)  # fmt: skip
         job = BatchedGeneration(prompts, denoiser, reward, config)
         batches = range(job.num_batches)
         log = None
@@ -139,6 +141,8 @@ def _bench(args) -> int:
     sizes_d = args.d or ([1024, 2048] if gpu else [64])
     dtypes = args.dtype or (["bfloat16", "float32"] if gpu else ["float32"])
     vocab = args.vocab or (152_064 if gpu else 4096)
+    csv_path = out_dir / "op_results.csv"
+    benchmark.check_csv(csv_path, benchmark.OpRow)
     env = benchmark.environment()
     rows = []
     for dtype in dtypes:
@@ -147,7 +151,6 @@ def _bench(args) -> int:
                 rows += benchmark.bench_op(n, vocab, d, getattr(torch, dtype), backends, args.repeats, env)
     print(benchmark.RunInfo(**env).header())
     print(benchmark.format_table(rows))
-    csv_path = out_dir / "op_results.csv"
     benchmark.append_csv(rows, csv_path)
     plots = benchmark.plot_csv(csv_path, out_dir)
     print(f"appended {len(rows)} rows to {csv_path}; plots: {', '.join(str(p) for p in plots)}")
@@ -157,19 +160,20 @@ def _bench(args) -> int:
 def _step_options(args) -> dict:
     """The step suite's and the preset profile's shared settings."""
     names = ("guidance_steps", "new_tokens", "masked_fraction", "reward_cache_prefix", "reward_checkpoint",
-             "adam_moments")  # fmt: skip
+             "compile_layers", "adam_moments")  # fmt: skip
     return {name: getattr(args, name) for name in names}
 
 
 def _bench_steps(args, out_dir: Path, gpu: bool) -> int:
     from entrgi import benchmark, step_benchmark
 
+    csv_path = out_dir / "step_results.csv"
+    benchmark.check_csv(csv_path, step_benchmark.StepRow)
     rows = []
     for preset in args.preset or (["1xK4-0.6b", "4xK4-1.7b"] if gpu else ["tiny"]):
         rows += step_benchmark.bench_steps(preset, methods=args.methods, timed=args.repeats, **_step_options(args))
     print(rows[0].header())
     print(step_benchmark.format_steps(rows))
-    csv_path = out_dir / "step_results.csv"
     benchmark.append_csv(rows, csv_path)
     print(f"appended {len(rows)} rows to {csv_path}")
     return 0
@@ -189,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="causal rewards: compute the prompt side's keys/values once per batch")  # fmt: skip
     gen.add_argument("--reward-checkpoint", action="store_true",
                      help="recompute the reward's layer activations in the guidance backward (less memory)")  # fmt: skip
+    gen.add_argument("--compile-layers", action="store_true", help=COMPILE_HELP)
     gen.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     gen.add_argument("--dataset", "--prompts-file", dest="dataset", metavar="PATH",
                      help="prompts: a .jsonl file (see --prompt-field) or a .txt file, one per line")  # fmt: skip
@@ -236,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--reward-checkpoint", action="store_true",
                        help="step suite / preset profile: the reward recomputes its layer activations in the backward")  # fmt: skip
+    bench.add_argument("--compile-layers", action="store_true", help=f"step suite / preset profile: {COMPILE_HELP}")
     bench.add_argument("--adam-moments", choices=ADAM_MOMENTS, default="float32",
                        help="step suite / preset profile: dtype of the logits' Adam moments (bfloat16 halves them)")  # fmt: skip
     bench.add_argument("--out", default="bench/out", help="folder for the CSV, plots and traces")

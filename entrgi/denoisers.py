@@ -8,6 +8,7 @@ from typing import Sequence
 import torch
 
 from entrgi.attention import attention_mask_4d
+from entrgi.layers import LayerRunner
 from entrgi.run_cache import RunCache
 
 DENOISER_KINDS = ("dream", "llada", "mlm")
@@ -43,13 +44,19 @@ class Denoiser:
         bool key-padding mask and position ids), ``llada`` (no shift) or ``mlm``
         (no shift); detected from the config when None.
     mask_token_id : overrides the tokenizer's / config's mask id.
+    compile_layers : run the model's layers through one ``torch.compile``d layer
+        (fused elementwise kernels; compiled on the first forward of a shape; see
+        :mod:`entrgi.layers`).
 
     ``run_cache`` keeps the sampler's recent denoising runs (static buffers, CUDA
     graphs) for reuse by later batches and calls of the same shapes; call
     ``run_cache.clear()`` to free them, e.g. after changing model weights in place.
     """
 
-    def __init__(self, model, tokenizer, kind: str | None = None, mask_token_id: int | None = None):
+    def __init__(
+        self, model, tokenizer, kind: str | None = None, mask_token_id: int | None = None,
+        compile_layers: bool = False,
+    ):  # fmt: skip
         kind = kind or detect_kind(model.config)
         if kind not in DENOISER_KINDS:
             raise ValueError(f"unknown denoiser kind {kind!r}; expected one of {DENOISER_KINDS}")
@@ -63,6 +70,8 @@ class Denoiser:
         arguments = inspect.signature(model.forward).parameters
         self._takes_position_ids = "position_ids" in arguments
         self._keep_argument = next((a for a in ("logits_to_keep", "num_logits_to_keep") if a in arguments), None)
+        self._takes_use_cache = "use_cache" in arguments
+        self.layers = LayerRunner(self.model, compiled=compile_layers)
         self.run_cache = RunCache()
 
     @property
@@ -113,6 +122,11 @@ class Denoiser:
         length = input_ids.shape[1]
         if keep_last is not None and not 0 < keep_last <= length:
             raise ValueError(f"keep_last must be in [1, {length}], got {keep_last}")
+        with self.layers.active():
+            return self._logits(input_ids, attention_mask, keep_last)
+
+    def _logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_last: int | None) -> torch.Tensor:
+        length = input_ids.shape[1]
         if self.kind == "llada":
             # LLaDA's own code turns a 2-D mask into an additive bias (no host check).
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask.long()).logits
@@ -121,6 +135,8 @@ class Denoiser:
         head_rows = None if keep_last is None or keep_last + shift > length else keep_last + shift
         # Key-padding mask, 4-D so the model uses it as given: bidirectional, no host sync.
         kwargs = {"attention_mask": attention_mask_4d(self.model, attention_mask, causal=False, dtype=self.model.dtype)}
+        if self._takes_use_cache:
+            kwargs["use_cache"] = False  # no key/value cache to build: every step sees the whole canvas
         if self._takes_position_ids:
             kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
         if head_rows is not None and self._keep_argument is not None:
@@ -165,9 +181,11 @@ def load_denoiser(
     dtype: torch.dtype | None = None,
     trust_remote_code: bool = True,
     mask_token_id: int | None = None,
+    compile_layers: bool = False,
     **from_pretrained_kwargs,
 ) -> Denoiser:
-    """Load a denoiser by hub id or local path (``kind`` detected from the config)."""
+    """Load a denoiser by hub id or local path (``kind`` detected from the config);
+    ``compile_layers``: see :class:`Denoiser`."""
     from transformers import AutoConfig, AutoTokenizer
 
     config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
@@ -180,4 +198,4 @@ def load_denoiser(
         name_or_path, trust_remote_code=trust_remote_code, **from_pretrained_kwargs
     )
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    return Denoiser(model.to(device), tokenizer, kind=kind, mask_token_id=mask_token_id)
+    return Denoiser(model.to(device), tokenizer, kind=kind, mask_token_id=mask_token_id, compile_layers=compile_layers)

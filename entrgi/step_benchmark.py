@@ -52,6 +52,7 @@ class StepRow(RunInfo):
     graphs: bool
     reward_cache_prefix: bool
     reward_checkpoint: bool
+    compile_layers: bool
     adam_moments: str
     new_tokens: int
     guidance_steps: int
@@ -85,11 +86,13 @@ def _qwen_config(shape: str, classifier: bool):
 
 
 def build_models(
-    preset: str, device: torch.device, dtype: torch.dtype, cache_prefix: bool = False, checkpoint_layers: bool = False
-):
+    preset: str, device: torch.device, dtype: torch.dtype, cache_prefix: bool = False, checkpoint_layers: bool = False,
+    compile_layers: bool = False,
+):  # fmt: skip
     """Random-weight denoiser and reward of ``preset``'s shapes, built on ``device``
     (``cache_prefix``: the reward computes its prompt side's keys / values once;
-    ``checkpoint_layers``: it recomputes its layers' activations in the backward)."""
+    ``checkpoint_layers``: it recomputes its layers' activations in the backward;
+    ``compile_layers``: both models run their layers through one compiled layer)."""
     from transformers import Qwen2ForCausalLM, Qwen3ForSequenceClassification
 
     denoiser_shape, reward_shape, _, _ = PRESETS[preset]
@@ -102,9 +105,9 @@ def build_models(
     finally:
         torch.set_default_dtype(default)
     vocab = SHAPES[denoiser_shape][-1]
-    denoiser = Denoiser(body, _IdsOnlyTokenizer(), kind="dream", mask_token_id=vocab - 1)
+    denoiser = Denoiser(body, _IdsOnlyTokenizer(), kind="dream", mask_token_id=vocab - 1, compile_layers=compile_layers)
     reward = ClassifierReward(classifier, _IdsOnlyTokenizer(), cache_prefix=cache_prefix,
-                              checkpoint_layers=checkpoint_layers)  # fmt: skip
+                              checkpoint_layers=checkpoint_layers, compile_layers=compile_layers)  # fmt: skip
     return denoiser, reward
 
 
@@ -159,12 +162,13 @@ def preset_run(
     masked_fraction: float = 1.0,
     reward_cache_prefix: bool = False,
     reward_checkpoint: bool = False,
+    compile_layers: bool = False,
     adam_moments: str = "float32",
 ) -> DiffusionRun:
     """A ready :class:`DiffusionRun` of ``preset``'s models and batch (for profiling)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    denoiser, reward = build_models(preset, device, dtype, reward_cache_prefix, reward_checkpoint)
+    denoiser, reward = build_models(preset, device, dtype, reward_cache_prefix, reward_checkpoint, compile_layers)
     config = step_config(preset, method, guidance_steps, new_tokens, graphs, adam_moments)
     return new_run(denoiser, reward, config, masked_fraction=masked_fraction)
 
@@ -197,11 +201,12 @@ def bench_steps(
     masked_fraction: float = 0.5,
     reward_cache_prefix: bool = False,
     reward_checkpoint: bool = False,
+    compile_layers: bool = False,
     adam_moments: str = "float32",
 ) -> list[StepRow]:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    denoiser, reward = build_models(preset, device, dtype, reward_cache_prefix, reward_checkpoint)
+    denoiser, reward = build_models(preset, device, dtype, reward_cache_prefix, reward_checkpoint, compile_layers)
     env = environment()
     rows = []
     for graphs in graph_modes:
@@ -217,7 +222,7 @@ def bench_steps(
             peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
             rows.append(StepRow(**env, preset=preset, method=method, graphs=graphs,
                                 reward_cache_prefix=reward_cache_prefix, reward_checkpoint=reward_checkpoint,
-                                adam_moments=adam_moments, new_tokens=new_tokens,
+                                compile_layers=compile_layers, adam_moments=adam_moments, new_tokens=new_tokens,
                                 guidance_steps=guidance_steps, masked_fraction=masked_fraction,
                                 ms_per_step=statistics.median(times),
                                 p20_ms=quantile(times, 0.2), p80_ms=quantile(times, 0.8), peak_gib=peak))  # fmt: skip

@@ -1,10 +1,15 @@
-"""Independent float64 restatements of the op semantics and a χ² check, for tests."""
+"""Test helpers: float64 restatements of the op semantics, a χ² check, and whether this machine can compile."""
 
 from __future__ import annotations
 
 import math
+import shutil
 
 import torch
+
+# torch.compile's inductor backend builds C++ kernels on the CPU
+CAN_COMPILE = torch.cuda.is_available() or shutil.which("g++") is not None
+COMPILE_FLAGS = ["--compile-layers"] if CAN_COMPILE else []
 
 
 def filtered_law(x: torch.Tensor, tau: float, top_p: float, top_k: int) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch
 
 from entrgi.cli import main
 from entrgi.results import read_prompts
+from helpers import COMPILE_FLAGS
 
 
 def test_generate_writes_results_json(tmp_path, mlm_path, classifier_path):
@@ -57,7 +58,7 @@ def test_bench_op_suite_writes_csv_and_plots(tmp_path, capsys):
 def test_bench_step_suite_reports_each_method(tmp_path, capsys):
     args = ["bench", "--suite", "step", "--preset", "tiny", "--new-tokens", "6", "--repeats", "2",
             "--methods", "none", "entrgi", "--masked-fraction", "0.4", "--reward-cache-prefix",
-            "--reward-checkpoint", "--adam-moments", "bfloat16", "--out", str(tmp_path)]  # fmt: skip
+            "--reward-checkpoint", *COMPILE_FLAGS, "--adam-moments", "bfloat16", "--out", str(tmp_path)]  # fmt: skip
     assert main(args) == 0
     assert "x unguided" in capsys.readouterr().out
     with (tmp_path / "step_results.csv").open() as handle:
@@ -66,7 +67,17 @@ def test_bench_step_suite_reports_each_method(tmp_path, capsys):
     assert all(float(r["ms_per_step"]) > 0 and r["preset"] == "tiny" for r in rows)
     assert all(float(r["masked_fraction"]) == 0.4 and r["reward_cache_prefix"] == "True" for r in rows)
     assert all(r["reward_checkpoint"] == "True" and r["adam_moments"] == "bfloat16" for r in rows)
+    assert all(r["compile_layers"] == str(bool(COMPILE_FLAGS)) for r in rows)
     assert float(rows[0]["vs_unguided"]) == 1.0 and float(rows[1]["vs_unguided"]) > 0
+
+
+def test_bench_refuses_a_csv_of_other_columns_before_running(tmp_path, monkeypatch):
+    from entrgi import step_benchmark
+
+    (tmp_path / "step_results.csv").write_text("date,preset,ms_per_step\n2026-01-01,tiny,1.0\n")
+    monkeypatch.setattr(step_benchmark, "bench_steps", lambda *a, **k: pytest.fail("ran before checking the CSV"))
+    with pytest.raises(ValueError, match="step_results.csv has columns .* use another --out folder"):
+        main(["bench", "--suite", "step", "--preset", "tiny", "--out", str(tmp_path)])
 
 
 def test_bench_profile_reports_components(tmp_path, capsys, monkeypatch):
@@ -101,7 +112,7 @@ def test_generate_exposes_decoding_orders_and_the_likelihood_reward(tmp_path, de
         "--reward-kind", "likelihood", "--prompt", "hello there", "--max-new-tokens", "4", "--num-samples", "2",
         "--guidance-steps", "1", "--block-length", "2", "--remasking", "low_confidence", "--cfg-scale", "0.5",
         "--confidence-threshold", "0.5", "--guidance-scope", "all", "--reward-cache-prefix", "--reward-checkpoint",
-        "--adam-moments", "bfloat16", "--output", str(out),
+        *COMPILE_FLAGS, "--adam-moments", "bfloat16", "--output", str(out),
         "--quiet",
     ])  # fmt: skip
     assert code == 0

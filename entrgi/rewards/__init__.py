@@ -24,6 +24,7 @@ def load_reward(
     dtype: torch.dtype | None = None,
     cache_prefix: bool = False,
     checkpoint_layers: bool = False,
+    compile_layers: bool = False,
     **from_pretrained_kwargs,
 ) -> Reward:
     """Load a reward model by hub id or local path.
@@ -36,6 +37,8 @@ def load_reward(
     checkpoint_layers : during guidance, keep only each layer's input for the backward
         and recompute the rest (most of the reward's activation memory, for about one
         extra reward forward per guidance step).
+    compile_layers : during guidance, run the layers through one ``torch.compile``d
+        layer (fused elementwise kernels; see :mod:`entrgi.layers`).
     Extra keyword arguments go to ``from_pretrained``.
     """
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -45,7 +48,8 @@ def load_reward(
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     if dtype is not None:
         from_pretrained_kwargs["dtype"] = dtype
-    options = {"cache_prefix": cache_prefix, "checkpoint_layers": checkpoint_layers}
+    layers = {"checkpoint_layers": checkpoint_layers, "compile_layers": compile_layers}
+    options = {"cache_prefix": cache_prefix, **layers}
     if kind == "classifier":
         model = AutoModelForSequenceClassification.from_pretrained(name_or_path, **from_pretrained_kwargs)
         return ClassifierReward(model.to(device), tokenizer, system_prompt=system_prompt, **options)
@@ -55,9 +59,7 @@ def load_reward(
     if cache_prefix:
         raise ValueError("cache_prefix needs a causal reward (classifier or likelihood), not a similarity encoder")
     model = AutoModel.from_pretrained(name_or_path, **from_pretrained_kwargs)
-    return SimilarityReward(
-        model.to(device), tokenizer, target=target or DEFAULT_TARGET, checkpoint_layers=checkpoint_layers
-    )
+    return SimilarityReward(model.to(device), tokenizer, target=target or DEFAULT_TARGET, **layers)
 
 
 __all__ = [

@@ -9,7 +9,7 @@ from typing import Protocol, Sequence, runtime_checkable
 import torch
 
 from entrgi.attention import attention_mask_4d
-from entrgi.rewards.checkpointing import checkpoint_layers_of, checkpointed
+from entrgi.layers import LayerRunner
 from entrgi.rewards.packing import PREFIX, RESPONSE, SUFFIX, PackedInputs, pack_inputs
 from entrgi.rewards.prefix_cache import PrefixKeysValues, prefix_keys_values
 
@@ -133,22 +133,28 @@ class EmbeddingInputReward:
     prefix token, the response and the suffix only (see ``prefix_cache``).
 
     ``checkpoint_layers``: during guidance (:meth:`score_embeds`) the model's layers
-    keep only their inputs for the backward and recompute the rest (see
-    ``checkpointing``): most of the reward's activation memory for about one extra
-    forward. Same values and gradients.
+    keep only their inputs for the backward and recompute the rest: most of the
+    reward's activation memory for about one extra forward. Same values and gradients.
+
+    ``compile_layers``: during guidance the layers run through one ``torch.compile``d
+    layer (fused elementwise kernels; compiled on the first guided step of a shape).
+    See :mod:`entrgi.layers` for both.
     """
 
     align = "right"
     max_response_tokens = 1024
 
-    def __init__(self, model, tokenizer, cache_prefix: bool = False, checkpoint_layers: bool = False):
+    def __init__(
+        self, model, tokenizer, cache_prefix: bool = False, checkpoint_layers: bool = False,
+        compile_layers: bool = False,
+    ):  # fmt: skip
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self._context_cache: dict[str, tuple[list[int], list[int]]] = {}
         if cache_prefix and self.align != "right":
             raise ValueError("cache_prefix needs a causal (decoder) reward model; this one reads its first column")
         self.cache_prefix = cache_prefix
-        self.checkpointed_layers = checkpoint_layers_of(self.model) if checkpoint_layers else []
+        self.guidance_layers = LayerRunner(self.model, compiled=compile_layers, checkpointed=checkpoint_layers)
 
     @property
     def device(self) -> torch.device:
@@ -250,7 +256,7 @@ class EmbeddingInputReward:
     def score_embeds(
         self, context: RewardContext, response_embeds: torch.Tensor, response_valid: torch.Tensor
     ) -> torch.Tensor:
-        with checkpointed(self.checkpointed_layers):
+        with self.guidance_layers.active():
             return self.score_packed(self.pack(context, response_embeds, response_valid)).float()
 
     @torch.no_grad()

@@ -31,6 +31,16 @@ class PrefixKeysValues:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.keys[0].shape[-2]
 
+    def for_layer(self, index: int) -> PrefixKeysValues:
+        """Layer ``index``'s cache alone, whatever index its layer then passes to
+        ``update`` (a compiled layer then does not depend on its index; see ``layers``)."""
+        return _OneLayerKeysValues([self.keys[index]], [self.values[index]])
+
+
+class _OneLayerKeysValues(PrefixKeysValues):
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        return super().update(key_states, value_states, 0)
+
 
 class _Recorder:
     """A ``past_key_values`` that keeps what each layer computes (the prefill pass)."""

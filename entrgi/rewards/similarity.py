@@ -13,16 +13,16 @@ class SimilarityReward(EmbeddingInputReward):
 
     Works with any HF encoder that accepts ``inputs_embeds`` (e.g. the MiniLM sentence
     encoder). The response is wrapped in the tokenizer's own special tokens; the
-    prompt is not read. Rewards lie in [-1, 1]. ``checkpoint_layers``: see
-    :class:`EmbeddingInputReward`.
+    prompt is not read. Rewards lie in [-1, 1]. ``checkpoint_layers``,
+    ``compile_layers``: see :class:`EmbeddingInputReward`.
     """
 
     align = "left"
 
-    def __init__(self, model, tokenizer, target: str, checkpoint_layers: bool = False):
+    def __init__(self, model, tokenizer, target: str, checkpoint_layers: bool = False, compile_layers: bool = False):
         if not target:
             raise ValueError("SimilarityReward needs a non-empty target text")
-        super().__init__(model, tokenizer, checkpoint_layers=checkpoint_layers)
+        super().__init__(model, tokenizer, checkpoint_layers=checkpoint_layers, compile_layers=compile_layers)
         self.target = target
         self._affixes = special_affixes(tokenizer)
         self.target_embedding = self.encode_texts([target])[0]

@@ -1,0 +1,92 @@
+"""How a model's repeated layers run: compiled, activation-checkpointed, or both.
+
+``compiled``: every layer runs through one ``torch.compile`` of the layers' forward
+(regional compilation). The layers share one compiled graph because their code and
+shapes are the same and their parameters are graph inputs, so compiling costs one
+layer's worth whatever the depth. Inductor fuses each layer's elementwise work (norms,
+rotary embedding, gated activation, residual adds) into a few kernels: an eager layer
+is some 45 kernels forward and twice that backward, which makes a guided step's reward
+forward + backward thousands of small launches even when replayed from a CUDA graph.
+Shapes are static within a run, so the first call of a run compiles and later calls
+and graph replays reuse it; a new batch shape compiles once more (dynamic sizes).
+
+``checkpointed``: each layer keeps only its input for the backward and recomputes the
+rest (non-reentrant ``torch.utils.checkpoint`` without RNG-state bookkeeping: models run
+in eval mode and draw no random numbers), which keeps the step free of host syncs and
+capturable. About one extra forward for most of the activation memory.
+
+Key/value caches: a ``past_key_values`` that offers ``for_layer(index)`` reaches each
+layer as that layer's own view, so the compiled graph does not depend on the layer's
+index (one graph instead of one per layer). Values and gradients are those of the
+plain layers (up to the compiler's fp reassociation).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import types
+from typing import Iterator
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+
+def model_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's stack of layers: of its ``nn.ModuleList``s whose entries share one
+    class, the one holding the most parameters. Raises when there is none."""
+    stacks = [
+        list(stack)
+        for stack in model.modules()
+        if isinstance(stack, torch.nn.ModuleList) and len(stack) and len({type(m) for m in stack}) == 1
+    ]
+    if not stacks:
+        raise ValueError(f"{type(model).__name__} has no nn.ModuleList of layers to compile or checkpoint")
+    return max(stacks, key=lambda stack: sum(p.numel() for m in stack for p in m.parameters()))
+
+
+def _call(forward, *args, **kwargs):
+    return forward(*args, **kwargs)
+
+
+def _compiled_call():
+    """``torch.compile`` of a fresh copy of ``_call``. Dynamo keeps its cache and its
+    recompile limit per code object, so each model compiles into its own."""
+    code = _call.__code__.replace()
+    return torch.compile(types.FunctionType(code, _call.__globals__, _call.__name__))
+
+
+class LayerRunner:
+    """Runs ``model``'s layers compiled and / or checkpointed inside :meth:`active`
+    (a no-op when both are off). The layers' own ``forward`` (including one a hook
+    library installed on the instance) is restored on exit."""
+
+    def __init__(self, model: torch.nn.Module, compiled: bool = False, checkpointed: bool = False):
+        self.compiled, self.checkpointed = compiled, checkpointed
+        self.layers = model_layers(model) if compiled or checkpointed else []
+        self._call = _compiled_call() if compiled else _call
+
+    def _layer_forward(self, index: int, forward):
+        def run(*args, **kwargs):
+            if hasattr(kwargs.get("past_key_values"), "for_layer"):
+                kwargs["past_key_values"] = kwargs["past_key_values"].for_layer(index)
+            layer_call = functools.partial(self._call, forward)
+            if self.checkpointed:
+                return checkpoint(layer_call, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
+            return layer_call(*args, **kwargs)
+
+        return run
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        previous = [layer.__dict__.get("forward") for layer in self.layers]
+        for index, layer in enumerate(self.layers):
+            layer.forward = self._layer_forward(index, layer.forward)
+        try:
+            yield
+        finally:
+            for layer, forward in zip(self.layers, previous):
+                if forward is None:
+                    del layer.forward
+                else:
+                    layer.forward = forward
