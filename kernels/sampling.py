@@ -6,10 +6,10 @@ x_v / tau + G_v, with G_v = -log(-log u_v) and u_v from Philox keyed by
 depend on block sizes. Two ways to the filtered law:
 - ``rejection_sample``: draw from the full law and accept iff the draw is in the kept
   set (a second pass counts the mass and number of tokens above it); no threshold.
-  Both passes split the vocabulary across programs (``launch.vocab_chunks``).
 - ``sample_filtered``: Gumbel-max restricted to a precomputed kept-set threshold
   (``threshold.py``), gathering what the step's commit confidence needs: the
   filtered law's log-normaliser and its two largest logits.
+Every pass over phi splits the vocabulary across programs (``launch.vocab_chunks``).
 Rows marked in ``skip`` are not read.
 """
 
@@ -26,61 +26,109 @@ _MIN_UNIFORM = tl.constexpr(4.7e-10)
 
 
 @triton.jit
-def _sample_kernel(
+def _two_largest(top1, top2):
+    """The largest and second largest of a multiset given per lane as (largest, second
+    largest): ties count twice, so equal maxima in two lanes give first == second."""
+    lanes = tl.arange(0, top1.shape[0])
+    first = tl.max(top1, 0)
+    first_lane = tl.min(tl.where(top1 == first, lanes, top1.shape[0]), 0)
+    return first, tl.maximum(tl.max(top2, 0), tl.max(tl.where(lanes == first_lane, -float("inf"), top1), 0))
+
+
+@triton.jit
+def _kept_sample_partial_kernel(
     phi_ptr,  # (N, V) logits sampled from
     key_ptr,  # (N,) int64 kept-set key thresholds
     seed_ptr,  # (1,) int64 Philox seed (a device tensor, so graphs can replay fresh draws)
-    tokens_ptr,  # (N,) int64 out: sampled token
-    lse_kept_ptr,  # (N,) fp32 out: logsumexp of x / tau over kept tokens
-    top1_ptr,  # (N,) fp32 out: largest kept x / tau
-    top2_ptr,  # (N,) fp32 out: second largest kept x / tau (-inf if none)
-    skip_ptr,  # (N,) int32: rows != 0 are skipped, their outputs left unwritten (SKIP)
+    skip_ptr,  # (N,) int32: rows != 0 are not read (SKIP)
+    part_ptr,  # (N, S, 5) fp32 out per chunk, of kept x / tau: best x + Gumbel noise, max m,
+    #            sum e^(x - m), largest, second largest
+    best_idx_ptr,  # (N, S) int32 out: token of the chunk's best noisy score
     stride_phi,
     V,
+    S,
+    chunk,  # vocabulary entries per split, a multiple of BLOCK_V
     inv_tau,
     BLOCK_V: tl.constexpr,
     SKIP: tl.constexpr,
 ):
+    """One (row, chunk) of the Gumbel-max draw over kept tokens and of the kept law's
+    log-normaliser and two largest logits; per-lane accumulators, one cross-lane
+    reduction (the tile maximum) per tile."""
     row = tl.program_id(0).to(tl.int64)
-    base = phi_ptr + row * stride_phi
-    active = _row_is_active(skip_ptr, row, SKIP)
-    v_end = tl.where(active, V, 0)
-    threshold = tl.load(key_ptr + row)
-    seed = tl.load(seed_ptr) + row
-    best = -float("inf")
-    best_idx = 0
-    m = -float("inf")
-    s = 0.0
-    top1 = -float("inf")
-    top2 = -float("inf")
-    for start in range(0, v_end, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        in_row = cols < V
-        raw = tl.load(base + cols, mask=in_row, other=-float("inf"))
-        x = raw.to(tl.float32) * inv_tau
-        kept = in_row & (_filter_key(raw, inv_tau) >= threshold) & (x > -float("inf"))
-        u = tl.maximum(tl.rand(seed, cols), _MIN_UNIFORM)
-        score = tl.where(kept, x - tl.log(-tl.log(u)), -float("inf"))
-        tile_best = tl.max(score, 0)
-        tile_idx = tl.min(tl.where(score == tile_best, cols, V), 0)
-        better = tile_best > best
-        best_idx = tl.where(better, tile_idx, best_idx)
-        best = tl.where(better, tile_best, best)
-        # filtered law: online logsumexp and the two largest logits
-        xk = tl.where(kept, x, -float("inf"))
-        tile_max = tl.max(xk, 0)
-        m_new = tl.maximum(m, tile_max)
-        safe = tl.where(m_new == -float("inf"), 0.0, m_new)
-        s = s * tl.exp(m - safe) + tl.sum(tl.exp(xk - safe), 0)
-        m = m_new
-        tile_first = tl.min(tl.where(xk == tile_max, cols, V), 0)
-        tile_second = tl.max(tl.where(cols == tile_first, -float("inf"), xk), 0)
-        top2 = tl.maximum(tl.minimum(top1, tile_max), tl.maximum(top2, tile_second))
-        top1 = tl.maximum(top1, tile_max)
-    tl.store(tokens_ptr + row, best_idx.to(tl.int64), mask=active)
-    tl.store(lse_kept_ptr + row, m + tl.log(s), mask=active)
-    tl.store(top1_ptr + row, top1, mask=active)
-    tl.store(top2_ptr + row, top2, mask=active)
+    split = tl.program_id(1)
+    if _row_is_active(skip_ptr, row, SKIP):
+        base = phi_ptr + row * stride_phi
+        threshold = tl.load(key_ptr + row)
+        seed = tl.load(seed_ptr) + row
+        best = tl.full((BLOCK_V,), -float("inf"), tl.float32)
+        best_idx = tl.zeros((BLOCK_V,), tl.int32)
+        m = -float("inf")
+        s = tl.zeros((BLOCK_V,), tl.float32)
+        top1 = tl.full((BLOCK_V,), -float("inf"), tl.float32)
+        top2 = tl.full((BLOCK_V,), -float("inf"), tl.float32)
+        v_start = split * chunk
+        for start in range(v_start, tl.minimum(v_start + chunk, V), BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            in_row = cols < V
+            raw = tl.load(base + cols, mask=in_row, other=-float("inf"))
+            x = raw.to(tl.float32) * inv_tau
+            kept = in_row & (_filter_key(raw, inv_tau) >= threshold) & (x > -float("inf"))
+            u = tl.maximum(tl.rand(seed, cols), _MIN_UNIFORM)
+            score = tl.where(kept, x - tl.log(-tl.log(u)), -float("inf"))
+            better = score > best  # strict: a lane keeps its first maximum
+            best_idx = tl.where(better, cols, best_idx)
+            best = tl.where(better, score, best)
+            xk = tl.where(kept, x, -float("inf"))
+            m_new = tl.maximum(m, tl.max(xk, 0))
+            safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+            s = s * tl.exp(m - safe) + tl.exp(xk - safe)
+            m = m_new
+            top2 = tl.maximum(top2, tl.minimum(top1, xk))
+            top1 = tl.maximum(top1, xk)
+        top, top_idx = _first_argmax(best, best_idx, V)
+        first, second = _two_largest(top1, top2)
+        part = part_ptr + (row * S + split) * 5
+        tl.store(part, top)
+        tl.store(part + 1, m)
+        tl.store(part + 2, tl.sum(s, 0))
+        tl.store(part + 3, first)
+        tl.store(part + 4, second)
+        tl.store(best_idx_ptr + row * S + split, top_idx)
+
+
+@triton.jit
+def _kept_sample_combine_kernel(
+    part_ptr,  # (N, S, 5) fp32: the chunks' partials (see the partial kernel)
+    best_idx_ptr,  # (N, S) int32
+    tokens_ptr,  # (N,) int64 out: sampled token
+    lse_kept_ptr,  # (N,) fp32 out: logsumexp of x / tau over kept tokens
+    top1_ptr,  # (N,) fp32 out: largest kept x / tau
+    top2_ptr,  # (N,) fp32 out: second largest kept x / tau (-inf if none)
+    skip_ptr,  # (N,) int32: rows != 0 are left unwritten (SKIP)
+    S,
+    V,
+    BLOCK_S: tl.constexpr,
+    SKIP: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    if _row_is_active(skip_ptr, row, SKIP):
+        splits = tl.arange(0, BLOCK_S)
+        ok = splits < S
+        part = part_ptr + (row * S + splits) * 5
+        best = tl.load(part, mask=ok, other=-float("inf"))
+        _, token = _first_argmax(best, tl.load(best_idx_ptr + row * S + splits, mask=ok, other=V), V)
+        m = tl.load(part + 1, mask=ok, other=-float("inf"))
+        top = tl.max(m, 0)
+        safe = tl.where(top == -float("inf"), 0.0, top)
+        total = tl.sum(tl.load(part + 2, mask=ok, other=0.0) * tl.exp(m - safe), 0)
+        first, second = _two_largest(
+            tl.load(part + 3, mask=ok, other=-float("inf")), tl.load(part + 4, mask=ok, other=-float("inf"))
+        )
+        tl.store(tokens_ptr + row, token.to(tl.int64))
+        tl.store(lse_kept_ptr + row, safe + tl.log(total))
+        tl.store(top1_ptr + row, first)
+        tl.store(top2_ptr + row, second)
 
 
 def sample_filtered(
@@ -90,12 +138,14 @@ def sample_filtered(
     temperature: float,
     skip: torch.Tensor | None = None,
     tokens: torch.Tensor | None = None,
-    block_v: int = 1024,
+    splits: int | None = None,
+    block_v: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Draw one token per row from the kept set ``_filter_key(x) >= keys``; returns
     tokens (N,) int64 and the kept law's lse_kept, top1, top2 (N,) fp32 of x / tau.
     Rows where ``skip`` (N,) int32 is nonzero are left as they are in ``tokens`` (0 when
-    not given) and unwritten elsewhere."""
+    not given) and unwritten elsewhere. Two launches: (row, vocabulary chunk) partials,
+    then a fixed-order combine per row."""
     n, vocab = phi.shape
     out = dict(
         tokens=tokens if tokens is not None else torch.zeros(n, device=phi.device, dtype=torch.int64),
@@ -103,10 +153,17 @@ def sample_filtered(
         top1=torch.empty(n, device=phi.device, dtype=torch.float32),
         top2=torch.empty(n, device=phi.device, dtype=torch.float32),
     )
-    _sample_kernel[(n,)](
-        phi, keys, seed, out["tokens"], out["lse_kept"], out["top1"], out["top2"], keys if skip is None else skip,
-        phi.stride(0), vocab, 1.0 / temperature, BLOCK_V=min(block_v, triton.next_power_of_2(vocab)),
-        SKIP=skip is not None,
+    block, splits, chunk = row_geometry(phi, splits, block_v)
+    part = torch.empty(n, splits, 5, device=phi.device, dtype=torch.float32)
+    best_idx = torch.empty(n, splits, device=phi.device, dtype=torch.int32)
+    skip_arg = keys if skip is None else skip
+    _kept_sample_partial_kernel[(n, splits)](
+        phi, keys, seed, skip_arg, part, best_idx, phi.stride(0), vocab, splits, chunk, 1.0 / temperature,
+        BLOCK_V=block, SKIP=skip is not None, num_warps=ROW_WARPS,
+    )  # fmt: skip
+    _kept_sample_combine_kernel[(n,)](
+        part, best_idx, out["tokens"], out["lse_kept"], out["top1"], out["top2"], skip_arg, splits, vocab,
+        BLOCK_S=triton.next_power_of_2(splits), SKIP=skip is not None,
     )  # fmt: skip
     return out
 

@@ -97,3 +97,13 @@ def assert_same_rewards(reference, candidate, embeds, valid, tol: float = 1e-5) 
     torch.testing.assert_close(got, want, atol=tol, rtol=tol)
     torch.testing.assert_close(got_grad, want_grad, atol=tol, rtol=tol)
     assert want_grad.abs().sum() > 0
+
+
+def filter_keys(raw: torch.Tensor, tau: float) -> torch.Tensor:
+    """The kernels' kept-set keys restated: order-preserving integers of x / tau (fp32)
+    or of the 16-bit logits themselves, with -0 == +0."""
+    x = raw * torch.tensor(1.0 / tau) if raw.dtype == torch.float32 else raw  # the kernel's x / tau
+    x = torch.where(x == 0, torch.zeros_like(x), x)
+    width = 32 if x.dtype == torch.float32 else 16
+    bits = x.view(torch.int32 if width == 32 else torch.int16).long()
+    return (bits ^ ((bits >> (width - 1)) & (2 ** (width - 1) - 1))) + 2 ** (width - 1)

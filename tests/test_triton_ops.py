@@ -16,23 +16,13 @@ pytest.importorskip("triton")
 
 from entrgi import guided_embedding, sample_step  # noqa: E402
 from entrgi.ops.reference import keep_threshold  # noqa: E402
-from helpers import assert_law, filtered_law, restated_forward, restated_grad  # noqa: E402
+from helpers import assert_law, filter_keys, filtered_law, restated_forward, restated_grad  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SLACK = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 # dphi sums d products of size |g||E| before the cancellation (E g - soft . g); the tensor-core
 # dot also rounds g to the table dtype: |error| grows like sqrt(d) u |g| |E| p / tau.
 GRAD_SLACK = {torch.float32: 5e-5, torch.bfloat16: 2e-2, torch.float16: 1e-2}
-
-
-def _filter_keys(raw: torch.Tensor, tau: float) -> torch.Tensor:
-    """The kernels' kept-set keys restated: order-preserving integers of x / tau (fp32)
-    or of the 16-bit logits themselves, with -0 == +0."""
-    x = raw * torch.tensor(1.0 / tau) if raw.dtype == torch.float32 else raw  # the kernel's x / tau
-    x = torch.where(x == 0, torch.zeros_like(x), x)
-    width = 32 if x.dtype == torch.float32 else 16
-    bits = x.view(torch.int32 if width == 32 else torch.int16).long()
-    return (bits ^ ((bits >> (width - 1)) & (2 ** (width - 1) - 1))) + 2 ** (width - 1)
 
 
 def _inputs(rows, vocab, d, dtype, neg_inf=True, seed=0):
@@ -93,7 +83,7 @@ def test_threshold_keeps_exactly_the_reference_set(top_p, top_k, dtype):
         keys = keep_threshold_keys(x, lse, tau, top_p, top_k)
         scaled = x.float() * torch.tensor(1.0 / tau)  # the kernel's arithmetic (x / tau can differ by an ulp)
         expected = scaled >= keep_threshold(scaled, top_p, top_k)[:, None]
-        assert torch.equal(_filter_keys(x, tau) >= keys[:, None], expected)
+        assert torch.equal(filter_keys(x, tau) >= keys[:, None], expected)
 
 
 # (1.0, 0.15, 0) keeps little mass: most rows reject all four draws and take the

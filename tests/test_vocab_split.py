@@ -1,7 +1,8 @@
 """Per-row kernels split over vocabulary chunks (flash-decoding) give the answer of one
-program per row: statistics against float64, argmax ties across chunk borders, and the
-very same draws for every split count (the noise is keyed by absolute token id, so the
-sampling-law tests in test_triton_ops cover every split)."""
+program per row: statistics against float64, argmax ties across chunk borders, the
+published kept set from the radix threshold, the kept law's normaliser and top two
+logits, and the very same draws for every split count (the noise is keyed by absolute
+token id, so the sampling-law tests in test_triton_ops cover every split)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
+
+from helpers import filter_keys  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BLOCK_V = 8  # small tiles: a vocabulary of ~100 spans many tiles and several chunks
@@ -115,3 +118,66 @@ def test_vocab_chunks_cover_the_vocabulary():
         assert (splits - 1) * chunk < vocab <= splits * chunk
     with pytest.raises(ValueError, match="splits must be >= 1"):
         vocab_chunks(100, 8, 4, splits=0)
+
+
+def _kept_reference(x: torch.Tensor, tau: float, top_p: float, top_k: int) -> torch.Tensor:
+    """(N, V) bool: the published kept set, on the kernels' fp32 x / tau."""
+    from entrgi.ops.reference import keep_threshold
+
+    scaled = x.float() * torch.tensor(1.0 / tau)
+    return scaled >= keep_threshold(scaled, top_p, top_k)[:, None]
+
+
+FILTERS = [(0.8, 0), (0.3, 6), (0.95, 1), (1.0, 4)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("top_p,top_k", FILTERS)
+def test_threshold_of_every_split_keeps_the_reference_set(dtype, top_p, top_k):
+    from entrgi_kernels.row_stats import row_stats
+    from entrgi_kernels.threshold import keep_threshold_keys
+
+    x = torch.cat([_rows(101, dtype, seed=s) for s in range(2)])
+    tau = 0.9
+    lse = row_stats(x, tau).lse_tau
+    skip = (torch.arange(18, device=DEVICE) % 4 == 1).to(torch.int32)
+    expected = _kept_reference(x, tau, top_p, top_k)
+    for splits in (1, 3, 7):
+        keys = keep_threshold_keys(x, lse, tau, top_p, top_k, skip=skip, splits=splits, block_v=BLOCK_V)
+        kept = filter_keys(x, tau) >= keys[:, None]
+        assert torch.equal(kept[skip == 0], expected[skip == 0]), f"splits={splits}"
+        assert not keys[skip != 0].any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("top_p,top_k", FILTERS)
+def test_kept_sample_of_every_split_matches_float64(dtype, top_p, top_k):
+    from entrgi_kernels.row_stats import row_stats
+    from entrgi_kernels.sampling import sample_filtered
+    from entrgi_kernels.threshold import keep_threshold_keys
+
+    x = torch.cat([_rows(101, dtype, seed=s) for s in range(2)])
+    tau = 0.9
+    keys = keep_threshold_keys(x, row_stats(x, tau).lse_tau, tau, top_p, top_k)
+    seed = torch.tensor([77], device=DEVICE)
+    skip = (torch.arange(18, device=DEVICE) % 4 == 2).to(torch.int32)
+    untouched = torch.full((18,), -1, dtype=torch.int64, device=DEVICE)
+    drawn = [
+        sample_filtered(x, keys, seed, tau, skip=skip, tokens=untouched.clone(), splits=s, block_v=BLOCK_V)
+        for s in (1, 3, 7)
+    ]
+    live = skip == 0
+    for other in drawn[1:]:
+        for name in ("tokens", "top1", "top2"):
+            assert torch.equal(other[name][live], drawn[0][name][live]), name
+        torch.testing.assert_close(other["lse_kept"][live], drawn[0]["lse_kept"][live], atol=1e-6, rtol=1e-6)
+    kept = _kept_reference(x, tau, top_p, top_k).cpu()
+    scaled = torch.where(kept, x.cpu().double() / tau, -math.inf)
+    ordered = scaled.sort(-1, descending=True).values
+    out = {name: value.cpu() for name, value in drawn[0].items()}
+    live = live.cpu()
+    assert kept.gather(-1, out["tokens"].clamp_min(0)[:, None]).squeeze(-1)[live].all()
+    assert (out["tokens"][~live] == -1).all()
+    torch.testing.assert_close(out["lse_kept"][live].double(), torch.logsumexp(scaled, -1)[live], atol=2e-5, rtol=0)
+    torch.testing.assert_close(out["top1"][live].double(), ordered[live, 0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out["top2"][live].double(), ordered[live, 1], atol=1e-6, rtol=1e-6)
