@@ -1,6 +1,7 @@
 """The Triton op at the paper's vocabulary (V = 152,064) against the PyTorch backend, on
-CUDA only: many chunks per row, split-V combines, bf16 tensor-core dots and the fused
-Adam backward at real sizes (the interpreter tests use small shapes)."""
+CUDA only: many chunks per row, split-V combines (row statistics, draws, the keep
+threshold), bf16 tensor-core dots and the fused Adam backward at real sizes (the
+interpreter tests use small shapes)."""
 
 from __future__ import annotations
 
@@ -53,6 +54,32 @@ def test_row_statistics_and_draws_at_full_vocabulary(rows, dtype):
     whole = rejection_sample(phi, stats.lse_tau, seed, 0.7, 0.95, 0, splits=1)
     assert torch.equal(split[0], whole[0]) and torch.equal(split[1], whole[1])
     assert split[1].float().mean() > 0.9  # four draws each kept with probability >= 0.95
+
+
+@pytest.mark.parametrize("rows", [128, 512])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_kept_set_and_kept_law_draw_at_full_vocabulary(rows, dtype):
+    from entrgi.ops.reference import keep_threshold
+    from entrgi_kernels.row_stats import row_stats
+    from entrgi_kernels.sampling import sample_filtered
+    from entrgi_kernels.threshold import keep_threshold_keys
+    from helpers import filter_keys
+
+    phi = _phi(rows, dtype, seed=3)
+    lse = row_stats(phi, 0.7).lse_tau
+    scaled = phi.float() * torch.tensor(1.0 / 0.7)
+    expected = scaled >= keep_threshold(scaled, 0.95, 50)[:, None]
+    seed = torch.tensor([78], device="cuda")
+    drawn = []
+    for splits in (None, 1):
+        keys = keep_threshold_keys(phi, lse, 0.7, 0.95, 50, splits=splits)
+        assert torch.equal(filter_keys(phi, 0.7) >= keys[:, None], expected)
+        drawn.append(sample_filtered(phi, keys, seed, 0.7, splits=splits))
+    assert torch.equal(drawn[0]["tokens"], drawn[1]["tokens"])
+    assert expected.gather(-1, drawn[0]["tokens"][:, None]).all()
+    kept = torch.where(expected, scaled.double(), -torch.inf)
+    torch.testing.assert_close(drawn[0]["lse_kept"].double(), torch.logsumexp(kept, -1), atol=1e-4, rtol=1e-5)
+    assert torch.equal(drawn[0]["top2"], drawn[1]["top2"])
 
 
 @pytest.mark.parametrize("rows", [128, 512])
