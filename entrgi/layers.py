@@ -62,7 +62,7 @@ class LayerRunner:
     library installed on the instance) is restored on exit."""
 
     def __init__(self, model: torch.nn.Module, compiled: bool = False, checkpointed: bool = False):
-        self.compiled, self.checkpointed = compiled, checkpointed
+        self.checkpointed = checkpointed
         self.layers = model_layers(model) if compiled or checkpointed else []
         self._call = _compiled_call() if compiled else _call
 
