@@ -4,9 +4,9 @@
 (regional compilation). The layers share one compiled graph because their code and
 shapes are the same and their parameters are graph inputs, so compiling costs one
 layer's worth whatever the depth. Inductor fuses each layer's elementwise work (norms,
-rotary embedding, gated activation, residual adds) into a few kernels: an eager layer
-is some 45 kernels forward and twice that backward, which makes a guided step's reward
-forward + backward thousands of small launches even when replayed from a CUDA graph.
+rotary embedding, gated activation, residual adds) into a few kernels: an eager Qwen3
+layer runs about 50 non-view ATen ops forward and 80 backward, which makes a guided
+step's reward forward + backward thousands of small launches even from a CUDA graph.
 Shapes are static within a run, so the first call of a run compiles and later calls
 and graph replays reuse it; a new batch shape compiles once more (dynamic sizes).
 
