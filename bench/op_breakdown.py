@@ -46,7 +46,8 @@ def breakdown(n: int, vocab: int, d: int, dtype: torch.dtype) -> list[tuple[str,
     table = torch.randn(vocab, d, device="cuda", dtype=torch.bfloat16)
     grad = torch.randn(n, d, device="cuda")
     seed = torch.zeros(1, device="cuda", dtype=torch.int64)
-    lse, entropy, _, argmax = row_stats(phi, TAU)
+    stats = row_stats(phi, TAU)
+    lse, entropy, argmax = stats.lse_tau, stats.entropy, stats.argmax
     keys = keep_threshold_keys(phi, lse, TAU, TOP_P, 0)
     soft, _ = soft_embedding_forward(phi, table, lse, entropy, argmax, TAU)
     phi_bytes, table_bytes = phi.numel() * phi.element_size(), table.numel() * 2
@@ -80,7 +81,8 @@ def sweep(n: int, vocab: int, d: int, dtype: torch.dtype) -> list[tuple[str, Til
     phi = (torch.randn(n, vocab, device="cuda") * 3).to(dtype)
     table = torch.randn(vocab, d, device="cuda", dtype=torch.bfloat16)
     grad = torch.randn(n, d, device="cuda")
-    lse, entropy, _, argmax = row_stats(phi, TAU)
+    stats = row_stats(phi, TAU)
+    lse, entropy, argmax = stats.lse_tau, stats.entropy, stats.argmax
     soft, _ = soft_embedding_forward(phi, table, lse, entropy, argmax, TAU)
     results = []
     grid = itertools.product((64, 128), (64, 128), (64, 128, 256), (4, 8), (3,))

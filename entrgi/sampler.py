@@ -45,7 +45,6 @@ from entrgi.schedule import (
     current_block,
     linear_counts,
     random_commits,
-    remasking_confidence,
     select_commits,
     threshold_commits,
     timesteps,
@@ -233,19 +232,20 @@ class DiffusionRun:
         (the still-masked positions of each row's current block). ``confidence`` (N, G):
         the commit confidence when the caller computed it before phi was optimised
         (``alg`` entropy scores the un-steered logits); None computes it from phi."""
-        cfg = self.config
+        cfg, rule = self.config, self.config.commit_rule
         self.non_finite |= torch.isnan(phi).any()
         drawn = sample_step(
             phi, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-            alg="origin" if cfg.remasking or confidence is not None else cfg.alg, generator=self.generator,
-            backend=cfg.backend, check_values=False, active=eligible,
+            alg="origin" if confidence is not None or rule in ("origin", "random") else rule,
+            generator=self.generator, backend=cfg.backend, check_values=False, active=eligible,
         )  # fmt: skip
-        if cfg.commit_rule == "origin":
+        if rule == "origin":
             commit = random_commits(eligible, self.schedule, self.step_index, self.generator)
         else:
-            confidence = drawn.confidence if confidence is None else confidence
-            if cfg.remasking:
-                confidence = remasking_confidence(cfg.remasking, phi, drawn.tokens, self.generator)
+            if rule == "random":  # LLaDA's random remasking: uniform scores
+                confidence = torch.rand(eligible.shape, device=eligible.device, generator=self.generator)
+            elif confidence is None:
+                confidence = drawn.confidence
             if cfg.deprioritize_eos:
                 confidence = confidence.masked_fill(torch.isin(drawn.tokens, self.end_ids), -torch.inf)
             if cfg.confidence_threshold is not None:

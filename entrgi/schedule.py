@@ -87,15 +87,3 @@ def threshold_commits(confidence: torch.Tensor, masked: torch.Tensor, threshold:
     ones = torch.ones(masked.shape[0], dtype=torch.long, device=masked.device)
     best = select_commits(confidence, masked, ones, 0.0, None)
     return best | (masked & (confidence >= threshold))
-
-
-def remasking_confidence(
-    rule: str, phi: torch.Tensor, tokens: torch.Tensor, generator: torch.Generator | None
-) -> torch.Tensor:
-    """LLaDA's remasking scores, (N, G) float32: ``low_confidence`` is the probability
-    of the drawn token under softmax(phi) (temperature 1, unfiltered), ``random`` a
-    uniform draw. phi (N, G, V), tokens (N, G)."""
-    if rule == "random":
-        return torch.rand(tokens.shape, device=tokens.device, generator=generator)
-    drawn = phi.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    return torch.exp(drawn - torch.logsumexp(phi, dim=-1))

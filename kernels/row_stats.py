@@ -3,7 +3,7 @@
 For each row x of phi (length V) and inverse temperature 1/tau, with running maxima
 rescaled on every new maximum (online softmax), over S chunks of V in parallel whose
 partials a second kernel combines (``launch.vocab_chunks``):
-    lse_tau  = logsumexp(x / tau)
+    lse_tau  = logsumexp(x / tau),  lse_1 = logsumexp(x)
     entropy  = H(softmax(x)) / log V = (lse_1 - sum e^(x - lse_1) x) / log V
     plogp_tau = sum p log p of softmax(x / tau) = E_p[x / tau] - lse_tau
     argmax   = first index of the maximum of x (torch's tie rule)
@@ -112,6 +112,7 @@ def _row_stats_combine_kernel(
     best_ptr,  # (N, S) fp32 chunk maxima
     best_idx_ptr,  # (N, S) int32 their first indices
     lse_tau_ptr,  # (N,) fp32 out: logsumexp(x / tau)
+    lse_1_ptr,  # (N,) fp32 out: logsumexp(x)
     entropy_ptr,  # (N,) fp32 out: normalised entropy at temperature 1
     plogp_tau_ptr,  # (N,) fp32 out: sum p log p of softmax(x / tau)
     argmax_ptr,  # (N,) int64 out
@@ -142,16 +143,18 @@ def _row_stats_combine_kernel(
     lse1 = safe + tl.log(s1)
     lse_tau = safe * inv_tau + tl.log(st)
     tl.store(lse_tau_ptr + row, tl.where(active, lse_tau, 0.0))
+    tl.store(lse_1_ptr + row, tl.where(active, lse1, 0.0))
     tl.store(entropy_ptr + row, tl.where(active, (lse1 - t1 / s1) * inv_log_v, 0.0))
     tl.store(plogp_tau_ptr + row, tl.where(active, tt / st * inv_tau - lse_tau, 0.0))
     tl.store(argmax_ptr + row, tl.where(active, argmax, 0).to(tl.int64))
 
 
 class RowStats(NamedTuple):
-    """Per-row statistics, (N,) each: lse_tau, entropy (normalised, tau = 1) and
+    """Per-row statistics, (N,) each: lse_tau, lse_1, entropy (normalised, tau = 1) and
     plogp_tau (fp32), argmax (int64)."""
 
     lse_tau: torch.Tensor
+    lse_1: torch.Tensor
     entropy: torch.Tensor
     plogp_tau: torch.Tensor
     argmax: torch.Tensor
@@ -188,11 +191,12 @@ def row_stats(
         BLOCK_V=block, SKIP=skip is not None, num_warps=ROW_WARPS,
     )  # fmt: skip
     lse_tau = torch.empty(n, device=phi.device, dtype=torch.float32)
+    lse_1 = torch.empty_like(lse_tau)
     entropy = torch.empty_like(lse_tau)
     plogp_tau = torch.empty_like(lse_tau)
     argmax = torch.empty(n, device=phi.device, dtype=torch.int64)
     _row_stats_combine_kernel[(n,)](
-        moments, best, best_idx, lse_tau, entropy, plogp_tau, argmax, skip_arg, vocab, splits, 1.0 / temperature,
+        moments, best, best_idx, lse_tau, lse_1, entropy, plogp_tau, argmax, skip_arg, vocab, splits, 1.0 / temperature,
         1.0 / math.log(vocab), BLOCK_S=triton.next_power_of_2(splits), SKIP=skip is not None,
     )  # fmt: skip
-    return RowStats(lse_tau, entropy, plogp_tau, argmax)
+    return RowStats(lse_tau, lse_1, entropy, plogp_tau, argmax)

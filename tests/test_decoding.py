@@ -7,7 +7,7 @@ import torch
 
 from entrgi import GuidanceConfig, generate, load_denoiser
 from entrgi.sampler import DiffusionRun, GuidanceTable
-from entrgi.schedule import current_block, linear_counts, remasking_confidence, threshold_commits
+from entrgi.schedule import current_block, linear_counts, threshold_commits, timesteps
 
 PROMPTS = ["hello there", "what is the weather like today in the big city"]
 
@@ -121,15 +121,33 @@ def test_in_place_guidance_needs_a_contiguous_float32_phi():
             optimize_logits(phi, *[None] * 7, in_place=True)
 
 
-def test_remasking_confidence_rules():
-    phi = torch.randn(3, 5, 11)
-    tokens = torch.randint(0, 11, (3, 5))
-    low = remasking_confidence("low_confidence", phi, tokens, None)
-    torch.testing.assert_close(low, torch.softmax(phi, -1).gather(-1, tokens[..., None])[..., 0])
-    first = remasking_confidence("random", phi, tokens, torch.Generator().manual_seed(3))
-    again = remasking_confidence("random", phi, tokens, torch.Generator().manual_seed(3))
-    assert torch.equal(first, again) and first.shape == (3, 5)
-    assert ((first >= 0) & (first < 1)).all() and first.std() > 0.1
+def _greedy_commit(llada, reward, remasking, seed):
+    """One greedy commit of a fresh run: (committed (N, G) bool, the logits it read)."""
+    config = GuidanceConfig(method="none", steps=4, max_new_tokens=16, num_samples=2, temperature=0.0,
+                            remasking=remasking, deprioritize_eos=False)  # fmt: skip
+    run = _run(llada, reward, config, seed=seed)
+    masked = run.response == llada.mask_token_id
+    phi = run.response_logits()
+    run.commit(phi.clone(), masked)
+    return masked & (run.response != llada.mask_token_id), phi
+
+
+def test_low_confidence_remasking_commits_the_most_probable_tokens(llada, classifier_reward):
+    """Greedy draws: LLaDA's score is each position's top probability under softmax(phi)."""
+    committed, phi = _greedy_commit(llada, classifier_reward, "low_confidence", seed=0)
+    top_probability = torch.softmax(phi, -1).amax(-1)
+    t = timesteps(4)
+    count = int(16 * (1 - t[1] / t[0]))  # Dream's schedule at the first of 4 steps: 3 of 16 masks
+    expected = top_probability.argsort(-1, descending=True)[:, :count]
+    assert (committed.sum(-1) == count).all()
+    assert torch.equal(committed, torch.zeros_like(committed).scatter_(-1, expected, True))
+
+
+def test_random_remasking_commits_a_seeded_uniform_choice(llada, classifier_reward):
+    draws = [_greedy_commit(llada, classifier_reward, "random", seed)[0] for seed in (0, 0, 1, 2, 3)]
+    assert torch.equal(draws[0], draws[1])
+    assert all((d.sum(-1) == 3).all() for d in draws)
+    assert len({tuple(d.flatten().tolist()) for d in draws}) >= 3  # the scores ignore phi
 
 
 def test_classifier_free_guidance_mixes_a_prompt_masked_batch(dream, classifier_reward):

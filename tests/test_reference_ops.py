@@ -105,7 +105,7 @@ def test_ties_at_the_boundary_are_all_kept():
     assert (scaled >= theta).sum() == 4
 
 
-@pytest.mark.parametrize("alg", ["entropy", "maskgit_plus", "topk_margin", "origin"])
+@pytest.mark.parametrize("alg", ["entropy", "maskgit_plus", "topk_margin", "origin", "low_confidence"])
 def test_step_confidence_restated(alg):
     phi, phi_init = torch.randn(6, 10), torch.randn(6, 10)
     drawn = sample_step(phi, phi_init, temperature=0.9, top_p=0.9, alg=alg, backend="torch")
@@ -114,6 +114,8 @@ def test_step_confidence_restated(alg):
         expected = (p * p.log()).sum(-1)
     elif alg == "origin":
         expected = torch.zeros(6, dtype=torch.float64)
+    elif alg == "low_confidence":  # temperature 1, unfiltered
+        expected = torch.softmax(phi.double(), -1).gather(-1, drawn.tokens[:, None])[:, 0]
     else:
         laws = torch.stack([filtered_law(row, 0.9, 0.9, 0) for row in phi])
         if alg == "maskgit_plus":

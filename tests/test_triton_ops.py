@@ -137,7 +137,7 @@ def test_seed_reproducibility_and_fresh_draws():
     assert not torch.equal(first, draw(generator))
 
 
-@pytest.mark.parametrize("alg", ["entropy", "maskgit_plus", "topk_margin", "origin"])
+@pytest.mark.parametrize("alg", ["entropy", "maskgit_plus", "topk_margin", "origin", "low_confidence"])
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_step_confidence_matches_reference(alg, temperature):
     phi, _ = _inputs(12, 53, 16, torch.float32)

@@ -47,6 +47,7 @@ def test_row_stats_of_every_split_match_float64(dtype, vocab, splits):
     p1, pt = torch.softmax(xd, -1), torch.softmax(xd / tau, -1)
     xlogx = lambda p: torch.where(p > 0, p * p.log(), torch.zeros_like(p)).sum(-1)  # noqa: E731
     torch.testing.assert_close(stats.lse_tau.cpu().double(), torch.logsumexp(xd / tau, -1), atol=2e-5, rtol=2e-6)
+    torch.testing.assert_close(stats.lse_1.cpu().double(), torch.logsumexp(xd, -1), atol=2e-5, rtol=2e-6)
     torch.testing.assert_close(stats.entropy.cpu().double(), -xlogx(p1) / math.log(vocab), atol=2e-5, rtol=0)
     torch.testing.assert_close(stats.plogp_tau.cpu().double(), xlogx(pt), atol=5e-5, rtol=0)
     assert torch.equal(stats.argmax.cpu(), x.cpu().argmax(-1))

@@ -147,10 +147,13 @@ def step_confidence_reference(
     ``maskgit_plus``: probability of ``tokens`` under ``softmax(filter(phi / tau))``;
     ``topk_margin``: top-1 minus top-2 probability of that same distribution;
     ``origin``: zeros (positions are committed at random). tau = 0 reads the
-    probabilities at temperature 1, as Dream does. Returns (R,) float32.
+    probabilities at temperature 1, as Dream does. ``low_confidence`` (LLaDA):
+    probability of ``tokens`` under ``softmax(phi)``, unfiltered. Returns (R,) float32.
     """
     if alg == "entropy":
         return entropy_confidence_reference(phi_init, temperature)
+    if alg == "low_confidence":
+        return torch.softmax(phi.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     tau = temperature if temperature > 0 else 1.0
     if alg == "origin":
         return torch.zeros(phi.shape[0], device=phi.device)

@@ -16,7 +16,8 @@ from entrgi.ops.validation import (
     resolve_backend,
 )
 
-ALGS = ("entropy", "maskgit_plus", "topk_margin", "origin")
+ALGS = ("entropy", "maskgit_plus", "topk_margin", "origin")  # Dream's commit confidences
+STEP_ALGS = (*ALGS, "low_confidence")  # + LLaDA's remasking score
 
 
 class StepSample(NamedTuple):
@@ -47,7 +48,9 @@ def sample_step(
     phi_init : (..., V) un-steered logits, read by ``alg="entropy"`` (defaults to phi).
     alg : ``entropy`` (sum p log p of softmax(phi_init/tau)), ``maskgit_plus``
         (probability of the drawn token), ``topk_margin`` (top-1 minus top-2
-        probability) or ``origin`` (zeros: commits are drawn at random).
+        probability) or ``origin`` (zeros: commits are drawn at random); Dream's algs read
+        the (filtered) law at tau. ``low_confidence`` (LLaDA's remasking) is the drawn
+        token's probability under ``softmax(phi)``: temperature 1, unfiltered.
     active : (...,) bool, the rows to sample (default all); the others get token 0 and
         confidence -inf, and the Triton backend does not read them.
     """
@@ -57,7 +60,7 @@ def sample_step(
         if phi_init.shape != phi.shape:
             raise ValueError(f"phi_init shape {tuple(phi_init.shape)} != phi shape {tuple(phi.shape)}")
     check_sampling_args(temperature, top_p, top_k)
-    check_choice("alg", alg, ALGS)
+    check_choice("alg", alg, STEP_ALGS)
     check_active(active, phi)
     if check_values:
         check_finite_rows("phi", phi)

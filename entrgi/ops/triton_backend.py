@@ -139,8 +139,7 @@ def sample_step(phi, phi_init, temperature, top_p, top_k, alg, generator, active
         tokens = drawn["tokens"] if temperature > 0 else stats.argmax
         lse_kept = drawn["lse_kept"]
         if alg == "maskgit_plus":
-            chosen = phi.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).float() / tau
-            return tokens, torch.exp(chosen - lse_kept)
+            return tokens, torch.exp(_logits_at(phi, tokens) / tau - lse_kept)
         return tokens, torch.exp(drawn["top1"] - lse_kept) - torch.exp(drawn["top2"] - lse_kept)
     if temperature > 0:
         tokens = _filtered_tokens(phi, stats.lse_tau, tau, top_p, top_k, generator, skip)
@@ -148,7 +147,14 @@ def sample_step(phi, phi_init, temperature, top_p, top_k, alg, generator, active
         tokens = stats.argmax
     if alg == "origin":
         return tokens, torch.zeros_like(stats.lse_tau)
+    if alg == "low_confidence":
+        return tokens, torch.exp(_logits_at(phi, tokens) - stats.lse_1)
     return tokens, stats.plogp_tau if phi_init is None else entropy_confidence(phi_init, tau, active)
+
+
+def _logits_at(phi: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """phi (R, V), tokens (R,) -> phi[r, tokens[r]] (R,) float32."""
+    return phi.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).float()
 
 
 def entropy_confidence(phi, temperature, active=None):
