@@ -168,7 +168,7 @@ def _soft_embedding_bwd_kernel(
     phi_ptr,  # (N, V) logits
     table_ptr,  # (V_t, D) embedding table
     table_rows_ptr,  # (V,) int: table row of each vocabulary entry (GATHER)
-    grad_ptr,  # (N, D) fp32 incoming gradient g, contiguous
+    grad_ptr,  # (N, D) incoming gradient g, contiguous: fp32 (DOT_FP32) or the table's dtype
     lse_tau_ptr,  # (N,) fp32
     soft_dot_grad_ptr,  # (N,) fp32: soft . g
     dphi_ptr,  # (N, V) out, phi's dtype, row stride `stride_dphi` (not ADAM)
@@ -219,7 +219,7 @@ def _soft_embedding_bwd_kernel(
         if DOT_FP32:
             eg += tl.dot(g, e_t.to(tl.float32), input_precision="ieee")
         else:
-            eg += tl.dot(g.to(e_t.dtype), e_t)
+            eg += tl.dot(g, e_t)
     x = tl.load(
         phi_ptr + rows64[:, None] * stride_phi + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
         other=-float("inf"),
@@ -252,16 +252,29 @@ class TileConfig:
     num_stages: int = 3
 
 
-# Chosen by the sweep in bench/ on an H100 (see bench/RESULTS.md); the interpreter
-# runs one program at a time, so small tiles keep CPU tests fast.
+# FORWARD_GPU and BACKWARD_GPU were chosen by the sweep in bench/ on an H100 (bf16 phi,
+# dphi stored; see bench/RESULTS.md), BACKWARD_GPU spilling ~60 bytes per thread there.
+# An fp32 phi, the fused Adam step or a gathered table keeps more live per thread (ptxas
+# for sm_90: up to 4 KB of spill stores per thread with Adam), so those backwards run
+# half the tile over twice the threads, spill-free. bench/kernel_resources.py compiles
+# every kernel variant for sm_90 and reports registers and spills. The interpreter runs one program at a time: small tiles
+# keep CPU tests fast.
 FORWARD_GPU = TileConfig(block_n=128, block_v=64, block_d=256, num_warps=8, num_stages=3)
 BACKWARD_GPU = TileConfig(block_n=128, block_v=128, block_d=64, num_warps=4, num_stages=3)
+BACKWARD_GPU_HALF_TILE = TileConfig(block_n=64, block_v=128, block_d=64, num_warps=8, num_stages=3)
 INTERPRETER = TileConfig(block_n=16, block_v=64, block_d=64, num_warps=1, num_stages=1)
 
 
 def _fit(config: TileConfig, d: int) -> TileConfig:
     block_d = min(config.block_d, max(16, triton.next_power_of_2(d)))
     return TileConfig(config.block_n, config.block_v, block_d, config.num_warps, config.num_stages)
+
+
+def _backward_config(phi: torch.Tensor, adam, gather: bool) -> TileConfig:
+    if INTERPRET:
+        return INTERPRETER
+    heavy = adam is not None or gather or phi.dtype == torch.float32
+    return BACKWARD_GPU_HALF_TILE if heavy else BACKWARD_GPU
 
 
 def _dot_fp32(table: torch.Tensor) -> bool:
@@ -328,9 +341,10 @@ def soft_embedding_backward(
     Rows outside ``row_list`` and rows in ``adam.skip`` are not touched."""
     n, vocab = phi.shape
     d = table.shape[1]
-    cfg = _fit(config or (INTERPRETER if INTERPRET else BACKWARD_GPU), d)
+    cfg = _fit(config or _backward_config(phi, adam, table_rows is not None), d)
     grad = grad.float().contiguous()
     soft_dot_grad = (soft * grad).sum(-1)
+    grad_operand = grad if _dot_fp32(table) else grad.to(table.dtype)  # the dot rounds g to this anyway
     if adam is None:
         dphi = torch.empty_like(phi)
         exp_avg = exp_avg_sq = skip = dphi
@@ -343,7 +357,7 @@ def soft_embedding_backward(
     order, count = _row_list_args(row_list, n, phi.device)
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(vocab, cfg.block_v))
     _soft_embedding_bwd_kernel[grid](
-        phi, table, _gather_arg(table_rows, table), grad, lse_tau, soft_dot_grad, dphi, order, count, exp_avg,
+        phi, table, _gather_arg(table_rows, table), grad_operand, lse_tau, soft_dot_grad, dphi, order, count, exp_avg,
         exp_avg_sq, skip, n, vocab, d, phi.stride(0), table.stride(0), dphi.stride(0), 1.0 / temperature, *scalars,
         BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, DOT_FP32=_dot_fp32(table),
         ROW_LIST=row_list is not None, ADAM=adam is not None, SKIP=adam is not None and adam.skip is not None,

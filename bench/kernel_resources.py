@@ -1,0 +1,229 @@
+"""Compile every Triton kernel the ops launch for a CUDA GPU, on a machine without one,
+and report each kernel's registers, spills, shared memory and warps.
+
+    python bench/kernel_resources.py                         # sm_90 (H100 / H200)
+    python bench/kernel_resources.py --arch 80               # A100
+    python bench/kernel_resources.py --max-spill-bytes 128   # also fail on spills
+
+The public ops run on CPU tensors at the GPU tile configs and an H100's SM count
+(``TRITON_INTERPRET`` must be unset) while a stand-in Triton driver names the target
+and turns every launch into a compile-only warm-up; ``ptxas -v`` (shipped with
+Triton) reports registers and spills. This catches before a GPU is at hand what the
+interpreter cannot: code the compiler rejects, register spills, shared memory beyond
+the chip. Exits nonzero when a kernel of ``kernels/`` was never compiled, one needs
+more shared memory than the chip has, or one spills more than ``--max-spill-bytes``.
+Kernel outputs are never computed: the ops go on with zeroed integer outputs and
+unset floats, so only the launches matter, not the values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    sys.exit("kernel_resources: unset TRITON_INTERPRET (the kernels must be compiled, not interpreted)")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime.driver import driver  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+import entrgi  # noqa: E402
+from entrgi.ops import entropy_confidence  # noqa: E402
+from entrgi.ops.step import STEP_ALGS  # noqa: E402
+from entrgi.optim import LogitAdam  # noqa: E402
+from entrgi_kernels import row_stats, soft_embedding  # noqa: E402
+
+KERNELS_DIR = Path(__file__).resolve().parents[1] / "kernels"
+SPLIT_MODULES = (row_stats, soft_embedding)  # size every split-V grid from the SM count
+STREAMING_MULTIPROCESSORS = 132  # an H100 SXM
+VOCAB, DIM, ROWS = 152_064, 1024, 64
+PTXAS_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+PTXAS_REGISTERS = re.compile(r"Used (\d+) registers")
+SHARED_BYTES = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448}  # per block, opt-in maximum
+PTX_TARGET = re.compile(r"^\.target (\S+)", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class KernelResources:
+    """One compiled kernel; spill and stack sizes are bytes per thread."""
+
+    name: str
+    specialisation: str
+    num_warps: int
+    num_stages: int
+    registers: int
+    spill_stores: int
+    spill_loads: int
+    stack: int
+    shared: int
+
+
+class _CompileOnlyDriver:
+    """The parts of a Triton driver that ``JITFunction.run`` reads, for a GPU that is not here."""
+
+    def __init__(self, arch: int):
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+
+def _specialisation(source) -> str:
+    """'first_ptr dtype; NAME=value ...': what tells a kernel's compiled variants apart
+    (the first argument's dtype and the constexpr values, integers equal to 1 included)."""
+    names = list(source.signature)
+    constants = " ".join(f"{names[key[0]]}={value}" for key, value in sorted(source.constants.items()))
+    return f"{names[0]} {source.signature[names[0]]}; {constants}"
+
+
+@contextlib.contextmanager
+def compile_only(arch: int):
+    """Within: every kernel launch compiles for sm_``arch`` and launches nothing; yields
+    the list that collects (kernel name, specialisation, compiled kernel)."""
+    compiled = []
+    launch = JITFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        kernel = launch(self, *args, grid=grid, warmup=True, **kwargs)
+        compiled.append((self.fn.__name__, _specialisation(kernel.src), kernel))
+        for arg in args:  # outputs read later as indices must be in range
+            if isinstance(arg, torch.Tensor) and not arg.is_floating_point():
+                arg.zero_()
+        return kernel
+
+    previous = driver._active  # None without a GPU: reset_active() would look for one
+    fill = {module: module.programs_to_fill for module in SPLIT_MODULES}
+    driver.set_active(_CompileOnlyDriver(arch))
+    JITFunction.run = run
+    for module in SPLIT_MODULES:  # split V as on a GPU (off one, launch.py keeps one program per row)
+        module.programs_to_fill = lambda device, per_sm: per_sm * STREAMING_MULTIPROCESSORS
+    try:
+        yield compiled
+    finally:
+        JITFunction.run = launch
+        driver.set_active(previous)
+        for module, programs_to_fill in fill.items():
+            module.programs_to_fill = programs_to_fill
+
+
+def exercise_ops() -> None:
+    """Every launch path of the ops: guided_embedding (each mode, bf16, fp16 and fp32
+    phi, with and without active rows, a gathered table, the backward with and without
+    the fused Adam step, bf16 moments), sample_step (each alg, greedy too),
+    entropy_confidence, LogitAdam."""
+    table = torch.randn(VOCAB, DIM, dtype=torch.bfloat16)
+    table_rows = torch.arange(VOCAB)
+    active = torch.arange(ROWS) % 3 > 0
+    grad = torch.randn(ROWS, DIM, dtype=torch.bfloat16)
+    sampling = dict(temperature=0.7, top_p=0.95, top_k=50)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        phi = torch.randn(ROWS, VOCAB).to(dtype)
+        for mode, rows in (("entrgi", active), ("entrgi", None), ("expectation", active)):
+            leaf = phi.clone().requires_grad_(True)
+            out = entrgi.guided_embedding(leaf, table, mode=mode, backend="triton", active=rows, **sampling)
+            out.embeds.backward(grad)
+        leaf = phi.clone().requires_grad_(True)
+        out = entrgi.guided_embedding(leaf, table, backend="triton", table_rows=table_rows, **sampling)
+        out.embeds.backward(grad)
+        entrgi.guided_embedding(phi, table, backend="triton", temperature=0.0)
+        for alg in STEP_ALGS:
+            for temperature in (0.7, 0.0):
+                entrgi.sample_step(phi, phi * 0.5, alg=alg, backend="triton", active=active,
+                                   **{**sampling, "temperature": temperature})  # fmt: skip
+        entropy_confidence(phi, temperature=0.7, backend="triton", active=active)
+    for moment_dtype in (torch.float32, torch.bfloat16):
+        phi = torch.randn(ROWS, VOCAB, requires_grad=True)
+        optimizer = LogitAdam(phi, lr=0.5, active=active, backend="triton", moment_dtype=moment_dtype)
+        out = entrgi.guided_embedding(phi, table, backend="triton", active=active, optimizer=optimizer, **sampling)
+        out.embeds.backward(grad)
+        optimizer.step(torch.randn_like(phi))
+
+
+def declared_kernels() -> set[str]:
+    """Names of the ``@triton.jit`` functions in kernels/ that end in ``_kernel`` (the
+    launched ones; the others are inlined helpers)."""
+    names = set()
+    for path in KERNELS_DIR.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef) and node.name.endswith("_kernel"):
+                names.add(node.name)
+    return names
+
+
+def resources(name: str, specialisation: str, kernel) -> KernelResources:
+    """Registers and spills as ``ptxas -v`` reports them for the kernel's PTX and target."""
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    ptx = kernel.asm["ptx"]
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as source:
+        source.write(ptx)
+        source.flush()
+        command = [str(ptxas), f"-arch={PTX_TARGET.search(ptx).group(1)}", "-v", source.name, "-o", os.devnull]
+        report = subprocess.run(command, capture_output=True, text=True, check=True).stderr
+    stack, stores, loads = (int(x) for x in PTXAS_FRAME.search(report).groups())
+    registers = int(PTXAS_REGISTERS.search(report).group(1))
+    meta = kernel.metadata
+    return KernelResources(name, specialisation, meta.num_warps, meta.num_stages, registers, stores, loads, stack,
+                           meta.shared)  # fmt: skip
+
+
+def collect(arch: int) -> list[KernelResources]:
+    """Compile every launch of :func:`exercise_ops` for sm_``arch``: one row per distinct
+    compiled kernel, sorted by name."""
+    with compile_only(arch) as compiled:
+        exercise_ops()
+    unique = {id(entry[2]): entry for entry in compiled}
+    return sorted((resources(*entry) for entry in unique.values()), key=lambda r: (r.name, r.specialisation))
+
+
+def markdown(rows: list[KernelResources], arch: int) -> str:
+    lines = [
+        f"| kernel (sm_{arch}) | specialisation | warps | stages | registers | spill stores B | spill loads B "
+        "| stack B | shared KiB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r.name} | {r.specialisation} | {r.num_warps} | {r.num_stages} | {r.registers} "
+                     f"| {r.spill_stores} | {r.spill_loads} | {r.stack} | {r.shared / 1024:.1f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
+    parser.add_argument("--max-spill-bytes", type=int, default=None,
+                        help="fail when a kernel spills more than this many bytes per thread")  # fmt: skip
+    args = parser.parse_args()
+    rows = collect(args.arch)
+    print(f"triton {triton.__version__}, torch {torch.__version__}\n")
+    print(markdown(rows, args.arch))
+    missing = declared_kernels() - {r.name for r in rows}
+    if missing:
+        sys.exit(f"never compiled (add a launch path to exercise_ops): {sorted(missing)}")
+    too_large = sorted({r.name for r in rows if r.shared > SHARED_BYTES.get(args.arch, SHARED_BYTES[80])})
+    if too_large:
+        sys.exit(f"kernels needing more shared memory than sm_{args.arch} has: {too_large}")
+    if args.max_spill_bytes is not None:
+        spilling = sorted({f"{r.name} ({r.specialisation})" for r in rows if r.spill_stores > args.max_spill_bytes})
+        if spilling:
+            sys.exit(f"kernels spilling more than {args.max_spill_bytes} bytes per thread: {spilling}")
+
+
+if __name__ == "__main__":
+    main()

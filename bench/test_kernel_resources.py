@@ -1,0 +1,67 @@
+"""Every Triton kernel compiles for sm_90 (H100 / H200) with the GPU tile configs, on
+this machine, without a GPU: ``bench/kernel_resources.py`` in a subprocess (the
+kernels must be compiled, so TRITON_INTERPRET is unset there)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TOOL = Path(__file__).with_name("kernel_resources.py")
+try:
+    import triton
+
+    PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+except ImportError:
+    PTXAS = None
+
+pytestmark = pytest.mark.skipif(PTXAS is None or not PTXAS.exists(), reason="needs Triton's bundled ptxas")
+
+
+def _run(args: list[str]) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=900)
+
+
+def _table(stdout: str) -> list[dict[str, str]]:
+    lines = [line for line in stdout.splitlines() if line.startswith("| ")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")))) for line in lines[1:]]
+
+
+def test_every_kernel_compiles_for_sm90_within_registers_and_shared_memory():
+    result = _run([str(TOOL), "--max-spill-bytes", "128"])
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    rows = _table(result.stdout)  # exit 0: every kernel of kernels/ is among them
+    assert {"_soft_partial_kernel", "_digit_histogram_partial_kernel"} <= {r["kernel (sm_90)"] for r in rows}
+    # the guidance loop's backward (fp32 phi, Adam fused) spills nothing at all
+    backward = [r for r in rows if r["kernel (sm_90)"] == "_soft_embedding_bwd_kernel"]
+    guidance = [r for r in backward if "ADAM=True" in r["specialisation"]]
+    assert len(guidance) == 2 and all(r["spill stores B"] == "0" for r in guidance)  # fp32 and bf16 moments
+
+
+def test_the_report_sees_the_spills_of_the_full_tile_with_adam():
+    """The backward at BACKWARD_GPU (the bf16 tile) with the Adam epilogue spills KBs:
+    the reason that path runs BACKWARD_GPU_HALF_TILE, and proof the report can fail."""
+    script = f"""
+import sys; sys.path.insert(0, {str(TOOL.parent)!r})
+import torch
+from kernel_resources import compile_only, resources
+from entrgi_kernels.adam import AdamUpdate
+from entrgi_kernels.soft_embedding import BACKWARD_GPU, soft_embedding_backward
+n, vocab, d = 128, 4096, 1024
+phi = torch.randn(n, vocab)
+adam = AdamUpdate(torch.zeros(n, vocab), torch.zeros(n, vocab), 1, 0.5, 0.9, 0.999, 1e-8)
+table = torch.randn(vocab, d, dtype=torch.bfloat16)
+with compile_only(90) as compiled:
+    soft_embedding_backward(phi, table, torch.randn(n, d), torch.zeros(n), torch.zeros(n, d), 0.7, adam=adam,
+                            config=BACKWARD_GPU)
+print(resources(*compiled[-1]).spill_stores)
+"""
+    result = _run(["-c", script])
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert int(result.stdout.split()[-1]) > 1000
