@@ -6,11 +6,12 @@
 #   bash bench/gpu_session.sh step      # step suite: 2 presets x reward memory options
 #   bash bench/gpu_session.sh compile   # step suite with compiled layers (compiles first)
 #   bash bench/gpu_session.sh op        # op suite (triton vs eager) + per-kernel breakdown
+#   bash bench/gpu_session.sh sweep     # GEMM tile sweep, fp32 phi (fwd, bwd, bwd + fused Adam)
 set -euo pipefail
 case "${1:-}" in
-tests | step | compile | op) ;;
+tests | step | compile | op | sweep) ;;
 *)
-    echo "usage: bash bench/gpu_session.sh tests|step|compile|op" >&2
+    echo "usage: bash bench/gpu_session.sh tests|step|compile|op|sweep" >&2
     exit 2
     ;;
 esac
@@ -51,5 +52,8 @@ op)
     entrgi bench --suite op --backends triton torch --n 512 2048 --d 1024 2048 --dtype bfloat16 --repeats 20 \
         --out "$OUT" 2>&1 | tee "$OUT/op.log" | tail -14
     python bench/op_breakdown.py --n 128 512 2048 --d 1024 2048 --dtype float32 2>&1 | tee "$OUT/breakdown.log"
+    ;;
+sweep)
+    python bench/op_breakdown.py --n 2048 --d 2048 --dtype float32 --sweep 2>&1 | tee "$OUT/sweep.log" | tail -20
     ;;
 esac

@@ -2,6 +2,7 @@
 
     python bench/op_breakdown.py --n 512 2048 --d 1024 2048            # per-kernel table
     python bench/op_breakdown.py --n 512 --d 1024 --sweep              # + tile configs
+    python bench/op_breakdown.py --n 2048 --d 2048 --dtype float32 --sweep   # + fused Adam tiles
 
 Times are CUDA-event medians (``entrgi.benchmark.time_ms``); the floor of each kernel
 is its ideal bytes over the measured copy bandwidth (or FLOPs over the bf16 peak).
@@ -23,6 +24,7 @@ from entrgi_kernels.row_stats import row_stats
 from entrgi_kernels.sampling import rejection_sample, sample_filtered
 from entrgi_kernels.soft_embedding import (
     BACKWARD_GPU,
+    BACKWARD_GPU_HALF_TILE,
     FORWARD_GPU,
     TileConfig,
     soft_embedding_backward,
@@ -64,11 +66,16 @@ def breakdown(n: int, vocab: int, d: int, dtype: torch.dtype) -> list[tuple[str,
     ] + (_adam_rows(phi, table, grad, lse, soft) if dtype == torch.float32 else [])  # fmt: skip
 
 
+def _adam_updates(phi: torch.Tensor):
+    """A factory of first Adam steps on fp32 rows shaped like phi (zero moments)."""
+    moments = torch.zeros_like(phi), torch.zeros_like(phi)
+    return lambda: AdamUpdate(*moments, step=1, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8)
+
+
 def _adam_rows(phi, table, grad, lse, soft) -> list[tuple[str, float, float]]:
     """The guidance loop's Adam step on fp32 phi: after a stored dphi, or inside the backward."""
     param, dphi = phi.clone(), soft_embedding_backward(phi, table, grad, lse, soft, TAU)
-    moments = torch.zeros_like(phi), torch.zeros_like(phi)
-    update = lambda: AdamUpdate(*moments, step=1, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8)  # noqa: E731
+    update = _adam_updates(phi)
     phi_bytes, table_bytes = phi.numel() * 4, table.numel() * 2
     fused = lambda: soft_embedding_backward(param, table, grad, lse, soft, TAU, adam=update())  # noqa: E731
     return [
@@ -78,20 +85,27 @@ def _adam_rows(phi, table, grad, lse, soft) -> list[tuple[str, float, float]]:
 
 
 def sweep(n: int, vocab: int, d: int, dtype: torch.dtype) -> list[tuple[str, TileConfig, float]]:
+    """Time every tile config of the grid below for the forward, the backward with dphi
+    stored and, for fp32 phi, the backward with the Adam step fused (the guidance loop)."""
     phi = (torch.randn(n, vocab, device="cuda") * 3).to(dtype)
     table = torch.randn(vocab, d, device="cuda", dtype=torch.bfloat16)
     grad = torch.randn(n, d, device="cuda")
     stats = row_stats(phi, TAU)
     lse, entropy, argmax = stats.lse_tau, stats.entropy, stats.argmax
     soft, _ = soft_embedding_forward(phi, table, lse, entropy, argmax, TAU)
+    update = _adam_updates(phi)
     results = []
     grid = itertools.product((64, 128), (64, 128), (64, 128, 256), (4, 8), (3,))
     for block_n, block_v, block_d, warps, stages in grid:
         cfg = TileConfig(block_n, block_v, block_d, warps, stages)
-        for name, fn in (
+        kernels = [
             ("forward", lambda: soft_embedding_forward(phi, table, lse, entropy, argmax, TAU, config=cfg)),
             ("backward", lambda: soft_embedding_backward(phi, table, grad, lse, soft, TAU, config=cfg)),
-        ):
+        ]
+        if dtype == torch.float32:
+            kernels.append(("bwd + adam", lambda: soft_embedding_backward(phi, table, grad, lse, soft, TAU,
+                                                                          adam=update(), config=cfg)))  # fmt: skip
+        for name, fn in kernels:
             try:
                 results.append((name, cfg, _median(fn, repeats=10)))
             except Exception as error:  # out of shared memory / registers for this tile
@@ -109,14 +123,14 @@ def main() -> None:
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     print(f"{torch.cuda.get_device_name()}  V={args.vocab} phi {args.dtype}  defaults: fwd {FORWARD_GPU} "
-          f"bwd {BACKWARD_GPU}")  # fmt: skip
+          f"bwd {BACKWARD_GPU}, fp32 phi or Adam {BACKWARD_GPU_HALF_TILE}")  # fmt: skip
     for n, d in itertools.product(args.n, args.d):
         print(f"\nN={n} d={d}\n{'kernel':<20} {'median ms':>10} {'floor ms':>9} {'x floor':>8}")
         for name, ms, floor in breakdown(n, args.vocab, d, dtype):
             print(f"{name:<20} {ms:10.3f} {floor:9.3f} {ms / floor:8.1f}")
         if args.sweep:
             results = sweep(n, args.vocab, d, dtype)
-            for kind in ("forward", "backward"):
+            for kind in ("forward", "backward", "bwd + adam"):
                 best = sorted((r for r in results if r[0] == kind), key=lambda r: r[2])[:5]
                 for _, cfg, ms in best:
                     print(f"  best {kind:<8} {ms:8.3f} ms  {cfg}")

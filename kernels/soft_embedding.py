@@ -253,12 +253,12 @@ class TileConfig:
 
 
 # FORWARD_GPU and BACKWARD_GPU were chosen by the sweep in bench/ on an H100 (bf16 phi,
-# dphi stored; see bench/RESULTS.md), BACKWARD_GPU spilling ~60 bytes per thread there.
-# An fp32 phi, the fused Adam step or a gathered table keeps more live per thread (ptxas
-# for sm_90: up to 4 KB of spill stores per thread with Adam), so those backwards run
-# half the tile over twice the threads, spill-free. bench/kernel_resources.py compiles
-# every kernel variant for sm_90 and reports registers and spills. The interpreter runs one program at a time: small tiles
-# keep CPU tests fast.
+# dphi stored; see bench/RESULTS.md). An fp32 phi or the fused Adam step keeps more of
+# the tile live than BACKWARD_GPU's 4 warps hold in 255 registers each (ptxas for
+# sm_90: 0.2 to 4 KB of spill stores per thread), so those backwards run half the tile
+# over 8 warps, spill-free. bench/kernel_resources.py compiles every kernel variant for
+# sm_90 and reports registers and spills. The interpreter runs one program at a time:
+# small tiles keep CPU tests fast.
 FORWARD_GPU = TileConfig(block_n=128, block_v=64, block_d=256, num_warps=8, num_stages=3)
 BACKWARD_GPU = TileConfig(block_n=128, block_v=128, block_d=64, num_warps=4, num_stages=3)
 BACKWARD_GPU_HALF_TILE = TileConfig(block_n=64, block_v=128, block_d=64, num_warps=8, num_stages=3)
@@ -270,11 +270,10 @@ def _fit(config: TileConfig, d: int) -> TileConfig:
     return TileConfig(config.block_n, config.block_v, block_d, config.num_warps, config.num_stages)
 
 
-def _backward_config(phi: torch.Tensor, adam, gather: bool) -> TileConfig:
+def _backward_config(phi: torch.Tensor, adam: AdamUpdate | None) -> TileConfig:
     if INTERPRET:
         return INTERPRETER
-    heavy = adam is not None or gather or phi.dtype == torch.float32
-    return BACKWARD_GPU_HALF_TILE if heavy else BACKWARD_GPU
+    return BACKWARD_GPU_HALF_TILE if adam is not None or phi.dtype == torch.float32 else BACKWARD_GPU
 
 
 def _dot_fp32(table: torch.Tensor) -> bool:
@@ -341,7 +340,7 @@ def soft_embedding_backward(
     Rows outside ``row_list`` and rows in ``adam.skip`` are not touched."""
     n, vocab = phi.shape
     d = table.shape[1]
-    cfg = _fit(config or _backward_config(phi, adam, table_rows is not None), d)
+    cfg = _fit(config or _backward_config(phi, adam), d)
     grad = grad.float().contiguous()
     soft_dot_grad = (soft * grad).sum(-1)
     grad_operand = grad if _dot_fp32(table) else grad.to(table.dtype)  # the dot rounds g to this anyway
