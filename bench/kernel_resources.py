@@ -1,5 +1,5 @@
 """Compile every Triton kernel the ops launch for a CUDA GPU, on a machine without one,
-and report each kernel's registers, spills, shared memory and warps.
+and report each kernel's registers, spills, shared memory, warps and resident blocks per SM.
 
     python bench/kernel_resources.py                         # sm_90 (H100 / H200)
     python bench/kernel_resources.py --arch 80               # A100
@@ -29,20 +29,18 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-if os.environ.get("TRITON_INTERPRET", "0") == "1":
-    sys.exit("kernel_resources: unset TRITON_INTERPRET (the kernels must be compiled, not interpreted)")
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime.driver import driver
+from triton.runtime.jit import JITFunction
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.runtime.driver import driver  # noqa: E402
-from triton.runtime.jit import JITFunction  # noqa: E402
-
-import entrgi  # noqa: E402
-from entrgi.ops import entropy_confidence  # noqa: E402
-from entrgi.ops.step import STEP_ALGS  # noqa: E402
-from entrgi.optim import LogitAdam  # noqa: E402
-from entrgi_kernels import row_stats, soft_embedding  # noqa: E402
+import entrgi
+from entrgi.ops import entropy_confidence
+from entrgi.ops.step import STEP_ALGS
+from entrgi.optim import LogitAdam
+from entrgi_kernels import row_stats, soft_embedding
+from entrgi_kernels.launch import INTERPRET
 
 KERNELS_DIR = Path(__file__).resolve().parents[1] / "kernels"
 SPLIT_MODULES = (row_stats, soft_embedding)  # size every split-V grid from the SM count
@@ -50,7 +48,28 @@ STREAMING_MULTIPROCESSORS = 132  # an H100 SXM
 VOCAB, DIM, ROWS = 152_064, 1024, 64
 PTXAS_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 PTXAS_REGISTERS = re.compile(r"Used (\d+) registers")
-SHARED_BYTES = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448}  # per block, opt-in maximum
+
+
+@dataclass(frozen=True)
+class SmLimits:
+    """Resources of one SM of a compute capability (CUDA programming guide, technical
+    specifications): shared bytes one block may opt into and the SM holds, resident
+    warps and blocks, 32-bit registers."""
+
+    block_shared: int
+    sm_shared: int
+    warps: int
+    blocks: int
+    registers: int = 65_536
+
+
+RESERVED_SHARED_PER_BLOCK = 1024
+SM_LIMITS = {
+    80: SmLimits(block_shared=166_912, sm_shared=167_936, warps=64, blocks=32),
+    86: SmLimits(block_shared=101_376, sm_shared=102_400, warps=48, blocks=16),
+    89: SmLimits(block_shared=101_376, sm_shared=102_400, warps=48, blocks=24),
+    90: SmLimits(block_shared=232_448, sm_shared=233_472, warps=64, blocks=32),
+}
 PTX_TARGET = re.compile(r"^\.target (\S+)", re.MULTILINE)
 
 
@@ -67,6 +86,15 @@ class KernelResources:
     spill_loads: int
     stack: int
     shared: int
+
+    def blocks_per_sm(self, limits: SmLimits) -> int:
+        """Resident blocks per SM that registers, shared memory, warps and the block cap
+        allow (registers allocated per warp in units of 256; the system keeps 1 KiB of
+        shared memory per block)."""
+        per_warp = -(-self.registers * 32 // 256) * 256
+        by_registers = limits.registers // (per_warp * self.num_warps)
+        by_shared = limits.sm_shared // (self.shared + RESERVED_SHARED_PER_BLOCK)
+        return min(by_registers, by_shared, limits.warps // self.num_warps, limits.blocks)
 
 
 class _CompileOnlyDriver:
@@ -97,6 +125,8 @@ def _specialisation(source) -> str:
 def compile_only(arch: int):
     """Within: every kernel launch compiles for sm_``arch`` and launches nothing; yields
     the list that collects (kernel name, specialisation, compiled kernel)."""
+    if INTERPRET:
+        raise RuntimeError("unset TRITON_INTERPRET: the kernels must be compiled, not interpreted")
     compiled = []
     launch = JITFunction.run
 
@@ -193,20 +223,23 @@ def collect(arch: int) -> list[KernelResources]:
 
 
 def markdown(rows: list[KernelResources], arch: int) -> str:
+    limits = SM_LIMITS[arch]
     lines = [
         f"| kernel (sm_{arch}) | specialisation | warps | stages | registers | spill stores B | spill loads B "
-        "| stack B | shared KiB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| stack B | shared KiB | blocks/SM |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(f"| {r.name} | {r.specialisation} | {r.num_warps} | {r.num_stages} | {r.registers} "
-                     f"| {r.spill_stores} | {r.spill_loads} | {r.stack} | {r.shared / 1024:.1f} |")  # fmt: skip
+                     f"| {r.spill_stores} | {r.spill_loads} | {r.stack} | {r.shared / 1024:.1f} "
+                     f"| {r.blocks_per_sm(limits)} |")  # fmt: skip
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
+    parser.add_argument("--arch", type=int, default=90, choices=sorted(SM_LIMITS),
+                        help="compute capability x 10 (90: H100/H200)")  # fmt: skip
     parser.add_argument("--max-spill-bytes", type=int, default=None,
                         help="fail when a kernel spills more than this many bytes per thread")  # fmt: skip
     args = parser.parse_args()
@@ -216,7 +249,7 @@ def main() -> None:
     missing = declared_kernels() - {r.name for r in rows}
     if missing:
         sys.exit(f"never compiled (add a launch path to exercise_ops): {sorted(missing)}")
-    too_large = sorted({r.name for r in rows if r.shared > SHARED_BYTES.get(args.arch, SHARED_BYTES[80])})
+    too_large = sorted({r.name for r in rows if r.shared > SM_LIMITS[args.arch].block_shared})
     if too_large:
         sys.exit(f"kernels needing more shared memory than sm_{args.arch} has: {too_large}")
     if args.max_spill_bytes is not None:

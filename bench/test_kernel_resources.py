@@ -19,7 +19,7 @@ try:
 except ImportError:
     PTXAS = None
 
-pytestmark = pytest.mark.skipif(PTXAS is None or not PTXAS.exists(), reason="needs Triton's bundled ptxas")
+needs_ptxas = pytest.mark.skipif(PTXAS is None or not PTXAS.exists(), reason="needs Triton's bundled ptxas")
 
 
 def _run(args: list[str]) -> subprocess.CompletedProcess:
@@ -33,6 +33,7 @@ def _table(stdout: str) -> list[dict[str, str]]:
     return [dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")))) for line in lines[1:]]
 
 
+@needs_ptxas
 def test_every_kernel_compiles_for_sm90_within_registers_and_shared_memory():
     result = _run([str(TOOL), "--max-spill-bytes", "128"])
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
@@ -44,6 +45,7 @@ def test_every_kernel_compiles_for_sm90_within_registers_and_shared_memory():
     assert len(guidance) == 2 and all(r["spill stores B"] == "0" for r in guidance)  # fp32 and bf16 moments
 
 
+@needs_ptxas
 def test_the_report_sees_the_spills_of_the_full_tile_with_adam():
     """The backward at BACKWARD_GPU (the bf16 tile) with the Adam epilogue spills KBs:
     the reason that path runs BACKWARD_GPU_HALF_TILE, and proof the report can fail."""
@@ -65,3 +67,18 @@ print(resources(*compiled[-1]).spill_stores)
     result = _run(["-c", script])
     assert result.returncode == 0, result.stderr[-4000:]
     assert int(result.stdout.split()[-1]) > 1000
+
+
+def test_blocks_per_sm_take_the_tightest_limit():
+    sys.path.insert(0, str(TOOL.parent))
+    try:
+        from kernel_resources import SM_LIMITS, KernelResources
+    finally:
+        sys.path.remove(str(TOOL.parent))
+    h100 = SM_LIMITS[90]
+    kernel = lambda warps, registers, shared: KernelResources("k", "", warps, 3, registers, 0, 0, 0, shared)  # noqa: E731
+    assert kernel(4, 255, 96 * 1024).blocks_per_sm(h100) == 2  # registers: 8192 per warp x 4 -> 2 of 65,536
+    assert kernel(8, 80, 0).blocks_per_sm(h100) == 3  # 80 x 32 = 2560 per warp x 8 -> 3
+    assert kernel(4, 32, 100 * 1024).blocks_per_sm(h100) == 2  # shared: 101 KiB with the reserved 1 KiB
+    assert kernel(1, 16, 0).blocks_per_sm(h100) == 32  # the block cap
+    assert kernel(16, 32, 0).blocks_per_sm(h100) == 4  # 64 warps
