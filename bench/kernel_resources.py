@@ -165,13 +165,13 @@ def exercise_ops() -> None:
     sampling = dict(temperature=0.7, top_p=0.95, top_k=50)
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         phi = torch.randn(ROWS, VOCAB).to(dtype)
-        for mode, rows in (("entrgi", active), ("entrgi", None), ("expectation", active)):
+        variants = (("entrgi", active, None), ("entrgi", None, None), ("expectation", active, None),
+                    ("entrgi", None, table_rows))  # fmt: skip
+        for mode, rows, gather in variants:
             leaf = phi.clone().requires_grad_(True)
-            out = entrgi.guided_embedding(leaf, table, mode=mode, backend="triton", active=rows, **sampling)
+            out = entrgi.guided_embedding(leaf, table, mode=mode, backend="triton", active=rows, table_rows=gather,
+                                          **sampling)  # fmt: skip
             out.embeds.backward(grad)
-        leaf = phi.clone().requires_grad_(True)
-        out = entrgi.guided_embedding(leaf, table, backend="triton", table_rows=table_rows, **sampling)
-        out.embeds.backward(grad)
         entrgi.guided_embedding(phi, table, backend="triton", temperature=0.0)
         for alg in STEP_ALGS:
             for temperature in (0.7, 0.0):

@@ -341,9 +341,9 @@ def soft_embedding_backward(
     n, vocab = phi.shape
     d = table.shape[1]
     cfg = _fit(config or _backward_config(phi, adam), d)
-    grad = grad.float().contiguous()
-    soft_dot_grad = (soft * grad).sum(-1)
-    grad_operand = grad if _dot_fp32(table) else grad.to(table.dtype)  # the dot rounds g to this anyway
+    soft_dot_grad = (soft * grad).sum(-1, dtype=torch.float32)  # soft is fp32: no fp32 copy of g needed
+    # g cast once, straight to the dot's operand dtype (a bf16 dot rounds g to it anyway)
+    grad_operand = (grad.float() if _dot_fp32(table) else grad.to(table.dtype)).contiguous()
     if adam is None:
         dphi = torch.empty_like(phi)
         exp_avg = exp_avg_sq = skip = dphi
