@@ -49,21 +49,21 @@ def breakdown(n: int, vocab: int, d: int, dtype: torch.dtype) -> list[tuple[str,
     grad = torch.randn(n, d, device="cuda")
     seed = torch.zeros(1, device="cuda", dtype=torch.int64)
     stats = row_stats(phi, TAU)
-    lse, entropy, argmax = stats.lse_tau, stats.entropy, stats.argmax
-    keys = keep_threshold_keys(phi, lse, TAU, TOP_P, 0)
-    soft, _ = soft_embedding_forward(phi, table, lse, entropy, argmax, TAU)
+    norm, entropy, argmax = stats.tempered, stats.entropy, stats.argmax
+    keys = keep_threshold_keys(phi, norm, TAU, TOP_P, 0)
+    soft, _ = soft_embedding_forward(phi, table, norm, argmax, entropy, argmax, TAU)
     phi_bytes, table_bytes = phi.numel() * phi.element_size(), table.numel() * 2
     gemm_flops = 2.0 * n * vocab * d
     return [
         ("row_stats", _median(lambda: row_stats(phi, TAU)), _floor_ms(phi_bytes)),
-        ("threshold (top-p)", _median(lambda: keep_threshold_keys(phi, lse, TAU, TOP_P, 0)), _floor_ms(phi_bytes)),
+        ("threshold (top-p)", _median(lambda: keep_threshold_keys(phi, norm, TAU, TOP_P, 0)), _floor_ms(phi_bytes)),
         ("sample", _median(lambda: sample_filtered(phi, keys, seed, TAU)), _floor_ms(phi_bytes)),
-        ("rejection sample", _median(lambda: rejection_sample(phi, lse, seed, TAU, TOP_P, 0)), _floor_ms(2 * phi_bytes)),
-        ("soft forward", _median(lambda: soft_embedding_forward(phi, table, lse, entropy, argmax, TAU)),
+        ("rejection sample", _median(lambda: rejection_sample(phi, norm, seed, TAU, TOP_P, 0)), _floor_ms(2 * phi_bytes)),
+        ("soft forward", _median(lambda: soft_embedding_forward(phi, table, norm, argmax, entropy, argmax, TAU)),
          _floor_ms(phi_bytes + table_bytes, gemm_flops)),
-        ("soft backward", _median(lambda: soft_embedding_backward(phi, table, grad, lse, soft, TAU)),
+        ("soft backward", _median(lambda: soft_embedding_backward(phi, table, grad, norm, soft, TAU)),
          _floor_ms(2 * phi_bytes + table_bytes, gemm_flops)),
-    ] + (_adam_rows(phi, table, grad, lse, soft) if dtype == torch.float32 else [])  # fmt: skip
+    ] + (_adam_rows(phi, table, grad, norm, soft) if dtype == torch.float32 else [])  # fmt: skip
 
 
 def _adam_updates(phi: torch.Tensor):
@@ -72,12 +72,12 @@ def _adam_updates(phi: torch.Tensor):
     return lambda: AdamUpdate(*moments, step=1, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8)
 
 
-def _adam_rows(phi, table, grad, lse, soft) -> list[tuple[str, float, float]]:
+def _adam_rows(phi, table, grad, norm, soft) -> list[tuple[str, float, float]]:
     """The guidance loop's Adam step on fp32 phi: after a stored dphi, or inside the backward."""
-    param, dphi = phi.clone(), soft_embedding_backward(phi, table, grad, lse, soft, TAU)
+    param, dphi = phi.clone(), soft_embedding_backward(phi, table, grad, norm, soft, TAU)
     update = _adam_updates(phi)
     phi_bytes, table_bytes = phi.numel() * 4, table.numel() * 2
-    fused = lambda: soft_embedding_backward(param, table, grad, lse, soft, TAU, adam=update())  # noqa: E731
+    fused = lambda: soft_embedding_backward(param, table, grad, norm, soft, TAU, adam=update())  # noqa: E731
     return [
         ("adam (separate)", _median(lambda: adam_step(param, dphi, update())), _floor_ms(7 * phi_bytes)),
         ("soft bwd + adam", _median(fused), _floor_ms(6 * phi_bytes + table_bytes, 2.0 * phi.numel() * table.shape[1])),
@@ -91,19 +91,19 @@ def sweep(n: int, vocab: int, d: int, dtype: torch.dtype) -> list[tuple[str, Til
     table = torch.randn(vocab, d, device="cuda", dtype=torch.bfloat16)
     grad = torch.randn(n, d, device="cuda")
     stats = row_stats(phi, TAU)
-    lse, entropy, argmax = stats.lse_tau, stats.entropy, stats.argmax
-    soft, _ = soft_embedding_forward(phi, table, lse, entropy, argmax, TAU)
+    norm, entropy, argmax = stats.tempered, stats.entropy, stats.argmax
+    soft, _ = soft_embedding_forward(phi, table, norm, argmax, entropy, argmax, TAU)
     update = _adam_updates(phi)
     results = []
     grid = itertools.product((64, 128), (64, 128), (64, 128, 256), (4, 8), (3,))
     for block_n, block_v, block_d, warps, stages in grid:
         cfg = TileConfig(block_n, block_v, block_d, warps, stages)
         kernels = [
-            ("forward", lambda: soft_embedding_forward(phi, table, lse, entropy, argmax, TAU, config=cfg)),
-            ("backward", lambda: soft_embedding_backward(phi, table, grad, lse, soft, TAU, config=cfg)),
+            ("forward", lambda: soft_embedding_forward(phi, table, norm, argmax, entropy, argmax, TAU, config=cfg)),
+            ("backward", lambda: soft_embedding_backward(phi, table, grad, norm, soft, TAU, config=cfg)),
         ]
         if dtype == torch.float32:
-            kernels.append(("bwd + adam", lambda: soft_embedding_backward(phi, table, grad, lse, soft, TAU,
+            kernels.append(("bwd + adam", lambda: soft_embedding_backward(phi, table, grad, norm, soft, TAU,
                                                                           adam=update(), config=cfg)))  # fmt: skip
         for name, fn in kernels:
             try:

@@ -54,14 +54,15 @@ import sys; sys.path.insert(0, {str(TOOL.parent)!r})
 import torch
 from kernel_resources import compile_only, resources
 from entrgi_kernels.adam import AdamUpdate
+from entrgi_kernels.row_stats import SoftmaxNorm
 from entrgi_kernels.soft_embedding import BACKWARD_GPU, soft_embedding_backward
 n, vocab, d = 128, 4096, 1024
 phi = torch.randn(n, vocab)
 adam = AdamUpdate(torch.zeros(n, vocab), torch.zeros(n, vocab), 1, 0.5, 0.9, 0.999, 1e-8)
 table = torch.randn(vocab, d, dtype=torch.bfloat16)
 with compile_only(90) as compiled:
-    soft_embedding_backward(phi, table, torch.randn(n, d), torch.zeros(n), torch.zeros(n, d), 0.7, adam=adam,
-                            config=BACKWARD_GPU)
+    norm = SoftmaxNorm(torch.zeros(n), torch.zeros(n))
+    soft_embedding_backward(phi, table, torch.randn(n, d), norm, torch.zeros(n, d), 0.7, adam=adam, config=BACKWARD_GPU)
 print(resources(*compiled[-1]).spill_stores)
 """
     result = _run(["-c", script])

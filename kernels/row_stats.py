@@ -3,12 +3,19 @@
 For each row x of phi (length V) and inverse temperature 1/tau, with running maxima
 rescaled on every new maximum (online softmax), over S chunks of V in parallel whose
 partials a second kernel combines (``launch.vocab_chunks``):
-    lse_tau  = logsumexp(x / tau),  lse_1 = logsumexp(x)
+    row_max  = max(x)
+    lse_tau_shifted = logsumexp((x - row_max) / tau),  lse_1_shifted = logsumexp(x - row_max)
     entropy  = H(softmax(x)) / log V = (lse_1 - sum e^(x - lse_1) x) / log V
-    plogp_tau = sum p log p of softmax(x / tau) = E_p[x / tau] - lse_tau
+    plogp_tau = sum p log p of softmax(x / tau) = (E_p[x] - row_max) / tau - lse_tau_shifted
     argmax   = first index of the maximum of x (torch's tie rule)
 -inf entries contribute nothing; 0 * (-inf) is guarded. Rows marked in ``skip`` are
 not read; their outputs are 0.
+
+Probabilities are read back as exp((x - row_max) / tau - lse_tau_shifted) (``SoftmaxNorm``),
+never as exp(x / tau - logsumexp(x / tau)): the latter carries ulp(max / tau) into every
+p (1.2e-4 at max / tau = 2000), which the soft-embedding backward's cancellation at a
+confident row's argmax and the top-p masses near p cannot afford. Shifted, the top
+token's exponent is exactly 0 - lse_shifted, and lse_shifted lies in [0, log V].
 """
 
 from __future__ import annotations
@@ -36,6 +43,20 @@ def _row_is_active(skip_ptr, row, SKIP: tl.constexpr):
     if SKIP:
         active = tl.load(skip_ptr + row) == 0
     return active
+
+
+@triton.jit
+def _log2_norm(lse_shifted_ptr, rows, mask):
+    """The rows' shifted log-normaliser in log2 units, spelled once for every kernel (the
+    soft-embedding combine must reproduce the partials' top probability bit for bit)."""
+    return tl.load(lse_shifted_ptr + rows, mask=mask, other=0.0) * 1.4426950408889634
+
+
+@triton.jit
+def _tempered_probs(x, row_max, log2_norm, scale):
+    """softmax(x / tau) = exp2((x - row_max) * scale - log2_norm), scale = log2(e) / tau
+    (operands broadcast by the caller). The row's maximum gets exactly exp2(-log2_norm)."""
+    return tl.exp2((x - row_max) * scale - log2_norm)
 
 
 @triton.jit
@@ -111,8 +132,9 @@ def _row_stats_combine_kernel(
     moments_ptr,  # (N, S, 5) fp32 chunk moments
     best_ptr,  # (N, S) fp32 chunk maxima
     best_idx_ptr,  # (N, S) int32 their first indices
-    lse_tau_ptr,  # (N,) fp32 out: logsumexp(x / tau)
-    lse_1_ptr,  # (N,) fp32 out: logsumexp(x)
+    row_max_ptr,  # (N,) fp32 out: max(x)
+    lse_tau_shifted_ptr,  # (N,) fp32 out: logsumexp((x - max(x)) / tau)
+    lse_1_shifted_ptr,  # (N,) fp32 out: logsumexp(x - max(x))
     entropy_ptr,  # (N,) fp32 out: normalised entropy at temperature 1
     plogp_tau_ptr,  # (N,) fp32 out: sum p log p of softmax(x / tau)
     argmax_ptr,  # (N,) int64 out
@@ -140,24 +162,40 @@ def _row_stats_combine_kernel(
     tt = tl.sum(scalet * tl.load(moments_ptr + slots * 5 + 4, mask=ok, other=0.0), 0)
     best = tl.load(best_ptr + slots, mask=ok, other=-float("inf"))
     _, argmax = _first_argmax(best, tl.load(best_idx_ptr + slots, mask=ok, other=V), V)
-    lse1 = safe + tl.log(s1)
-    lse_tau = safe * inv_tau + tl.log(st)
-    tl.store(lse_tau_ptr + row, tl.where(active, lse_tau, 0.0))
-    tl.store(lse_1_ptr + row, tl.where(active, lse1, 0.0))
-    tl.store(entropy_ptr + row, tl.where(active, (lse1 - t1 / s1) * inv_log_v, 0.0))
-    tl.store(plogp_tau_ptr + row, tl.where(active, tt / st * inv_tau - lse_tau, 0.0))
+    lse1_shifted = tl.log(s1)
+    lse_tau_shifted = tl.log(st)
+    tl.store(row_max_ptr + row, tl.where(active, safe, 0.0))
+    tl.store(lse_tau_shifted_ptr + row, tl.where(active, lse_tau_shifted, 0.0))
+    tl.store(lse_1_shifted_ptr + row, tl.where(active, lse1_shifted, 0.0))
+    # entropy and sum p log p as (E_p[x] - max) / tau - lse_shifted: no term of size max / tau
+    tl.store(entropy_ptr + row, tl.where(active, (lse1_shifted - (t1 / s1 - safe)) * inv_log_v, 0.0))
+    tl.store(plogp_tau_ptr + row, tl.where(active, (tt / st - safe) * inv_tau - lse_tau_shifted, 0.0))
     tl.store(argmax_ptr + row, tl.where(active, argmax, 0).to(tl.int64))
 
 
-class RowStats(NamedTuple):
-    """Per-row statistics, (N,) each: lse_tau, lse_1, entropy (normalised, tau = 1) and
-    plogp_tau (fp32), argmax (int64)."""
+class SoftmaxNorm(NamedTuple):
+    """softmax(x / tau) of each row of x as exp((x - row_max) / tau - lse_shifted); (N,)
+    fp32 each. What the kernels that read probabilities take."""
 
-    lse_tau: torch.Tensor
-    lse_1: torch.Tensor
+    row_max: torch.Tensor
+    lse_shifted: torch.Tensor
+
+
+class RowStats(NamedTuple):
+    """Per-row statistics, (N,) each: row_max, lse_tau_shifted, lse_1_shifted, entropy
+    (normalised, tau = 1) and plogp_tau (fp32), argmax (int64)."""
+
+    row_max: torch.Tensor
+    lse_tau_shifted: torch.Tensor
+    lse_1_shifted: torch.Tensor
     entropy: torch.Tensor
     plogp_tau: torch.Tensor
     argmax: torch.Tensor
+
+    @property
+    def tempered(self) -> SoftmaxNorm:
+        """softmax(x / tau) at the temperature the stats were taken at."""
+        return SoftmaxNorm(self.row_max, self.lse_tau_shifted)
 
 
 def row_geometry(phi: torch.Tensor, splits: int | None, block_v: int | None) -> tuple[int, int, int]:
@@ -190,13 +228,12 @@ def row_stats(
         phi, moments, best, best_idx, skip_arg, phi.stride(0), vocab, splits, chunk, 1.0 / temperature,
         BLOCK_V=block, SKIP=skip is not None, num_warps=ROW_WARPS,
     )  # fmt: skip
-    lse_tau = torch.empty(n, device=phi.device, dtype=torch.float32)
-    lse_1 = torch.empty_like(lse_tau)
-    entropy = torch.empty_like(lse_tau)
-    plogp_tau = torch.empty_like(lse_tau)
+    row_max, lse_tau_shifted, lse_1_shifted, entropy, plogp_tau = torch.empty(
+        5, n, device=phi.device, dtype=torch.float32
+    )
     argmax = torch.empty(n, device=phi.device, dtype=torch.int64)
     _row_stats_combine_kernel[(n,)](
-        moments, best, best_idx, lse_tau, lse_1, entropy, plogp_tau, argmax, skip_arg, vocab, splits, 1.0 / temperature,
-        1.0 / math.log(vocab), BLOCK_S=triton.next_power_of_2(splits), SKIP=skip is not None,
+        moments, best, best_idx, row_max, lse_tau_shifted, lse_1_shifted, entropy, plogp_tau, argmax, skip_arg, vocab,
+        splits, 1.0 / temperature, 1.0 / math.log(vocab), BLOCK_S=triton.next_power_of_2(splits), SKIP=skip is not None,
     )  # fmt: skip
-    return RowStats(lse_tau, lse_1, entropy, plogp_tau, argmax)
+    return RowStats(row_max, lse_tau_shifted, lse_1_shifted, entropy, plogp_tau, argmax)

@@ -15,11 +15,21 @@ Rows marked in ``skip`` are not read.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 
-from entrgi_kernels.row_stats import ROW_WARPS, _first_argmax, _row_is_active, row_geometry
+from entrgi_kernels.row_stats import (
+    ROW_WARPS,
+    SoftmaxNorm,
+    _first_argmax,
+    _log2_norm,
+    _row_is_active,
+    _tempered_probs,
+    row_geometry,
+)
 from entrgi_kernels.threshold import _filter_key
 
 _MIN_UNIFORM = tl.constexpr(4.7e-10)
@@ -102,7 +112,7 @@ def _kept_sample_combine_kernel(
     part_ptr,  # (N, S, 5) fp32: the chunks' partials (see the partial kernel)
     best_idx_ptr,  # (N, S) int32
     tokens_ptr,  # (N,) int64 out: sampled token
-    lse_kept_ptr,  # (N,) fp32 out: logsumexp of x / tau over kept tokens
+    lse_kept_shifted_ptr,  # (N,) fp32 out: logsumexp of x / tau - top1 over kept tokens
     top1_ptr,  # (N,) fp32 out: largest kept x / tau
     top2_ptr,  # (N,) fp32 out: second largest kept x / tau (-inf if none)
     skip_ptr,  # (N,) int32: rows != 0 are left unwritten (SKIP)
@@ -126,7 +136,7 @@ def _kept_sample_combine_kernel(
             tl.load(part + 3, mask=ok, other=-float("inf")), tl.load(part + 4, mask=ok, other=-float("inf"))
         )
         tl.store(tokens_ptr + row, token.to(tl.int64))
-        tl.store(lse_kept_ptr + row, safe + tl.log(total))
+        tl.store(lse_kept_shifted_ptr + row, tl.log(total))  # safe == first: no ulp(first) rounding
         tl.store(top1_ptr + row, first)
         tl.store(top2_ptr + row, second)
 
@@ -142,14 +152,18 @@ def sample_filtered(
     block_v: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Draw one token per row from the kept set ``_filter_key(x) >= keys``; returns
-    tokens (N,) int64 and the kept law's lse_kept, top1, top2 (N,) fp32 of x / tau.
+    tokens (N,) int64 and, of the kept law over x / tau (x / tau computed as
+    ``x.float() * float32(1 / tau)``), top1 and top2 (the two largest) and
+    lse_kept_shifted = logsumexp(kept - top1) (N,) fp32: probabilities read as
+    exp((x / tau - top1) - lse_kept_shifted) stay exact to ~1e-7 even where |x / tau| is
+    large.
     Rows where ``skip`` (N,) int32 is nonzero are left as they are in ``tokens`` (0 when
     not given) and unwritten elsewhere. Two launches: (row, vocabulary chunk) partials,
     then a fixed-order combine per row."""
     n, vocab = phi.shape
     out = dict(
         tokens=tokens if tokens is not None else torch.zeros(n, device=phi.device, dtype=torch.int64),
-        lse_kept=torch.empty(n, device=phi.device, dtype=torch.float32),
+        lse_kept_shifted=torch.empty(n, device=phi.device, dtype=torch.float32),
         top1=torch.empty(n, device=phi.device, dtype=torch.float32),
         top2=torch.empty(n, device=phi.device, dtype=torch.float32),
     )
@@ -162,7 +176,7 @@ def sample_filtered(
         BLOCK_V=block, SKIP=skip is not None, num_warps=ROW_WARPS,
     )  # fmt: skip
     _kept_sample_combine_kernel[(n,)](
-        part, best_idx, out["tokens"], out["lse_kept"], out["top1"], out["top2"], skip_arg, splits, vocab,
+        part, best_idx, out["tokens"], out["lse_kept_shifted"], out["top1"], out["top2"], skip_arg, splits, vocab,
         BLOCK_S=triton.next_power_of_2(splits), SKIP=skip is not None,
     )  # fmt: skip
     return out
@@ -237,7 +251,8 @@ def _drawn_tokens(best_ptr, best_idx_ptr, row, S, V, DRAWS: tl.constexpr, BLOCK_
 @triton.jit
 def _mass_above_partial_kernel(
     phi_ptr,  # (N, V) logits
-    lse_tau_ptr,  # (N,) fp32: logsumexp(x / tau)
+    row_max_ptr,  # (N,) fp32: max(x)
+    lse_shifted_ptr,  # (N,) fp32: logsumexp((x - max) / tau)
     skip_ptr,  # (N,) int32: rows != 0 are not read (SKIP)
     best_ptr,  # (N, S, DRAWS) fp32: the draws' chunk maxima
     best_idx_ptr,  # (N, S, DRAWS) int32: their indices
@@ -248,6 +263,7 @@ def _mass_above_partial_kernel(
     S,
     chunk,
     inv_tau,
+    scale,  # log2(e) / tau
     USE_P: tl.constexpr,
     USE_K: tl.constexpr,
     DRAWS: tl.constexpr,
@@ -260,7 +276,8 @@ def _mass_above_partial_kernel(
     split = tl.program_id(1)
     if _row_is_active(skip_ptr, row, SKIP):
         base = phi_ptr + row * stride_phi
-        lse = tl.load(lse_tau_ptr + row)
+        row_max = tl.load(row_max_ptr + row)
+        log2_norm = _log2_norm(lse_shifted_ptr, row, True)
         _, tokens = _drawn_tokens(best_ptr, best_idx_ptr, row, S, V, DRAWS, BLOCK_S)
         drawn_keys = _filter_key(tl.load(base + tokens), inv_tau)
         mass = tl.zeros((BLOCK_V, DRAWS), tl.float32)
@@ -271,7 +288,7 @@ def _mass_above_partial_kernel(
             raw = tl.load(base + cols, mask=cols < V, other=-float("inf"))
             above = (_filter_key(raw, inv_tau)[:, None] > drawn_keys[None, :]) & (cols < V)[:, None]
             if USE_P:
-                mass += tl.where(above, tl.exp(raw.to(tl.float32) * inv_tau - lse)[:, None], 0.0)
+                mass += tl.where(above, _tempered_probs(raw.to(tl.float32), row_max, log2_norm, scale)[:, None], 0.0)
             if USE_K:
                 count += above.to(tl.float32)
         slots = (row * S + split) * DRAWS + tl.arange(0, DRAWS)
@@ -322,7 +339,7 @@ def _accept_kernel(
 
 def rejection_sample(
     phi: torch.Tensor,
-    lse_tau: torch.Tensor,
+    norm: SoftmaxNorm,
     seed: torch.Tensor,
     temperature: float,
     top_p: float,
@@ -339,6 +356,7 @@ def rejection_sample(
 
     Returns (tokens (N,) int64, accepted (N,) int32); rows with accepted == 0 had all
     four draws rejected (about (1 - kept mass)^4 of them) and need the threshold path.
+    ``norm``: softmax(phi / temperature) (``row_stats(phi, temperature).tempered``).
     Rows where ``skip`` (N,) int32 is nonzero are not read: token 0, accepted 1."""
     n, vocab = phi.shape
     use_p, use_k = top_p < 1.0, 0 < top_k < vocab
@@ -359,8 +377,8 @@ def rejection_sample(
     )  # fmt: skip
     if use_p or use_k:
         _mass_above_partial_kernel[(n, splits)](
-            phi, lse_tau, skip_arg, best, best_idx, mass, count, phi.stride(0), vocab, splits, chunk, inv_tau,
-            USE_P=use_p, USE_K=use_k, BLOCK_V=block, BLOCK_S=block_s, num_warps=ROW_WARPS, **flags,
+            phi, *norm, skip_arg, best, best_idx, mass, count, phi.stride(0), vocab, splits, chunk, inv_tau,
+            math.log2(math.e) / temperature, USE_P=use_p, USE_K=use_k, BLOCK_V=block, BLOCK_S=block_s, num_warps=ROW_WARPS, **flags,
         )  # fmt: skip
     _accept_kernel[(n,)](
         best, best_idx, mass, count, tokens, accepted, skip_arg, splits, vocab, float(top_p), int(top_k),

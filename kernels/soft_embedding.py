@@ -2,12 +2,20 @@
 
 Forward (M = rows, K = vocabulary, N = embedding width; the A operand is computed on
 the fly, never stored):
-    p    = exp2(x * log2(e) / tau - lse_tau * log2(e))   (lse_tau from the row-stats pass)
+    p    = exp2((x - max) * log2(e) / tau - lse_shifted * log2(e))   (row-stats pass)
     soft = sum over V tiles of p @ E[v_tile]                (tensor cores, fp32 accumulator)
 The vocabulary is split into S chunks when the (row block, d block) tiles alone would
 not fill the GPU (flash-decoding); each program writes an fp32 partial and a second
 small kernel adds the S partials in a fixed order (deterministic, no atomics) and
 applies the straight-through mix out = soft + w * (E[token] - soft).
+The tensor cores round p to the table's dtype (bf16: 2^-9 relative). For the row's
+largest p that error is not small against 1 - p, which is what the backward's
+``E_v . g - soft . g`` cancels down to at the argmax of a confident row (a float64
+emulation of this arithmetic at V = 152,064, bf16 table, tau = 0.7 gave that gradient
+entry the wrong sign in 7 of the 47 rows where fp32 resolves 1 - p_max, all with p_max
+in (0.998, 0.99999), and Adam steps on the sign). The combine adds the argmax's rounding residual (p - round(p)) * E[argmax]
+back, so soft holds the unrounded top probability; the other entries' errors stay
+2^-9 p_v against O(1) differences.
 Programs are numbered so that those sharing a V chunk run together: the phi tile and
 the E tile each come from HBM about once and are re-read from L2.
 
@@ -15,7 +23,11 @@ Backward, with g = dL/d out and only the soft path differentiable:
     dphi_v = (1 / tau) p_v (E_v . g - soft . g)
 one (row block, V tile) per program with E_v . g = g @ E[v_tile]^T streamed over d;
 row blocks vary fastest so programs sharing an E tile run together. The dot rounds g
-to the table's dtype (bf16/fp16) as the tensor cores need.
+to the table's dtype (bf16/fp16) as the tensor cores need, and soft . g reads that same
+rounded g, so the two terms cancel consistently.
+Under the interpreter the dots run in fp32 on operands first cast to the table's
+dtype, as on the GPU (the interpreter's cast truncates where the GPU rounds to
+nearest), so CPU tests exercise the same cancellations.
 No (N, V) tensor is created besides phi and dphi; with an Adam step fused into the
 backward (the guidance loop's case) not even dphi: each tile of dphi updates phi and
 the Adam moments in place the moment it is computed.
@@ -41,6 +53,7 @@ import triton.language as tl
 
 from entrgi_kernels.adam import AdamUpdate, adam_update
 from entrgi_kernels.launch import INTERPRET, programs_to_fill, vocab_chunks
+from entrgi_kernels.row_stats import SoftmaxNorm, _log2_norm, _tempered_probs
 
 _LOG2E = math.log2(math.e)
 
@@ -77,7 +90,8 @@ def _soft_partial_kernel(
     phi_ptr,  # (N, V) logits, row stride `stride_phi`
     table_ptr,  # (V_t, D) embedding table, row stride `stride_table`
     table_rows_ptr,  # (V,) int: table row of each vocabulary entry (GATHER)
-    lse_tau_ptr,  # (N,) fp32
+    row_max_ptr,  # (N,) fp32: max of each row of phi
+    lse_shifted_ptr,  # (N,) fp32: logsumexp((x - max) / tau)
     partial_ptr,  # (S, N, D) fp32 out: per-chunk sums of p @ E, by row-list position
     order_ptr,  # (N,) int32 row list, active rows first (ROW_LIST)
     count_ptr,  # (1,) int32 number of active rows (ROW_LIST)
@@ -104,7 +118,8 @@ def _soft_partial_kernel(
     dims = (tile % d_blocks) * BLOCK_D + tl.arange(0, BLOCK_D)
     dim_ok = dims < D
     rows64 = rows.to(tl.int64)
-    lse2 = tl.load(lse_tau_ptr + rows64, mask=row_ok, other=0.0) * 1.4426950408889634
+    row_max = tl.load(row_max_ptr + rows64, mask=row_ok, other=0.0)
+    log2_norm = _log2_norm(lse_shifted_ptr, rows64, row_ok)
     acc = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     v_start = split * chunk
     v_end = tl.where(live, tl.minimum(v_start + chunk, V), v_start)
@@ -115,13 +130,13 @@ def _soft_partial_kernel(
             phi_ptr + rows64[:, None] * stride_phi + cols[None, :],
             mask=row_ok[:, None] & col_ok[None, :], other=-float("inf"),
         ).to(tl.float32)  # fmt: skip
-        p = tl.exp2(x * scale - lse2[:, None])
+        p = _tempered_probs(x, row_max[:, None], log2_norm[:, None], scale)
         e = tl.load(
             table_ptr + _table_row(table_rows_ptr, cols, col_ok, GATHER)[:, None] * stride_table + dims[None, :],
             mask=col_ok[:, None] & dim_ok[None, :], other=0.0,
         )  # fmt: skip
         if DOT_FP32:
-            acc += tl.dot(p, e.to(tl.float32), input_precision="ieee")
+            acc += tl.dot(p.to(e.dtype).to(tl.float32), e.to(tl.float32), input_precision="ieee")
         else:
             acc += tl.dot(p.to(e.dtype), e)
     offsets = (split * N + positions.to(tl.int64))[:, None] * D + dims[None, :]
@@ -134,6 +149,8 @@ def _straight_through_kernel(
     table_ptr,  # (V_t, D) embedding table
     table_rows_ptr,  # (V,) int: table row of each vocabulary entry (GATHER)
     tokens_ptr,  # (N,) int64 hard tokens
+    argmax_ptr,  # (N,) int64 first argmax of each row of phi
+    lse_shifted_ptr,  # (N,) fp32: logsumexp((x - max) / tau)
     weight_ptr,  # (N,) fp32 straight-through weight w
     soft_ptr,  # (N, D) fp32 out: soft (saved for backward)
     out_ptr,  # (N, D) out, table dtype: soft + w (E[token] - soft)
@@ -155,6 +172,11 @@ def _straight_through_kernel(
     soft = tl.zeros((BLOCK_D,), tl.float32)
     for split in range(tl.where(active, S, 0)):
         soft += tl.load(partial_ptr + (split * N + position) * D + dims, mask=dim_ok, other=0.0)
+    # the partials' dot read the argmax's p = exp2(-log2_norm) rounded to the table's dtype
+    p_top = tl.exp2(-_log2_norm(lse_shifted_ptr, row, active))
+    residual = p_top - p_top.to(table_ptr.dtype.element_ty).to(tl.float32)
+    top = _table_row(table_rows_ptr, tl.load(argmax_ptr + row), active, GATHER)
+    soft += residual * tl.load(table_ptr + top * stride_table + dims, mask=dim_ok & active, other=0.0).to(tl.float32)
     token = _table_row(table_rows_ptr, tl.load(tokens_ptr + row), active, GATHER)
     w = tl.load(weight_ptr + row)
     hard = tl.load(table_ptr + token * stride_table + dims, mask=dim_ok & active, other=0.0).to(tl.float32)
@@ -168,9 +190,10 @@ def _soft_embedding_bwd_kernel(
     phi_ptr,  # (N, V) logits
     table_ptr,  # (V_t, D) embedding table
     table_rows_ptr,  # (V,) int: table row of each vocabulary entry (GATHER)
-    grad_ptr,  # (N, D) incoming gradient g, contiguous: fp32 (DOT_FP32) or the table's dtype
-    lse_tau_ptr,  # (N,) fp32
-    soft_dot_grad_ptr,  # (N,) fp32: soft . g
+    grad_ptr,  # (N, D) incoming gradient g rounded to the table's dtype, contiguous; fp32 storage if DOT_FP32
+    row_max_ptr,  # (N,) fp32: max of each row of phi
+    lse_shifted_ptr,  # (N,) fp32: logsumexp((x - max) / tau)
+    soft_dot_grad_ptr,  # (N,) fp32: soft . g (the same rounded g)
     dphi_ptr,  # (N, V) out, phi's dtype, row stride `stride_dphi` (not ADAM)
     order_ptr,  # (N,) int32 row list (ROW_LIST)
     count_ptr,  # (1,) int32 number of active rows (ROW_LIST)
@@ -183,6 +206,7 @@ def _soft_embedding_bwd_kernel(
     stride_phi,
     stride_table,
     stride_dphi,
+    scale,  # log2(e) / tau
     inv_tau,
     lr_corrected,
     beta1,
@@ -224,9 +248,9 @@ def _soft_embedding_bwd_kernel(
         phi_ptr + rows64[:, None] * stride_phi + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
         other=-float("inf"),
     ).to(tl.float32)  # fmt: skip
-    lse = tl.load(lse_tau_ptr + rows64, mask=row_ok, other=0.0)
+    row_max = tl.load(row_max_ptr + rows64, mask=row_ok, other=0.0)
     sg = tl.load(soft_dot_grad_ptr + rows64, mask=row_ok, other=0.0)
-    p = tl.exp(x * inv_tau - lse[:, None])
+    p = _tempered_probs(x, row_max[:, None], _log2_norm(lse_shifted_ptr, rows64, row_ok)[:, None], scale)
     dphi = p * (eg - sg[:, None]) * inv_tau
     if ADAM:  # phi (contiguous fp32) takes its Adam step here; dphi is never stored
         moving = row_ok
@@ -297,10 +321,11 @@ def _row_list_args(row_list, n: int, device) -> tuple[torch.Tensor, torch.Tensor
 
 
 def soft_embedding_forward(
-    phi, table, lse_tau, weights, tokens, temperature, row_list=None, config: TileConfig | None = None,
-    table_rows: torch.Tensor | None = None,
+    phi, table, norm: SoftmaxNorm, argmax, weights, tokens, temperature, row_list=None,
+    config: TileConfig | None = None, table_rows: torch.Tensor | None = None,
 ):  # fmt: skip
-    """Returns soft (N, D) fp32 and out (N, D) in the table's dtype. ``row_list``
+    """Returns soft (N, D) fp32 and out (N, D) in the table's dtype. ``norm`` and
+    ``argmax`` (N,) are ``row_stats(phi, temperature)``'s (``.tempered``, ``.argmax``). ``row_list``
     (order, count) restricts the work to the active rows (others: zeros).
     ``table_rows`` (V,) int32/int64: vocabulary entry v reads ``table[table_rows[v]]``
     (a table in another vocabulary, gathered in the kernel instead of copied)."""
@@ -312,7 +337,7 @@ def soft_embedding_forward(
     partial = torch.empty(splits, n, d, device=phi.device, dtype=torch.float32)
     order, count = _row_list_args(row_list, n, phi.device)
     _soft_partial_kernel[(tiles, splits)](
-        phi, table, _gather_arg(table_rows, table), lse_tau, partial, order, count, n, vocab, d, phi.stride(0),
+        phi, table, _gather_arg(table_rows, table), *norm, partial, order, count, n, vocab, d, phi.stride(0),
         table.stride(0), _LOG2E / temperature, chunk, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
         DOT_FP32=_dot_fp32(table), ROW_LIST=row_list is not None, GATHER=table_rows is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -321,19 +346,20 @@ def soft_embedding_forward(
     out = torch.empty(n, d, device=phi.device, dtype=table.dtype)
     block_d = min(1024, triton.next_power_of_2(d))
     _straight_through_kernel[(n, triton.cdiv(d, block_d))](
-        partial, table, _gather_arg(table_rows, table), tokens, weights, soft, out, order, count, n, d, splits,
+        partial, table, _gather_arg(table_rows, table), tokens, argmax, norm.lse_shifted, weights, soft, out, order, count, n,
+        d, splits,
         table.stride(0), BLOCK_D=block_d, ROW_LIST=row_list is not None, GATHER=table_rows is not None,
     )  # fmt: skip
     return soft, out
 
 
 def soft_embedding_backward(
-    phi, table, grad, lse_tau, soft, temperature, row_list=None, adam: AdamUpdate | None = None,
+    phi, table, grad, norm: SoftmaxNorm, soft, temperature, row_list=None, adam: AdamUpdate | None = None,
     config: TileConfig | None = None, table_rows: torch.Tensor | None = None,
 ):  # fmt: skip
     """dphi (N, V) in phi's dtype for the incoming gradient ``grad`` (N, D); rows
-    outside ``row_list`` get dphi = 0 without reading phi or the table. ``table_rows``
-    as in :func:`soft_embedding_forward`.
+    outside ``row_list`` get dphi = 0 without reading phi or the table. ``norm``,
+    ``table_rows`` as in :func:`soft_embedding_forward`.
 
     With ``adam`` the kernel applies that Adam step to phi (contiguous fp32) in place
     instead, from the dphi tile in registers, and returns None: dphi is never stored.
@@ -341,9 +367,10 @@ def soft_embedding_backward(
     n, vocab = phi.shape
     d = table.shape[1]
     cfg = _fit(config or _backward_config(phi, adam), d)
-    soft_dot_grad = (soft * grad).sum(-1, dtype=torch.float32)  # soft is fp32: no fp32 copy of g needed
-    # g cast once, straight to the dot's operand dtype (a bf16 dot rounds g to it anyway)
-    grad_operand = (grad.float() if _dot_fp32(table) else grad.to(table.dtype)).contiguous()
+    # g rounded once to the dot's operand dtype; soft . g reads the same rounded g
+    grad_operand = grad.to(table.dtype)
+    soft_dot_grad = (soft * grad_operand).sum(-1, dtype=torch.float32)
+    grad_operand = (grad_operand.float() if _dot_fp32(table) else grad_operand).contiguous()
     if adam is None:
         dphi = torch.empty_like(phi)
         exp_avg = exp_avg_sq = skip = dphi
@@ -356,8 +383,9 @@ def soft_embedding_backward(
     order, count = _row_list_args(row_list, n, phi.device)
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(vocab, cfg.block_v))
     _soft_embedding_bwd_kernel[grid](
-        phi, table, _gather_arg(table_rows, table), grad_operand, lse_tau, soft_dot_grad, dphi, order, count, exp_avg,
-        exp_avg_sq, skip, n, vocab, d, phi.stride(0), table.stride(0), dphi.stride(0), 1.0 / temperature, *scalars,
+        phi, table, _gather_arg(table_rows, table), grad_operand, *norm, soft_dot_grad, dphi, order, count,
+        exp_avg, exp_avg_sq, skip, n, vocab, d, phi.stride(0), table.stride(0), dphi.stride(0), _LOG2E / temperature,
+        1.0 / temperature, *scalars,
         BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, DOT_FP32=_dot_fp32(table),
         ROW_LIST=row_list is not None, ADAM=adam is not None, SKIP=adam is not None and adam.skip is not None,
         GATHER=table_rows is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,

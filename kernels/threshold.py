@@ -21,12 +21,14 @@ data-dependent loops.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 
 from entrgi_kernels.launch import INTERPRET
-from entrgi_kernels.row_stats import _row_is_active, row_geometry
+from entrgi_kernels.row_stats import SoftmaxNorm, _log2_norm, _row_is_active, _tempered_probs, row_geometry
 
 DIGIT_BITS = 4
 # Tile width of the histogram passes (their (BLOCK_V, 16) accumulators bound it); small
@@ -77,7 +79,8 @@ def _choose_digit(hist, above, target, NUM_DIGITS: tl.constexpr):
 @triton.jit(do_not_specialize=["shift"])
 def _digit_histogram_partial_kernel(
     phi_ptr,  # (N, V) logits, row stride `stride_phi`
-    lse_tau_ptr,  # (N,) fp32: logsumexp(x / tau)
+    row_max_ptr,  # (N,) fp32: max(x)
+    lse_shifted_ptr,  # (N,) fp32: logsumexp((x - max) / tau)
     prefix_ptr,  # (N, 2) int64: the top-p and top-k key prefixes found by the earlier passes
     hist_ptr,  # (N, S, 2, NUM_DIGITS) fp32 out: chunk weight per next digit, top-p then top-k
     skip_ptr,  # (N,) int32: rows != 0 are not read (SKIP)
@@ -86,6 +89,7 @@ def _digit_histogram_partial_kernel(
     S,
     chunk,  # vocabulary entries per split, a multiple of BLOCK_V
     inv_tau,
+    scale,  # log2(e) / tau
     shift,  # bit position of the digit this pass reads
     USE_P: tl.constexpr,
     USE_K: tl.constexpr,
@@ -103,7 +107,8 @@ def _digit_histogram_partial_kernel(
         NUM_DIGITS: tl.constexpr = 1 << DIGIT_BITS
         digits = tl.arange(0, NUM_DIGITS)
         base = phi_ptr + row * stride_phi
-        lse = tl.load(lse_tau_ptr + row)
+        row_max = tl.load(row_max_ptr + row)
+        log2_norm = _log2_norm(lse_shifted_ptr, row, True)
         prefix_p = tl.load(prefix_ptr + row * 2)
         prefix_k = tl.load(prefix_ptr + row * 2 + 1)
         acc_p = tl.zeros((BLOCK_V, NUM_DIGITS), tl.float32)
@@ -117,7 +122,7 @@ def _digit_histogram_partial_kernel(
             onehot = ((key >> shift) & (NUM_DIGITS - 1)).to(tl.int32)[:, None] == digits[None, :]
             high = key >> (shift + DIGIT_BITS)
             if USE_P:
-                prob = tl.exp(raw.to(tl.float32) * inv_tau - lse)
+                prob = _tempered_probs(raw.to(tl.float32), row_max, log2_norm, scale)
                 acc_p += tl.where(onehot & ((high == prefix_p) & in_row)[:, None], prob[:, None], 0.0)
             if USE_K:
                 acc_k += tl.where(onehot & ((high == prefix_k) & in_row)[:, None], 1.0, 0.0)
@@ -166,7 +171,7 @@ def _choose_digits_kernel(
 
 def keep_threshold_keys(
     phi: torch.Tensor,
-    lse_tau: torch.Tensor,
+    norm: SoftmaxNorm,
     temperature: float,
     top_p: float,
     top_k: int,
@@ -175,7 +180,8 @@ def keep_threshold_keys(
     block_v: int | None = None,
 ) -> torch.Tensor:
     """(N, V) logits -> (N,) int64 thresholds: token v is kept iff its ``_filter_key``
-    is >= its row's threshold (top-p then top-k; 0 keeps everything). Rows where
+    is >= its row's threshold (top-p then top-k; 0 keeps everything). ``norm``:
+    softmax(phi / temperature) (``row_stats(phi, temperature).tempered``). Rows where
     ``skip`` (N,) int32 is nonzero are not searched (threshold 0). Each radix pass is
     two launches: chunk histograms over (row, vocabulary chunk) programs, then the
     digit choice per row; 8 (16-bit logits) or 16 (fp32) launches, none host-synced."""
@@ -192,8 +198,8 @@ def keep_threshold_keys(
     key_bits = 32 if phi.dtype == torch.float32 else 16
     for shift in range(key_bits - DIGIT_BITS, -1, -DIGIT_BITS):
         _digit_histogram_partial_kernel[(n, splits)](
-            phi, lse_tau, prefix, hist, skip_arg, phi.stride(0), vocab, splits, chunk, 1.0 / temperature, shift,
-            BLOCK_V=block, **flags,
+            phi, *norm, prefix, hist, skip_arg, phi.stride(0), vocab, splits, chunk, 1.0 / temperature,
+            math.log2(math.e) / temperature, shift, BLOCK_V=block, **flags,
         )  # fmt: skip
         _choose_digits_kernel[(n,)](
             hist, prefix, above, skip_arg, splits, float(top_p), int(top_k), BLOCK_S=triton.next_power_of_2(splits),

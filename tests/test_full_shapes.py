@@ -45,13 +45,14 @@ def test_row_statistics_and_draws_at_full_vocabulary(rows, dtype):
     x = phi.double()
     probs = torch.softmax(x, -1)
     entropy = -torch.where(probs > 0, probs * probs.log(), torch.zeros_like(probs)).sum(-1) / math.log(VOCAB)
-    torch.testing.assert_close(stats.lse_tau.double(), torch.logsumexp(x / 0.7, -1), atol=1e-3, rtol=1e-5)
+    lse_tau = stats.row_max.double() / 0.7 + stats.lse_tau_shifted.double()
+    torch.testing.assert_close(lse_tau, torch.logsumexp(x / 0.7, -1), atol=1e-3, rtol=1e-5)
     torch.testing.assert_close(stats.entropy.double(), entropy, atol=1e-4, rtol=0)
     assert torch.equal(stats.argmax, phi.argmax(-1))
     assert torch.equal(row_stats(phi, 0.7, splits=1).argmax, stats.argmax)
     seed = torch.tensor([77], device="cuda")
-    split = rejection_sample(phi, stats.lse_tau, seed, 0.7, 0.95, 0)
-    whole = rejection_sample(phi, stats.lse_tau, seed, 0.7, 0.95, 0, splits=1)
+    split = rejection_sample(phi, stats.tempered, seed, 0.7, 0.95, 0)
+    whole = rejection_sample(phi, stats.tempered, seed, 0.7, 0.95, 0, splits=1)
     assert torch.equal(split[0], whole[0]) and torch.equal(split[1], whole[1])
     assert split[1].float().mean() > 0.9  # four draws each kept with probability >= 0.95
 
@@ -66,19 +67,20 @@ def test_kept_set_and_kept_law_draw_at_full_vocabulary(rows, dtype):
     from helpers import filter_keys
 
     phi = _phi(rows, dtype, seed=3)
-    lse = row_stats(phi, 0.7).lse_tau
+    norm = row_stats(phi, 0.7).tempered
     scaled = phi.float() * torch.tensor(1.0 / 0.7)
     expected = scaled >= keep_threshold(scaled, 0.95, 50)[:, None]
     seed = torch.tensor([78], device="cuda")
     drawn = []
     for splits in (None, 1):
-        keys = keep_threshold_keys(phi, lse, 0.7, 0.95, 50, splits=splits)
+        keys = keep_threshold_keys(phi, norm, 0.7, 0.95, 50, splits=splits)
         assert torch.equal(filter_keys(phi, 0.7) >= keys[:, None], expected)
         drawn.append(sample_filtered(phi, keys, seed, 0.7, splits=splits))
     assert torch.equal(drawn[0]["tokens"], drawn[1]["tokens"])
     assert expected.gather(-1, drawn[0]["tokens"][:, None]).all()
     kept = torch.where(expected, scaled.double(), -torch.inf)
-    torch.testing.assert_close(drawn[0]["lse_kept"].double(), torch.logsumexp(kept, -1), atol=1e-4, rtol=1e-5)
+    lse_kept = drawn[0]["lse_kept_shifted"].double() + drawn[0]["top1"].double()
+    torch.testing.assert_close(lse_kept, torch.logsumexp(kept, -1), atol=1e-4, rtol=1e-5)
     assert torch.equal(drawn[0]["top2"], drawn[1]["top2"])
 
 

@@ -64,6 +64,61 @@ def test_forward_and_gradient_match_float64(dtype, rows, vocab, d, mode):
     torch.testing.assert_close(fused_grad.float().sum(-1).cpu(), torch.zeros(rows), atol=SLACK[dtype] * 5, rtol=0)
 
 
+def _confident_rows(rows, vocab, tau, offset, seed):
+    """Rows whose top probability runs from ~0.2 to ~1 - 1e-5 at temperature ``tau``, all
+    logits shifted by ``offset`` (softmax ignores it; |x / tau| grows with it)."""
+    g = torch.Generator().manual_seed(seed)
+    phi = torch.randn(rows, vocab, generator=g)
+    phi[torch.arange(rows), torch.randint(0, vocab, (rows,), generator=g)] += torch.linspace(3, 12, rows)
+    return phi * (tau / 0.7) + offset
+
+
+@pytest.mark.parametrize("table_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tau,offset", [(0.7, 0.0), (0.7, 30.0), (0.03, 30.0)])
+def test_gradient_at_the_argmax_of_confident_rows(table_dtype, tau, offset):
+    """At a confident row's argmax, E_a . g - soft . g cancels down to (1 - p_a) times
+    O(|g| |E|): smaller than the forward's rounding of p_a to the dot's dtype (2^-9) and
+    than ulp(max / tau) in an unshifted p_a. The fused backward keeps that entry's sign
+    and size (Adam steps on its sign), like the reference backend."""
+    rows, vocab, d = 24, 97, 32
+    phi = _confident_rows(rows, vocab, tau, offset, seed=4).to(DEVICE)
+    table = torch.randn(vocab, d, generator=torch.Generator().manual_seed(5)).to(table_dtype).to(DEVICE)
+    g = torch.randn(rows, d, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    leaf = phi.clone().requires_grad_(True)
+    out = guided_embedding(leaf, table, temperature=tau, mode="expectation", backend="triton")
+    (out.embeds.float() * g).sum().backward()
+    rounded_g = g.to(table_dtype).cpu()  # what both backends' dots read
+    truth = restated_grad(phi.cpu(), table.cpu(), tau, rounded_g)
+    top = phi.cpu().argmax(-1)
+    p_top = torch.softmax(phi.cpu().double() / tau, -1).gather(-1, top[:, None]).squeeze(-1)
+    resolvable = 1 - p_top > 1e-4  # fp32 resolves (1 - p) there
+    assert resolvable.sum() >= rows // 2
+    at_top = leaf.grad.cpu().double().gather(-1, top[:, None]).squeeze(-1)[resolvable]
+    want = truth.gather(-1, top[:, None]).squeeze(-1)[resolvable]
+    assert torch.equal(at_top.sign(), want.sign())
+    # what is left: the other entries' p rounded in the forward's dot, 2^-9 (1 - p_a) relative
+    # (2^-8 under the interpreter, whose casts truncate): about 3% at worst here
+    torch.testing.assert_close(at_top, want, rtol=0.1, atol=0)
+
+
+def test_kept_law_confidence_at_large_scaled_logits():
+    """Kept-law probabilities are read relative to the kept maximum. At |x / tau| ~ 2e3,
+    x / tau itself carries ulp(2e3) = 1.2e-4, which moves p_top by ~1.2e-4 (1 - p_top) in
+    any fp32 arithmetic; an absolute logsumexp would move it by 1.2e-4 p_top."""
+    from entrgi.ops.reference import step_confidence_reference
+
+    phi = _confident_rows(16, 61, 0.03, 60.0, seed=9).to(DEVICE)
+    for alg in ("maskgit_plus", "topk_margin"):
+        only_top = sample_step(phi, temperature=0.03, top_k=1, alg=alg, backend="triton")
+        assert torch.equal(only_top.confidence, torch.ones_like(only_top.confidence))  # the kept law is one-hot
+        fused = sample_step(phi, temperature=0.03, top_p=0.999, alg=alg, backend="triton",
+                            generator=torch.Generator(DEVICE).manual_seed(2))  # fmt: skip
+        expected = step_confidence_reference(phi, phi, fused.tokens, 0.03, 0.999, 0, alg)
+        confident = (fused.tokens == phi.argmax(-1)) & (expected > 0.99)
+        assert confident.sum() >= 4
+        torch.testing.assert_close(fused.confidence[confident], expected[confident], atol=3e-6, rtol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("top_p,top_k", [(0.9, 0), (0.5, 0), (0.99, 13), (1.0, 5), (0.2, 3), (0.95, 1), (1.0, 0)])
 def test_threshold_keeps_exactly_the_reference_set(top_p, top_k, dtype):
@@ -79,8 +134,7 @@ def test_threshold_keeps_exactly_the_reference_set(top_p, top_k, dtype):
     x[17, :40], x[17, 40:80] = 0.0, -0.0  # signed zeros tie
     x = x.to(dtype).to(DEVICE)
     for tau in (0.7, 1.0):
-        lse = row_stats(x, tau).lse_tau
-        keys = keep_threshold_keys(x, lse, tau, top_p, top_k)
+        keys = keep_threshold_keys(x, row_stats(x, tau).tempered, tau, top_p, top_k)
         scaled = x.float() * torch.tensor(1.0 / tau)  # the kernel's arithmetic (x / tau can differ by an ulp)
         expected = scaled >= keep_threshold(scaled, top_p, top_k)[:, None]
         assert torch.equal(filter_keys(x, tau) >= keys[:, None], expected)

@@ -46,8 +46,11 @@ def test_row_stats_of_every_split_match_float64(dtype, vocab, splits):
     xd = x.cpu().double()
     p1, pt = torch.softmax(xd, -1), torch.softmax(xd / tau, -1)
     xlogx = lambda p: torch.where(p > 0, p * p.log(), torch.zeros_like(p)).sum(-1)  # noqa: E731
-    torch.testing.assert_close(stats.lse_tau.cpu().double(), torch.logsumexp(xd / tau, -1), atol=2e-5, rtol=2e-6)
-    torch.testing.assert_close(stats.lse_1.cpu().double(), torch.logsumexp(xd, -1), atol=2e-5, rtol=2e-6)
+    row_max = xd.max(-1, keepdim=True).values
+    assert torch.equal(stats.row_max.cpu().double(), row_max.squeeze(-1))
+    shifted = xd - row_max
+    for got, want in ((stats.lse_tau_shifted, shifted / tau), (stats.lse_1_shifted, shifted)):
+        torch.testing.assert_close(got.cpu().double(), torch.logsumexp(want, -1), atol=2e-6, rtol=0)
     torch.testing.assert_close(stats.entropy.cpu().double(), -xlogx(p1) / math.log(vocab), atol=2e-5, rtol=0)
     torch.testing.assert_close(stats.plogp_tau.cpu().double(), xlogx(pt), atol=5e-5, rtol=0)
     assert torch.equal(stats.argmax.cpu(), x.cpu().argmax(-1))
@@ -73,10 +76,12 @@ def test_rejection_draws_do_not_depend_on_the_split(dtype, top_p, top_k):
     from entrgi_kernels.sampling import rejection_sample
 
     x = torch.cat([_rows(101, dtype, seed=s) for s in range(2)])
-    lse = row_stats(x, 0.9).lse_tau
+    norm = row_stats(x, 0.9).tempered
     seed = torch.tensor([2024], device=DEVICE)
     skip = (torch.arange(18, device=DEVICE) % 5 == 1).to(torch.int32)
-    draws = [rejection_sample(x, lse, seed, 0.9, top_p, top_k, skip=skip, splits=s, block_v=BLOCK_V) for s in (1, 3, 7)]
+    draws = [
+        rejection_sample(x, norm, seed, 0.9, top_p, top_k, skip=skip, splits=s, block_v=BLOCK_V) for s in (1, 3, 7)
+    ]
     tokens, accepted = draws[0]
     for other_tokens, other_accepted in draws[1:]:
         assert torch.equal(other_tokens, tokens) and torch.equal(other_accepted, accepted)
@@ -100,9 +105,9 @@ def test_rows_rejecting_every_draw_are_reported():
 
     x = torch.zeros(3, 64, device=DEVICE)
     x[:, 10] = 1e-3  # top-1 holds about 1/64 of the mass
-    lse = row_stats(x, 1.0).lse_tau
+    norm = row_stats(x, 1.0).tempered
     tokens, accepted = rejection_sample(
-        x, lse, torch.tensor([5], device=DEVICE), 1.0, 1.0, 1, splits=2, block_v=BLOCK_V
+        x, norm, torch.tensor([5], device=DEVICE), 1.0, 1.0, 1, splits=2, block_v=BLOCK_V
     )
     draws_kept = accepted.bool()
     assert torch.equal(tokens[draws_kept], torch.full_like(tokens[draws_kept], 10))
@@ -140,11 +145,11 @@ def test_threshold_of_every_split_keeps_the_reference_set(dtype, top_p, top_k):
 
     x = torch.cat([_rows(101, dtype, seed=s) for s in range(2)])
     tau = 0.9
-    lse = row_stats(x, tau).lse_tau
+    norm = row_stats(x, tau).tempered
     skip = (torch.arange(18, device=DEVICE) % 4 == 1).to(torch.int32)
     expected = _kept_reference(x, tau, top_p, top_k)
     for splits in (1, 3, 7):
-        keys = keep_threshold_keys(x, lse, tau, top_p, top_k, skip=skip, splits=splits, block_v=BLOCK_V)
+        keys = keep_threshold_keys(x, norm, tau, top_p, top_k, skip=skip, splits=splits, block_v=BLOCK_V)
         kept = filter_keys(x, tau) >= keys[:, None]
         assert torch.equal(kept[skip == 0], expected[skip == 0]), f"splits={splits}"
         assert not keys[skip != 0].any()
@@ -159,7 +164,7 @@ def test_kept_sample_of_every_split_matches_float64(dtype, top_p, top_k):
 
     x = torch.cat([_rows(101, dtype, seed=s) for s in range(2)])
     tau = 0.9
-    keys = keep_threshold_keys(x, row_stats(x, tau).lse_tau, tau, top_p, top_k)
+    keys = keep_threshold_keys(x, row_stats(x, tau).tempered, tau, top_p, top_k)
     seed = torch.tensor([77], device=DEVICE)
     skip = (torch.arange(18, device=DEVICE) % 4 == 2).to(torch.int32)
     untouched = torch.full((18,), -1, dtype=torch.int64, device=DEVICE)
@@ -171,7 +176,8 @@ def test_kept_sample_of_every_split_matches_float64(dtype, top_p, top_k):
     for other in drawn[1:]:
         for name in ("tokens", "top1", "top2"):
             assert torch.equal(other[name][live], drawn[0][name][live]), name
-        torch.testing.assert_close(other["lse_kept"][live], drawn[0]["lse_kept"][live], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(other["lse_kept_shifted"][live], drawn[0]["lse_kept_shifted"][live], atol=1e-6,
+                                   rtol=1e-6)  # fmt: skip
     kept = _kept_reference(x, tau, top_p, top_k).cpu()
     scaled = torch.where(kept, x.cpu().double() / tau, -math.inf)
     ordered = scaled.sort(-1, descending=True).values
@@ -179,6 +185,7 @@ def test_kept_sample_of_every_split_matches_float64(dtype, top_p, top_k):
     live = live.cpu()
     assert kept.gather(-1, out["tokens"].clamp_min(0)[:, None]).squeeze(-1)[live].all()
     assert (out["tokens"][~live] == -1).all()
-    torch.testing.assert_close(out["lse_kept"][live].double(), torch.logsumexp(scaled, -1)[live], atol=2e-5, rtol=0)
+    lse_shifted = torch.logsumexp(scaled - ordered[:, :1], -1)
+    torch.testing.assert_close(out["lse_kept_shifted"][live].double(), lse_shifted[live], atol=2e-6, rtol=0)
     torch.testing.assert_close(out["top1"][live].double(), ordered[live, 0], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(out["top2"][live].double(), ordered[live, 1], atol=1e-6, rtol=1e-6)

@@ -51,22 +51,23 @@ class _SoftEmbedding(torch.autograd.Function):
     """out = soft + w (E[token] - soft) with the gradient through soft only."""
 
     @staticmethod
-    def forward(ctx, phi, table, table_rows, lse_tau, weights, tokens, temperature, rows, optimizer):
+    def forward(ctx, phi, table, table_rows, stats, weights, tokens, temperature, rows, optimizer):
         from entrgi_kernels.soft_embedding import soft_embedding_forward
 
         soft, out = soft_embedding_forward(
-            phi, table, lse_tau, weights, tokens, temperature, rows, table_rows=table_rows
+            phi, table, stats.tempered, stats.argmax, weights, tokens, temperature, rows, table_rows=table_rows
         )
-        ctx.save_for_backward(phi, table, lse_tau, soft, *(rows or ()))
+        ctx.save_for_backward(phi, table, *stats.tempered, soft, *(rows or ()))
         ctx.table_rows, ctx.temperature, ctx.optimizer = table_rows, temperature, optimizer
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
+        from entrgi_kernels.row_stats import SoftmaxNorm
         from entrgi_kernels.soft_embedding import soft_embedding_backward
 
-        phi, table, lse_tau, soft, *rows = ctx.saved_tensors
-        args = (phi, table, grad_out, lse_tau, soft, ctx.temperature, tuple(rows) or None)
+        phi, table, row_max, lse_shifted, soft, *rows = ctx.saved_tensors
+        args = (phi, table, grad_out, SoftmaxNorm(row_max, lse_shifted), soft, ctx.temperature, tuple(rows) or None)
         if ctx.optimizer is None:
             dphi = soft_embedding_backward(*args, table_rows=ctx.table_rows)
         else:  # the step happens in the kernel: dphi is never stored
@@ -76,7 +77,7 @@ class _SoftEmbedding(torch.autograd.Function):
         return dphi, None, None, None, None, None, None, None, None
 
 
-def _filtered_tokens(phi, lse_tau, temperature, top_p, top_k, generator, skip):
+def _filtered_tokens(phi, norm, temperature, top_p, top_k, generator, skip):
     """One draw per row from softmax(filter(phi / tau)): four draws from the full law,
     the first in the kept set wins (two split-V passes over phi); the exact threshold
     search only for rows that reject all four (device-side skip, no host sync)."""
@@ -84,9 +85,9 @@ def _filtered_tokens(phi, lse_tau, temperature, top_p, top_k, generator, skip):
     from entrgi_kernels.threshold import keep_threshold_keys
 
     seeds = _draw_seeds(generator, phi.device, 2)
-    tokens, accepted = rejection_sample(phi, lse_tau, seeds[:1], temperature, top_p, top_k, skip=skip)
+    tokens, accepted = rejection_sample(phi, norm, seeds[:1], temperature, top_p, top_k, skip=skip)
     if top_p < 1.0 or 0 < top_k < phi.shape[1]:
-        keys = keep_threshold_keys(phi, lse_tau, temperature, top_p, top_k, skip=accepted)
+        keys = keep_threshold_keys(phi, norm, temperature, top_p, top_k, skip=accepted)
         sample_filtered(phi, keys, seeds[1:], temperature, skip=accepted, tokens=tokens)
     return tokens
 
@@ -110,9 +111,9 @@ def guided_embedding(
     if mode == "expectation":
         tokens = stats.argmax
     else:
-        tokens = _filtered_tokens(phi.detach(), stats.lse_tau, temperature, top_p, top_k, generator, skip)
+        tokens = _filtered_tokens(phi.detach(), stats.tempered, temperature, top_p, top_k, generator, skip)
     rows = None if active is None else row_list(active)
-    embeds = _SoftEmbedding.apply(phi, table, table_rows, stats.lse_tau, weights, tokens, temperature, rows, optimizer)
+    embeds = _SoftEmbedding.apply(phi, table, table_rows, stats, weights, tokens, temperature, rows, optimizer)
     return embeds, tokens, weights, stats.argmax
 
 
@@ -134,21 +135,22 @@ def sample_step(phi, phi_init, temperature, top_p, top_k, alg, generator, active
     tau = temperature if temperature > 0 else 1.0  # greedy reads probabilities at tau = 1, as Dream
     stats = row_stats(phi, tau, skip)
     if alg in ("maskgit_plus", "topk_margin"):  # need the kept law's normaliser: threshold path
-        keys = keep_threshold_keys(phi, stats.lse_tau, tau, top_p, top_k, skip=skip)
+        keys = keep_threshold_keys(phi, stats.tempered, tau, top_p, top_k, skip=skip)
         drawn = sample_filtered(phi, keys, _draw_seeds(generator, phi.device), tau, skip=skip)
         tokens = drawn["tokens"] if temperature > 0 else stats.argmax
-        lse_kept = drawn["lse_kept"]
-        if alg == "maskgit_plus":
-            return tokens, torch.exp(_logits_at(phi, tokens) / tau - lse_kept)
-        return tokens, torch.exp(drawn["top1"] - lse_kept) - torch.exp(drawn["top2"] - lse_kept)
+        top1, lse_shifted = drawn["top1"], drawn["lse_kept_shifted"]
+        if alg == "maskgit_plus":  # x / tau with the kernel's arithmetic: the top token gets exactly 0 - lse
+            scaled = _logits_at(phi, tokens) * torch.tensor(1.0 / tau, dtype=torch.float32, device=phi.device)
+            return tokens, torch.exp(scaled - top1 - lse_shifted)
+        return tokens, torch.exp(-lse_shifted) - torch.exp(drawn["top2"] - top1 - lse_shifted)
     if temperature > 0:
-        tokens = _filtered_tokens(phi, stats.lse_tau, tau, top_p, top_k, generator, skip)
+        tokens = _filtered_tokens(phi, stats.tempered, tau, top_p, top_k, generator, skip)
     else:
         tokens = stats.argmax
     if alg == "origin":
-        return tokens, torch.zeros_like(stats.lse_tau)
+        return tokens, torch.zeros_like(stats.row_max)
     if alg == "low_confidence":
-        return tokens, torch.exp(_logits_at(phi, tokens) - stats.lse_1)
+        return tokens, torch.exp(_logits_at(phi, tokens) - stats.row_max - stats.lse_1_shifted)
     return tokens, stats.plogp_tau if phi_init is None else entropy_confidence(phi_init, tau, active)
 
 
