@@ -34,6 +34,7 @@ from entrgi_kernels.launch import INTERPRET, programs_to_fill, vocab_chunks
 # several splits.
 ROW_BLOCK_V, ROW_WARPS = (32, 1) if INTERPRET else (2048, 8)
 MIN_TILES_PER_SPLIT = 2 if INTERPRET else 8
+LOG2E = math.log2(math.e)  # the kernels' exp2 scale: softmax(x / tau) reads (x - max) * LOG2E / tau
 
 
 @triton.jit

@@ -15,13 +15,12 @@ Rows marked in ``skip`` are not read.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from entrgi_kernels.row_stats import (
+    LOG2E,
     ROW_WARPS,
     SoftmaxNorm,
     _first_argmax,
@@ -378,7 +377,8 @@ def rejection_sample(
     if use_p or use_k:
         _mass_above_partial_kernel[(n, splits)](
             phi, *norm, skip_arg, best, best_idx, mass, count, phi.stride(0), vocab, splits, chunk, inv_tau,
-            math.log2(math.e) / temperature, USE_P=use_p, USE_K=use_k, BLOCK_V=block, BLOCK_S=block_s, num_warps=ROW_WARPS, **flags,
+            LOG2E / temperature, USE_P=use_p, USE_K=use_k, BLOCK_V=block, BLOCK_S=block_s, num_warps=ROW_WARPS,
+            **flags,
         )  # fmt: skip
     _accept_kernel[(n,)](
         best, best_idx, mass, count, tokens, accepted, skip_arg, splits, vocab, float(top_p), int(top_k),

@@ -13,9 +13,9 @@ largest p that error is not small against 1 - p, which is what the backward's
 ``E_v . g - soft . g`` cancels down to at the argmax of a confident row (a float64
 emulation of this arithmetic at V = 152,064, bf16 table, tau = 0.7 gave that gradient
 entry the wrong sign in 7 of the 47 rows where fp32 resolves 1 - p_max, all with p_max
-in (0.998, 0.99999), and Adam steps on the sign). The combine adds the argmax's rounding residual (p - round(p)) * E[argmax]
-back, so soft holds the unrounded top probability; the other entries' errors stay
-2^-9 p_v against O(1) differences.
+in (0.998, 0.99999), and Adam steps on the sign). The combine adds the argmax's rounding
+residual (p - round(p)) * E[argmax] back, so soft holds the unrounded top probability;
+the other entries' errors stay 2^-9 p_v against O(1) differences.
 Programs are numbered so that those sharing a V chunk run together: the phi tile and
 the E tile each come from HBM about once and are re-read from L2.
 
@@ -44,7 +44,6 @@ list positions >= count read nothing; inactive rows get soft = out = 0 and dphi 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -53,9 +52,7 @@ import triton.language as tl
 
 from entrgi_kernels.adam import AdamUpdate, adam_update
 from entrgi_kernels.launch import INTERPRET, programs_to_fill, vocab_chunks
-from entrgi_kernels.row_stats import SoftmaxNorm, _log2_norm, _tempered_probs
-
-_LOG2E = math.log2(math.e)
+from entrgi_kernels.row_stats import LOG2E, SoftmaxNorm, _log2_norm, _tempered_probs
 
 
 @triton.jit
@@ -338,7 +335,7 @@ def soft_embedding_forward(
     order, count = _row_list_args(row_list, n, phi.device)
     _soft_partial_kernel[(tiles, splits)](
         phi, table, _gather_arg(table_rows, table), *norm, partial, order, count, n, vocab, d, phi.stride(0),
-        table.stride(0), _LOG2E / temperature, chunk, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
+        table.stride(0), LOG2E / temperature, chunk, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
         DOT_FP32=_dot_fp32(table), ROW_LIST=row_list is not None, GATHER=table_rows is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
@@ -346,9 +343,9 @@ def soft_embedding_forward(
     out = torch.empty(n, d, device=phi.device, dtype=table.dtype)
     block_d = min(1024, triton.next_power_of_2(d))
     _straight_through_kernel[(n, triton.cdiv(d, block_d))](
-        partial, table, _gather_arg(table_rows, table), tokens, argmax, norm.lse_shifted, weights, soft, out, order, count, n,
-        d, splits,
-        table.stride(0), BLOCK_D=block_d, ROW_LIST=row_list is not None, GATHER=table_rows is not None,
+        partial, table, _gather_arg(table_rows, table), tokens, argmax, norm.lse_shifted, weights, soft, out, order,
+        count, n, d, splits, table.stride(0), BLOCK_D=block_d, ROW_LIST=row_list is not None,
+        GATHER=table_rows is not None,
     )  # fmt: skip
     return soft, out
 
@@ -384,7 +381,7 @@ def soft_embedding_backward(
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(vocab, cfg.block_v))
     _soft_embedding_bwd_kernel[grid](
         phi, table, _gather_arg(table_rows, table), grad_operand, *norm, soft_dot_grad, dphi, order, count,
-        exp_avg, exp_avg_sq, skip, n, vocab, d, phi.stride(0), table.stride(0), dphi.stride(0), _LOG2E / temperature,
+        exp_avg, exp_avg_sq, skip, n, vocab, d, phi.stride(0), table.stride(0), dphi.stride(0), LOG2E / temperature,
         1.0 / temperature, *scalars,
         BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, DOT_FP32=_dot_fp32(table),
         ROW_LIST=row_list is not None, ADAM=adam is not None, SKIP=adam is not None and adam.skip is not None,

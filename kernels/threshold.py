@@ -21,14 +21,12 @@ data-dependent loops.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from entrgi_kernels.launch import INTERPRET
-from entrgi_kernels.row_stats import SoftmaxNorm, _log2_norm, _row_is_active, _tempered_probs, row_geometry
+from entrgi_kernels.row_stats import LOG2E, SoftmaxNorm, _log2_norm, _row_is_active, _tempered_probs, row_geometry
 
 DIGIT_BITS = 4
 # Tile width of the histogram passes (their (BLOCK_V, 16) accumulators bound it); small
@@ -199,7 +197,7 @@ def keep_threshold_keys(
     for shift in range(key_bits - DIGIT_BITS, -1, -DIGIT_BITS):
         _digit_histogram_partial_kernel[(n, splits)](
             phi, *norm, prefix, hist, skip_arg, phi.stride(0), vocab, splits, chunk, 1.0 / temperature,
-            math.log2(math.e) / temperature, shift, BLOCK_V=block, **flags,
+            LOG2E / temperature, shift, BLOCK_V=block, **flags,
         )  # fmt: skip
         _choose_digits_kernel[(n,)](
             hist, prefix, above, skip_arg, splits, float(top_p), int(top_k), BLOCK_S=triton.next_power_of_2(splits),
