@@ -273,6 +273,21 @@ def test_sample_step_confidence_of_phi_itself():
     torch.testing.assert_close(fused.confidence, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("tau", [0.01, 0.7])
+def test_entropy_and_weights_at_large_scaled_logits(tau):
+    """Row statistics keep their first moments relative to the running maximum: at
+    |x / tau| ~ 6e3, E_p[x / tau] - lse taken as two sums of that size loses ~1e-3."""
+    from entrgi.ops import entropy_confidence
+
+    phi = _confident_rows(16, 61, tau, 60.0, seed=3).to(DEVICE)
+    x = phi.cpu().double()
+    xlogx = lambda p: torch.where(p > 0, p * p.log(), torch.zeros_like(p)).sum(-1)  # noqa: E731
+    got = entropy_confidence(phi, temperature=tau, backend="triton").cpu().double()
+    torch.testing.assert_close(got, xlogx(torch.softmax(x / tau, -1)), atol=2e-5, rtol=0)
+    weights = guided_embedding(phi, torch.randn(61, 8, device=DEVICE), temperature=tau, backend="triton").weights
+    torch.testing.assert_close(weights.cpu().double(), -xlogx(torch.softmax(x, -1)) / math.log(61), atol=2e-6, rtol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("temperature", [0.0, 0.6, 1.3])
 def test_entropy_confidence_matches_the_reference(dtype, temperature):
