@@ -34,7 +34,6 @@ from entrgi_kernels.launch import INTERPRET, programs_to_fill, vocab_chunks
 # several splits.
 ROW_BLOCK_V, ROW_WARPS = (32, 1) if INTERPRET else (2048, 8)
 MIN_TILES_PER_SPLIT = 2 if INTERPRET else 8
-LOG2E = math.log2(math.e)  # the kernels' exp2 scale: softmax(x / tau) reads (x - max) * LOG2E / tau
 
 
 @triton.jit
@@ -54,10 +53,16 @@ def _log2_norm(lse_shifted_ptr, rows, mask):
 
 
 @triton.jit
-def _tempered_probs(x, row_max, log2_norm, scale):
-    """softmax(x / tau) = exp2((x - row_max) * scale - log2_norm), scale = log2(e) / tau
-    (operands broadcast by the caller). The row's maximum gets exactly exp2(-log2_norm)."""
-    return tl.exp2((x - row_max) * scale - log2_norm)
+def _load_norm(row_max_ptr, lse_shifted_ptr, rows, mask):
+    """(row_max, log2 normaliser) of ``rows``: the ``SoftmaxNorm`` that _tempered_probs reads."""
+    return tl.load(row_max_ptr + rows, mask=mask, other=0.0), _log2_norm(lse_shifted_ptr, rows, mask)
+
+
+@triton.jit
+def _tempered_probs(x, row_max, log2_norm, inv_tau):
+    """softmax(x / tau) = exp2((x - row_max) * log2(e) / tau - log2_norm) (operands
+    broadcast by the caller). The row's maximum gets exactly exp2(-log2_norm)."""
+    return tl.exp2((x - row_max) * (inv_tau * 1.4426950408889634) - log2_norm)
 
 
 @triton.jit

@@ -20,11 +20,10 @@ import triton
 import triton.language as tl
 
 from entrgi_kernels.row_stats import (
-    LOG2E,
     ROW_WARPS,
     SoftmaxNorm,
     _first_argmax,
-    _log2_norm,
+    _load_norm,
     _row_is_active,
     _tempered_probs,
     row_geometry,
@@ -262,7 +261,6 @@ def _mass_above_partial_kernel(
     S,
     chunk,
     inv_tau,
-    scale,  # log2(e) / tau
     USE_P: tl.constexpr,
     USE_K: tl.constexpr,
     DRAWS: tl.constexpr,
@@ -275,8 +273,7 @@ def _mass_above_partial_kernel(
     split = tl.program_id(1)
     if _row_is_active(skip_ptr, row, SKIP):
         base = phi_ptr + row * stride_phi
-        row_max = tl.load(row_max_ptr + row)
-        log2_norm = _log2_norm(lse_shifted_ptr, row, True)
+        row_max, log2_norm = _load_norm(row_max_ptr, lse_shifted_ptr, row, True)
         _, tokens = _drawn_tokens(best_ptr, best_idx_ptr, row, S, V, DRAWS, BLOCK_S)
         drawn_keys = _filter_key(tl.load(base + tokens), inv_tau)
         mass = tl.zeros((BLOCK_V, DRAWS), tl.float32)
@@ -287,7 +284,7 @@ def _mass_above_partial_kernel(
             raw = tl.load(base + cols, mask=cols < V, other=-float("inf"))
             above = (_filter_key(raw, inv_tau)[:, None] > drawn_keys[None, :]) & (cols < V)[:, None]
             if USE_P:
-                mass += tl.where(above, _tempered_probs(raw.to(tl.float32), row_max, log2_norm, scale)[:, None], 0.0)
+                mass += tl.where(above, _tempered_probs(raw.to(tl.float32), row_max, log2_norm, inv_tau)[:, None], 0.0)
             if USE_K:
                 count += above.to(tl.float32)
         slots = (row * S + split) * DRAWS + tl.arange(0, DRAWS)
@@ -377,7 +374,7 @@ def rejection_sample(
     if use_p or use_k:
         _mass_above_partial_kernel[(n, splits)](
             phi, *norm, skip_arg, best, best_idx, mass, count, phi.stride(0), vocab, splits, chunk, inv_tau,
-            LOG2E / temperature, USE_P=use_p, USE_K=use_k, BLOCK_V=block, BLOCK_S=block_s, num_warps=ROW_WARPS,
+            USE_P=use_p, USE_K=use_k, BLOCK_V=block, BLOCK_S=block_s, num_warps=ROW_WARPS,
             **flags,
         )  # fmt: skip
     _accept_kernel[(n,)](

@@ -52,7 +52,7 @@ import triton.language as tl
 
 from entrgi_kernels.adam import AdamUpdate, adam_update
 from entrgi_kernels.launch import INTERPRET, programs_to_fill, vocab_chunks
-from entrgi_kernels.row_stats import LOG2E, SoftmaxNorm, _log2_norm, _tempered_probs
+from entrgi_kernels.row_stats import SoftmaxNorm, _load_norm, _log2_norm, _tempered_probs
 
 
 @triton.jit
@@ -97,7 +97,7 @@ def _soft_partial_kernel(
     D,
     stride_phi,
     stride_table,
-    scale,  # log2(e) / tau
+    inv_tau,
     chunk,  # vocabulary entries per split, a multiple of BLOCK_V
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -115,8 +115,7 @@ def _soft_partial_kernel(
     dims = (tile % d_blocks) * BLOCK_D + tl.arange(0, BLOCK_D)
     dim_ok = dims < D
     rows64 = rows.to(tl.int64)
-    row_max = tl.load(row_max_ptr + rows64, mask=row_ok, other=0.0)
-    log2_norm = _log2_norm(lse_shifted_ptr, rows64, row_ok)
+    row_max, log2_norm = _load_norm(row_max_ptr, lse_shifted_ptr, rows64, row_ok)
     acc = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     v_start = split * chunk
     v_end = tl.where(live, tl.minimum(v_start + chunk, V), v_start)
@@ -127,7 +126,7 @@ def _soft_partial_kernel(
             phi_ptr + rows64[:, None] * stride_phi + cols[None, :],
             mask=row_ok[:, None] & col_ok[None, :], other=-float("inf"),
         ).to(tl.float32)  # fmt: skip
-        p = _tempered_probs(x, row_max[:, None], log2_norm[:, None], scale)
+        p = _tempered_probs(x, row_max[:, None], log2_norm[:, None], inv_tau)
         e = tl.load(
             table_ptr + _table_row(table_rows_ptr, cols, col_ok, GATHER)[:, None] * stride_table + dims[None, :],
             mask=col_ok[:, None] & dim_ok[None, :], other=0.0,
@@ -203,7 +202,6 @@ def _soft_embedding_bwd_kernel(
     stride_phi,
     stride_table,
     stride_dphi,
-    scale,  # log2(e) / tau
     inv_tau,
     lr_corrected,
     beta1,
@@ -245,9 +243,9 @@ def _soft_embedding_bwd_kernel(
         phi_ptr + rows64[:, None] * stride_phi + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
         other=-float("inf"),
     ).to(tl.float32)  # fmt: skip
-    row_max = tl.load(row_max_ptr + rows64, mask=row_ok, other=0.0)
+    row_max, log2_norm = _load_norm(row_max_ptr, lse_shifted_ptr, rows64, row_ok)
     sg = tl.load(soft_dot_grad_ptr + rows64, mask=row_ok, other=0.0)
-    p = _tempered_probs(x, row_max[:, None], _log2_norm(lse_shifted_ptr, rows64, row_ok)[:, None], scale)
+    p = _tempered_probs(x, row_max[:, None], log2_norm[:, None], inv_tau)
     dphi = p * (eg - sg[:, None]) * inv_tau
     if ADAM:  # phi (contiguous fp32) takes its Adam step here; dphi is never stored
         moving = row_ok
@@ -335,7 +333,7 @@ def soft_embedding_forward(
     order, count = _row_list_args(row_list, n, phi.device)
     _soft_partial_kernel[(tiles, splits)](
         phi, table, _gather_arg(table_rows, table), *norm, partial, order, count, n, vocab, d, phi.stride(0),
-        table.stride(0), LOG2E / temperature, chunk, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
+        table.stride(0), 1.0 / temperature, chunk, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
         DOT_FP32=_dot_fp32(table), ROW_LIST=row_list is not None, GATHER=table_rows is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
@@ -381,8 +379,8 @@ def soft_embedding_backward(
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(vocab, cfg.block_v))
     _soft_embedding_bwd_kernel[grid](
         phi, table, _gather_arg(table_rows, table), grad_operand, *norm, soft_dot_grad, dphi, order, count,
-        exp_avg, exp_avg_sq, skip, n, vocab, d, phi.stride(0), table.stride(0), dphi.stride(0), LOG2E / temperature,
-        1.0 / temperature, *scalars,
+        exp_avg, exp_avg_sq, skip, n, vocab, d, phi.stride(0), table.stride(0), dphi.stride(0), 1.0 / temperature,
+        *scalars,
         BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, DOT_FP32=_dot_fp32(table),
         ROW_LIST=row_list is not None, ADAM=adam is not None, SKIP=adam is not None and adam.skip is not None,
         GATHER=table_rows is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from entrgi_kernels.launch import INTERPRET
-from entrgi_kernels.row_stats import LOG2E, SoftmaxNorm, _log2_norm, _row_is_active, _tempered_probs, row_geometry
+from entrgi_kernels.row_stats import SoftmaxNorm, _load_norm, _row_is_active, _tempered_probs, row_geometry
 
 DIGIT_BITS = 4
 # Tile width of the histogram passes (their (BLOCK_V, 16) accumulators bound it); small
@@ -87,7 +87,6 @@ def _digit_histogram_partial_kernel(
     S,
     chunk,  # vocabulary entries per split, a multiple of BLOCK_V
     inv_tau,
-    scale,  # log2(e) / tau
     shift,  # bit position of the digit this pass reads
     USE_P: tl.constexpr,
     USE_K: tl.constexpr,
@@ -105,8 +104,7 @@ def _digit_histogram_partial_kernel(
         NUM_DIGITS: tl.constexpr = 1 << DIGIT_BITS
         digits = tl.arange(0, NUM_DIGITS)
         base = phi_ptr + row * stride_phi
-        row_max = tl.load(row_max_ptr + row)
-        log2_norm = _log2_norm(lse_shifted_ptr, row, True)
+        row_max, log2_norm = _load_norm(row_max_ptr, lse_shifted_ptr, row, True)
         prefix_p = tl.load(prefix_ptr + row * 2)
         prefix_k = tl.load(prefix_ptr + row * 2 + 1)
         acc_p = tl.zeros((BLOCK_V, NUM_DIGITS), tl.float32)
@@ -120,7 +118,7 @@ def _digit_histogram_partial_kernel(
             onehot = ((key >> shift) & (NUM_DIGITS - 1)).to(tl.int32)[:, None] == digits[None, :]
             high = key >> (shift + DIGIT_BITS)
             if USE_P:
-                prob = _tempered_probs(raw.to(tl.float32), row_max, log2_norm, scale)
+                prob = _tempered_probs(raw.to(tl.float32), row_max, log2_norm, inv_tau)
                 acc_p += tl.where(onehot & ((high == prefix_p) & in_row)[:, None], prob[:, None], 0.0)
             if USE_K:
                 acc_k += tl.where(onehot & ((high == prefix_k) & in_row)[:, None], 1.0, 0.0)
@@ -196,8 +194,8 @@ def keep_threshold_keys(
     key_bits = 32 if phi.dtype == torch.float32 else 16
     for shift in range(key_bits - DIGIT_BITS, -1, -DIGIT_BITS):
         _digit_histogram_partial_kernel[(n, splits)](
-            phi, *norm, prefix, hist, skip_arg, phi.stride(0), vocab, splits, chunk, 1.0 / temperature,
-            LOG2E / temperature, shift, BLOCK_V=block, **flags,
+            phi, *norm, prefix, hist, skip_arg, phi.stride(0), vocab, splits, chunk, 1.0 / temperature, shift,
+            BLOCK_V=block, **flags,
         )  # fmt: skip
         _choose_digits_kernel[(n,)](
             hist, prefix, above, skip_arg, splits, float(top_p), int(top_k), BLOCK_S=triton.next_power_of_2(splits),
