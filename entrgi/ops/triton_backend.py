@@ -139,8 +139,9 @@ def sample_step(phi, phi_init, temperature, top_p, top_k, alg, generator, active
         drawn = sample_filtered(phi, keys, _draw_seeds(generator, phi.device), tau, skip=skip)
         tokens = drawn["tokens"] if temperature > 0 else stats.argmax
         top1, lse_shifted = drawn["top1"], drawn["lse_kept_shifted"]
-        if alg == "maskgit_plus":  # x / tau with the kernel's arithmetic: the top token gets exactly 0 - lse
-            scaled = _logits_at(phi, tokens) * torch.tensor(1.0 / tau, dtype=torch.float32, device=phi.device)
+        if alg == "maskgit_plus":  # x / tau as the kernel computes it (fp32 x times fp32(1 / tau)), so the
+            # top token gets exactly 0 - lse; a Python scalar, not a new device tensor (capturable)
+            scaled = _logits_at(phi, tokens) * (1.0 / tau)
             return tokens, torch.exp(scaled - top1 - lse_shifted)
         return tokens, torch.exp(-lse_shifted) - torch.exp(drawn["top2"] - top1 - lse_shifted)
     if temperature > 0:
