@@ -20,6 +20,7 @@ pytest.importorskip("triton")
 
 from entrgi import guided_embedding, sample_step  # noqa: E402
 from entrgi.ops.reference import keep_threshold, step_confidence_reference  # noqa: E402
+from helpers import restated_forward, restated_grad  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -93,8 +94,7 @@ def test_random_configuration(seed):
     kept = _kept(phi, tau, top_p, top_k)[live]
     assert kept.gather(-1, tokens[:, None]).all()
     # forward against float64, with the op's own draws
-    x = phi.double()[live]
-    soft = torch.softmax(x / tau, -1) @ table.double()
+    soft, _, _ = restated_forward(phi[live], table, tau)
     weight = fused.weights.cpu().double()[live, None]
     want = soft if cfg["mode"] == "expectation" else soft + weight * (table.double()[tokens] - soft)
     scale = want.abs().max().clamp_min(1.0)
@@ -102,9 +102,7 @@ def test_random_configuration(seed):
     assert (fused.embeds.cpu().double()[live] - want).abs().max() <= table_tol * scale
     # gradient against float64 of the g the dots read (rounded to the table's dtype); the
     # fused error, net of its final cast to phi's dtype, within twice the reference's
-    eg = cfg["g"].to(table.dtype).double()[live] @ table.double().T
-    p = torch.softmax(x / tau, -1)
-    truth = p * (eg - (p * eg).sum(-1, keepdim=True)) / tau
+    truth = restated_grad(phi[live], table, tau, cfg["g"].to(table.dtype)[live])
     ref_err = (ref_grad[live] - truth).abs().max()
     natural = table.double().norm(dim=-1).max() * cfg["g"].double().norm(dim=-1).max() / tau
     excess = (fused_grad[live] - truth).abs() - CAST_ULP[phi.dtype] * truth.abs()
