@@ -122,8 +122,13 @@ def op_cost(n: int, vocab: int, d: int, dtype: torch.dtype, mode: str) -> tuple[
 def _op_functions(backend: str, phi, table, grad):
     """Closures (forward, backward, fwd+bwd) for one backend."""
     if backend == "compile":
+        # Each shape compiles afresh and static: dynamo would otherwise mark N dynamic on
+        # the second shape (where the reference's torch.rand fails to trace) and, past its
+        # recompile limit, fall back to eager without an error.
+        torch._dynamo.reset()
         reference = torch.compile(functools.partial(guided_embedding_reference, temperature=TEMPERATURE,
-                                                    top_p=TOP_P, top_k=0, mode="entrgi", generator=None))  # fmt: skip
+                                                    top_p=TOP_P, top_k=0, mode="entrgi", generator=None),
+                                  dynamic=False)  # fmt: skip
         call = lambda leaf: reference(leaf, table)[0]  # noqa: E731
     else:
         call = lambda leaf: guided_embedding(leaf, table, temperature=TEMPERATURE, top_p=TOP_P,  # noqa: E731

@@ -10,7 +10,7 @@ import torch
 
 from entrgi.cli import main
 from entrgi.results import read_prompts
-from helpers import COMPILE_FLAGS
+from helpers import CAN_COMPILE, COMPILE_FLAGS
 
 
 def test_generate_writes_results_json(tmp_path, mlm_path, classifier_path):
@@ -53,6 +53,19 @@ def test_bench_op_suite_writes_csv_and_plots(tmp_path, capsys):
     assert len(rows) == 6 and {r["mode"] for r in rows} == {"forward", "backward", "fwd+bwd"}
     assert all(float(r["median_ms"]) > 0 and r["torch"] and r["device"] for r in rows)
     assert (tmp_path / "time_vs_n.png").stat().st_size > 0
+
+
+@pytest.mark.skipif(not CAN_COMPILE, reason="torch.compile needs a C++ compiler on the CPU")
+def test_bench_compile_backend_times_every_shape(tmp_path, capsys):
+    # a second shape used to retrace with a dynamic N, where the reference's torch.rand fails
+    args = ["bench", "--backends", "compile", "--n", "4", "8", "--d", "16", "--vocab", "64", "--repeats", "2"]
+    assert main([*args, "--out", str(tmp_path)]) == 0
+    assert "failed" not in capsys.readouterr().out
+    with (tmp_path / "op_results.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert sorted((r["n"], r["mode"]) for r in rows) == sorted(
+        (n, mode) for n in ("4", "8") for mode in ("forward", "backward", "fwd+bwd")
+    )
 
 
 def test_bench_step_suite_reports_each_method(tmp_path, capsys):
