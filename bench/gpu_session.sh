@@ -6,12 +6,13 @@
 #   bash bench/gpu_session.sh step      # step suite: 2 presets x reward memory options
 #   bash bench/gpu_session.sh compile   # step suite with compiled layers (compiles first)
 #   bash bench/gpu_session.sh op        # op suite (triton vs eager) + per-kernel breakdown
+#   bash bench/gpu_session.sh baseline  # op suite: eager vs torch.compile of the reference
 #   bash bench/gpu_session.sh sweep     # GEMM tile sweep, fp32 phi (fwd, bwd, bwd + fused Adam)
 set -euo pipefail
 case "${1:-}" in
-tests | step | compile | op | sweep) ;;
+tests | step | compile | op | baseline | sweep) ;;
 *)
-    echo "usage: bash bench/gpu_session.sh tests|step|compile|op|sweep" >&2
+    echo "usage: bash bench/gpu_session.sh tests|step|compile|op|baseline|sweep" >&2
     exit 2
     ;;
 esac
@@ -52,6 +53,10 @@ op)
     entrgi bench --suite op --backends triton torch --n 512 2048 --d 1024 2048 --dtype bfloat16 --repeats 20 \
         --out "$OUT" 2>&1 | tee "$OUT/op.log" | tail -14
     python bench/op_breakdown.py --n 128 512 2048 --d 1024 2048 --dtype float32 2>&1 | tee "$OUT/breakdown.log"
+    ;;
+baseline)
+    entrgi bench --suite op --backends torch compile --n 512 2048 --d 1024 2048 --dtype bfloat16 float32 \
+        --repeats 10 --out "$OUT" 2>&1 | tee "$OUT/baseline.log" | tail -20
     ;;
 sweep)
     python bench/op_breakdown.py --n 2048 --d 2048 --dtype float32 --sweep 2>&1 | tee "$OUT/sweep.log" | tail -20

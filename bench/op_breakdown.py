@@ -96,7 +96,11 @@ def sweep(n: int, vocab: int, d: int, dtype: torch.dtype) -> list[tuple[str, Til
     soft, _ = soft_embedding_forward(phi, table, norm, argmax, entropy, argmax, TAU)
     update = _adam_updates(phi)
     results = []
-    grid = itertools.product((64, 128), (64, 128), (64, 128, 256), (4, 8), (3,))
+    # + half the rows over a 512-wide d block: each p feeds twice the MMA work, so the
+    # forward computes half the exponentials (ptxas for sm_90: 16 ex2 per thread per V
+    # tile instead of 32); two stages where three need more shared memory than an SM has
+    wide_d = ((64, 64, 512, 8, 2), (64, 64, 512, 8, 3), (64, 32, 512, 8, 3))
+    grid = [*itertools.product((64, 128), (64, 128), (64, 128, 256), (4, 8), (3,)), *wide_d]
     for block_n, block_v, block_d, warps, stages in grid:
         cfg = TileConfig(block_n, block_v, block_d, warps, stages)
         kernels = [
