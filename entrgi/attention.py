@@ -10,6 +10,18 @@ from __future__ import annotations
 
 import torch
 
+# Attention implementations a CUDA graph can capture: given the prebuilt 4-D mask they
+# never read it back to the host. transformers' flash-attention paths unpad the batch
+# with sequence lengths read on the host (``.item()``), which capture forbids; other
+# kernels are not known to be capturable.
+CAPTURABLE_ATTENTION = ("sdpa", "eager")
+
+
+def attention_implementation(model) -> str | None:
+    """The attention implementation ``model``'s config declares (``sdpa``, ``eager``,
+    ``flash_attention_2``, ...)."""
+    return getattr(model.config, "_attn_implementation", "sdpa")
+
 
 def attention_mask_4d(
     model, valid: torch.Tensor, causal: bool, dtype: torch.dtype, past_valid: torch.Tensor | None = None
@@ -21,8 +33,8 @@ def attention_mask_4d(
     masked sdpa row is NaN, and NaN values leak through zero attention weights).
     Implementations that take only 2-D masks (flash attention) get ``valid`` back.
     """
-    impl = getattr(model.config, "_attn_implementation", "sdpa")
-    if impl not in ("sdpa", "eager"):
+    impl = attention_implementation(model)
+    if impl not in CAPTURABLE_ATTENTION:
         if past_valid is not None:
             raise ValueError(f"a cached prefix needs sdpa or eager attention, the model uses {impl!r}")
         return valid.long()

@@ -27,12 +27,14 @@ batches and ``generate`` calls of the same shapes, so their graphs are captured 
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 from torch.profiler import record_function
 
+from entrgi.attention import CAPTURABLE_ATTENTION, attention_implementation
 from entrgi.config import GUIDED_METHODS, GuidanceConfig
 from entrgi.denoisers import Denoiser
 from entrgi.guidance import GuidanceStep, optimize_logits
@@ -131,7 +133,7 @@ class DiffusionRun:
         self.schedule = timesteps(config.steps, device=device)
         self.step_index = torch.zeros(1, dtype=torch.long, device=device)
         self.non_finite = torch.zeros((), dtype=torch.bool, device=device)
-        self.use_graphs = config.use_cuda_graphs(device)
+        self.use_graphs = use_cuda_graphs(config, denoiser, reward)
         self._graphs: dict[bool, torch.cuda.CUDAGraph] = {}
         self._warmed: set[bool] = set()
         self.guidance = GuidanceStep(config.method, config.guidance_steps, config.lr, config.reward_temperature,
@@ -302,8 +304,39 @@ def _check_inputs(prompts, denoiser, reward, config: GuidanceConfig) -> list[str
         raise TypeError(f"denoiser must be an entrgi.Denoiser, got {type(denoiser).__name__}")
     if (config.method in GUIDED_METHODS or config.method == "bon") and reward is None:
         raise ValueError(f"method {config.method!r} needs a reward")
-    config.use_cuda_graphs(denoiser.device)  # raises for cuda_graphs=True off CUDA
+    use_cuda_graphs(config, denoiser, reward)  # raises for cuda_graphs=True where no graph can be captured
     return prompts
+
+
+def cuda_graph_blockers(denoiser: Denoiser, reward: Reward | None, config: GuidanceConfig) -> list[str]:
+    """Why a denoising step could not be captured: each model the step runs whose
+    attention implementation reads its mask back to the host (LLaDA's own attention
+    code never does; the reward runs in the step only when guided)."""
+    models = [] if denoiser.kind == "llada" else [("denoiser", denoiser.model)]
+    if config.guided and getattr(reward, "model", None) is not None:
+        models.append(("reward", reward.model))
+    return [
+        f"the {role} ({type(model).__name__}) uses {attention_implementation(model)!r} attention"
+        for role, model in models
+        if attention_implementation(model) not in CAPTURABLE_ATTENTION
+    ]
+
+
+def use_cuda_graphs(config: GuidanceConfig, denoiser: Denoiser, reward: Reward | None) -> bool:
+    """Whether steps replay CUDA graphs: ``config.use_cuda_graphs``, unless a model in
+    the step cannot be captured (:func:`cuda_graph_blockers`); then ``auto`` runs eager
+    steps with a warning and ``cuda_graphs=True`` raises."""
+    if not config.use_cuda_graphs(denoiser.device):
+        return False
+    blockers = cuda_graph_blockers(denoiser, reward, config)
+    if not blockers:
+        return True
+    reason = (f"{'; '.join(blockers)}, which reads the padding mask back to the host where a CUDA graph "
+              f"cannot capture it. Load it with attn_implementation='sdpa'")  # fmt: skip
+    if config.cuda_graphs is True:
+        raise ValueError(f"cuda_graphs=True: {reason}, or pass cuda_graphs=False")
+    warnings.warn(f"denoising without CUDA graphs: {reason} for graph replay")
+    return False
 
 
 def batch_shapes(prompt_ids: Sequence[Sequence[int]], num_samples: int, context: RewardContext | None) -> tuple:

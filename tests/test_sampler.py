@@ -295,6 +295,32 @@ def test_cuda_graph_replay_matches_eager(denoiser_paths, classifier_path, method
     assert [r.response_ids for r in again] == [r.response_ids for r in eager]
 
 
+def test_cuda_graphs_need_capturable_attention(denoisers, classifier_path, monkeypatch):
+    from entrgi import load_reward
+    from entrgi.sampler import use_cuda_graphs
+
+    # as on a CUDA device: cuda_graphs 'auto' or True asks for graphs
+    monkeypatch.setattr(GuidanceConfig, "use_cuda_graphs", lambda config, device: config.cuda_graphs in ("auto", True))
+    reward = load_reward(classifier_path, kind="classifier")
+    reward.model.config._attn_implementation = "flash_attention_2"
+    guided = GuidanceConfig(method="entrgi", cuda_graphs=True)
+    with pytest.raises(ValueError, match=r"reward \(Qwen3ForSequenceClassification\) uses 'flash_attention_2'"):
+        use_cuda_graphs(guided, denoisers["dream"], reward)
+    with pytest.raises(ValueError, match="flash_attention_2"):  # before any work
+        generate(PROMPTS, denoiser=denoisers["dream"], reward=reward, cuda_graphs=True, **SMALL)
+    with pytest.warns(UserWarning, match="without CUDA graphs"):
+        assert not use_cuda_graphs(guided.replace(cuda_graphs="auto"), denoisers["dream"], reward)
+    assert use_cuda_graphs(guided.replace(method="none"), denoisers["dream"], reward)  # no reward in the step
+    reward.model.config._attn_implementation = "sdpa"
+    assert use_cuda_graphs(guided, denoisers["dream"], reward)
+    for kind in ("dream", "llada"):
+        monkeypatch.setattr(denoisers[kind].model.config, "_attn_implementation", "flash_attention_2")
+    with pytest.raises(ValueError, match=r"denoiser \(\w+\) uses 'flash_attention_2'"):
+        use_cuda_graphs(guided, denoisers["dream"], reward)
+    # LLaDA's own attention code builds its bias from the mask on the device
+    assert use_cuda_graphs(guided, denoisers["llada"], reward)
+
+
 @pytest.mark.parametrize(
     "kwargs,error,match",
     [
