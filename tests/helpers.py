@@ -50,6 +50,11 @@ def restated_grad(phi, table, tau, g):
     return p * (eg - (g.double() * soft).sum(-1, keepdim=True)) / tau
 
 
+def sum_p_log_p(p: torch.Tensor) -> torch.Tensor:
+    """sum over the last dimension of p log p, with 0 log 0 = 0."""
+    return torch.where(p > 0, p * p.log(), torch.zeros_like(p)).sum(-1)
+
+
 def chi2_critical(df: int, z: float = 3.7) -> float:
     """Wilson-Hilferty upper quantile of χ²(df); z = 3.7 is a 1e-4 false-alarm rate."""
     return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3

@@ -16,7 +16,7 @@ pytest.importorskip("triton")
 
 from entrgi import guided_embedding, sample_step  # noqa: E402
 from entrgi.ops.reference import keep_threshold  # noqa: E402
-from helpers import assert_law, filter_keys, filtered_law, restated_forward, restated_grad  # noqa: E402
+from helpers import assert_law, filter_keys, filtered_law, restated_forward, restated_grad, sum_p_log_p  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SLACK = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
@@ -281,11 +281,12 @@ def test_entropy_and_weights_at_large_scaled_logits(tau):
 
     phi = _confident_rows(16, 61, tau, 60.0, seed=3).to(DEVICE)
     x = phi.cpu().double()
-    xlogx = lambda p: torch.where(p > 0, p * p.log(), torch.zeros_like(p)).sum(-1)  # noqa: E731
     got = entropy_confidence(phi, temperature=tau, backend="triton").cpu().double()
-    torch.testing.assert_close(got, xlogx(torch.softmax(x / tau, -1)), atol=2e-5, rtol=0)
+    torch.testing.assert_close(got, sum_p_log_p(torch.softmax(x / tau, -1)), atol=2e-5, rtol=0)
     weights = guided_embedding(phi, torch.randn(61, 8, device=DEVICE), temperature=tau, backend="triton").weights
-    torch.testing.assert_close(weights.cpu().double(), -xlogx(torch.softmax(x, -1)) / math.log(61), atol=2e-6, rtol=0)
+    torch.testing.assert_close(
+        weights.cpu().double(), -sum_p_log_p(torch.softmax(x, -1)) / math.log(61), atol=2e-6, rtol=0
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
