@@ -177,3 +177,19 @@ def test_bad_tensors_raise():
         guided_embedding(torch.full((2, 5), -math.inf), table)
     with pytest.raises(ValueError, match="unknown alg 'best'"):
         sample_step(torch.randn(2, 5), alg="best")
+    inf_table = table.clone()
+    inf_table[3, 1] = math.inf
+    with pytest.raises(ValueError, match=r"embed_table \(5, 3\) contains NaN or inf"):
+        guided_embedding(torch.randn(2, 5), inf_table)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got int"):
+        guided_embedding(torch.randn(2, 5), table, generator=0)
+
+
+def test_triton_backend_off_cuda_needs_the_interpreter(monkeypatch):
+    from entrgi_kernels import launch
+
+    monkeypatch.setattr(launch, "INTERPRET", False)
+    with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors, got cpu"):
+        guided_embedding(torch.randn(2, 5), torch.randn(5, 3), backend="triton")
+    with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors, got cpu"):
+        sample_step(torch.randn(2, 5), backend="triton")

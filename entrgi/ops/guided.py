@@ -12,6 +12,8 @@ from entrgi.ops.validation import (
     check_choice,
     check_embed_table,
     check_finite_rows,
+    check_finite_table,
+    check_generator,
     check_logits,
     check_optimizer_over,
     check_sampling_args,
@@ -87,8 +89,8 @@ def guided_embedding(
     mode : ``entrgi`` | ``aps`` (w = 1) | ``expectation`` (w = 0, no sample drawn).
     generator : source of the sampling noise (seeds the Triton kernel's Philox).
     backend : ``auto`` (Triton on CUDA) | ``torch`` | ``triton``.
-    check_values : reject NaN / all -inf rows and out-of-range ``table_rows`` (reads
-        values back: a host sync).
+    check_values : reject NaN / all -inf rows, a non-finite table and out-of-range
+        ``table_rows`` (reads values back: a host sync).
         The sampler passes False inside its captured step.
     active : (...,) bool, the rows to compute (default all). The Triton backend does
         not read the others (a canvas's committed positions cost next to nothing).
@@ -114,8 +116,10 @@ def guided_embedding(
     check_active(active, phi)
     if optimizer is not None:
         check_optimizer_over(optimizer, phi, temperature)
+    check_generator(generator, phi.device)
     if check_values:
         check_finite_rows("phi", phi)
+        check_finite_table(embed_table)
         if table_rows is not None:
             check_table_rows_range(table_rows, embed_table)
     backend = resolve_backend(backend, phi.device)

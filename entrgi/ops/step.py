@@ -11,6 +11,7 @@ from entrgi.ops.validation import (
     check_active,
     check_choice,
     check_finite_rows,
+    check_generator,
     check_logits,
     check_sampling_args,
     resolve_backend,
@@ -62,6 +63,7 @@ def sample_step(
     check_sampling_args(temperature, top_p, top_k)
     check_choice("alg", alg, STEP_ALGS)
     check_active(active, phi)
+    check_generator(generator, phi.device)
     if check_values:
         check_finite_rows("phi", phi)
     backend = resolve_backend(backend, phi.device)

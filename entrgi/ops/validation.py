@@ -65,6 +65,23 @@ def check_table_rows_range(table_rows: torch.Tensor, embed_table: torch.Tensor) 
         raise ValueError(f"table_rows values must lie in [0, {embed_table.shape[0]}), got [{low}, {high}]")
 
 
+def check_finite_table(embed_table: torch.Tensor) -> None:
+    """Reject NaN / inf embeddings (they would reach every output row through soft).
+    Reads values back (host sync)."""
+    if not torch.isfinite(embed_table).all():
+        raise ValueError(f"embed_table {tuple(embed_table.shape)} contains NaN or inf")
+
+
+def check_generator(generator: torch.Generator | None, device: torch.device) -> None:
+    """``generator`` is None or a ``torch.Generator`` on phi's device type."""
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if generator.device.type != device.type:
+        raise ValueError(f"generator is on {generator.device} but phi is on {device}")
+
+
 def check_active(active: torch.Tensor | None, phi: torch.Tensor) -> None:
     """``active`` is None or a bool mask over phi's rows (its leading dims)."""
     if active is None:
@@ -87,8 +104,17 @@ def check_finite_rows(name: str, phi: torch.Tensor) -> None:
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """``auto`` -> ``triton`` on CUDA when Triton imports, else ``torch``."""
+    """``auto`` -> ``triton`` on CUDA when Triton imports, else ``torch``; ``triton``
+    off CUDA needs the interpreter (``TRITON_INTERPRET=1``)."""
     check_choice("backend", backend, BACKENDS)
+    if backend == "triton" and device.type != "cuda":
+        from entrgi_kernels.launch import INTERPRET
+
+        if not INTERPRET:
+            raise ValueError(
+                f"backend='triton' needs CUDA tensors, got {device} (on a CPU, TRITON_INTERPRET=1 set before "
+                "triton is imported runs the kernels in Triton's interpreter: slow, for tests)"
+            )
     if backend != "auto":
         return backend
     if device.type == "cuda":
