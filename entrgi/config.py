@@ -97,6 +97,8 @@ class GuidanceConfig:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if isinstance(self.guidance_steps, bool) or not isinstance(self.guidance_steps, int) or self.guidance_steps < 0:
             raise ValueError(f"guidance_steps must be an int >= 0, got {self.guidance_steps!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not self.reward_temperature > 0:

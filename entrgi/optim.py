@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.profiler import record_function
 
-from entrgi.ops.validation import resolve_backend
+from entrgi.ops.validation import check_active, check_logits, resolve_backend
 
 MOMENT_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -32,6 +34,14 @@ class LogitAdam:
     def __init__(self, param: torch.Tensor, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
                  active: torch.Tensor | None = None, backend: str = "auto",
                  moment_dtype: torch.dtype = torch.float32):  # fmt: skip
+        check_logits("param", param)
+        check_active(active, param, "param")
+        if not 0 < lr < math.inf:
+            raise ValueError(f"lr must be a finite number > 0, got {lr}")
+        if len(betas) != 2 or not all(0 <= beta < 1 for beta in betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {tuple(betas)}")
+        if not 0 <= eps < math.inf:
+            raise ValueError(f"eps must be a finite number >= 0, got {eps}")
         if moment_dtype not in MOMENT_DTYPES:
             raise ValueError(f"moment_dtype must be torch.float32 or torch.bfloat16, got {moment_dtype}")
         self.param, self.lr, self.betas, self.eps = param, lr, betas, eps
@@ -64,6 +74,8 @@ class LogitAdam:
     @record_function("entrgi.optimizer")
     def step(self, grad: torch.Tensor) -> None:
         """One Adam step with gradient ``grad`` (the param's shape)."""
+        if grad.shape != self.param.shape:
+            raise ValueError(f"grad shape {tuple(grad.shape)} != param shape {tuple(self.param.shape)}")
         if self.fused:
             from entrgi_kernels.adam import adam_step
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 
 import pytest
 import torch
@@ -66,6 +67,28 @@ def test_bfloat16_moments_round_a_float32_step(backend):
     torch.testing.assert_close(ours, exact, atol=0.05, rtol=0)  # and stay small
 
 
-def test_moment_dtype_is_validated():
-    with pytest.raises(ValueError, match="moment_dtype must be torch.float32 or torch.bfloat16, got torch.float16"):
-        LogitAdam(torch.zeros(2, 4, device=DEVICE), lr=0.1, moment_dtype=torch.float16)
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(moment_dtype=torch.float16), ValueError, "moment_dtype must be torch.float32 or torch.bfloat16"),
+        (dict(param=torch.zeros(2, 4, dtype=torch.long)), TypeError, "param must be float32, bfloat16 or float16"),
+        (dict(lr=-0.1), ValueError, "lr must be a finite number > 0, got -0.1"),
+        (dict(lr=math.inf), ValueError, "lr must be a finite number > 0, got inf"),
+        (dict(betas=(1.0, 0.999)), ValueError, r"betas must be two numbers in \[0, 1\), got \(1.0, 0.999\)"),
+        (dict(eps=-1e-8), ValueError, "eps must be a finite number >= 0, got -1e-08"),
+        (
+            dict(active=torch.ones(3, dtype=torch.bool)),
+            ValueError,
+            r"active shape \(3,\) != param's leading shape \(2,\)",
+        ),
+    ],
+)
+def test_bad_optimizer_arguments_raise(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        LogitAdam(**(dict(param=torch.zeros(2, 4), lr=0.1) | kwargs))
+
+
+def test_gradient_of_another_shape_raises():
+    optimizer = LogitAdam(torch.zeros(2, 4, device=DEVICE), lr=0.1, backend="torch")
+    with pytest.raises(ValueError, match=r"grad shape \(2, 3\) != param shape \(2, 4\)"):
+        optimizer.step(torch.ones(2, 3, device=DEVICE))

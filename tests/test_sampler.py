@@ -337,6 +337,7 @@ def test_cuda_graphs_need_capturable_attention(denoisers, classifier_path, monke
         (dict(cuda_graphs="yes"), ValueError, "cuda_graphs must be 'auto', True or False, got 'yes'"),
         (dict(cuda_graphs=True), ValueError, "cuda_graphs=True needs a CUDA denoiser, got device cpu"),
         (dict(adam_moments="float16"), ValueError, "unknown adam_moments 'float16'"),
+        (dict(seed="7"), ValueError, "seed must be an int, got '7'"),
     ],
 )
 def test_bad_generate_arguments_raise(denoisers, classifier_reward, kwargs, error, match):

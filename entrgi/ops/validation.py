@@ -82,16 +82,16 @@ def check_generator(generator: torch.Generator | None, device: torch.device) -> 
         raise ValueError(f"generator is on {generator.device} but phi is on {device}")
 
 
-def check_active(active: torch.Tensor | None, phi: torch.Tensor) -> None:
-    """``active`` is None or a bool mask over phi's rows (its leading dims)."""
+def check_active(active: torch.Tensor | None, phi: torch.Tensor, name: str = "phi") -> None:
+    """``active`` is None or a bool mask over the rows (leading dims) of ``phi``, called ``name``."""
     if active is None:
         return
     if not isinstance(active, torch.Tensor) or active.dtype != torch.bool:
         raise TypeError(f"active must be a bool tensor, got {getattr(active, 'dtype', type(active).__name__)}")
     if active.shape != phi.shape[:-1]:
-        raise ValueError(f"active shape {tuple(active.shape)} != phi's leading shape {tuple(phi.shape[:-1])}")
+        raise ValueError(f"active shape {tuple(active.shape)} != {name}'s leading shape {tuple(phi.shape[:-1])}")
     if active.device != phi.device:
-        raise ValueError(f"phi is on {phi.device} but active is on {active.device}")
+        raise ValueError(f"{name} is on {phi.device} but active is on {active.device}")
 
 
 def check_finite_rows(name: str, phi: torch.Tensor) -> None:
