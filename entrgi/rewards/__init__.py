@@ -30,7 +30,8 @@ def load_reward(
     """Load a reward model by hub id or local path.
 
     kind : ``classifier`` (``AutoModelForSequenceClassification`` with one label),
-        ``similarity`` (``AutoModel`` encoder; needs ``target``, the text to move towards)
+        ``similarity`` (``AutoModel`` encoder; ``target`` is the text to move towards,
+        ``DEFAULT_TARGET`` when None)
         or ``likelihood`` (``AutoModelForCausalLM``: mean log P(response + suffix | prefix)).
     cache_prefix : decoder classifier / likelihood rewards: compute the prompt side's
         keys and values once per batch and score only response and suffix tokens.
