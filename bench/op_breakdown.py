@@ -5,7 +5,9 @@
     python bench/op_breakdown.py --n 2048 --d 2048 --dtype float32 --sweep   # + fused Adam tiles
 
 Times are CUDA-event medians (``entrgi.benchmark.time_ms``); the floor of each kernel
-is its ideal bytes over the measured copy bandwidth (or FLOPs over the bf16 peak).
+is its ideal bytes over the measured copy bandwidth (or FLOPs over the bf16 peak). The
+soft forward is also timed at two programs per SM along V ("S splits"), the split count
+before it was rounded to whole waves.
 With ``--dtype float32`` (the guidance loop's phi) it also times the Adam step after a
 stored dphi and the backward with the step fused in. GPU only.
 """
@@ -17,6 +19,7 @@ import itertools
 import statistics
 
 import torch
+import triton
 
 from entrgi.benchmark import PEAK_BYTES_PER_S, PEAK_FLOP_PER_S, time_ms
 from entrgi_kernels.adam import AdamUpdate, adam_step
@@ -54,6 +57,9 @@ def breakdown(n: int, vocab: int, d: int, dtype: torch.dtype) -> list[tuple[str,
     soft, _ = soft_embedding_forward(phi, table, norm, argmax, entropy, argmax, TAU)
     phi_bytes, table_bytes = phi.numel() * phi.element_size(), table.numel() * 2
     gemm_flops = 2.0 * n * vocab * d
+    # the forward's split count before whole waves: two programs per SM, rounded up
+    tiles = triton.cdiv(n, FORWARD_GPU.block_n) * triton.cdiv(d, FORWARD_GPU.block_d)
+    two_per_sm = triton.cdiv(2 * torch.cuda.get_device_properties().multi_processor_count, tiles)
     return [
         ("row_stats", _median(lambda: row_stats(phi, TAU)), _floor_ms(phi_bytes)),
         ("threshold (top-p)", _median(lambda: keep_threshold_keys(phi, norm, TAU, TOP_P, 0)), _floor_ms(phi_bytes)),
@@ -61,6 +67,9 @@ def breakdown(n: int, vocab: int, d: int, dtype: torch.dtype) -> list[tuple[str,
         ("rejection sample", _median(lambda: rejection_sample(phi, norm, seed, TAU, TOP_P, 0)),
          _floor_ms(2 * phi_bytes)),
         ("soft forward", _median(lambda: soft_embedding_forward(phi, table, norm, argmax, entropy, argmax, TAU)),
+         _floor_ms(phi_bytes + table_bytes, gemm_flops)),
+        (f"  {two_per_sm} splits", _median(lambda: soft_embedding_forward(phi, table, norm, argmax, entropy, argmax,
+                                                                          TAU, splits=two_per_sm)),
          _floor_ms(phi_bytes + table_bytes, gemm_flops)),
         ("soft backward", _median(lambda: soft_embedding_backward(phi, table, grad, norm, soft, TAU)),
          _floor_ms(2 * phi_bytes + table_bytes, gemm_flops)),

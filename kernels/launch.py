@@ -35,3 +35,14 @@ def vocab_chunks(vocab: int, block_v: int, max_splits: int, splits: int | None =
     wanted = max(1, min(triton.cdiv(vocab, block_v), splits or max_splits))
     chunk = triton.cdiv(triton.cdiv(vocab, wanted), block_v) * block_v
     return triton.cdiv(vocab, chunk), chunk
+
+
+def fewest_waves_splits(tiles: int, max_splits: int, slots: int) -> int:
+    """Split count in [ceil(max_splits / 2), max_splits] for a grid of ``tiles`` x
+    splits equal programs of which ``slots`` run at once: the one whose waves take the
+    least time, ceil(tiles * s / slots) / s in units of one whole-V program (the fewest
+    splits among equals). A last wave that holds a few programs costs as much as a
+    full one: 16 tiles over 17 splits on 132 SMs make 272 programs, three waves of
+    which the last holds 8; 16 splits make two full waves, 29% less time."""
+    low = max(1, triton.cdiv(max_splits, 2))
+    return min(range(low, max_splits + 1), key=lambda s: (triton.cdiv(tiles * s, slots) / s, s))

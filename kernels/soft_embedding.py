@@ -51,7 +51,7 @@ import triton
 import triton.language as tl
 
 from entrgi_kernels.adam import AdamUpdate, adam_update
-from entrgi_kernels.launch import INTERPRET, programs_to_fill, vocab_chunks
+from entrgi_kernels.launch import INTERPRET, fewest_waves_splits, programs_to_fill, vocab_chunks
 from entrgi_kernels.row_stats import SoftmaxNorm, _load_norm, _log2_norm, _tempered_probs
 
 
@@ -317,18 +317,24 @@ def _row_list_args(row_list, n: int, device) -> tuple[torch.Tensor, torch.Tensor
 
 def soft_embedding_forward(
     phi, table, norm: SoftmaxNorm, argmax, weights, tokens, temperature, row_list=None,
-    config: TileConfig | None = None, table_rows: torch.Tensor | None = None,
+    config: TileConfig | None = None, table_rows: torch.Tensor | None = None, splits: int | None = None,
 ):  # fmt: skip
     """Returns soft (N, D) fp32 and out (N, D) in the table's dtype. ``norm`` and
     ``argmax`` (N,) are ``row_stats(phi, temperature)``'s (``.tempered``, ``.argmax``). ``row_list``
     (order, count) restricts the work to the active rows (others: zeros).
     ``table_rows`` (V,) int32/int64: vocabulary entry v reads ``table[table_rows[v]]``
-    (a table in another vocabulary, gathered in the kernel instead of copied)."""
+    (a table in another vocabulary, gathered in the kernel instead of copied).
+    ``splits``: programs per (row block, d block) tile along V. Default: up to two per
+    SM, in whole waves of one program per SM (an SM holds one forward program: see
+    the compile report in bench/RESULTS.md)."""
     n, vocab = phi.shape
     d = table.shape[1]
     cfg = _fit(config or (INTERPRETER if INTERPRET else FORWARD_GPU), d)
     tiles = triton.cdiv(n, cfg.block_n) * triton.cdiv(d, cfg.block_d)
-    splits, chunk = vocab_chunks(vocab, cfg.block_v, triton.cdiv(programs_to_fill(phi.device, 2), tiles))
+    most = triton.cdiv(programs_to_fill(phi.device, 2), tiles)
+    if splits is None:
+        splits = fewest_waves_splits(tiles, most, programs_to_fill(phi.device, 1))
+    splits, chunk = vocab_chunks(vocab, cfg.block_v, most, splits)
     partial = torch.empty(splits, n, d, device=phi.device, dtype=torch.float32)
     order, count = _row_list_args(row_list, n, phi.device)
     _soft_partial_kernel[(tiles, splits)](

@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from helpers import filter_keys, sum_p_log_p  # noqa: E402
+from helpers import filter_keys, restated_forward, sum_p_log_p  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BLOCK_V = 8  # small tiles: a vocabulary of ~100 spans many tiles and several chunks
@@ -123,6 +123,38 @@ def test_vocab_chunks_cover_the_vocabulary():
         assert (splits - 1) * chunk < vocab <= splits * chunk
     with pytest.raises(ValueError, match="splits must be >= 1"):
         vocab_chunks(100, 8, 4, splits=0)
+
+
+def test_fewest_waves_splits_fill_the_last_wave():
+    from entrgi_kernels.launch import fewest_waves_splits
+
+    # 16 tiles on 132 SMs: 17 splits are three waves (the last of 8 programs), 16 two full ones
+    assert fewest_waves_splits(16, 17, 132) == 16
+    assert fewest_waves_splits(128, 3, 132) == 2  # 256 programs: 2 waves, as 384 would need 3
+    assert fewest_waves_splits(4, 66, 132) == 33  # one full wave, fewest splits among equals
+    assert fewest_waves_splits(7, 1, 132) == 1
+    for tiles, most, slots in [(5, 9, 16), (3, 40, 7), (64, 5, 132), (1, 2, 1)]:
+        chosen = fewest_waves_splits(tiles, most, slots)
+        time = lambda s: -(-tiles * s // slots) / s  # noqa: E731
+        assert -(-most // 2) <= chosen <= most
+        assert time(chosen) == min(time(s) for s in range(-(-most // 2), most + 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_soft_embedding_of_every_split_matches_float64(dtype):
+    from entrgi_kernels.row_stats import row_stats
+    from entrgi_kernels.soft_embedding import TileConfig, soft_embedding_forward
+
+    x = _rows(101, dtype)
+    table = torch.randn(101, 24, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    tau = 0.6
+    stats = row_stats(x, tau)
+    want, _, _ = restated_forward(x.cpu(), table.cpu(), tau)
+    tile = TileConfig(block_n=16, block_v=BLOCK_V, block_d=32, num_warps=1, num_stages=1)
+    for splits in SPLITS:
+        soft, _ = soft_embedding_forward(x, table, stats.tempered, stats.argmax, stats.entropy, stats.argmax, tau,
+                                         config=tile, splits=splits)  # fmt: skip
+        torch.testing.assert_close(soft.cpu().double(), want, atol=2e-5, rtol=2e-5, msg=f"splits={splits}")
 
 
 def _kept_reference(x: torch.Tensor, tau: float, top_p: float, top_k: int) -> torch.Tensor:
