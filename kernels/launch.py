@@ -18,6 +18,16 @@ import triton
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def can_launch(device: torch.device) -> bool:
+    """Whether the kernels can launch on tensors of ``device``: CUDA, the interpreter, or
+    a Triton driver someone set active (bench/kernel_resources.py's compile-only one)."""
+    if device.type == "cuda" or INTERPRET:
+        return True
+    from triton.runtime.driver import driver
+
+    return driver._active is not None
+
+
 @functools.lru_cache(maxsize=None)
 def programs_to_fill(device: torch.device, per_sm: int) -> int:
     """``per_sm`` programs per streaming multiprocessor (4 off the GPU, where the

@@ -188,7 +188,7 @@ def test_bad_tensors_raise():
 def test_triton_backend_off_cuda_needs_the_interpreter(monkeypatch):
     from entrgi_kernels import launch
 
-    monkeypatch.setattr(launch, "INTERPRET", False)
+    monkeypatch.setattr(launch, "can_launch", lambda device: device.type == "cuda")  # as off the interpreter
     with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors, got cpu"):
         guided_embedding(torch.randn(2, 5), torch.randn(5, 3), backend="triton")
     with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors, got cpu"):

@@ -107,10 +107,10 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     """``auto`` -> ``triton`` on CUDA when Triton imports, else ``torch``; ``triton``
     off CUDA needs the interpreter (``TRITON_INTERPRET=1``)."""
     check_choice("backend", backend, BACKENDS)
-    if backend == "triton" and device.type != "cuda":
-        from entrgi_kernels.launch import INTERPRET
+    if backend == "triton":
+        from entrgi_kernels.launch import can_launch
 
-        if not INTERPRET:
+        if not can_launch(device):
             raise ValueError(
                 f"backend='triton' needs CUDA tensors, got {device} (on a CPU, TRITON_INTERPRET=1 set before "
                 "triton is imported runs the kernels in Triton's interpreter: slow, for tests)"
