@@ -109,7 +109,11 @@ def sweep(n: int, vocab: int, d: int, dtype: torch.dtype) -> list[tuple[str, Til
     # forward computes half the exponentials (ptxas for sm_90: 16 ex2 per thread per V
     # tile instead of 32); two stages where three need more shared memory than an SM has
     wide_d = ((64, 64, 512, 8, 2), (64, 64, 512, 8, 3), (64, 32, 512, 8, 3))
-    grid = [*itertools.product((64, 128), (64, 128), (64, 128, 256), (4, 8), (3,)), *wide_d]
+    # + a 128 x 256 (rows x vocabulary) backward tile: the backward re-reads g once per V
+    # tile and E once per row block, so a larger tile reads less from L2 per FLOP (85
+    # against 64 FLOP per byte at 128 x 128; bf16 phi spills 52 / 32 B, two stages fit)
+    wide_v = ((128, 256, 64, 8, 2), (256, 128, 64, 8, 2))
+    grid = [*itertools.product((64, 128), (64, 128), (64, 128, 256), (4, 8), (3,)), *wide_d, *wide_v]
     for block_n, block_v, block_d, warps, stages in grid:
         cfg = TileConfig(block_n, block_v, block_d, warps, stages)
         kernels = [
