@@ -8,11 +8,12 @@
 #   bash bench/gpu_session.sh op        # op suite (triton vs eager) + per-kernel breakdown
 #   bash bench/gpu_session.sh baseline  # op suite: eager vs torch.compile of the reference
 #   bash bench/gpu_session.sh sweep     # GEMM tile sweep, fp32 phi (fwd, bwd, bwd + fused Adam)
+#   bash bench/gpu_session.sh sweep-bf16  # GEMM tile sweep, bf16 phi at the op goal's N=512, d=1024
 set -euo pipefail
 case "${1:-}" in
-tests | step | compile | op | baseline | sweep) ;;
+tests | step | compile | op | baseline | sweep | sweep-bf16) ;;
 *)
-    echo "usage: bash bench/gpu_session.sh tests|step|compile|op|baseline|sweep" >&2
+    echo "usage: bash bench/gpu_session.sh tests|step|compile|op|baseline|sweep|sweep-bf16" >&2
     exit 2
     ;;
 esac
@@ -60,5 +61,8 @@ baseline)
     ;;
 sweep)
     python bench/op_breakdown.py --n 2048 --d 2048 --dtype float32 --sweep 2>&1 | tee "$OUT/sweep.log" | tail -20
+    ;;
+sweep-bf16)
+    python bench/op_breakdown.py --n 512 --d 1024 --dtype bfloat16 --sweep 2>&1 | tee "$OUT/sweep_bf16.log" | tail -20
     ;;
 esac
