@@ -303,7 +303,7 @@ def _check_inputs(prompts, denoiser, reward, config: GuidanceConfig) -> list[str
     if not isinstance(denoiser, Denoiser):
         raise TypeError(f"denoiser must be an entrgi.Denoiser, got {type(denoiser).__name__}")
     if (config.method in GUIDED_METHODS or config.method == "bon") and reward is None:
-        raise ValueError(f"method {config.method!r} needs a reward")
+        raise ValueError(f"method {config.method!r} needs a reward (reward=, on the command line --reward-model)")
     use_cuda_graphs(config, denoiser, reward)  # raises for cuda_graphs=True where no graph can be captured
     return prompts
 

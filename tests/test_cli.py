@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import pytest
 import torch
@@ -84,13 +85,28 @@ def test_bench_step_suite_reports_each_method(tmp_path, capsys):
     assert float(rows[0]["vs_unguided"]) == 1.0 and float(rows[1]["vs_unguided"]) > 0
 
 
-def test_bench_refuses_a_csv_of_other_columns_before_running(tmp_path, monkeypatch):
+def test_bench_refuses_a_csv_of_other_columns_before_running(tmp_path, monkeypatch, capsys):
     from entrgi import step_benchmark
 
     (tmp_path / "step_results.csv").write_text("date,preset,ms_per_step\n2026-01-01,tiny,1.0\n")
     monkeypatch.setattr(step_benchmark, "bench_steps", lambda *a, **k: pytest.fail("ran before checking the CSV"))
-    with pytest.raises(ValueError, match="step_results.csv has columns .* use another --out folder"):
-        main(["bench", "--suite", "step", "--preset", "tiny", "--out", str(tmp_path)])
+    assert main(["bench", "--suite", "step", "--preset", "tiny", "--out", str(tmp_path)]) == 2
+    assert re.search("entrgi bench: error: .*step_results.csv has columns .* use another --out folder",
+                     capsys.readouterr().err)  # fmt: skip
+
+
+def test_bad_input_ends_in_one_line_without_a_traceback(tmp_path, mlm_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hello\n")
+    cases = [
+        (["--prompts-file", str(tmp_path / "missing.txt")], "No such file or directory"),
+        (["--prompts-file", str(prompts)], "method 'entrgi' needs a reward"),
+        (["--prompts-file", str(prompts), "--top-p", "1.5"], r"top_p must be in \(0, 1\], got 1.5"),
+    ]
+    for flags, message in cases:
+        assert main(["generate", "--model", mlm_path, *flags]) == 2
+        err = capsys.readouterr().err  # the last line; model loading may draw a progress bar above it
+        assert "Traceback" not in err and re.fullmatch(f"entrgi generate: error: .*{message}.*", err.splitlines()[-1])
 
 
 def test_bench_profile_reports_components(tmp_path, capsys, monkeypatch):
