@@ -224,8 +224,16 @@ class DiffusionRun:
         if graph is None:
             graph = torch.cuda.CUDAGraph()
             graph.register_generator_state(self.generator)
-            with torch.cuda.graph(graph, pool=_graph_pool(self.canvas.device)):
-                self._step(guided)
+            try:
+                with torch.cuda.graph(graph, pool=_graph_pool(self.canvas.device)):
+                    self._step(guided)
+            except RuntimeError as error:  # CUDA's own message names neither the step nor a way out
+                raise RuntimeError(
+                    f"capturing the {'guided' if guided else 'unguided'} denoising step in a CUDA graph failed: "
+                    "code in the step reads a value back to the host (.item(), a Python branch on a tensor, a "
+                    "data-dependent shape; e.g. in a custom reward or model code). Make it sync-free or pass "
+                    "cuda_graphs=False"
+                ) from error
             self._graphs[guided] = graph
         graph.replay()
 

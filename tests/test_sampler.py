@@ -295,6 +295,30 @@ def test_cuda_graph_replay_matches_eager(denoiser_paths, classifier_path, method
     assert [r.response_ids for r in again] == [r.response_ids for r in eager]
 
 
+def test_a_failed_capture_names_the_step_and_the_way_out(denoisers, classifier_reward, monkeypatch):
+    import contextlib
+
+    from entrgi import sampler
+
+    class FakeGraph:  # stands in for torch.cuda.CUDAGraph on a machine without CUDA
+        def register_generator_state(self, generator):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph, pool: contextlib.nullcontext())
+    monkeypatch.setattr(sampler, "_graph_pool", lambda device: None)
+    run = _run(denoisers["dream"], classifier_reward, GuidanceConfig(steps=3, max_new_tokens=4, num_samples=2))
+    run._warmed.add(True)  # as after the eager warm-up step
+
+    def syncing_step(guided):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(run, "_step", syncing_step)
+    with pytest.raises(RuntimeError, match="capturing the guided denoising step .* pass cuda_graphs=False") as caught:
+        run.graphed_step(0)
+    assert "not permitted when stream is capturing" in str(caught.value.__cause__)
+
+
 def test_cuda_graphs_need_capturable_attention(denoisers, classifier_path, monkeypatch):
     from entrgi import load_reward
     from entrgi.sampler import use_cuda_graphs
