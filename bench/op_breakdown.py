@@ -23,6 +23,7 @@ import triton
 
 from entrgi.benchmark import PEAK_BYTES_PER_S, PEAK_FLOP_PER_S, time_ms
 from entrgi_kernels.adam import AdamUpdate, adam_step
+from entrgi_kernels.launch import programs_to_fill
 from entrgi_kernels.row_stats import row_stats
 from entrgi_kernels.sampling import rejection_sample, sample_filtered
 from entrgi_kernels.soft_embedding import (
@@ -59,7 +60,7 @@ def breakdown(n: int, vocab: int, d: int, dtype: torch.dtype) -> list[tuple[str,
     gemm_flops = 2.0 * n * vocab * d
     # the forward's split count before whole waves: two programs per SM, rounded up
     tiles = triton.cdiv(n, FORWARD_GPU.block_n) * triton.cdiv(d, FORWARD_GPU.block_d)
-    two_per_sm = triton.cdiv(2 * torch.cuda.get_device_properties().multi_processor_count, tiles)
+    two_per_sm = triton.cdiv(programs_to_fill(phi.device, 2), tiles)
     return [
         ("row_stats", _median(lambda: row_stats(phi, TAU)), _floor_ms(phi_bytes)),
         ("threshold (top-p)", _median(lambda: keep_threshold_keys(phi, norm, TAU, TOP_P, 0)), _floor_ms(phi_bytes)),

@@ -34,6 +34,7 @@ from entrgi_kernels.launch import INTERPRET, programs_to_fill, vocab_chunks
 # several splits.
 ROW_BLOCK_V, ROW_WARPS = (32, 1) if INTERPRET else (2048, 8)
 MIN_TILES_PER_SPLIT = 2 if INTERPRET else 8
+_LOG2E = tl.constexpr(1.4426950408889634)  # exp(y) = exp2(y * log2(e))
 
 
 @triton.jit
@@ -49,7 +50,7 @@ def _row_is_active(skip_ptr, row, SKIP: tl.constexpr):
 def _log2_norm(lse_shifted_ptr, rows, mask):
     """The rows' shifted log-normaliser in log2 units, spelled once for every kernel (the
     soft-embedding combine must reproduce the partials' top probability bit for bit)."""
-    return tl.load(lse_shifted_ptr + rows, mask=mask, other=0.0) * 1.4426950408889634
+    return tl.load(lse_shifted_ptr + rows, mask=mask, other=0.0) * _LOG2E
 
 
 @triton.jit
@@ -62,7 +63,7 @@ def _load_norm(row_max_ptr, lse_shifted_ptr, rows, mask):
 def _tempered_probs(x, row_max, log2_norm, inv_tau):
     """softmax(x / tau) = exp2((x - row_max) * log2(e) / tau - log2_norm) (operands
     broadcast by the caller). The row's maximum gets exactly exp2(-log2_norm)."""
-    return tl.exp2((x - row_max) * (inv_tau * 1.4426950408889634) - log2_norm)
+    return tl.exp2((x - row_max) * (inv_tau * _LOG2E) - log2_norm)
 
 
 @triton.jit
