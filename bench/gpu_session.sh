@@ -3,7 +3,7 @@
 # of the device tool. Logs and CSVs go to $OUT (default bench/out); the last lines of
 # each stage are a short summary. Usage, from the repository root on the GPU machine:
 #   bash bench/gpu_session.sh tests     # install offline, the whole test suite on CUDA
-#   bash bench/gpu_session.sh step      # step suite: 2 presets x reward memory options
+#   bash bench/gpu_session.sh step      # step suite: 2 presets x reward memory options (lean layers on / off)
 #   bash bench/gpu_session.sh compile   # step suite with compiled layers (compiles first)
 #   bash bench/gpu_session.sh op        # op suite (triton vs eager) + per-kernel breakdown
 #   bash bench/gpu_session.sh baseline  # op suite: eager vs torch.compile of the reference
@@ -44,7 +44,7 @@ tests)
     python -m pytest -q -x tests -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -15
     ;;
 step)
-    step_suites step.log "" "--reward-checkpoint" "--reward-cache-prefix --reward-checkpoint" \
+    step_suites step.log "" "--no-reward-lean" "--reward-checkpoint" "--reward-cache-prefix --reward-checkpoint" \
         "--reward-cache-prefix --reward-checkpoint --adam-moments bfloat16"
     ;;
 compile)

@@ -14,6 +14,7 @@ from entrgi.rewards import REWARD_KINDS
 GRAPH_CHOICES = {"auto": "auto", "on": True, "off": False}
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 COMPILE_HELP = "run the denoiser's and the reward's layers through torch.compile (fused kernels; compiles first)"
+LEAN_HELP = "the reward's RMSNorms and gated MLPs keep less for the guidance backward (same values; default on)"
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -67,7 +68,8 @@ def _generate(args) -> int:
         if args.reward_model:
             reward = load_reward(args.reward_model, kind=args.reward_kind, target=args.target, device=device,
                                  dtype=dtype, cache_prefix=args.reward_cache_prefix,
-                                 checkpoint_layers=args.reward_checkpoint, compile_layers=args.compile_layers)  # fmt: skip
+                                 checkpoint_layers=args.reward_checkpoint, compile_layers=args.compile_layers,
+                                 lean_activations=args.reward_lean)  # fmt: skip
         job = BatchedGeneration(prompts, denoiser, reward, config)
         batches = range(job.num_batches)
         log = None
@@ -160,7 +162,7 @@ def _bench(args) -> int:
 def _step_options(args) -> dict:
     """The step suite's and the preset profile's shared settings."""
     names = ("guidance_steps", "new_tokens", "masked_fraction", "reward_cache_prefix", "reward_checkpoint",
-             "compile_layers", "adam_moments")  # fmt: skip
+             "reward_lean", "compile_layers", "adam_moments")  # fmt: skip
     return {name: getattr(args, name) for name in names}
 
 
@@ -193,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="causal rewards: compute the prompt side's keys/values once per batch")  # fmt: skip
     gen.add_argument("--reward-checkpoint", action="store_true",
                      help="recompute the reward's layer activations in the guidance backward (less memory)")  # fmt: skip
+    gen.add_argument("--reward-lean", action=argparse.BooleanOptionalAction, default=True, help=LEAN_HELP)
     gen.add_argument("--compile-layers", action="store_true", help=COMPILE_HELP)
     gen.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     gen.add_argument("--dataset", "--prompts-file", dest="dataset", metavar="PATH",
@@ -241,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--reward-checkpoint", action="store_true",
                        help="step suite / preset profile: the reward recomputes its layer activations in the backward")  # fmt: skip
+    bench.add_argument("--reward-lean", action=argparse.BooleanOptionalAction, default=True,
+                       help=f"step suite / preset profile: {LEAN_HELP}")  # fmt: skip
     bench.add_argument("--compile-layers", action="store_true", help=f"step suite / preset profile: {COMPILE_HELP}")
     bench.add_argument("--adam-moments", choices=ADAM_MOMENTS, default="float32",
                        help="step suite / preset profile: dtype of the logits' Adam moments (bfloat16 halves them)")  # fmt: skip

@@ -52,6 +52,7 @@ class StepRow(RunInfo):
     graphs: bool
     reward_cache_prefix: bool
     reward_checkpoint: bool
+    reward_lean: bool
     compile_layers: bool
     adam_moments: str
     new_tokens: int
@@ -87,12 +88,13 @@ def _qwen_config(shape: str, classifier: bool):
 
 def build_models(
     preset: str, device: torch.device, dtype: torch.dtype, cache_prefix: bool = False, checkpoint_layers: bool = False,
-    compile_layers: bool = False,
+    compile_layers: bool = False, lean_activations: bool = True,
 ):  # fmt: skip
     """Random-weight denoiser and reward of ``preset``'s shapes, built on ``device``
     (``cache_prefix``: the reward computes its prompt side's keys / values once;
     ``checkpoint_layers``: it recomputes its layers' activations in the backward;
-    ``compile_layers``: both models run their layers through one compiled layer)."""
+    ``compile_layers``: both models run their layers through one compiled layer;
+    ``lean_activations``: the reward's norms and MLPs keep less for the backward)."""
     from transformers import Qwen2ForCausalLM, Qwen3ForSequenceClassification
 
     denoiser_shape, reward_shape, _, _ = PRESETS[preset]
@@ -107,7 +109,8 @@ def build_models(
     vocab = SHAPES[denoiser_shape][-1]
     denoiser = Denoiser(body, _IdsOnlyTokenizer(), kind="dream", mask_token_id=vocab - 1, compile_layers=compile_layers)
     reward = ClassifierReward(classifier, _IdsOnlyTokenizer(), cache_prefix=cache_prefix,
-                              checkpoint_layers=checkpoint_layers, compile_layers=compile_layers)  # fmt: skip
+                              checkpoint_layers=checkpoint_layers, compile_layers=compile_layers,
+                              lean_activations=lean_activations)  # fmt: skip
     return denoiser, reward
 
 
@@ -162,13 +165,15 @@ def preset_run(
     masked_fraction: float = 1.0,
     reward_cache_prefix: bool = False,
     reward_checkpoint: bool = False,
+    reward_lean: bool = True,
     compile_layers: bool = False,
     adam_moments: str = "float32",
 ) -> DiffusionRun:
     """A ready :class:`DiffusionRun` of ``preset``'s models and batch (for profiling)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    denoiser, reward = build_models(preset, device, dtype, reward_cache_prefix, reward_checkpoint, compile_layers)
+    denoiser, reward = build_models(preset, device, dtype, reward_cache_prefix, reward_checkpoint, compile_layers,
+                                    reward_lean)  # fmt: skip
     config = step_config(preset, method, guidance_steps, new_tokens, graphs, adam_moments)
     return new_run(denoiser, reward, config, masked_fraction=masked_fraction)
 
@@ -201,12 +206,14 @@ def bench_steps(
     masked_fraction: float = 0.5,
     reward_cache_prefix: bool = False,
     reward_checkpoint: bool = False,
+    reward_lean: bool = True,
     compile_layers: bool = False,
     adam_moments: str = "float32",
 ) -> list[StepRow]:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    denoiser, reward = build_models(preset, device, dtype, reward_cache_prefix, reward_checkpoint, compile_layers)
+    denoiser, reward = build_models(preset, device, dtype, reward_cache_prefix, reward_checkpoint, compile_layers,
+                                    reward_lean)  # fmt: skip
     env = environment()
     rows = []
     for graphs in graph_modes:
@@ -222,6 +229,7 @@ def bench_steps(
             peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
             rows.append(StepRow(**env, preset=preset, method=method, graphs=graphs,
                                 reward_cache_prefix=reward_cache_prefix, reward_checkpoint=reward_checkpoint,
+                                reward_lean=reward_lean,
                                 compile_layers=compile_layers, adam_moments=adam_moments, new_tokens=new_tokens,
                                 guidance_steps=guidance_steps, masked_fraction=masked_fraction,
                                 ms_per_step=statistics.median(times),

@@ -74,14 +74,15 @@ def assert_law(samples: torch.Tensor, law: torch.Tensor) -> None:
 
 
 def guided_reward_inputs(reward, rows: int, length: int, seed: int, extra_columns: int = 0):
-    """(rows, length, d) random mixes of the reward's table rows (like guided embeddings),
-    requiring grad, and (rows, length) valid masks cut at random."""
+    """(rows, length, d) random mixes of the reward's table rows (like guided embeddings)
+    in the table's dtype, requiring grad, and (rows, length) valid masks cut at random."""
     g = torch.Generator().manual_seed(seed)
     table = reward.input_embeddings().detach()
     weights = torch.softmax(torch.randn(rows, length, table.shape[0], generator=g) * 3, dim=-1)
-    embeds = weights @ table
+    embeds = weights @ table.float()
     if extra_columns:
-        embeds = torch.cat([embeds, weights @ table[:, -extra_columns:]], dim=-1)
+        embeds = torch.cat([embeds, weights @ table[:, -extra_columns:].float()], dim=-1)
+    embeds = embeds.to(table.dtype)
     ends = torch.randint(0, length + 1, (rows,), generator=g)
     valid = torch.arange(length)[None, :] < ends[:, None]
     return embeds.requires_grad_(True), valid
@@ -92,6 +93,22 @@ def reward_scores_and_grads(reward, context, embeds, valid):
     scores = reward.score_embeds(context, embeds, valid)
     (grad,) = torch.autograd.grad(scores.sum(), embeds)
     return scores, grad
+
+
+def saved_activation_bytes(reward, context, embeds, valid) -> int:
+    """Bytes of the distinct non-parameter tensors autograd keeps for the reward's backward."""
+    parameters = {p.untyped_storage().data_ptr() for p in reward.model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        reward.score_embeds(context, embeds, valid)
+    return sum(saved.values())
 
 
 def assert_same_rewards(reference, candidate, embeds, valid, tol: float = 1e-5) -> None:

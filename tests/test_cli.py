@@ -72,7 +72,8 @@ def test_bench_compile_backend_times_every_shape(tmp_path, capsys):
 def test_bench_step_suite_reports_each_method(tmp_path, capsys):
     args = ["bench", "--suite", "step", "--preset", "tiny", "--new-tokens", "6", "--repeats", "2",
             "--methods", "none", "entrgi", "--masked-fraction", "0.4", "--reward-cache-prefix",
-            "--reward-checkpoint", *COMPILE_FLAGS, "--adam-moments", "bfloat16", "--out", str(tmp_path)]  # fmt: skip
+            "--reward-checkpoint", "--no-reward-lean", *COMPILE_FLAGS, "--adam-moments", "bfloat16",
+            "--out", str(tmp_path)]  # fmt: skip
     assert main(args) == 0
     assert "x unguided" in capsys.readouterr().out
     with (tmp_path / "step_results.csv").open() as handle:
@@ -81,6 +82,7 @@ def test_bench_step_suite_reports_each_method(tmp_path, capsys):
     assert all(float(r["ms_per_step"]) > 0 and r["preset"] == "tiny" for r in rows)
     assert all(float(r["masked_fraction"]) == 0.4 and r["reward_cache_prefix"] == "True" for r in rows)
     assert all(r["reward_checkpoint"] == "True" and r["adam_moments"] == "bfloat16" for r in rows)
+    assert all(r["reward_lean"] == "False" for r in rows)
     assert all(r["compile_layers"] == str(bool(COMPILE_FLAGS)) for r in rows)
     assert float(rows[0]["vs_unguided"]) == 1.0 and float(rows[1]["vs_unguided"]) > 0
 

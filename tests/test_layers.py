@@ -8,9 +8,10 @@ import torch
 
 from entrgi import generate, load_denoiser, load_reward
 from entrgi.layers import LayerRunner, model_layers
-from helpers import CAN_COMPILE, assert_same_rewards, guided_reward_inputs
+from helpers import CAN_COMPILE, assert_same_rewards, guided_reward_inputs, saved_activation_bytes
 
 PROMPTS = ["hi", "tell me a long story about the sea and the wind"]
+STOCK = {"lean_activations": False}  # the stock layers the options are compared with (float32, tight tolerances)
 needs_compiler = pytest.mark.skipif(not CAN_COMPILE, reason="inductor needs a C++ compiler on CPU")
 
 
@@ -25,35 +26,20 @@ def compiled_graphs():
     torch._dynamo.reset()
 
 
-def _saved_bytes(reward, context, embeds, valid) -> int:
-    """Bytes of the distinct non-parameter tensors autograd keeps for the reward's backward."""
-    parameters = {p.untyped_storage().data_ptr() for p in reward.model.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameters:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        reward.score_embeds(context, embeds, valid)
-    return sum(saved.values())
-
-
 @pytest.mark.parametrize("cache_prefix", [False, True])
 def test_checkpointed_classifier_matches_and_saves_less(classifier_path, cache_prefix):
-    plain = load_reward(classifier_path, cache_prefix=cache_prefix)
+    plain = load_reward(classifier_path, cache_prefix=cache_prefix, **STOCK)
     checkpointed = load_reward(classifier_path, cache_prefix=cache_prefix, checkpoint_layers=True)
     context = plain.prepare(PROMPTS, 3)
     embeds, valid = guided_reward_inputs(plain, 6, 7, seed=3)
     assert_same_rewards((plain, context), (checkpointed, context), embeds, valid, tol=1e-6)
-    assert _saved_bytes(checkpointed, context, embeds, valid) < 0.6 * _saved_bytes(plain, context, embeds, valid)
+    kept = [saved_activation_bytes(reward, context, embeds, valid) for reward in (checkpointed, plain)]
+    assert kept[0] < 0.6 * kept[1]
 
 
 def test_checkpointed_likelihood_and_similarity_match(likelihood_path, minilm_path):
     for path, kind, options in ((likelihood_path, "likelihood", {}), (minilm_path, "similarity", {"target": "sea"})):
-        plain = load_reward(path, kind=kind, **options)
+        plain = load_reward(path, kind=kind, **STOCK, **options)
         checkpointed = load_reward(path, kind=kind, checkpoint_layers=True, **options)
         context = plain.prepare(PROMPTS, 2)
         soft_width = plain.hidden_size if kind == "likelihood" and not plain.tied else 0
@@ -61,17 +47,20 @@ def test_checkpointed_likelihood_and_similarity_match(likelihood_path, minilm_pa
         assert_same_rewards((plain, context), (checkpointed, context), embeds, valid, tol=1e-6)
 
 
-def test_layers_get_their_own_forward_back(classifier_path):
-    reward = load_reward(classifier_path, checkpoint_layers=True)
+@pytest.mark.parametrize("options", [{"checkpoint_layers": True}, {}])
+def test_modules_get_their_own_forward_back(classifier_path, options):
+    reward = load_reward(classifier_path, **options)
     layers = reward.model.base_model.layers
     context = reward.prepare(PROMPTS, 1)
     embeds, valid = guided_reward_inputs(reward, 2, 4, seed=5)
+    lean_modules = [module for module, _ in reward.guidance_layers.lean]
+    assert bool(lean_modules) != bool(options)  # lean unless checkpointed
     reward.score_embeds(context, embeds, valid)
-    assert all("forward" not in layer.__dict__ for layer in layers)
+    assert all("forward" not in module.__dict__ for module in [*layers, *lean_modules])
     with pytest.raises(ValueError, match="boom"):
         reward.score_packed = lambda packed: (_ for _ in ()).throw(ValueError("boom"))
         reward.score_embeds(context, embeds, valid)
-    assert all("forward" not in layer.__dict__ for layer in layers)
+    assert all("forward" not in module.__dict__ for module in [*layers, *lean_modules])
 
 
 def test_layer_options_need_a_layer_stack(chat_tokenizer):
@@ -96,7 +85,7 @@ def test_model_layers_finds_the_decoder_stack(classifier_reward, similarity_rewa
 def test_compiled_classifier_matches_with_one_graph_for_all_layers(
     classifier_path, compiled_graphs, cache_prefix, checkpoint
 ):
-    plain = load_reward(classifier_path, cache_prefix=cache_prefix)
+    plain = load_reward(classifier_path, cache_prefix=cache_prefix, **STOCK)
     compiled = load_reward(classifier_path, cache_prefix=cache_prefix, checkpoint_layers=checkpoint,
                            compile_layers=True)  # fmt: skip
     context = plain.prepare(PROMPTS, 3)
@@ -106,8 +95,8 @@ def test_compiled_classifier_matches_with_one_graph_for_all_layers(
     assert compiled_graphs() == 1
     if checkpoint:
         uncheckpointed = load_reward(classifier_path, cache_prefix=cache_prefix, compile_layers=True)
-        saved = _saved_bytes(uncheckpointed, context, embeds, valid)
-        assert _saved_bytes(compiled, context, embeds, valid) < 0.6 * saved
+        kept = [saved_activation_bytes(reward, context, embeds, valid) for reward in (compiled, uncheckpointed)]
+        assert kept[0] < 0.6 * kept[1]
 
 
 @needs_compiler

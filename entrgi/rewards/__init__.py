@@ -25,6 +25,7 @@ def load_reward(
     cache_prefix: bool = False,
     checkpoint_layers: bool = False,
     compile_layers: bool = False,
+    lean_activations: bool = True,
     **from_pretrained_kwargs,
 ) -> Reward:
     """Load a reward model by hub id or local path.
@@ -40,6 +41,8 @@ def load_reward(
         extra reward forward per guidance step).
     compile_layers : during guidance, run the layers through one ``torch.compile``d
         layer (fused elementwise kernels; see :mod:`entrgi.layers`).
+    lean_activations : during guidance, the layers' RMSNorms and gated MLPs keep less
+        for the backward (same values; see :mod:`entrgi.lean`).
     Extra keyword arguments go to ``from_pretrained``.
     """
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -49,7 +52,8 @@ def load_reward(
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     if dtype is not None:
         from_pretrained_kwargs["dtype"] = dtype
-    layers = {"checkpoint_layers": checkpoint_layers, "compile_layers": compile_layers}
+    layers = {"checkpoint_layers": checkpoint_layers, "compile_layers": compile_layers,
+              "lean_activations": lean_activations}  # fmt: skip
     options = {"cache_prefix": cache_prefix, **layers}
     if kind == "classifier":
         model = AutoModelForSequenceClassification.from_pretrained(name_or_path, **from_pretrained_kwargs)

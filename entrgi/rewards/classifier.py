@@ -20,19 +20,19 @@ class ClassifierReward(EmbeddingInputReward):
     the last real token (decoder reward models) or the first (BERT-style ``[CLS]``).
     The response sits in the reward tokenizer's chat (see :func:`chat_context_ids`);
     ``tokenizer`` may be None when only :meth:`score_embeds` is used (integrations).
-    ``cache_prefix`` (decoder classifiers only), ``checkpoint_layers`` and ``compile_layers``: see
-    :class:`EmbeddingInputReward`.
+    ``cache_prefix`` (decoder classifiers only), ``checkpoint_layers``, ``compile_layers`` and
+    ``lean_activations``: see :class:`EmbeddingInputReward`.
     """
 
     def __init__(
         self, model, tokenizer, system_prompt: str | None = None, cache_prefix: bool = False,
-        checkpoint_layers: bool = False, compile_layers: bool = False,
+        checkpoint_layers: bool = False, compile_layers: bool = False, lean_activations: bool = True,
     ):  # fmt: skip
         num_labels = getattr(model.config, "num_labels", 1)
         if num_labels != 1:
             raise ValueError(f"a classifier reward needs num_labels == 1, got {num_labels}")
         self.align = "right" if last_token_pooling(model) else "left"
-        super().__init__(model, tokenizer, cache_prefix, checkpoint_layers, compile_layers)
+        super().__init__(model, tokenizer, cache_prefix, checkpoint_layers, compile_layers, lean_activations)
         self.system_prompt = system_prompt
         if getattr(model.config, "pad_token_id", None) is None:
             # Only checked for presence when batching: pooling reads our right-aligned last column.

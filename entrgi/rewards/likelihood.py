@@ -28,19 +28,20 @@ class LikelihoodReward(EmbeddingInputReward):
     ``t_mix``, and the guidance loop appends ``t_soft`` (``soft_target_columns``).
     Gradients reach phi through the input half only, as in the published code; value
     and gradient equal the published ones. Real tokens get exact log-probs.
-    ``cache_prefix``, ``checkpoint_layers``, ``compile_layers``: see :class:`EmbeddingInputReward`.
+    ``cache_prefix``, ``checkpoint_layers``, ``compile_layers``, ``lean_activations``: see
+    :class:`EmbeddingInputReward`.
     """
 
     align = "right"
 
     def __init__(
         self, model, tokenizer, system_prompt: str | None = None, cache_prefix: bool = False,
-        checkpoint_layers: bool = False, compile_layers: bool = False,
+        checkpoint_layers: bool = False, compile_layers: bool = False, lean_activations: bool = True,
     ):  # fmt: skip
         head = model.get_output_embeddings()
         if head is None or getattr(head, "bias", None) is not None:
             raise ValueError("LikelihoodReward needs a causal LM whose output head is a linear map without bias")
-        super().__init__(model, tokenizer, cache_prefix, checkpoint_layers, compile_layers)
+        super().__init__(model, tokenizer, cache_prefix, checkpoint_layers, compile_layers, lean_activations)
         self.system_prompt = system_prompt
         inputs = model.get_input_embeddings().weight
         self.hidden_size = inputs.shape[1]

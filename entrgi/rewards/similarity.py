@@ -14,15 +14,19 @@ class SimilarityReward(EmbeddingInputReward):
     Works with any HF encoder that accepts ``inputs_embeds`` (e.g. the MiniLM sentence
     encoder). The response is wrapped in the tokenizer's own special tokens; the
     prompt is not read. Rewards lie in [-1, 1]. ``checkpoint_layers``,
-    ``compile_layers``: see :class:`EmbeddingInputReward`.
+    ``compile_layers``, ``lean_activations``: see :class:`EmbeddingInputReward`.
     """
 
     align = "left"
 
-    def __init__(self, model, tokenizer, target: str, checkpoint_layers: bool = False, compile_layers: bool = False):
+    def __init__(
+        self, model, tokenizer, target: str, checkpoint_layers: bool = False, compile_layers: bool = False,
+        lean_activations: bool = True,
+    ):  # fmt: skip
         if not target:
             raise ValueError("SimilarityReward needs a non-empty target text")
-        super().__init__(model, tokenizer, checkpoint_layers=checkpoint_layers, compile_layers=compile_layers)
+        super().__init__(model, tokenizer, checkpoint_layers=checkpoint_layers, compile_layers=compile_layers,
+                         lean_activations=lean_activations)  # fmt: skip
         self.target = target
         self._affixes = special_affixes(tokenizer)
         self.target_embedding = self.encode_texts([target])[0]

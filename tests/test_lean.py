@@ -1,0 +1,65 @@
+"""Lean activations (``entrgi.lean``): a reward's RMSNorms and gated MLPs keep less for
+the guidance backward, with the same rewards and gradients; a module whose forward the
+lean one does not reproduce is left as it is."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from entrgi import load_reward
+from entrgi.lean import lean_forwards
+from helpers import assert_same_rewards, guided_reward_inputs, reward_scores_and_grads, saved_activation_bytes
+
+PROMPTS = ["hi", "tell me a long story about the sea and the wind"]
+
+
+@pytest.mark.parametrize("cache_prefix", [False, True])
+def test_lean_classifier_gives_identical_bfloat16_rewards_and_gradients(classifier_path, cache_prefix):
+    plain = load_reward(classifier_path, dtype=torch.bfloat16, cache_prefix=cache_prefix, lean_activations=False)
+    lean = load_reward(classifier_path, dtype=torch.bfloat16, cache_prefix=cache_prefix)
+    # two layers of (input norm, q norm, k norm, post-attention norm, MLP) and the final norm
+    assert len(lean.guidance_layers.lean) == 11 and not plain.guidance_layers.lean
+    context = plain.prepare(PROMPTS, 3)
+    embeds, valid = guided_reward_inputs(plain, 6, 7, seed=3)
+    want, want_grad = reward_scores_and_grads(plain, context, embeds, valid)
+    got, got_grad = reward_scores_and_grads(lean, context, embeds, valid)
+    assert torch.equal(got, want) and torch.equal(got_grad, want_grad)
+    assert want_grad.abs().sum() > 0
+
+
+def test_lean_likelihood_reward_matches_in_float32(likelihood_path):
+    plain = load_reward(likelihood_path, kind="likelihood", lean_activations=False)
+    lean = load_reward(likelihood_path, kind="likelihood")
+    context = plain.prepare(PROMPTS, 2)
+    soft_width = 0 if plain.tied else plain.hidden_size
+    embeds, valid = guided_reward_inputs(plain, 4, 5, seed=4, extra_columns=soft_width)
+    # float32 norms need no cast, so autograd adds the residual branch's gradient in
+    # another order: the same up to rounding, not bit for bit
+    assert_same_rewards((plain, context), (lean, context), embeds, valid, tol=1e-5)
+
+
+def test_lean_classifier_keeps_less_for_the_backward(classifier_path):
+    plain = load_reward(classifier_path, dtype=torch.bfloat16, lean_activations=False)
+    lean = load_reward(classifier_path, dtype=torch.bfloat16)
+    context = plain.prepare(PROMPTS, 3)
+    embeds, valid = guided_reward_inputs(plain, 6, 7, seed=5)
+    kept = [saved_activation_bytes(reward, context, embeds, valid) for reward in (lean, plain)]
+    assert kept[0] < 0.8 * kept[1]
+
+
+def test_modules_the_lean_forward_does_not_reproduce_are_left_alone():
+    from transformers import Qwen3Config
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP, Qwen3RMSNorm
+
+    class OnePlusWeightNorm(Qwen3RMSNorm):  # Gemma's scale: (1 + weight)
+        def forward(self, hidden_states):
+            return super().forward(hidden_states) + self.weight * hidden_states
+
+    config = Qwen3Config(hidden_size=8, intermediate_size=16, hidden_act="gelu")
+    gelu_mlp, silu_mlp = Qwen3MLP(config), Qwen3MLP(config.__class__(hidden_size=8, intermediate_size=16))
+    odd_norm, norm = OnePlusWeightNorm(8), Qwen3RMSNorm(8)
+    for module in (odd_norm, norm):
+        torch.nn.init.normal_(module.weight)
+    model = torch.nn.ModuleList([odd_norm, gelu_mlp, norm, silu_mlp])
+    assert [module for module, _ in lean_forwards(model)] == [norm, silu_mlp]
