@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from entrgi import LikelihoodReward, guided_embedding, load_reward
+from entrgi.rewards.likelihood import log_normaliser
 from entrgi.rewards.packing import response_mask_until_end
 
 
@@ -123,3 +124,20 @@ def test_a_head_with_bias_is_refused(reward):
     head.bias = torch.nn.Parameter(torch.zeros(head.weight.shape[0]))
     with pytest.raises(ValueError, match="linear map without bias"):
         LikelihoodReward(model, reward.tokenizer)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
+def test_log_normaliser_is_logsumexp_chunk_by_chunk(dtype, tol):
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 7, 16, generator=g).to(dtype).requires_grad_(True)
+    weight = torch.randn(50, 16, generator=g).to(dtype)
+    upstream = torch.randn(2, 7, generator=g)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.shape) or t, lambda t: t):
+        got = log_normaliser(hidden, weight, chunk_bytes=3 * 4 * 50)  # 3 rows a chunk: 14 rows in 5 chunks
+    (got_grad,) = torch.autograd.grad((got * upstream).sum(), hidden)
+    want = torch.logsumexp((hidden @ weight.T).float(), dim=-1)
+    (want_grad,) = torch.autograd.grad((want * upstream).sum(), hidden)
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    torch.testing.assert_close(got_grad, want_grad, atol=tol, rtol=tol)
+    assert kept == [(14, 16)]  # one direction per row; no (rows, V) logits kept

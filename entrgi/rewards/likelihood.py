@@ -11,6 +11,44 @@ import torch
 from entrgi.rewards.base import EmbeddingInputReward, RewardContext, chat_context_ids
 from entrgi.rewards.packing import RESPONSE, PackedInputs
 
+LOGIT_CHUNK_BYTES = 256 * 2**20  # float32 logits held at once by log_normaliser
+
+
+class _LogNormaliser(torch.autograd.Function):
+    """``logsumexp(hidden @ weight.T)`` per row, a chunk of rows at a time. The forward
+    keeps each row's gradient direction ``softmax(hidden @ weight.T) @ weight`` (d
+    numbers), so no (rows, V) logits outlive a chunk; the backward scales it."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, rows_per_chunk):
+        lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        direction = torch.empty_like(hidden, dtype=torch.float32) if ctx.needs_input_grad[0] else None
+        for start in range(0, hidden.shape[0], rows_per_chunk):
+            chunk = slice(start, start + rows_per_chunk)
+            logits = (hidden[chunk] @ weight.T).float()
+            lse[chunk] = torch.logsumexp(logits, dim=-1)
+            if direction is not None:
+                probs = torch.exp(logits.sub_(lse[chunk, None]))
+                direction[chunk] = probs.to(weight.dtype) @ weight
+        ctx.save_for_backward(direction)
+        ctx.hidden_dtype = hidden.dtype
+        return lse
+
+    @staticmethod
+    def backward(ctx, grad):
+        (direction,) = ctx.saved_tensors
+        return (grad[:, None] * direction).to(ctx.hidden_dtype), None, None
+
+
+def log_normaliser(hidden: torch.Tensor, weight: torch.Tensor, chunk_bytes: int = LOGIT_CHUNK_BYTES) -> torch.Tensor:
+    """(...,) float32 ``logsumexp(hidden @ weight.T)`` for ``hidden`` (..., d) and an
+    output head ``weight`` (V, d), differentiable in ``hidden``, holding at most
+    ``chunk_bytes`` of float32 logits at a time (the stock head would keep all of them,
+    2 GB at 16 x 200 positions x 152k for the backward)."""
+    rows = hidden.reshape(-1, hidden.shape[-1])
+    rows_per_chunk = max(1, chunk_bytes // (4 * weight.shape[0]))
+    return _LogNormaliser.apply(rows, weight, rows_per_chunk).view(hidden.shape[:-1])
+
 
 class LikelihoodReward(EmbeddingInputReward):
     """Reward = mean over response and suffix tokens of ``log P(token | everything before)``
@@ -80,8 +118,8 @@ class LikelihoodReward(EmbeddingInputReward):
         soft = embeds[:, 1:, width:].detach().float() if embeds.shape[-1] > width else mixed
         model_inputs = self.model_inputs(packed._replace(inputs_embeds=inputs), causal=True)
         hidden = self.model.base_model(**model_inputs).last_hidden_state[:, :-1]
-        log_normaliser = torch.logsumexp(self.model.get_output_embeddings()(hidden).float(), dim=-1)
+        normaliser = log_normaliser(hidden, self.model.get_output_embeddings().weight)
         hidden = hidden.float()
         target_logits = (hidden * soft).sum(-1) + (hidden * (mixed - soft)).sum(-1).detach()
         scored = (packed.segment[:, 1:] >= RESPONSE) & packed.attention_mask[:, 1:].bool()
-        return ((target_logits - log_normaliser) * scored).sum(-1) / scored.sum(-1).clamp_min(1)
+        return ((target_logits - normaliser) * scored).sum(-1) / scored.sum(-1).clamp_min(1)
