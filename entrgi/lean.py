@@ -89,9 +89,13 @@ def _same_output(module: torch.nn.Module, lean: Callable, width: int, dtype: tor
 def lean_forwards(model: torch.nn.Module) -> list[tuple[torch.nn.Module, Callable]]:
     """(module, lean forward) for each of ``model``'s RMSNorms and SiLU-gated MLPs whose
     lean forward reproduces the module's own bit for bit on a random input (a host
-    sync per module: call once, at load time). Other modules are left out."""
+    sync per module: call once, at load time). Other modules are left out, and so is
+    one whose forward a hook library replaced on the instance (e.g. accelerate's
+    offloading, which loads the weights inside that forward)."""
     found = []
     for module in model.modules():
+        if "forward" in module.__dict__:
+            continue
         if (lean := _lean_rms_norm(module)) is not None:
             width, dtype = module.weight.shape[0], module.weight.dtype
         elif (lean := _lean_gated_mlp(module)) is not None:
