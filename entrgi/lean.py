@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 class _RMSNorm(torch.autograd.Function):
     """``weight * (x32 * rsqrt(mean(x32²) + eps)).to(x.dtype)`` with ``x32 = x.float()``,
-    keeping x (not x32) and 1/rms. ``weight`` takes no gradient (frozen rewards)."""
+    keeping x (not x32) and 1/rms. For a frozen ``weight`` (it gets no gradient)."""
 
     @staticmethod
     def forward(ctx, x, weight, eps):
@@ -66,6 +66,8 @@ class _SiluGate(torch.autograd.Function):
 def _lean_rms_norm(module: torch.nn.Module) -> Callable | None:
     eps, weight = getattr(module, "variance_epsilon", None), getattr(module, "weight", None)
     if not isinstance(eps, float) or not isinstance(weight, torch.nn.Parameter) or weight.dim() != 1:
+        return None
+    if weight.requires_grad:  # a trained norm needs its weight's gradient: left as it is
         return None
     return lambda hidden_states: _RMSNorm.apply(hidden_states, module.weight, eps)
 

@@ -63,5 +63,7 @@ def test_modules_the_lean_forward_does_not_reproduce_are_left_alone():
         torch.nn.init.normal_(module.weight)
     hooked_norm = Qwen3RMSNorm(8)
     hooked_norm.forward = hooked_norm.forward  # as an offloading hook installs its own
-    model = torch.nn.ModuleList([odd_norm, gelu_mlp, norm, silu_mlp, hooked_norm])
+    model = torch.nn.ModuleList([odd_norm, gelu_mlp, norm, silu_mlp, hooked_norm]).requires_grad_(False)
+    trained_norm = Qwen3RMSNorm(8)  # its weight needs a gradient
+    model.append(trained_norm)
     assert [module for module, _ in lean_forwards(model)] == [norm, silu_mlp]
