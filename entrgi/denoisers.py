@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -116,9 +117,10 @@ class Denoiser:
     ) -> torch.Tensor:
         """(N, L) ids and (N, L) bool key-padding mask -> (N, L, V) logits, where
         ``logits[:, i]`` is the prediction for position i (Dream's shift applied).
-        ``keep_last``: only the last that many positions, (N, keep_last, V); models
-        that take ``logits_to_keep`` / ``num_logits_to_keep`` then run their output
-        head on those positions only (the prompt's logits are never computed)."""
+        ``keep_last``: only the last that many positions, (N, keep_last, V); the output
+        head runs on those positions only (the prompt's logits are never computed):
+        through ``logits_to_keep`` / ``num_logits_to_keep`` where the model takes it,
+        else by slicing the head module's input (LLaDA, HF masked LMs)."""
         length = input_ids.shape[1]
         if keep_last is not None and not 0 < keep_last <= length:
             raise ValueError(f"keep_last must be in [1, {length}], got {keep_last}")
@@ -129,7 +131,8 @@ class Denoiser:
         length = input_ids.shape[1]
         if self.kind == "llada":
             # LLaDA's own code turns a 2-D mask into an additive bias (no host check).
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask.long()).logits
+            with self._head_on_last(keep_last, length):
+                logits = self.model(input_ids=input_ids, attention_mask=attention_mask.long()).logits
             return logits if keep_last is None else logits[:, -keep_last:]
         shift = int(self.kind == "dream")
         head_rows = None if keep_last is None or keep_last + shift > length else keep_last + shift
@@ -141,13 +144,38 @@ class Denoiser:
             kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
         if head_rows is not None and self._keep_argument is not None:
             kwargs[self._keep_argument] = head_rows
-        logits = self.model(input_ids=input_ids, **kwargs).logits
+            logits = self.model(input_ids=input_ids, **kwargs).logits
+        else:
+            with self._head_on_last(head_rows, length):
+                logits = self.model(input_ids=input_ids, **kwargs).logits
         if head_rows is not None:  # (N, head_rows, V): the last positions' raw logits
             logits = logits[:, -head_rows:]
             return logits[:, :keep_last] if shift else logits
         if shift:
             logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
         return logits if keep_last is None else logits[:, -keep_last:]
+
+    @contextlib.contextmanager
+    def _head_on_last(self, rows: int | None, length: int) -> Iterator[None]:
+        """Inside the block, the output head module sees only the last ``rows`` of an
+        (N, length, d) input. A head the model does not call as a module (a weight
+        tied through ``F.linear``) or calls on other shapes sees its input whole, and
+        the caller's slice of the logits does the rest."""
+        if rows is None:
+            yield
+            return
+
+        def last_rows(head, args):
+            hidden = args[0]
+            if hidden.dim() == 3 and hidden.shape[1] == length:
+                return (hidden[:, -rows:], *args[1:])
+            return None
+
+        handle = self.model.get_output_embeddings().register_forward_pre_hook(last_rows)
+        try:
+            yield
+        finally:
+            handle.remove()
 
     def decode(self, response_ids: Sequence[int]) -> str:
         """Text of one response: cut at the first end token; ids with no string (beyond
