@@ -67,3 +67,29 @@ def test_modules_the_lean_forward_does_not_reproduce_are_left_alone():
     trained_norm = Qwen3RMSNorm(8)  # its weight needs a gradient
     model.append(trained_norm)
     assert [module for module, _ in lean_forwards(model)] == [norm, silu_mlp]
+
+
+@pytest.mark.parametrize("family", ["Llama", "Qwen2", "Mistral"])
+def test_other_reward_families_get_lean_layers_with_identical_gradients(family):
+    import transformers
+
+    config = getattr(transformers, f"{family}Config")(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, num_labels=1, pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{family}ForSequenceClassification")(config).to(torch.bfloat16)
+    model.eval().requires_grad_(False)
+    found = lean_forwards(model)
+    assert len(found) == 2 * 3 + 1  # per layer two norms and the MLP, and the final norm
+    embeds = torch.randn(3, 6, 32, dtype=torch.bfloat16, requires_grad=True)
+
+    def score_and_grad():
+        score = model(inputs_embeds=embeds).logits.sum()
+        return score, torch.autograd.grad(score, embeds)[0]
+
+    want, want_grad = score_and_grad()
+    for module, forward in found:
+        module.forward = forward
+    got, got_grad = score_and_grad()
+    assert torch.equal(got, want) and torch.equal(got_grad, want_grad)
