@@ -141,3 +141,5 @@ def test_log_normaliser_is_logsumexp_chunk_by_chunk(dtype, tol):
     torch.testing.assert_close(got, want, atol=tol, rtol=tol)
     torch.testing.assert_close(got_grad, want_grad, atol=tol, rtol=tol)
     assert kept == [(14, 16)]  # one direction per row; no (rows, V) logits kept
+    with pytest.raises(ValueError, match="must be frozen"):
+        log_normaliser(hidden, weight.requires_grad_(True))

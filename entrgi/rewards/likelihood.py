@@ -21,6 +21,8 @@ class _LogNormaliser(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, rows_per_chunk):
+        if ctx.needs_input_grad[1]:
+            raise ValueError("log_normaliser differentiates hidden only: the output head's weight must be frozen")
         lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         direction = torch.empty_like(hidden, dtype=torch.float32) if ctx.needs_input_grad[0] else None
         for start in range(0, hidden.shape[0], rows_per_chunk):
