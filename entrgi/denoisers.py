@@ -144,10 +144,10 @@ class Denoiser:
             kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
         if head_rows is not None and self._keep_argument is not None:
             kwargs[self._keep_argument] = head_rows
+        # the hook trims the head's input for models without a keep argument; it passes
+        # through a head input the model already cut to head_rows
+        with self._head_on_last(head_rows, length):
             logits = self.model(input_ids=input_ids, **kwargs).logits
-        else:
-            with self._head_on_last(head_rows, length):
-                logits = self.model(input_ids=input_ids, **kwargs).logits
         if head_rows is not None:  # (N, head_rows, V): the last positions' raw logits
             logits = logits[:, -head_rows:]
             return logits[:, :keep_last] if shift else logits

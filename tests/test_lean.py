@@ -56,8 +56,8 @@ def test_modules_the_lean_forward_does_not_reproduce_are_left_alone():
         def forward(self, hidden_states):
             return super().forward(hidden_states) + self.weight * hidden_states
 
-    config = Qwen3Config(hidden_size=8, intermediate_size=16, hidden_act="gelu")
-    gelu_mlp, silu_mlp = Qwen3MLP(config), Qwen3MLP(config.__class__(hidden_size=8, intermediate_size=16))
+    gelu_mlp = Qwen3MLP(Qwen3Config(hidden_size=8, intermediate_size=16, hidden_act="gelu"))
+    silu_mlp = Qwen3MLP(Qwen3Config(hidden_size=8, intermediate_size=16))
     odd_norm, norm = OnePlusWeightNorm(8), Qwen3RMSNorm(8)
     for module in (odd_norm, norm):
         torch.nn.init.normal_(module.weight)
