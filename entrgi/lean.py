@@ -8,7 +8,8 @@ MLP, ``gate``, ``up`` and ``silu(gate)``. Here an RMSNorm keeps its input in its
 dtype and one 1/rms per row, and the gated product keeps ``gate`` and ``up`` and
 recomputes ``silu(gate)`` in the backward (one elementwise op). For a Qwen3-1.7B layer
 over 16 x 200 bfloat16 tokens that is 172 MiB kept instead of 253 MiB (counted with
-saved-tensor hooks on CPU; attention's own tensors unchanged).
+saved-tensor hooks on CPU, :func:`kept_bytes`; ``bench/reward_memory.py``; attention's
+own tensors unchanged).
 
 Exactness: each module is swapped only after its lean forward gave bit-identical output
 to its own forward on a random input (:func:`lean_forwards`), and the backwards apply
@@ -107,3 +108,20 @@ def lean_forwards(model: torch.nn.Module) -> list[tuple[torch.nn.Module, Callabl
         if _same_output(module, lean, width, dtype):
             found.append((module, lean))
     return found
+
+
+def kept_bytes(run: Callable[[], object], model: torch.nn.Module) -> int:
+    """Bytes of the distinct storages, other than ``model``'s parameters, that autograd
+    keeps for the backward while ``run()`` executes (saved-tensor hooks: any device)."""
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        run()
+    return sum(kept.values())

@@ -97,18 +97,9 @@ def reward_scores_and_grads(reward, context, embeds, valid):
 
 def saved_activation_bytes(reward, context, embeds, valid) -> int:
     """Bytes of the distinct non-parameter tensors autograd keeps for the reward's backward."""
-    parameters = {p.untyped_storage().data_ptr() for p in reward.model.parameters()}
-    saved: dict[int, int] = {}
+    from entrgi.lean import kept_bytes
 
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameters:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        reward.score_embeds(context, embeds, valid)
-    return sum(saved.values())
+    return kept_bytes(lambda: reward.score_embeds(context, embeds, valid), reward.model)
 
 
 def assert_same_rewards(reference, candidate, embeds, valid, tol: float = 1e-5) -> None:
