@@ -40,6 +40,25 @@ def test_text_score_is_the_mean_log_probability_of_response_and_suffix(reward):
     assert scores[0] != scores[1]
 
 
+def test_the_output_head_runs_on_the_response_and_suffix_columns_only(reward, monkeypatch):
+    import entrgi.rewards.likelihood as likelihood
+
+    widths = []
+    full = likelihood.log_normaliser
+
+    def recording(hidden, weight):
+        widths.append(hidden.shape[1])
+        return full(hidden, weight)
+
+    monkeypatch.setattr(likelihood, "log_normaliser", recording)
+    prompts, responses = ["hi", "tell me a long story about the sea"], ["the sun is out", "no"]
+    reward.score_texts(prompts, responses)
+    longest = max(len(reward.tokenizer(r, add_special_tokens=False)["input_ids"]) for r in responses)
+    suffix = max(len(reward.context_ids(p)[1]) for p in prompts)
+    prefix = max(len(reward.context_ids(p)[0]) for p in prompts)
+    assert widths == [longest + suffix] and prefix > 1  # not the prefix + response + suffix - 1 columns
+
+
 @pytest.mark.parametrize("mode", ["entrgi", "aps", "expectation"])
 def test_guided_value_matches_the_published_formula(reward, mode):
     """Published: soft_lp = sum_v p_v lp[v] (p constant), hard_lp = lp[drawn], position

@@ -243,6 +243,8 @@ class EmbeddingInputReward:
             torch.full_like(context.suffix_valid, SUFFIX, dtype=torch.long),
         ], dim=1)  # fmt: skip
         packed = pack_inputs(embeds, valid, self.align, segment)
+        if self.align == "right":  # real tokens keep their order at the end: the response and suffix come last
+            packed = packed._replace(tail_width=response_valid.shape[1] + context.suffix_valid.shape[1])
         if not cached:
             return packed
         past_valid = context.prefix_valid[:, :-1]

@@ -116,12 +116,14 @@ class LikelihoodReward(EmbeddingInputReward):
         width = self._table.shape[1]
         embeds = packed.inputs_embeds
         inputs = self.model_embeds(embeds)
-        mixed = embeds[:, 1:, self.soft_target_columns].detach().float()
-        soft = embeds[:, 1:, width:].detach().float() if embeds.shape[-1] > width else mixed
+        targets = embeds[:, -packed.tail_width :].detach().float()  # the scored tokens, all in the tail
+        mixed = targets[..., self.soft_target_columns]
+        soft = targets[..., width:] if embeds.shape[-1] > width else mixed
         model_inputs = self.model_inputs(packed._replace(inputs_embeds=inputs), causal=True)
-        hidden = self.model.base_model(**model_inputs).last_hidden_state[:, :-1]
-        normaliser = log_normaliser(hidden, self.model.get_output_embeddings().weight)
+        hidden = self.model.base_model(**model_inputs).last_hidden_state[:, -packed.tail_width - 1 : -1]
+        normaliser = log_normaliser(hidden, self.model.get_output_embeddings().weight)  # the head on the tail only
         hidden = hidden.float()
         target_logits = (hidden * soft).sum(-1) + (hidden * (mixed - soft)).sum(-1).detach()
-        scored = (packed.segment[:, 1:] >= RESPONSE) & packed.attention_mask[:, 1:].bool()
+        tail = slice(-packed.tail_width, None)
+        scored = (packed.segment[:, tail] >= RESPONSE) & packed.attention_mask[:, tail].bool()
         return ((target_logits - normaliser) * scored).sum(-1) / scored.sum(-1).clamp_min(1)

@@ -23,6 +23,7 @@ class PackedInputs(NamedTuple):
     segment: torch.Tensor | None = None  # (N, S) int64 segment id per packed position
     past_kv: tuple[torch.Tensor, ...] | None = None  # cached prefix keys then values, one per layer
     past_valid: torch.Tensor | None = None  # (N, P) bool: real tokens among the cached prefix keys
+    tail_width: int | None = None  # right-aligned: every response and suffix token lies in the last tail_width columns
 
 
 def pack_inputs(
