@@ -4,6 +4,7 @@
 # each stage are a short summary. Usage, from the repository root on the GPU machine:
 #   bash bench/gpu_session.sh tests     # install offline, the whole test suite on CUDA
 #   bash bench/gpu_session.sh step      # step suite: 2 presets x reward memory options (lean layers on / off)
+#   bash bench/gpu_session.sh profile   # eager guided step per component, device ms against each floor
 #   bash bench/gpu_session.sh compile   # step suite with compiled layers (compiles first)
 #   bash bench/gpu_session.sh op        # op suite (triton vs eager) + per-kernel breakdown
 #   bash bench/gpu_session.sh baseline  # op suite: eager vs torch.compile of the reference
@@ -11,9 +12,9 @@
 #   bash bench/gpu_session.sh sweep-bf16  # GEMM tile sweep, bf16 phi at the op goal's N=512, d=1024
 set -euo pipefail
 case "${1:-}" in
-tests | step | compile | op | baseline | sweep | sweep-bf16) ;;
+tests | step | profile | compile | op | baseline | sweep | sweep-bf16) ;;
 *)
-    echo "usage: bash bench/gpu_session.sh tests|step|compile|op|baseline|sweep|sweep-bf16" >&2
+    echo "usage: bash bench/gpu_session.sh tests|step|profile|compile|op|baseline|sweep|sweep-bf16" >&2
     exit 2
     ;;
 esac
@@ -46,6 +47,11 @@ tests)
 step)
     step_suites step.log "" "--no-reward-lean" "--reward-checkpoint" "--reward-cache-prefix --reward-checkpoint" \
         "--reward-cache-prefix --reward-checkpoint --adam-moments bfloat16"
+    ;;
+profile)
+    for preset in 1xK4-0.6b 4xK4-1.7b; do
+        entrgi bench --profile --preset $preset --steps 4 --out "$OUT/profile_$preset" 2>&1 | tee -a "$OUT/profile.log"
+    done
     ;;
 compile)
     step_suites compile.log "--compile-layers" "--compile-layers --reward-cache-prefix --reward-checkpoint"

@@ -1,135 +1,19 @@
-"""The floor of one denoising step at a step-suite preset: per component, the FLOPs and
-the bytes that must move, and the time they take at the H100 ceilings of PERF.md
-(750 TFLOP/s bf16, 3.0 TB/s). No GPU needed.
-
-The models' FLOPs are counted (``torch.utils.flop_counter``) by running the real
-denoiser and reward code on the meta device: the denoiser's forward as the step calls it
-(output head on the response only) and the reward's forward + backward as guidance calls
-it (gradients to the inputs only). The fused op, Adam and the commit are counted from
-shapes: two GEMMs over the active rows per guidance step, and the (rows, V) float32
-tensors each must read or write once. Bytes count weights and those tensors, not the
-models' activations, so the floor is a lower bound on a step's time.
+"""The floor of one denoising step at the step suite's presets, per component (see
+:mod:`entrgi.step_floor`; no GPU needed).
 
     python bench/step_floor.py [--preset 1xK4-0.6b 4xK4-1.7b] [--masked-fraction 0.5]
-        [--guidance-steps 3] [--reward-cache-prefix] [--reward-checkpoint]
+        [--guidance-steps 3] [--new-tokens 128] [--reward-cache-prefix] [--reward-checkpoint]
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import NamedTuple
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from entrgi.benchmark import PEAK_BYTES_PER_S, PEAK_FLOP_PER_S
-from entrgi.rewards.base import RewardContext
-from entrgi.step_benchmark import PRESETS, PROMPT_TOKENS, REWARD_PREFIX_TOKENS, REWARD_SUFFIX_TOKENS, build_models
-
-META = torch.device("meta")
-DTYPE = torch.bfloat16
-PHI_BYTES = 4  # the guidance loop's logits and Adam moments are float32
-
-
-class Component(NamedTuple):
-    name: str
-    flops: float
-    nbytes: float
-    guided_only: bool
-
-    @property
-    def floor_ms(self) -> float:
-        return max(self.flops / PEAK_FLOP_PER_S, self.nbytes / PEAK_BYTES_PER_S) * 1e3
-
-    @property
-    def bound(self) -> str:
-        return "compute" if self.flops / PEAK_FLOP_PER_S > self.nbytes / PEAK_BYTES_PER_S else "memory"
-
-
-def _weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the weights a pass reads in full: all but the input-embedding table
-    (a pass gathers a few of its rows), unless the output head shares it."""
-    inputs = model.get_input_embeddings().weight
-    head = model.get_output_embeddings()
-    gathered = 0 if head is not None and head.weight is inputs else inputs.numel() * inputs.element_size()
-    return sum(p.numel() * p.element_size() for p in model.parameters()) - gathered
-
-
-def denoiser_flops(denoiser, rows: int, new_tokens: int) -> tuple[float, float]:
-    """(all, output head) FLOPs of the step's denoiser forward over ``rows`` canvases."""
-    canvas = torch.zeros(rows, PROMPT_TOKENS + new_tokens, dtype=torch.long, device=META)
-    attention = torch.ones(canvas.shape, dtype=torch.bool, device=META)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        denoiser.logits(canvas, attention, keep_last=new_tokens)
-    head = sum(sum(ops.values()) for name, ops in counter.get_flop_counts().items() if name.endswith("lm_head"))
-    return float(counter.get_total_flops()), float(head)
-
-
-def reward_flops(reward, rows: int, new_tokens: int) -> float:
-    """FLOPs of one guidance call of the reward: score ``rows`` responses, then backward
-    to the response embeddings (the cached prefix, if any, is built once per batch)."""
-    d = reward.input_embeddings().shape[1]
-    context = RewardContext(
-        torch.empty(rows, REWARD_PREFIX_TOKENS, d, dtype=DTYPE, device=META),
-        torch.ones(rows, REWARD_PREFIX_TOKENS, dtype=torch.bool, device=META),
-        torch.empty(rows, REWARD_SUFFIX_TOKENS, d, dtype=DTYPE, device=META),
-        torch.ones(rows, REWARD_SUFFIX_TOKENS, dtype=torch.bool, device=META),
-    )
-    if reward.cache_prefix:
-        context.prefix_kv = reward.cached_prefix(context)
-    embeds = torch.empty(rows, new_tokens, d, dtype=DTYPE, device=META, requires_grad=True)
-    valid = torch.ones(rows, new_tokens, dtype=torch.bool, device=META)
-    with FlopCounterMode(display=False) as counter:
-        reward.score_embeds(context, embeds, valid).sum().backward()
-    return float(counter.get_total_flops())
-
-
-def step_components(
-    preset: str, masked_fraction: float = 0.5, guidance_steps: int = 3, new_tokens: int = 128,
-    cache_prefix: bool = False, checkpoint: bool = False,
-) -> list[Component]:  # fmt: skip
-    """The components of one guided step of ``preset`` (``guided_only`` marks those an
-    unguided step skips), with ``masked_fraction`` of the response rows still masked."""
-    if not 0 < masked_fraction <= 1:
-        raise ValueError(f"masked_fraction must be in (0, 1], got {masked_fraction}")
-    # Lean layers change what the backward keeps, not its FLOPs; their swap checks run real numbers.
-    denoiser, reward = build_models(preset, META, DTYPE, cache_prefix, checkpoint, lean_activations=False)
-    _, _, prompts, k = PRESETS[preset]
-    rows = prompts * k
-    vocab = denoiser.vocab_size
-    table = reward.input_embeddings()
-    active = masked_fraction * rows * new_tokens  # (rows, V) logits rows the op and commit touch
-    phi = active * vocab * PHI_BYTES
-    table_bytes = table.numel() * table.element_size()
-    gemm = 2.0 * active * vocab * table.shape[1]
-    total, head = denoiser_flops(denoiser, rows, new_tokens)
-    denoiser_bytes = _weight_bytes(denoiser.model) + rows * new_tokens * vocab * PHI_BYTES  # weights, logits out
-    reward_bytes = (3 if checkpoint else 2) * _weight_bytes(reward.model)  # forward, backward (recompute)
-    m = guidance_steps
-    return [
-        Component("denoiser forward", total, denoiser_bytes, False),
-        Component("  of which output head", head, 0.0, False),
-        Component("entropy confidence", 0.0, phi, True),
-        Component(f"guided op forward (x{m})", m * gemm, m * (phi + table_bytes), True),
-        Component(f"reward fwd+bwd (x{m})", m * reward_flops(reward, rows, new_tokens), m * reward_bytes, True),
-        Component(f"op backward + Adam (x{m})", m * gemm, m * (6 * phi + table_bytes), True),  # phi, 2 moments r/w
-        Component("commit (sample + confidence)", 0.0, phi, False),
-    ]
-
-
-def step_floor_ms(components: list[Component], guided: bool) -> float:
-    """The step's floor: its components' floors added up (sub-rows excluded)."""
-    return sum(c.floor_ms for c in components if not c.name.startswith(" ") and (guided or not c.guided_only))
-
-
-def format_floor(preset: str, components: list[Component]) -> str:
-    lines = [f"| {preset} | TFLOP | GB | floor ms | bound |", "|---|---|---|---|---|"]
-    for c in components:
-        lines.append(f"| {c.name} | {c.flops / 1e12:.2f} | {c.nbytes / 1e9:.2f} | {c.floor_ms:.2f} | {c.bound} |")
-    unguided, guided = step_floor_ms(components, False), step_floor_ms(components, True)
-    lines.append(f"| unguided step | | | {unguided:.2f} | |")
-    lines.append(f"| guided step | | | {guided:.2f} | guided / unguided {guided / unguided:.2f} |")
-    return "\n".join(lines)
+from entrgi.step_benchmark import PRESETS
+from entrgi.step_floor import format_floor, step_components
 
 
 def main(argv: list[str] | None = None) -> None:

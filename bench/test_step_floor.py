@@ -1,25 +1,29 @@
-"""``bench/step_floor.py`` counts a step's FLOPs on the meta device: the denoiser's head
-on the response only, the reward's count following its memory options, a full table."""
+"""``entrgi.step_floor`` counts a step's FLOPs on the meta device: the denoiser's head on
+the response only, the reward's count following its memory options; ``bench/step_floor.py``
+prints a full table."""
 
 from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
 
+import pytest
+
+from entrgi import step_floor as floors
 from entrgi.step_benchmark import SHAPES, build_models
 
-_spec = importlib.util.spec_from_file_location("step_floor", Path(__file__).with_name("step_floor.py"))
-step_floor = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(step_floor)
+_spec = importlib.util.spec_from_file_location("step_floor_tool", Path(__file__).with_name("step_floor.py"))
+tool = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tool)
 
 
 def _tiny(cache_prefix=False, checkpoint=False):
-    return build_models("tiny", step_floor.META, step_floor.DTYPE, cache_prefix, checkpoint, lean_activations=False)
+    return build_models("tiny", floors.META, floors.DTYPE, cache_prefix, checkpoint, lean_activations=False)
 
 
 def test_denoiser_head_is_counted_on_the_response_only():
     denoiser, _ = _tiny()
-    total, head = step_floor.denoiser_flops(denoiser, rows=3, new_tokens=16)
+    total, head = floors.denoiser_flops(denoiser, rows=3, new_tokens=16)
     hidden, vocab = SHAPES["tiny-denoiser"][0], SHAPES["tiny-denoiser"][-1]
     assert head == 2 * 3 * (16 + 1) * hidden * vocab  # Dream reads each position's logits one column back
     assert total > 2 * head
@@ -27,22 +31,41 @@ def test_denoiser_head_is_counted_on_the_response_only():
 
 def test_reward_count_follows_its_memory_options():
     plain, cached, checkpointed = (
-        step_floor.reward_flops(_tiny(cache, checkpoint)[1], rows=2, new_tokens=16)
+        floors.reward_flops(_tiny(cache, checkpoint)[1], rows=2, new_tokens=16)
         for cache, checkpoint in ((False, False), (True, False), (False, True))
     )
     assert 0 < cached < plain < checkpointed
 
 
 def test_table_lists_every_component_and_both_floors(capsys):
-    step_floor.main(["--preset", "tiny", "--new-tokens", "16", "--masked-fraction", "0.25"])
+    tool.main(["--preset", "tiny", "--new-tokens", "16", "--masked-fraction", "0.25"])
     lines = capsys.readouterr().out.splitlines()
     cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines if line.startswith("| ")]
     names = [row[0] for row in cells]
     assert names[1:] == ["denoiser forward", "of which output head", "entropy confidence", "guided op forward (x3)",
                          "reward fwd+bwd (x3)", "op backward + Adam (x3)", "commit (sample + confidence)",
                          "unguided step", "guided step"]  # fmt: skip
-    components = step_floor.step_components("tiny", masked_fraction=0.25, new_tokens=16)
-    unguided, guided = (step_floor.step_floor_ms(components, guided) for guided in (False, True))
+    components = floors.step_components("tiny", masked_fraction=0.25, new_tokens=16)
+    unguided, guided = (floors.step_floor_ms(components, guided) for guided in (False, True))
     unguided_parts = ("denoiser forward", "commit (sample + confidence)")
     assert unguided == sum(c.floor_ms for c in components if c.name in unguided_parts)
     assert guided > unguided
+
+
+def test_bfloat16_moments_halve_the_moments_bytes():
+    full, half = (
+        {c.name: c.nbytes for c in floors.step_components("tiny", new_tokens=16, adam_moments=dtype)}
+        for dtype in ("float32", "bfloat16")
+    )
+    adam = "op backward + Adam (x3)"
+    phi = full["commit (sample + confidence)"]  # one read of the active rows' float32 logits
+    table = (full[adam] / 3) - 6 * phi
+    # phi read and written, two half-size moments read and written
+    assert half[adam] / 3 == pytest.approx(2 * phi + 2 * phi + table)
+
+
+def test_profile_ranges_cover_the_guided_step():
+    components = floors.step_components("tiny", new_tokens=16)
+    ranges = floors.range_floors(components)
+    assert all(ms > 0 for ms in ranges.values())
+    assert sum(ranges.values()) == pytest.approx(floors.step_floor_ms(components, guided=True))

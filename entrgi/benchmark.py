@@ -279,9 +279,14 @@ def plot_csv(path: Path, out_dir: Path) -> list[Path]:
     return written
 
 
-def profile_step(steps: int, out_dir: Path, config=None, denoiser=None, reward=None, run=None) -> str:
+def profile_step(
+    steps: int, out_dir: Path, config=None, denoiser=None, reward=None, run=None,
+    floors: dict[str, float] | None = None,
+) -> str:  # fmt: skip
     """Profile eager guided denoising steps of ``run`` (default: built from the offline
-    demo models); returns a per-component table and writes a Chrome trace."""
+    demo models); returns a per-component table and writes a Chrome trace. ``floors``:
+    floor ms per component range (:func:`entrgi.step_floor.range_floors`), shown beside
+    the measured device time."""
     from torch.profiler import ProfilerActivity, profile
 
     from entrgi.config import GuidanceConfig
@@ -310,22 +315,27 @@ def profile_step(steps: int, out_dir: Path, config=None, denoiser=None, reward=N
     out_dir.mkdir(parents=True, exist_ok=True)
     trace = out_dir / "guided_step_trace.json"
     prof.export_chrome_trace(str(trace))
-    return _profile_table(prof.key_averages(), steps - 1, wall_ms, trace)
+    return _profile_table(prof.key_averages(), steps - 1, wall_ms, trace, floors or {})
 
 
 SYNC_EVENTS = ("aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 
 
-def _profile_table(averages, steps: int, wall_ms: float, trace: Path) -> str:
-    """Per-component rows (``entrgi.*`` ranges), then the step's wall time, the device
-    time the kernels kept busy, the host gaps (wall minus busy: launch overhead and
-    waits) and the host syncs per step."""
+def _profile_table(averages, steps: int, wall_ms: float, trace: Path, floors: dict[str, float]) -> str:
+    """Per-component rows (``entrgi.*`` ranges; with ``floors``, each range's floor ms and
+    device time over it), then the step's wall time, the device time the kernels kept
+    busy, the host gaps (wall minus busy: launch overhead and waits) and the host syncs
+    per step."""
     per_step = lambda us: us / 1e3 / steps  # noqa: E731
     components = sorted((e for e in averages if e.key.startswith("entrgi.")), key=lambda e: -e.cpu_time_total)
-    lines = [f"{'component':<34} {'calls':>6} {'CPU ms/step':>12} {'device ms/step':>15}"]
+    head = f"{'component':<34} {'calls':>6} {'CPU ms/step':>12} {'device ms/step':>15}"
+    lines = [head + (f" {'floor ms':>9} {'x floor':>8}" if floors else "")]
     for e in components:
-        lines.append(f"{e.key:<34} {e.count:>6} {per_step(e.cpu_time_total):12.2f} "
-                     f"{per_step(getattr(e, 'device_time_total', 0.0)):15.2f}")  # fmt: skip
+        device_ms = per_step(getattr(e, "device_time_total", 0.0))
+        line = f"{e.key:<34} {e.count:>6} {per_step(e.cpu_time_total):12.2f} {device_ms:15.2f}"
+        if e.key in floors:
+            line += f" {floors[e.key]:9.2f} {cell(device_ms / floors[e.key] if device_ms else None, '8.1f')}"
+        lines.append(line)
     busy_ms = per_step(sum(getattr(e, "self_device_time_total", 0.0) for e in averages))
     syncs = sum(e.count for e in averages if e.key in SYNC_EVENTS) / steps
     lines.append(f"{'step wall time':<34} {'':>6} {wall_ms:12.2f}")

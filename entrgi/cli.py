@@ -128,12 +128,17 @@ def _bench(args) -> int:
 
     out_dir = Path(args.out)
     if args.profile:
-        run = None
+        run, floors = None, None
         if args.preset:
             from entrgi.step_benchmark import preset_run
+            from entrgi.step_floor import range_floors, step_components
 
             run = preset_run(args.preset[0], **_step_options(args))
-        print(benchmark.profile_step(args.steps, out_dir, run=run))
+            floors = range_floors(step_components(
+                args.preset[0], args.masked_fraction, args.guidance_steps, args.new_tokens,
+                args.reward_cache_prefix, args.reward_checkpoint, args.adam_moments,
+            ))  # fmt: skip
+        print(benchmark.profile_step(args.steps, out_dir, run=run, floors=floors))
         return 0
     gpu = torch.cuda.is_available()
     if args.suite == "step":

@@ -188,8 +188,9 @@ class DiffusionRun:
         initial_confidence = None
         if guided:
             if cfg.commit_rule == "entropy":  # the commit scores the un-steered logits: before they move
-                initial_confidence = entropy_confidence(phi, temperature=cfg.temperature, backend=cfg.backend,
-                                                        active=in_block)  # fmt: skip
+                with record_function("entrgi.entropy_confidence"):
+                    initial_confidence = entropy_confidence(phi, temperature=cfg.temperature, backend=cfg.backend,
+                                                            active=in_block)  # fmt: skip
             steered = in_block if cfg.guidance_scope == "block" and cfg.block_length is not None else None
             self.optimize(phi, masked, steered)
         with record_function("entrgi.commit"):

@@ -123,6 +123,18 @@ def test_bench_profile_reports_components(tmp_path, capsys, monkeypatch):
     assert json.loads((tmp_path / "guided_step_trace.json").read_text())["traceEvents"]
 
 
+def test_bench_profile_of_a_preset_shows_each_component_against_its_floor(tmp_path, capsys):
+    assert main(["bench", "--profile", "--preset", "tiny", "--steps", "2", "--out", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    head = next(line for line in lines if line.startswith("component"))
+    assert head.split()[-4:] == ["floor", "ms", "x", "floor"]
+    rows = {line.split()[0]: line.split() for line in lines if line.startswith("entrgi.")}
+    for component in ("denoiser_forward", "entropy_confidence", "guided_embedding", "reward_forward_backward",
+                      "commit"):  # fmt: skip
+        assert float(rows[f"entrgi.{component}"][4]) >= 0  # the floor column (H100 ceilings: ~0 at the tiny preset)
+    assert len(rows["entrgi.optimizer"]) == 4  # no floor of its own (counted with the op's backward)
+
+
 def test_demo_runs_offline_and_prints_the_table(tmp_path, monkeypatch, capsys):
     from entrgi import GuidanceConfig
     from entrgi.demo import run_demo
