@@ -98,6 +98,9 @@ def build_models(
     from transformers import Qwen2ForCausalLM, Qwen3ForSequenceClassification
 
     denoiser_shape, reward_shape, _, _ = PRESETS[preset]
+    if torch.device(device).type == "cpu" and preset != "tiny":
+        raise ValueError(f"preset {preset!r} builds a {denoiser_shape} denoiser and needs a CUDA device; "
+                         "on a CPU use the 'tiny' preset")  # fmt: skip
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:

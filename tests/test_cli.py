@@ -135,6 +135,12 @@ def test_bench_profile_of_a_preset_shows_each_component_against_its_floor(tmp_pa
     assert len(rows["entrgi.optimizer"]) == 4  # no floor of its own (counted with the op's backward)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU refusal")
+def test_bench_refuses_a_paper_shape_preset_on_a_cpu(tmp_path, capsys):
+    assert main(["bench", "--suite", "step", "--preset", "1xK4-0.6b", "--out", str(tmp_path)]) == 2
+    assert "preset '1xK4-0.6b' builds a dream-7b denoiser and needs a CUDA device" in capsys.readouterr().err
+
+
 def test_demo_runs_offline_and_prints_the_table(tmp_path, monkeypatch, capsys):
     from entrgi import GuidanceConfig
     from entrgi.demo import run_demo
