@@ -77,7 +77,7 @@ def optimize_logits(
     committed_embeds = table[committed_rows]
     soft_columns = getattr(reward, "soft_target_columns", None)
     if soft_columns is not None:  # the reward also reads the soft (w = 0) value of these columns
-        soft_table = table[:, soft_columns].contiguous()
+        soft_table = table[:, soft_columns]  # a view: the op reads rows with the table's row stride
         committed_soft = soft_table[committed_rows]
     weight_sum = torch.zeros((), device=phi.device)
     for _ in range(guidance.steps):

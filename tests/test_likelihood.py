@@ -135,6 +135,23 @@ def test_likelihood_guides_the_sampler(denoiser_paths, reward, monkeypatch):
     assert set(widths) == {reward.input_embeddings().shape[1] + reward.hidden_size}  # soft targets appended
 
 
+def test_soft_targets_read_the_guidance_table_in_place(denoiser_paths, reward, monkeypatch):
+    import entrgi.guidance as guidance
+    from entrgi import generate, load_denoiser
+
+    storages = []
+    op = guidance.guided_embedding
+
+    def recording(phi, table, **kwargs):
+        storages.append(table.untyped_storage().data_ptr())
+        return op(phi, table, **kwargs)
+
+    monkeypatch.setattr(guidance, "guided_embedding", recording)
+    generate(["hello there"], denoiser=load_denoiser(denoiser_paths["mlm"]), reward=reward, method="entrgi", steps=1,
+             max_new_tokens=3, num_samples=1, guidance_steps=1, progress=False)  # fmt: skip
+    assert len(storages) == 2 and len(set(storages)) == 1  # the soft-target table is a view, not a copy
+
+
 def test_a_head_with_bias_is_refused(reward):
     import copy
 

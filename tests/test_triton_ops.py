@@ -64,6 +64,23 @@ def test_forward_and_gradient_match_float64(dtype, rows, vocab, d, mode):
     torch.testing.assert_close(fused_grad.float().sum(-1).cpu(), torch.zeros(rows), atol=SLACK[dtype] * 5, rtol=0)
 
 
+def test_a_column_slice_of_a_wider_table_is_read_with_its_row_stride():
+    """A table view with a row stride wider than d (the likelihood reward's W_out half of
+    [W_in | W_out]) gives the contiguous copy's values and gradients bit for bit."""
+    phi, wide = _inputs(9, 70, 2 * 24, torch.bfloat16)
+    view = wide[:, 24:]
+    assert not view.is_contiguous()
+    g = torch.randn(9, 24, device=DEVICE)
+    results = []
+    for table in (view, view.contiguous()):
+        leaf = phi.clone().requires_grad_(True)
+        out = guided_embedding(leaf, table, temperature=0.7, top_p=0.9, mode="entrgi", backend="triton",
+                               generator=torch.Generator(DEVICE).manual_seed(5))  # fmt: skip
+        (out.embeds.float() * g).sum().backward()
+        results.append((out.embeds, out.tokens, leaf.grad))
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
 def _confident_rows(rows, vocab, tau, offset, seed):
     """Rows whose top probability runs from ~0.2 to ~1 - 1e-5 at temperature ``tau``, all
     logits shifted by ``offset`` (softmax ignores it; |x / tau| grows with it)."""
