@@ -54,7 +54,7 @@ def test_table_lists_every_component_and_both_floors(capsys):
 
 def test_bfloat16_moments_halve_the_moments_bytes():
     full, half = (
-        {c.name: c.nbytes for c in floors.step_components("tiny", new_tokens=16, adam_moments=dtype)}
+        {c.label: c.nbytes for c in floors.step_components("tiny", new_tokens=16, adam_moments=dtype)}
         for dtype in ("float32", "bfloat16")
     )
     adam = "op backward + Adam (x3)"

@@ -31,10 +31,19 @@ PHI_BYTES = 4  # the guidance loop's logits and Adam moments are float32
 
 
 class Component(NamedTuple):
+    """One part of a step; ``flops`` and ``nbytes`` cover its ``repeats`` (the guidance
+    steps). ``detail``: a share of the component above it, not added to the step."""
+
     name: str
     flops: float
     nbytes: float
     guided_only: bool
+    repeats: int = 1
+    detail: bool = False
+
+    @property
+    def label(self) -> str:
+        return ("  of which " if self.detail else "") + self.name + (f" (x{self.repeats})" if self.repeats > 1 else "")
 
     @property
     def floor_ms(self) -> float:
@@ -111,18 +120,18 @@ def step_components(
     m = guidance_steps
     return [
         Component("denoiser forward", total, denoiser_bytes, False),
-        Component("  of which output head", head, 0.0, False),
+        Component("output head", head, 0.0, False, detail=True),
         Component("entropy confidence", 0.0, phi, True),
-        Component(f"guided op forward (x{m})", m * gemm, m * (phi + table_bytes), True),
-        Component(f"reward fwd+bwd (x{m})", m * reward_flops(reward, rows, new_tokens), m * reward_bytes, True),
-        Component(f"op backward + Adam (x{m})", m * gemm, m * (adam_bytes + table_bytes), True),
+        Component("guided op forward", m * gemm, m * (phi + table_bytes), True, m),
+        Component("reward fwd+bwd", m * reward_flops(reward, rows, new_tokens), m * reward_bytes, True, m),
+        Component("op backward + Adam", m * gemm, m * (adam_bytes + table_bytes), True, m),
         Component("commit (sample + confidence)", 0.0, phi, False),
     ]
 
 
 def step_floor_ms(components: list[Component], guided: bool) -> float:
-    """The step's floor: its components' floors added up (sub-rows excluded)."""
-    return sum(c.floor_ms for c in components if not c.name.startswith(" ") and (guided or not c.guided_only))
+    """The step's floor: its components' floors added up (details excluded)."""
+    return sum(c.floor_ms for c in components if not c.detail and (guided or not c.guided_only))
 
 
 # The profiler's ranges (``entrgi bench --profile``) and the components each one times.
@@ -131,21 +140,19 @@ RANGE_COMPONENTS = {
     "entrgi.entropy_confidence": ("entropy confidence",),
     "entrgi.guided_embedding": ("guided op forward",),
     "entrgi.reward_forward_backward": ("reward fwd+bwd", "op backward + Adam"),  # the op's backward runs inside
-    "entrgi.commit": ("commit",),
+    "entrgi.commit": ("commit (sample + confidence)",),
 }
 
 
 def range_floors(components: list[Component]) -> dict[str, float]:
     """Floor ms of each profiler range of :data:`RANGE_COMPONENTS`."""
-    return {
-        key: sum(c.floor_ms for c in components if c.name.startswith(names)) for key, names in RANGE_COMPONENTS.items()
-    }
+    return {key: sum(c.floor_ms for c in components if c.name in names) for key, names in RANGE_COMPONENTS.items()}
 
 
 def format_floor(preset: str, components: list[Component]) -> str:
     lines = [f"| {preset} | TFLOP | GB | floor ms | bound |", "|---|---|---|---|---|"]
     for c in components:
-        lines.append(f"| {c.name} | {c.flops / 1e12:.2f} | {c.nbytes / 1e9:.2f} | {c.floor_ms:.2f} | {c.bound} |")
+        lines.append(f"| {c.label} | {c.flops / 1e12:.2f} | {c.nbytes / 1e9:.2f} | {c.floor_ms:.2f} | {c.bound} |")
     unguided, guided = step_floor_ms(components, False), step_floor_ms(components, True)
     lines.append(f"| unguided step | | | {unguided:.2f} | |")
     lines.append(f"| guided step | | | {guided:.2f} | guided / unguided {guided / unguided:.2f} |")
