@@ -3,6 +3,7 @@
 
     python bench/step_floor.py [--preset 1xK4-0.6b 4xK4-1.7b] [--masked-fraction 0.5]
         [--guidance-steps 3] [--new-tokens 128] [--reward-cache-prefix] [--reward-checkpoint]
+        [--adam-moments float32|bfloat16]
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import argparse
 import torch
 
 from entrgi.benchmark import PEAK_BYTES_PER_S, PEAK_FLOP_PER_S
+from entrgi.config import ADAM_MOMENTS
 from entrgi.step_benchmark import PRESETS
 from entrgi.step_floor import format_floor, step_components
 
@@ -24,13 +26,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--reward-cache-prefix", action="store_true")
     parser.add_argument("--reward-checkpoint", action="store_true")
+    parser.add_argument("--adam-moments", choices=ADAM_MOMENTS, default="float32")
     args = parser.parse_args(argv)
     print(f"masked fraction {args.masked_fraction}, M = {args.guidance_steps}, {args.new_tokens} new tokens, "
-          f"prefix cache {args.reward_cache_prefix}, checkpoint {args.reward_checkpoint}; "
+          f"prefix cache {args.reward_cache_prefix}, checkpoint {args.reward_checkpoint}, "
+          f"{args.adam_moments} Adam moments; "
           f"{PEAK_FLOP_PER_S / 1e12:.0f} TFLOP/s, {PEAK_BYTES_PER_S / 1e12:.1f} TB/s; torch {torch.__version__}")  # fmt: skip
     for preset in args.preset:
         components = step_components(preset, args.masked_fraction, args.guidance_steps, args.new_tokens,
-                                     args.reward_cache_prefix, args.reward_checkpoint)  # fmt: skip
+                                     args.reward_cache_prefix, args.reward_checkpoint, args.adam_moments)  # fmt: skip
         print("\n" + format_floor(preset, components))
 
 

@@ -64,6 +64,17 @@ def test_bfloat16_moments_halve_the_moments_bytes():
     assert half[adam] / 3 == pytest.approx(2 * phi + 2 * phi + table)
 
 
+def test_tool_passes_the_moments_dtype_on(capsys):
+    def adam_floor(*options):
+        tool.main(["--preset", "1xK4-0.6b", *options])  # meta device: no weights
+        out = capsys.readouterr().out
+        return out, next(line for line in out.splitlines() if line.startswith("| op backward + Adam"))
+
+    (full_out, full), (half_out, half) = adam_floor(), adam_floor("--adam-moments", "bfloat16")
+    assert "float32 Adam moments" in full_out and "bfloat16 Adam moments" in half_out
+    assert full != half
+
+
 def test_profile_ranges_cover_the_guided_step():
     components = floors.step_components("tiny", new_tokens=16)
     ranges = floors.range_floors(components)
