@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch.profiler import record_function
 
-from entrgi.ops import guided_embedding
+from entrgi.ops import GuidedEmbedding, guided_embedding
 from entrgi.optim import LogitAdam
 from entrgi.rewards import Reward, RewardContext
 from entrgi.rewards.packing import response_mask_until_end
@@ -44,6 +44,7 @@ def optimize_logits(
     steered: torch.Tensor | None = None,
     in_place: bool = False,
     table_rows: torch.Tensor | None = None,
+    target_table: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Steer phi towards higher reward. No host syncs.
 
@@ -59,10 +60,11 @@ def optimize_logits(
     table is in the reward's vocabulary and token v reads row ``table_rows[v]`` (see
     :func:`~entrgi.ops.guided_embedding`).
 
-    A reward with a ``soft_target_columns`` attribute (a slice of the table's columns)
-    receives those columns' soft values ``softmax(phi / tau) @ table[:, cols]``
-    (held constant) appended to the embeddings, e.g. for targets that follow the
-    published code in differentiating only the soft part.
+    ``target_table`` (V_t, d_t), read through ``table_rows`` like ``table`` (a reward's
+    :meth:`target_embeddings`): each position's embedding gets two constant target
+    vectors appended, ``[mixed | soft]`` with ``soft = softmax(phi / tau) @ target_table``
+    and ``mixed = soft + w (target_table[drawn] - soft)`` (the op's draw and w); a
+    committed position's token row twice. Embeddings are then (N, G, d + 2 d_t).
 
     Returns the optimised phi (N, G, V) float32 and the mean weight w over masked rows
     and steps (a 0-d device tensor).
@@ -75,10 +77,8 @@ def optimize_logits(
     optimizer = LogitAdam(phi, guidance.lr, active=moving, backend=guidance.backend, moment_dtype=guidance.moment_dtype)
     committed_rows = response if table_rows is None else table_rows[response]
     committed_embeds = table[committed_rows]
-    soft_columns = getattr(reward, "soft_target_columns", None)
-    if soft_columns is not None:  # the reward also reads the soft (w = 0) value of these columns
-        soft_table = table[:, soft_columns]  # a view: the op reads rows with the table's row stride
-        committed_soft = soft_table[committed_rows]
+    if target_table is not None:
+        committed_targets = target_table[committed_rows].repeat(1, 1, 2)
     weight_sum = torch.zeros((), device=phi.device)
     for _ in range(guidance.steps):
         with record_function("entrgi.guided_embedding"):
@@ -88,11 +88,9 @@ def optimize_logits(
                 optimizer=optimizer, table_rows=table_rows,
             )  # fmt: skip
             embeds = torch.where(masked.unsqueeze(-1), out.embeds, committed_embeds)
-            if soft_columns is not None:
-                soft = guided_embedding(phi.detach(), soft_table, temperature=guidance.temperature, mode="expectation",
-                                        backend=guidance.backend, check_values=False, active=masked,
-                                        table_rows=table_rows).embeds  # fmt: skip
-                embeds = torch.cat([embeds, torch.where(masked.unsqueeze(-1), soft, committed_soft)], dim=-1)
+            if target_table is not None:
+                targets = target_vectors(phi, out, target_table, masked, guidance, table_rows)
+                embeds = torch.cat([embeds, torch.where(masked.unsqueeze(-1), targets, committed_targets)], dim=-1)
             ids = torch.where(masked, out.argmax, response)
             valid = response_mask_until_end(ids, end_ids)
             weight_sum += out.weights.sum()  # zero at unmasked rows
@@ -103,3 +101,18 @@ def optimize_logits(
             torch.autograd.backward(loss, inputs=[phi])
     mean_weight = weight_sum / (masked.sum() * max(guidance.steps, 1)).clamp_min(1)
     return phi.detach(), mean_weight
+
+
+def target_vectors(
+    phi: torch.Tensor, out: GuidedEmbedding, target_table: torch.Tensor, masked: torch.Tensor, guidance: GuidanceStep,
+    table_rows: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """(N, G, 2 d_t) constant ``[mixed | soft]`` targets of the op's output ``out`` over
+    ``target_table`` (see :func:`optimize_logits`): ``soft`` by the expectation op
+    (no (N, G, V) tensor), ``mixed`` from the draw and weight ``out`` already holds."""
+    soft = guided_embedding(phi.detach(), target_table, temperature=guidance.temperature, mode="expectation",
+                            backend=guidance.backend, check_values=False, active=masked,
+                            table_rows=table_rows).embeds  # fmt: skip
+    hard = target_table[out.tokens if table_rows is None else table_rows[out.tokens]]
+    mixed = torch.lerp(soft.float(), hard.float(), out.weights.unsqueeze(-1)).to(soft.dtype)
+    return torch.cat([mixed, soft], dim=-1)

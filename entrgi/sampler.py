@@ -92,11 +92,18 @@ class GuidanceTable:
     ``weight`` (V_t, d) is the reward's own embedding matrix (shared storage when both
     models are on one device); ``rows`` (V,) int32 is the reward row of each denoiser
     token (None when the vocabularies coincide), gathered by the guidance kernels.
+    ``targets`` (V_t, d_t): the reward's ``target_embeddings()`` read the same way, or
+    None when it has none.
     """
 
     def __init__(self, denoiser: Denoiser, reward: Reward):
         self.mapping: VocabMapping = build_vocab_mapping(denoiser.tokenizer, reward.tokenizer, denoiser.vocab_size)
         self.weight = reward.input_embeddings().detach().to(denoiser.device)
+        targets = getattr(reward, "target_embeddings", None)
+        self.targets = None if targets is None else targets().detach().to(denoiser.device)
+        if self.targets is not None and self.targets.shape[0] != self.weight.shape[0]:
+            raise ValueError(f"the reward's target table has {self.targets.shape[0]} rows but its input table "
+                             f"{self.weight.shape[0]}: both must be in the reward's vocabulary")  # fmt: skip
         ids = self.mapping.ids
         same_vocabulary = ids.numel() == self.weight.shape[0] and torch.equal(ids, torch.arange(ids.numel()))
         if not same_vocabulary:
@@ -275,7 +282,7 @@ class DiffusionRun:
         reward still sees every masked row)."""
         optimize_logits(phi, masked, self.response, self.table.weight, self.reward, self.reward_context,
                         self.end_ids, self.guidance, self.generator, steered, in_place=True,
-                        table_rows=self.table.rows)  # fmt: skip
+                        table_rows=self.table.rows, target_table=self.table.targets)  # fmt: skip
 
     def run(self, progress: bool = False) -> None:
         """Denoise until the response is committed: ``steps`` steps, or with a

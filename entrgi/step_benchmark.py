@@ -150,7 +150,7 @@ def new_run(denoiser, reward, config: GuidanceConfig, seed: int = 0, masked_frac
     # Dream and the Qwen3 rewards share the Qwen vocabulary: identity mapping, clamped,
     # read through the mapping as GuidanceTable does (no copy of the reward's table).
     ids = torch.arange(denoiser.vocab_size, device=table.device).clamp_max(table.shape[0] - 1)
-    guidance = SimpleNamespace(weight=table.detach(), rows=ids.to(torch.int32))
+    guidance = SimpleNamespace(weight=table.detach(), rows=ids.to(torch.int32), targets=None)  # classifier rewards
     run = DiffusionRun(denoiser, prompt_ids.tolist(), config, generator, guidance, reward, context)
     shape, device = run.response.shape, run.response.device
     committed = torch.rand(shape, generator=generator, device=device) >= masked_fraction

@@ -73,15 +73,18 @@ def assert_law(samples: torch.Tensor, law: torch.Tensor) -> None:
         assert stat < chi2_critical(df), f"χ²={stat:.1f} exceeds the {df}-dof critical value"
 
 
-def guided_reward_inputs(reward, rows: int, length: int, seed: int, extra_columns: int = 0):
+def guided_reward_inputs(reward, rows: int, length: int, seed: int):
     """(rows, length, d) random mixes of the reward's table rows (like guided embeddings)
-    in the table's dtype, requiring grad, and (rows, length) valid masks cut at random."""
+    in the table's dtype, requiring grad, and (rows, length) valid masks cut at random.
+    A reward with target embeddings gets ``[mixed | soft]`` targets appended (the
+    mixed one hard: the law's most likely token)."""
     g = torch.Generator().manual_seed(seed)
     table = reward.input_embeddings().detach()
     weights = torch.softmax(torch.randn(rows, length, table.shape[0], generator=g) * 3, dim=-1)
     embeds = weights @ table.float()
-    if extra_columns:
-        embeds = torch.cat([embeds, weights @ table[:, -extra_columns:].float()], dim=-1)
+    if hasattr(reward, "target_embeddings"):
+        targets = reward.target_embeddings().detach().float()
+        embeds = torch.cat([embeds, targets[weights.argmax(-1)], weights @ targets], dim=-1)
     embeds = embeds.to(table.dtype)
     ends = torch.randint(0, length + 1, (rows,), generator=g)
     valid = torch.arange(length)[None, :] < ends[:, None]

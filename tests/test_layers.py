@@ -42,8 +42,7 @@ def test_checkpointed_likelihood_and_similarity_match(likelihood_path, minilm_pa
         plain = load_reward(path, kind=kind, **STOCK, **options)
         checkpointed = load_reward(path, kind=kind, checkpoint_layers=True, **options)
         context = plain.prepare(PROMPTS, 2)
-        soft_width = plain.hidden_size if kind == "likelihood" and not plain.tied else 0
-        embeds, valid = guided_reward_inputs(plain, 4, 5, seed=4, extra_columns=soft_width)
+        embeds, valid = guided_reward_inputs(plain, 4, 5, seed=4)
         assert_same_rewards((plain, context), (checkpointed, context), embeds, valid, tol=1e-6)
 
 

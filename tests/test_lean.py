@@ -32,8 +32,7 @@ def test_lean_likelihood_reward_matches_in_float32(likelihood_path):
     plain = load_reward(likelihood_path, kind="likelihood", lean_activations=False)
     lean = load_reward(likelihood_path, kind="likelihood")
     context = plain.prepare(PROMPTS, 2)
-    soft_width = 0 if plain.tied else plain.hidden_size
-    embeds, valid = guided_reward_inputs(plain, 4, 5, seed=4, extra_columns=soft_width)
+    embeds, valid = guided_reward_inputs(plain, 4, 5, seed=4)
     # float32 norms need no cast, so autograd adds the residual branch's gradient in
     # another order: the same up to rounding, not bit for bit
     assert_same_rewards((plain, context), (lean, context), embeds, valid, tol=1e-5)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from entrgi import LikelihoodReward, guided_embedding, load_reward
+from entrgi.guidance import GuidanceStep, target_vectors
 from entrgi.rewards.likelihood import log_normaliser
 from entrgi.rewards.packing import response_mask_until_end
 
@@ -21,11 +22,11 @@ def _log_probs(reward, ids: list[int]) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1)
 
 
-def test_tied_and_untied_tables(reward, likelihood_path):
+def test_tables_are_the_models_own(reward, likelihood_path):
     inputs = reward.model.get_input_embeddings().weight
-    assert reward.tied == ("-tied" in likelihood_path)
-    width = inputs.shape[1] * (1 if reward.tied else 2)
-    assert reward.input_embeddings().shape == (inputs.shape[0], width)
+    head = reward.model.get_output_embeddings().weight
+    assert reward.input_embeddings() is inputs and reward.target_embeddings() is head  # no copies
+    assert (head.data_ptr() == inputs.data_ptr()) == ("-tied" in likelihood_path)
 
 
 def test_text_score_is_the_mean_log_probability_of_response_and_suffix(reward):
@@ -63,9 +64,9 @@ def test_the_output_head_runs_on_the_response_and_suffix_columns_only(reward, mo
 def test_guided_value_matches_the_published_formula(reward, mode):
     """Published: soft_lp = sum_v p_v lp[v] (p constant), hard_lp = lp[drawn], position
     lp = soft_lp + w * stopgrad(hard_lp - soft_lp); committed and suffix tokens hard.
-    With the soft targets the guidance loop appends, value and gradient match it; fed
-    the op's embeddings alone, the value still matches and the gradient is that of
-    sum_v q_v lp[v] with the constant mixed law q = p + w (onehot(drawn) - p)."""
+    Fed the guidance loop's ``[input | mixed | soft]`` embeddings, value and gradient
+    match it (not those of sum_v q_v lp[v] with the constant mixed law
+    q = p + w (onehot(drawn) - p), which differ unless w = 0)."""
     vocab, g = reward.input_embeddings().shape[0], 5
     context = reward.prepare(["what is the weather"], 1)
     prefix, suffix = reward.context_ids("what is the weather")
@@ -74,18 +75,16 @@ def test_guided_value_matches_the_published_formula(reward, mode):
     committed = torch.tensor([[False, True, False, False, True]])
     committed_ids = torch.tensor([[0, 2023, 0, 0, 2154]])
 
+    step = GuidanceStep(mode, 1, 0.5, 1.0, temperature=0.7, top_p=0.9, top_k=0)
     out = guided_embedding(phi, reward.input_embeddings(), temperature=0.7, top_p=0.9, mode=mode,
                            generator=torch.Generator().manual_seed(11))  # fmt: skip
-    embeds = torch.where(committed[..., None], reward.input_embeddings()[committed_ids], out.embeds)
+    guided = torch.cat([out.embeds, target_vectors(phi, out, reward.target_embeddings(), ~committed, step)], dim=-1)
+    head = reward.target_embeddings()
+    real = torch.cat([reward.input_embeddings()[committed_ids], head[committed_ids], head[committed_ids]], dim=-1)
+    embeds = torch.where(committed[..., None], real, guided)
     ids = torch.where(committed, committed_ids, out.argmax)
     valid = response_mask_until_end(ids, torch.tensor([reward.tokenizer.sep_token_id]))
-    alone = reward.score_embeds(context, embeds, valid)
-    (grad_alone,) = torch.autograd.grad(alone.sum(), phi, retain_graph=True)
-    columns = reward.soft_target_columns
-    soft = guided_embedding(phi.detach(), reward.input_embeddings()[:, columns].contiguous(), temperature=0.7,
-                            mode="expectation").embeds  # fmt: skip
-    soft = torch.where(committed[..., None], reward.input_embeddings()[committed_ids][..., columns], soft)
-    ours = reward.score_embeds(context, torch.cat([embeds, soft], dim=-1), valid)
+    ours = reward.score_embeds(context, embeds, valid)
     (grad_ours,) = torch.autograd.grad(ours.sum(), phi)
 
     # the published computation, spelled out with full-vocabulary probabilities
@@ -113,11 +112,16 @@ def test_guided_value_matches_the_published_formula(reward, mode):
 
     torch.testing.assert_close(ours[0], published, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(grad_ours, grad_published, atol=1e-5, rtol=1e-3)
-    torch.testing.assert_close(alone[0], published, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(grad_alone, grad_mixed, atol=1e-5, rtol=1e-3)
     if mode != "expectation":  # the two gradients differ by the w (hard - soft) part of the target
         assert not torch.allclose(grad_mixed, grad_published, atol=1e-5, rtol=1e-3)
     assert grad_ours.abs().sum() > 0
+
+
+def test_embeddings_without_targets_are_refused(reward):
+    context = reward.prepare(["hi"], 1)
+    embeds = reward.input_embeddings()[torch.tensor([[5, 6]])]
+    with pytest.raises(ValueError, match=r"3 x \d+ wide; got \d+ \(guide with target_table"):
+        reward.score_embeds(context, embeds, torch.ones(1, 2, dtype=torch.bool))
 
 
 def test_likelihood_guides_the_sampler(denoiser_paths, reward, monkeypatch):
@@ -132,10 +136,10 @@ def test_likelihood_guides_the_sampler(denoiser_paths, reward, monkeypatch):
     results = generate(["hello there"], denoiser=denoiser, reward=reward, method="entrgi", steps=2,
                        max_new_tokens=4, num_samples=2, guidance_steps=1, progress=False)  # fmt: skip
     assert len(results[0].rewards) == 2 and all(r < 0 for r in results[0].rewards)
-    assert set(widths) == {reward.input_embeddings().shape[1] + reward.hidden_size}  # soft targets appended
+    assert set(widths) == {3 * reward.hidden_size}  # mixed and soft targets appended
 
 
-def test_soft_targets_read_the_guidance_table_in_place(denoiser_paths, reward, monkeypatch):
+def test_guidance_reads_the_models_tables_in_place(denoiser_paths, reward, monkeypatch):
     import entrgi.guidance as guidance
     from entrgi import generate, load_denoiser
 
@@ -143,13 +147,25 @@ def test_soft_targets_read_the_guidance_table_in_place(denoiser_paths, reward, m
     op = guidance.guided_embedding
 
     def recording(phi, table, **kwargs):
-        storages.append(table.untyped_storage().data_ptr())
+        storages.append(table.data_ptr())
         return op(phi, table, **kwargs)
 
     monkeypatch.setattr(guidance, "guided_embedding", recording)
     generate(["hello there"], denoiser=load_denoiser(denoiser_paths["mlm"]), reward=reward, method="entrgi", steps=1,
              max_new_tokens=3, num_samples=1, guidance_steps=1, progress=False)  # fmt: skip
-    assert len(storages) == 2 and len(set(storages)) == 1  # the soft-target table is a view, not a copy
+    tables = [reward.input_embeddings().data_ptr(), reward.target_embeddings().data_ptr()]
+    assert storages == tables  # the input table, then the output head for the soft targets: no copies
+
+
+def test_a_target_table_in_another_vocabulary_is_refused(denoiser_paths, reward, monkeypatch):
+    from entrgi import load_denoiser
+    from entrgi.sampler import GuidanceTable
+
+    head = reward.target_embeddings()
+    monkeypatch.setattr(reward, "target_embeddings", lambda: head[:-3])
+    rows = head.shape[0]
+    with pytest.raises(ValueError, match=f"target table has {rows - 3} rows but its input table {rows}"):
+        GuidanceTable(load_denoiser(denoiser_paths["mlm"]), reward)
 
 
 def test_a_head_with_bias_is_refused(reward):

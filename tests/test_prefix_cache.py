@@ -24,8 +24,7 @@ def test_likelihood_prefix_cache_matches_the_whole_chat(likelihood_path):
     plain = load_reward(likelihood_path, kind="likelihood")
     cached = load_reward(likelihood_path, kind="likelihood", cache_prefix=True)
     context, cached_context = plain.prepare(PROMPTS, 2), cached.prepare(PROMPTS, 2)
-    soft_width = 0 if plain.tied else plain.hidden_size  # guidance appends the soft targets when untied
-    embeds, valid = guided_reward_inputs(plain, 4, 5, seed=1, extra_columns=soft_width)
+    embeds, valid = guided_reward_inputs(plain, 4, 5, seed=1)
     assert_same_rewards((plain, context), (cached, cached_context), embeds, valid)
 
 

@@ -48,6 +48,10 @@ class Reward(Protocol):
     ``tokenizer`` and ``input_embeddings()`` define the reward vocabulary (the sampler
     re-indexes the table to the denoiser's vocabulary). ``score_embeds`` must be
     differentiable in ``response_embeds`` and free of host syncs.
+
+    Optional: ``target_embeddings()`` (V_reward, d_t), a second table in the same
+    vocabulary. A reward that has it is fed ``[input | mixed target | soft target]``
+    (N, G, d + 2 d_t) per position (see :func:`entrgi.guidance.optimize_logits`).
     """
 
     tokenizer: object

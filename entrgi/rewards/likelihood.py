@@ -4,8 +4,6 @@ causal LM, fed guided embeddings like the classifier reward (the published
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from entrgi.rewards.base import EmbeddingInputReward, RewardContext, chat_context_ids
@@ -63,12 +61,12 @@ class LikelihoodReward(EmbeddingInputReward):
     Since ``log P(v) = h . W_out[v] - lse(h)`` that is
     ``h . t_soft + stopgrad(h . (t_mix - t_soft)) - lse(h)`` with the constant target
     vectors ``t_mix = soft + w (hard - soft)`` and ``t_soft = soft`` over the *output*
-    embedding table. The guidance table is therefore ``[W_in | W_out]`` (just ``W_in``
-    when the two are tied): one fused op call yields each position's input and
-    ``t_mix``, and the guidance loop appends ``t_soft`` (``soft_target_columns``).
-    Gradients reach phi through the input half only, as in the published code; value
-    and gradient equal the published ones. Real tokens get exact log-probs.
-    ``cache_prefix``, ``checkpoint_layers``, ``compile_layers``, ``lean_activations``: see
+    embedding table, :meth:`target_embeddings`: the guidance loop appends
+    ``[t_mix | t_soft]`` to each position's input embedding, and a real token is
+    ``[W_in[v] | W_out[v] | W_out[v]]``. Gradients reach phi through the input part
+    only, as in the published code; value and gradient equal the published ones.
+    Neither table is copied (untied or tied alike). ``cache_prefix``,
+    ``checkpoint_layers``, ``compile_layers``, ``lean_activations``: see
     :class:`EmbeddingInputReward`.
     """
 
@@ -83,45 +81,40 @@ class LikelihoodReward(EmbeddingInputReward):
             raise ValueError("LikelihoodReward needs a causal LM whose output head is a linear map without bias")
         super().__init__(model, tokenizer, cache_prefix, checkpoint_layers, compile_layers, lean_activations)
         self.system_prompt = system_prompt
-        inputs = model.get_input_embeddings().weight
-        self.hidden_size = inputs.shape[1]
-        self.tied = head.weight.data_ptr() == inputs.data_ptr()
-        self._table = inputs if self.tied else torch.cat([inputs, head.weight], dim=-1).detach()
+        self.hidden_size = self.input_embeddings().shape[1]
 
-    def input_embeddings(self) -> torch.Tensor:
-        """(V_lm, d) input table when tied, else (V_lm, 2d) ``[W_in | W_out]``."""
-        return self._table
-
-    @property
-    def soft_target_columns(self) -> slice:
-        """The table columns that hold output embeddings (see the guidance loop)."""
-        return slice(0, self.hidden_size) if self.tied else slice(self.hidden_size, 2 * self.hidden_size)
+    def target_embeddings(self) -> torch.Tensor:
+        """(V_lm, d) the output head's weight, the table of the targets' tokens."""
+        return self.model.get_output_embeddings().weight
 
     def context_ids(self, prompt: str) -> tuple[list[int], list[int]]:
         return chat_context_ids(self.tokenizer, prompt, self.system_prompt)
 
+    def _embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """(..., 3d) ``[W_in | W_out | W_out]`` rows: a real token is its own target."""
+        ids = ids.to(self.device)
+        targets = self.target_embeddings()[ids]
+        return torch.cat([self.input_embeddings()[ids], targets, targets], dim=-1)
+
     def pack(self, context: RewardContext, response_embeds: torch.Tensor, response_valid: torch.Tensor) -> PackedInputs:
-        if response_embeds.shape[-1] > self._table.shape[1]:  # soft targets appended: a real token is its own
-            columns = self.soft_target_columns
-            widen = lambda embeds: torch.cat([embeds, embeds[..., columns]], dim=-1)  # noqa: E731
-            context = dataclasses.replace(
-                context, prefix_embeds=widen(context.prefix_embeds), suffix_embeds=widen(context.suffix_embeds)
+        if response_embeds.shape[-1] != 3 * self.hidden_size:
+            raise ValueError(
+                f"likelihood response embeddings are [input | mixed target | soft target], 3 x {self.hidden_size} "
+                f"wide; got {response_embeds.shape[-1]} (guide with target_table=reward.target_embeddings())"
             )
         return super().pack(context, response_embeds, response_valid)
 
     def model_embeds(self, embeds: torch.Tensor) -> torch.Tensor:
-        return embeds[..., : self.hidden_size]  # the W_in half
+        return embeds[..., : self.hidden_size]  # the W_in part
 
     def score_packed(self, packed: PackedInputs) -> torch.Tensor:
-        width = self._table.shape[1]
+        d = self.hidden_size
         embeds = packed.inputs_embeds
-        inputs = self.model_embeds(embeds)
         targets = embeds[:, -packed.tail_width :].detach().float()  # the scored tokens, all in the tail
-        mixed = targets[..., self.soft_target_columns]
-        soft = targets[..., width:] if embeds.shape[-1] > width else mixed
-        model_inputs = self.model_inputs(packed._replace(inputs_embeds=inputs), causal=True)
+        mixed, soft = targets[..., d : 2 * d], targets[..., 2 * d :]
+        model_inputs = self.model_inputs(packed._replace(inputs_embeds=self.model_embeds(embeds)), causal=True)
         hidden = self.model.base_model(**model_inputs).last_hidden_state[:, -packed.tail_width - 1 : -1]
-        normaliser = log_normaliser(hidden, self.model.get_output_embeddings().weight)  # the head on the tail only
+        normaliser = log_normaliser(hidden, self.target_embeddings())  # the head on the tail only
         hidden = hidden.float()
         target_logits = (hidden * soft).sum(-1) + (hidden * (mixed - soft)).sum(-1).detach()
         tail = slice(-packed.tail_width, None)

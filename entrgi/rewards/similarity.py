@@ -29,7 +29,7 @@ class SimilarityReward(EmbeddingInputReward):
                          lean_activations=lean_activations)  # fmt: skip
         self.target = target
         self._affixes = special_affixes(tokenizer)
-        self.target_embedding = self.encode_texts([target])[0]
+        self.target_pooled = self.encode_texts([target])[0]  # (d,) unit norm
 
     def context_ids(self, prompt: str) -> tuple[list[int], list[int]]:
         return self._affixes
@@ -46,4 +46,4 @@ class SimilarityReward(EmbeddingInputReward):
         return self.pooled(self.pack_texts([""] * len(texts), texts))
 
     def score_packed(self, packed: PackedInputs) -> torch.Tensor:
-        return self.pooled(packed) @ self.target_embedding
+        return self.pooled(packed) @ self.target_pooled
