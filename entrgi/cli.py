@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
+import textwrap
 from pathlib import Path
 
-from entrgi.config import ADAM_MOMENTS, GuidanceConfig
+from entrgi.config import ADAM_MOMENTS, FIELD_CHOICES, GuidanceConfig
 from entrgi.rewards import REWARD_KINDS
 
 GRAPH_CHOICES = {"auto": "auto", "on": True, "off": False}
@@ -18,15 +20,27 @@ LEAN_HELP = "the reward's RMSNorms and gated MLPs keep less for the guidance bac
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One ``--field`` flag per GuidanceConfig field, typed from its default."""
+    """One ``--field`` flag per GuidanceConfig field, typed from its default, with its
+    choices; the field descriptions (GuidanceConfig's docstring) go in the epilog."""
     for f in dataclasses.fields(GuidanceConfig):
         flag = "--" + f.name.replace("_", "-")
+        options = {"default": None, "help": f"default: {_shown(f.default)}"}
         if f.name == "cuda_graphs":
-            parser.add_argument(flag, choices=tuple(GRAPH_CHOICES), default=None)
+            parser.add_argument(flag, choices=tuple(GRAPH_CHOICES), **options)
         elif isinstance(f.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **options)
+        elif f.name in FIELD_CHOICES:
+            parser.add_argument(flag, choices=FIELD_CHOICES[f.name], **options)
         else:
-            parser.add_argument(flag, type=_field_type(f), default=None, metavar=f.name.upper())
+            parser.add_argument(flag, type=_field_type(f), metavar=f.name.upper(), **options)
+    fields = textwrap.dedent(GuidanceConfig.__doc__.split("\n", 2)[2]).replace("``", "")
+    parser.epilog = "guidance settings (GuidanceConfig):\n" + re.sub(r":\w+:`~?[\w.]*?(\w+)`", r"\1", fields)
+
+
+def _shown(default) -> object:
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    return "unset" if default is None else default
 
 
 def _field_type(f: dataclasses.Field) -> type:
@@ -190,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="entrgi", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    gen = commands.add_parser("generate", help="guided sampling; writes a results JSON (torchrun: one rank per GPU)")
+    gen = commands.add_parser("generate", help="guided sampling; writes a results JSON (torchrun: one rank per GPU)",
+                              formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     gen.add_argument("--model", required=True, help="denoiser id or path (Dream, LLaDA, masked LM)")
     gen.add_argument("--model-kind", choices=("dream", "llada", "mlm"), default=None)
     gen.add_argument("--reward-model", help="reward model id or path")

@@ -16,6 +16,10 @@ REMASKING = ("low_confidence", "random")
 GUIDANCE_SCOPES = ("block", "all")
 PROBABILITY_CONFIDENCE = ("maskgit_plus", "low_confidence")
 ADAM_MOMENTS = ("float32", "bfloat16")
+FIELD_CHOICES = {
+    "method": METHODS, "alg": ALGS, "backend": BACKENDS, "adam_moments": ADAM_MOMENTS,
+    "guidance_scope": GUIDANCE_SCOPES, "remasking": REMASKING,
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -84,10 +88,9 @@ class GuidanceConfig:
     confidence_threshold: float | None = None
 
     def __post_init__(self):
-        check_choice("method", self.method, METHODS)
-        check_choice("alg", self.alg, ALGS)
-        check_choice("backend", self.backend, BACKENDS)
-        check_choice("adam_moments", self.adam_moments, ADAM_MOMENTS)
+        for name, choices in FIELD_CHOICES.items():
+            if not (name == "remasking" and self.remasking is None):  # None: ``alg`` ranks the commits
+                check_choice(name, getattr(self, name), choices)
         check_sampling_args(self.temperature, self.top_p, self.top_k)
         if self.cuda_graphs not in ("auto", True, False):
             raise ValueError(f"cuda_graphs must be 'auto', True or False, got {self.cuda_graphs!r}")
@@ -108,9 +111,6 @@ class GuidanceConfig:
         self._check_decoding()
 
     def _check_decoding(self) -> None:
-        check_choice("guidance_scope", self.guidance_scope, GUIDANCE_SCOPES)
-        if self.remasking is not None:
-            check_choice("remasking", self.remasking, REMASKING)
         if not self.cfg_scale >= 0:
             raise ValueError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
         if self.block_length is not None:

@@ -111,6 +111,22 @@ def test_bad_input_ends_in_one_line_without_a_traceback(tmp_path, mlm_path, caps
         assert "Traceback" not in err and re.fullmatch(f"entrgi generate: error: .*{message}.*", err.splitlines()[-1])
 
 
+def test_generate_help_lists_each_settings_choices_default_and_meaning(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    assert re.search(r"--method \{entrgi,aps,expectation,bon,none\}\s+default: entrgi", out)
+    assert re.search(r"--lr LR\s+default: 0.5", out) and re.search(r"--block-length BLOCK_LENGTH\s+default: unset", out)
+    assert re.search(r"--deprioritize-eos, --no-deprioritize-eos\s+default: on", out)
+    assert re.search(r"--guide-every GUIDE_EVERY\s+default: 1\n", out)  # 1 and 0 are numbers, not on / off
+    assert re.search(r"--top-k TOP_K\s+default: 0\n", out)
+    assert "guidance_steps : M Adam steps on phi per guided step" in out  # GuidanceConfig's field docs
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--model", "m", "--remasking", "lowest"])
+    assert exit_info.value.code == 2 and "invalid choice: 'lowest'" in capsys.readouterr().err
+
+
 def test_bench_profile_reports_components(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("ENTRGI_CACHE", str(tmp_path / "cache"))
     assert main(["bench", "--profile", "--steps", "2", "--out", str(tmp_path)]) == 0
