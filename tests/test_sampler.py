@@ -276,29 +276,49 @@ def test_step_has_no_cuda_sync(denoiser_paths, classifier_path):
         torch.cuda.set_sync_debug_mode("default")
 
 
+def _graphed_runs_match_eager(denoiser, reward, calls: int = 1, **common) -> list[int]:
+    """Generate once eagerly, then ``calls`` times with CUDA graphs (each must give the
+    eager tokens and rewards); returns each graphed call's number of graph replays."""
+    eager = generate(PROMPTS, denoiser=denoiser, reward=reward, cuda_graphs=False, progress=False, **common)
+    counts = []
+    replay = torch.cuda.CUDAGraph.replay
+    for _ in range(calls):
+        replays = []
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(torch.cuda.CUDAGraph, "replay", lambda graph: replays.append(1) or replay(graph))
+            graphed = generate(PROMPTS, denoiser=denoiser, reward=reward, progress=False, **common)  # "auto"
+        assert [r.response_ids for r in graphed] == [r.response_ids for r in eager]
+        assert sum((r.rewards for r in graphed), []) == pytest.approx(sum((r.rewards for r in eager), []))
+        counts.append(len(replays))
+    return counts
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("method", ["entrgi", "expectation", "none"])
-def test_cuda_graph_replay_matches_eager(denoiser_paths, classifier_path, method, monkeypatch):
+def test_cuda_graph_replay_matches_eager(denoiser_paths, classifier_path, method):
     from entrgi import load_reward
 
     denoiser = load_denoiser(denoiser_paths["dream"], kind="dream", device="cuda")
     reward = load_reward(classifier_path, device="cuda")
-    common = dict(method=method, steps=7, max_new_tokens=8, num_samples=2, guidance_steps=2, guide_every=2,
-                  alg_temp=0.3, seed=5, progress=False)  # fmt: skip
-    eager = generate(PROMPTS, denoiser=denoiser, reward=reward, cuda_graphs=False, **common)
-    replays = []
-    replay = torch.cuda.CUDAGraph.replay
-    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda graph: replays.append(1) or replay(graph))
-    graphed = generate(PROMPTS, denoiser=denoiser, reward=reward, **common)  # cuda_graphs="auto"
+    replays = _graphed_runs_match_eager(denoiser, reward, calls=2, method=method, steps=7, max_new_tokens=8,
+                                        num_samples=2, guidance_steps=2, guide_every=2, alg_temp=0.3, seed=5)  # fmt: skip
     # guided steps 0, 2, 4, 6 and unguided 1, 3, 5: each kind runs eagerly once, then replays
-    assert len(replays) == (5 if method != "none" else 6)  # "none": one kind, warmed at step 0
-    assert [r.response_ids for r in graphed] == [r.response_ids for r in eager]
-    assert sum((r.rewards for r in graphed), []) == pytest.approx(sum((r.rewards for r in eager), []))
-    # a second call reuses the cached run: every step replays its graph, same tokens
-    replays.clear()
-    again = generate(PROMPTS, denoiser=denoiser, reward=reward, **common)
-    assert len(replays) == 7
-    assert [r.response_ids for r in again] == [r.response_ids for r in eager]
+    # ("none": one kind, warmed at step 0); the second call reuses the cached run: all 7 replay
+    assert replays == [5 if method != "none" else 6, 7]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("cache_prefix", [False, True])
+def test_cuda_graphs_with_the_likelihood_reward_and_a_cached_prefix(denoiser_paths, likelihood_path, classifier_path,
+                                                                      cache_prefix):  # fmt: skip
+    from entrgi import load_reward
+
+    denoiser = load_denoiser(denoiser_paths["dream"], kind="dream", device="cuda")
+    for reward in (load_reward(likelihood_path, kind="likelihood", device="cuda", cache_prefix=cache_prefix),
+                   load_reward(classifier_path, device="cuda", cache_prefix=cache_prefix)):  # fmt: skip
+        replays = _graphed_runs_match_eager(denoiser, reward, steps=4, max_new_tokens=6, num_samples=2,
+                                            guidance_steps=2, seed=3)  # fmt: skip
+        assert replays == [3]  # step 0 runs eagerly and captures, steps 1-3 replay
 
 
 def test_a_failed_capture_names_the_step_and_the_way_out(denoisers, classifier_reward, monkeypatch):
