@@ -65,8 +65,8 @@ def test_forward_and_gradient_match_float64(dtype, rows, vocab, d, mode):
 
 
 def test_a_column_slice_of_a_wider_table_is_read_with_its_row_stride():
-    """A table view with a row stride wider than d (the likelihood reward's W_out half of
-    [W_in | W_out]) gives the contiguous copy's values and gradients bit for bit."""
+    """A table view with a row stride wider than d (a column slice of a wider table)
+    gives the contiguous copy's values and gradients bit for bit."""
     phi, wide = _inputs(9, 70, 2 * 24, torch.bfloat16)
     view = wide[:, 24:]
     assert not view.is_contiguous()

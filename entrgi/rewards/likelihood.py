@@ -94,7 +94,7 @@ class LikelihoodReward(EmbeddingInputReward):
         """(..., 3d) ``[W_in | W_out | W_out]`` rows: a real token is its own target."""
         ids = ids.to(self.device)
         targets = self.target_embeddings()[ids]
-        return torch.cat([self.input_embeddings()[ids], targets, targets], dim=-1)
+        return torch.cat([super()._embed_ids(ids), targets, targets], dim=-1)
 
     def pack(self, context: RewardContext, response_embeds: torch.Tensor, response_valid: torch.Tensor) -> PackedInputs:
         if response_embeds.shape[-1] != 3 * self.hidden_size:
