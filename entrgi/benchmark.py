@@ -300,8 +300,9 @@ def profile_step(
         denoiser = denoiser or load_denoiser(str(build_demo_denoiser(default_cache_dir() / "demo-denoiser-minilm")))
         reward = reward or load_reward(minilm_path(), kind="similarity")
         prompts = list(DEMO_PROMPTS[:1])
-        run = DiffusionRun(denoiser, denoiser.encode_prompts(prompts), config,
-                           torch.Generator(denoiser.device).manual_seed(0), GuidanceTable(denoiser, reward), reward,
+        generator = torch.Generator(denoiser.device).manual_seed(0)
+        run = DiffusionRun(denoiser, denoiser.encode_prompts(prompts), config, generator,
+                           GuidanceTable.between(denoiser, reward), reward,
                            reward.prepare(prompts, config.num_samples))  # fmt: skip
     run.step(0)  # warm-up
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])

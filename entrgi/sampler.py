@@ -86,29 +86,41 @@ class PromptResult:
         return None if self.rewards is None else sum(self.rewards) / len(self.rewards)
 
 
+@dataclass
 class GuidanceTable:
-    """The reward's input embeddings seen from the denoiser's vocabulary, without a copy.
+    """The reward's embedding tables seen from the denoiser's vocabulary, without a copy.
 
-    ``weight`` (V_t, d) is the reward's own embedding matrix (shared storage when both
-    models are on one device); ``rows`` (V,) int32 is the reward row of each denoiser
-    token (None when the vocabularies coincide), gathered by the guidance kernels.
-    ``targets`` (V_t, d_t): the reward's ``target_embeddings()`` read the same way, or
-    None when it has none.
+    ``weight`` (V_t, d) is the reward's own input embedding matrix (shared storage when
+    both models are on one device); ``rows`` (V,) int32 is the reward row of each
+    denoiser token (None when the vocabularies coincide), gathered by the guidance
+    kernels. ``targets`` (V_t, d_t): the reward's ``target_embeddings()`` read through
+    the same rows, or None when it has none. ``mapping`` reports how the vocabularies
+    were matched (None when the rows were given directly).
     """
 
-    def __init__(self, denoiser: Denoiser, reward: Reward):
-        self.mapping: VocabMapping = build_vocab_mapping(denoiser.tokenizer, reward.tokenizer, denoiser.vocab_size)
-        self.weight = reward.input_embeddings().detach().to(denoiser.device)
-        targets = getattr(reward, "target_embeddings", None)
-        self.targets = None if targets is None else targets().detach().to(denoiser.device)
+    weight: torch.Tensor
+    rows: torch.Tensor | None = None
+    targets: torch.Tensor | None = None
+    mapping: VocabMapping | None = None
+
+    def __post_init__(self):
         if self.targets is not None and self.targets.shape[0] != self.weight.shape[0]:
             raise ValueError(f"the reward's target table has {self.targets.shape[0]} rows but its input table "
                              f"{self.weight.shape[0]}: both must be in the reward's vocabulary")  # fmt: skip
-        ids = self.mapping.ids
-        same_vocabulary = ids.numel() == self.weight.shape[0] and torch.equal(ids, torch.arange(ids.numel()))
-        if not same_vocabulary:
-            check_table_rows_range(ids, self.weight)
-        self.rows = None if same_vocabulary else ids.to(device=denoiser.device, dtype=torch.int32)
+        if self.rows is not None:
+            check_table_rows_range(self.rows, self.weight)
+
+    @classmethod
+    def between(cls, denoiser: Denoiser, reward: Reward) -> GuidanceTable:
+        """The tables of ``reward`` on ``denoiser``'s device, rows matched by token text."""
+        mapping = build_vocab_mapping(denoiser.tokenizer, reward.tokenizer, denoiser.vocab_size)
+        weight = reward.input_embeddings().detach().to(denoiser.device)
+        targets = getattr(reward, "target_embeddings", None)
+        targets = None if targets is None else targets().detach().to(denoiser.device)
+        ids = mapping.ids
+        same_vocabulary = ids.numel() == weight.shape[0] and torch.equal(ids, torch.arange(ids.numel()))
+        rows = None if same_vocabulary else ids.to(device=denoiser.device, dtype=torch.int32)
+        return cls(weight, rows, targets, mapping)
 
 
 class DiffusionRun:
@@ -406,7 +418,7 @@ class BatchedGeneration:
     @functools.cached_property
     def table(self) -> GuidanceTable | None:
         """Built on first use: batches that reuse a cached run use the run's own table."""
-        return GuidanceTable(self.denoiser, self.reward) if self.config.guided else None
+        return GuidanceTable.between(self.denoiser, self.reward) if self.config.guided else None
 
     @property
     def num_batches(self) -> int:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import torch
 
@@ -27,7 +26,7 @@ from entrgi.config import GuidanceConfig
 from entrgi.denoisers import Denoiser
 from entrgi.rewards import ClassifierReward
 from entrgi.rewards.base import RewardContext
-from entrgi.sampler import DiffusionRun
+from entrgi.sampler import DiffusionRun, GuidanceTable
 
 # (hidden, intermediate, layers, heads, kv heads, head dim, vocab)
 SHAPES = {
@@ -148,9 +147,9 @@ def new_run(denoiser, reward, config: GuidanceConfig, seed: int = 0, masked_frac
     if reward.cache_prefix:
         context.prefix_kv = reward.cached_prefix(context)
     # Dream and the Qwen3 rewards share the Qwen vocabulary: identity mapping, clamped,
-    # read through the mapping as GuidanceTable does (no copy of the reward's table).
-    ids = torch.arange(denoiser.vocab_size, device=table.device).clamp_max(table.shape[0] - 1)
-    guidance = SimpleNamespace(weight=table.detach(), rows=ids.to(torch.int32), targets=None)  # classifier rewards
+    # read through the rows (no copy of the reward's table).
+    rows = torch.arange(denoiser.vocab_size, dtype=torch.int32, device=table.device).clamp_max(table.shape[0] - 1)
+    guidance = GuidanceTable(table.detach(), rows)
     run = DiffusionRun(denoiser, prompt_ids.tolist(), config, generator, guidance, reward, context)
     shape, device = run.response.shape, run.response.device
     committed = torch.rand(shape, generator=generator, device=device) >= masked_fraction

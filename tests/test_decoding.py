@@ -24,7 +24,7 @@ def dream(denoiser_paths):
 
 def _run(denoiser, reward, config, prompts=PROMPTS, seed=0):
     encoded = denoiser.encode_prompts(prompts)
-    table = GuidanceTable(denoiser, reward) if config.guided else None
+    table = GuidanceTable.between(denoiser, reward) if config.guided else None
     context = reward.prepare(prompts, config.num_samples) if config.guided else None
     return DiffusionRun(denoiser, encoded, config, torch.Generator().manual_seed(seed), table, reward, context)
 

@@ -165,7 +165,7 @@ def test_a_target_table_in_another_vocabulary_is_refused(denoiser_paths, reward,
     monkeypatch.setattr(reward, "target_embeddings", lambda: head[:-3])
     rows = head.shape[0]
     with pytest.raises(ValueError, match=f"target table has {rows - 3} rows but its input table {rows}"):
-        GuidanceTable(load_denoiser(denoiser_paths["mlm"]), reward)
+        GuidanceTable.between(load_denoiser(denoiser_paths["mlm"]), reward)
 
 
 def test_a_head_with_bias_is_refused(reward):

@@ -120,7 +120,7 @@ def test_run_cache_is_bounded():
 
 def _run(denoiser, reward, config, prompts=PROMPTS):
     encoded = denoiser.encode_prompts(prompts)
-    table = GuidanceTable(denoiser, reward) if config.guided else None
+    table = GuidanceTable.between(denoiser, reward) if config.guided else None
     context = reward.prepare(prompts, config.num_samples) if config.guided else None
     return DiffusionRun(denoiser, encoded, config, torch.Generator().manual_seed(0), table, reward, context)
 
@@ -193,7 +193,7 @@ def test_eos_is_deprioritised_and_cuts_the_response(denoisers, classifier_reward
 
 
 def test_vocab_mapping_reports_coverage(denoisers, classifier_reward):
-    table = GuidanceTable(denoisers["mlm"], classifier_reward)
+    table = GuidanceTable.between(denoisers["mlm"], classifier_reward)
     assert table.mapping.mapped == len(denoisers["mlm"].tokenizer)
     reward_table = classifier_reward.input_embeddings()
     assert table.weight.data_ptr() == reward_table.data_ptr(), "the reward's own matrix, not a copy"
@@ -267,7 +267,7 @@ def test_step_has_no_cuda_sync(denoiser_paths, classifier_path):
     config = GuidanceConfig(steps=3, max_new_tokens=4, num_samples=2, guidance_steps=2)
     encoded = denoiser.encode_prompts(PROMPTS)
     run = DiffusionRun(denoiser, encoded, config, torch.Generator("cuda").manual_seed(0),
-                       GuidanceTable(denoiser, reward), reward, reward.prepare(PROMPTS, 2))  # fmt: skip
+                       GuidanceTable.between(denoiser, reward), reward, reward.prepare(PROMPTS, 2))  # fmt: skip
     run.step(0)  # warm-up (lazy inits)
     torch.cuda.set_sync_debug_mode("error")
     try:
