@@ -202,6 +202,15 @@ def test_vocab_mapping_reports_coverage(denoisers, classifier_reward):
     assert "100.00%" in table.mapping.report()
 
 
+def test_guidance_table_refuses_rows_outside_the_reward_table():
+    weight = torch.randn(20, 4)
+    rows = torch.randint(0, 20, (30,), dtype=torch.int32)
+    assert GuidanceTable(weight, rows).mapping is None
+    rows[0], rows[7] = 0, 20
+    with pytest.raises(ValueError, match=r"table_rows values must lie in \[0, 20\), got \[0, 20\]"):
+        GuidanceTable(weight, rows)
+
+
 def test_guidance_reads_a_table_in_another_vocabulary_through_its_rows(denoisers, classifier_reward):
     """A reward whose vocabulary orders tokens differently: its matrix read through
     ``rows`` steers exactly as the same embeddings in the denoiser's order."""
