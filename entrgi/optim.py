@@ -29,11 +29,23 @@ class LogitAdam:
     ``moment_dtype`` ``torch.bfloat16`` halves the two moments' memory (2 x 4 -> 2 x 2
     bytes per logit): each step is computed in float32 from the stored moments and
     rounds them once when storing (an approximation of Adam; float32 is exact).
+
+    ``replay_from`` (the param's shape, any float dtype): the param's values before the
+    first step, left unmodified (e.g. the denoiser's bf16 logits the float32 param was
+    cast from). With the fused backend the moments are then not stored at all: each
+    step, inside the op's backward, recomputes the whole Adam trajectory from these
+    values and the per-row factors of every earlier gradient (``max_steps`` x (rows,
+    d) values; see ``entrgi_kernels.adam.AdamReplay``). Exact: the same values as
+    float32 moments, for 0 bytes of moments instead of 8 per logit, at one extra
+    GEMM per earlier step. Steps must then all come through ``guided_embedding``'s
+    backward (same table and temperature), at most ``max_steps`` of them. The
+    ``torch`` backend stores float32 moments (same values).
     """
 
     def __init__(self, param: torch.Tensor, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
                  active: torch.Tensor | None = None, backend: str = "auto",
-                 moment_dtype: torch.dtype = torch.float32):  # fmt: skip
+                 moment_dtype: torch.dtype = torch.float32, replay_from: torch.Tensor | None = None,
+                 max_steps: int | None = None):  # fmt: skip
         check_logits("param", param)
         check_active(active, param, "param")
         if not 0 < lr < math.inf:
@@ -44,28 +56,40 @@ class LogitAdam:
             raise ValueError(f"eps must be a finite number >= 0, got {eps}")
         if moment_dtype not in MOMENT_DTYPES:
             raise ValueError(f"moment_dtype must be torch.float32 or torch.bfloat16, got {moment_dtype}")
+        if replay_from is not None:
+            _check_replay(replay_from, param, moment_dtype, max_steps)
         self.param, self.lr, self.betas, self.eps = param, lr, betas, eps
-        self.exp_avg = torch.zeros_like(param, dtype=moment_dtype)
-        self.exp_avg_sq = torch.zeros_like(param, dtype=moment_dtype)
         self.step_count = 0
         self.active = active
         self.fused = resolve_backend(backend, param.device) == "triton"
+        self._replay = None
         if self.fused:
             if not (param.dtype == torch.float32 and param.is_contiguous()):
                 raise ValueError(f"the fused Adam needs a contiguous float32 param, got {param.dtype}")
             from entrgi.ops.triton_backend import skip_flags
 
             self._skip = None if active is None else skip_flags(active.reshape(-1))
+            if replay_from is not None:
+                from entrgi_kernels.adam import AdamReplay
+
+                vocab = param.shape[-1]
+                anchor = replay_from.reshape(-1, vocab).contiguous()  # a copy only if replay_from is strided
+                self._replay = AdamReplay(anchor, max_steps, lr, *betas, eps, self._skip)
+        stored = self._replay is None
+        self.exp_avg = torch.zeros_like(param, dtype=moment_dtype) if stored else None
+        self.exp_avg_sq = torch.zeros_like(param, dtype=moment_dtype) if stored else None
 
     def fused_update(self):
         """The next step as an ``entrgi_kernels.adam.AdamUpdate`` over (rows, V) views of
-        the moments, for a kernel that applies it in place (fused backend only);
-        advances the step count."""
+        the moments, or the ``AdamReplay`` (``replay_from``), for a kernel that applies
+        it in place (fused backend only); advances the step count."""
         from entrgi_kernels.adam import AdamUpdate
 
         if not self.fused:
             raise RuntimeError("fused_update needs the fused (Triton) backend")
         self.step_count += 1
+        if self._replay is not None:
+            return self._replay
         vocab = self.param.shape[-1]
         return AdamUpdate(self.exp_avg.view(-1, vocab), self.exp_avg_sq.view(-1, vocab), self.step_count, self.lr,
                           *self.betas, self.eps, self._skip)  # fmt: skip
@@ -76,6 +100,9 @@ class LogitAdam:
         """One Adam step with gradient ``grad`` (the param's shape)."""
         if grad.shape != self.param.shape:
             raise ValueError(f"grad shape {tuple(grad.shape)} != param shape {tuple(self.param.shape)}")
+        if self._replay is not None:
+            raise RuntimeError("a LogitAdam with replay_from steps only inside guided_embedding's backward, "
+                               "which hands it the gradient's factors, not a gradient")  # fmt: skip
         if self.fused:
             from entrgi_kernels.adam import adam_step
 
@@ -96,3 +123,17 @@ class LogitAdam:
         if exp_avg is not self.exp_avg:  # bfloat16 moments: rounded once, as the kernels store them
             self.exp_avg.copy_(exp_avg)
             self.exp_avg_sq.copy_(exp_avg_sq)
+
+
+def _check_replay(replay_from: torch.Tensor, param: torch.Tensor, moment_dtype: torch.dtype, max_steps) -> None:
+    if not isinstance(replay_from, torch.Tensor) or not replay_from.is_floating_point():
+        raise ValueError(f"replay_from must be a float tensor, got {type(replay_from).__name__}")
+    if replay_from.shape != param.shape or replay_from.device != param.device:
+        raise ValueError(f"replay_from {tuple(replay_from.shape)} on {replay_from.device} must have the param's "
+                         f"shape {tuple(param.shape)} and device {param.device}")  # fmt: skip
+    if replay_from.data_ptr() == param.data_ptr():
+        raise ValueError("replay_from must be the param's values before the first step, not the param itself")
+    if moment_dtype != torch.float32:
+        raise ValueError(f"replay_from stores no moments: leave moment_dtype float32, got {moment_dtype}")
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+        raise ValueError(f"replay_from needs max_steps, an int >= 1, got {max_steps!r}")

@@ -30,7 +30,10 @@ dtype, as on the GPU (the interpreter's cast truncates where the GPU rounds to
 nearest), so CPU tests exercise the same cancellations.
 No (N, V) tensor is created besides phi and dphi; with an Adam step fused into the
 backward (the guidance loop's case) not even dphi: each tile of dphi updates phi and
-the Adam moments in place the moment it is computed.
+the Adam moments in place the moment it is computed. With an ``AdamReplay`` the
+moments are not stored either: a tile's whole Adam trajectory is recomputed in
+registers from the rows before the first step and each step's (N, D) g and per-row
+norms, one E . g_s GEMM per past step.
 
 The table may be in another vocabulary (the reward model's own embedding matrix):
 with ``table_rows`` (V,) each E tile is gathered row by row through it, so no (V, D)
@@ -50,7 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
-from entrgi_kernels.adam import AdamUpdate, adam_update
+from entrgi_kernels.adam import AdamReplay, AdamUpdate, adam_math, adam_update
 from entrgi_kernels.launch import INTERPRET, fewest_waves_splits, programs_to_fill, vocab_chunks
 from entrgi_kernels.row_stats import SoftmaxNorm, _load_norm, _log2_norm, _tempered_probs
 
@@ -182,6 +185,30 @@ def _straight_through_kernel(
 
 
 @triton.jit
+def _grad_times_table(
+    grad_ptr, table_ptr, table_rows, rows64, row_ok, col_ok, d_end, D, stride_table,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr,
+):  # fmt: skip
+    """(BLOCK_N, BLOCK_V) fp32 tile of E[table_rows] . g per (row, column), streamed over
+    the first ``d_end`` of D (0: a zero tile, nothing read). ``grad_ptr``: contiguous (N, D)."""
+    eg = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+    for start in range(0, d_end, BLOCK_D):
+        dims = start + tl.arange(0, BLOCK_D)
+        dim_ok = dims < D
+        g = tl.load(grad_ptr + rows64[:, None] * D + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        e_t = tl.load(
+            table_ptr + table_rows[None, :] * stride_table + dims[:, None],
+            mask=dim_ok[:, None] & col_ok[None, :],
+            other=0.0,
+        )  # fmt: skip  (D tile, V tile): E transposed
+        if DOT_FP32:
+            eg += tl.dot(g, e_t.to(tl.float32), input_precision="ieee")
+        else:
+            eg += tl.dot(g, e_t)
+    return eg
+
+
+@triton.jit
 def _soft_embedding_bwd_kernel(
     phi_ptr,  # (N, V) logits
     table_ptr,  # (V_t, D) embedding table
@@ -225,20 +252,8 @@ def _soft_embedding_bwd_kernel(
     col_ok = cols < V
     rows64 = rows.to(tl.int64)
     table_rows = _table_row(table_rows_ptr, cols, col_ok, GATHER)
-    eg = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
-    for start in range(0, tl.where(live, D, 0), BLOCK_D):
-        dims = start + tl.arange(0, BLOCK_D)
-        dim_ok = dims < D
-        g = tl.load(grad_ptr + rows64[:, None] * D + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-        e_t = tl.load(
-            table_ptr + table_rows[None, :] * stride_table + dims[:, None],
-            mask=dim_ok[:, None] & col_ok[None, :],
-            other=0.0,
-        )  # fmt: skip  (D tile, V tile): E transposed
-        if DOT_FP32:
-            eg += tl.dot(g, e_t.to(tl.float32), input_precision="ieee")
-        else:
-            eg += tl.dot(g, e_t)
+    eg = _grad_times_table(grad_ptr, table_ptr, table_rows, rows64, row_ok, col_ok, tl.where(live, D, 0), D,
+                           stride_table, BLOCK_N, BLOCK_V, BLOCK_D, DOT_FP32)  # fmt: skip
     x = tl.load(
         phi_ptr + rows64[:, None] * stride_phi + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
         other=-float("inf"),
@@ -258,6 +273,67 @@ def _soft_embedding_bwd_kernel(
             dphi_ptr + rows64[:, None] * stride_dphi + cols[None, :],
             dphi.to(dphi_ptr.dtype.element_ty), mask=in_list[:, None] & col_ok[None, :],
         )  # fmt: skip
+
+
+@triton.jit
+def _adam_replay_kernel(
+    phi_ptr,  # (N, V) fp32 out: the rows after step `steps` (moving rows only), contiguous
+    anchor_ptr,  # (N, V) the rows before step 1, any float dtype, contiguous
+    table_ptr,  # (V_t, D) embedding table
+    table_rows_ptr,  # (V,) int: table row of each vocabulary entry (GATHER)
+    grads_ptr,  # (S, N, D) g of each step, the dot's operand dtype
+    stats_ptr,  # (3, S, N) fp32: row_max, lse_shifted of phi_s, soft_s . g_s
+    scalars_ptr,  # (S, 2) fp32: lr / (1 - beta1^t), 1 / sqrt(1 - beta2^t)
+    order_ptr,  # (N,) int32 row list (ROW_LIST)
+    count_ptr,  # (1,) int32 number of active rows (ROW_LIST)
+    skip_ptr,  # (N,) int32: rows != 0 take no step (SKIP)
+    N,
+    V,
+    D,
+    steps,  # number of steps to replay (>= 1)
+    max_steps,  # S
+    stride_table,
+    inv_tau,
+    beta1,
+    beta2,
+    eps,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    ROW_LIST: tl.constexpr,
+    SKIP: tl.constexpr,
+    GATHER: tl.constexpr,
+):
+    """Adam steps 1..steps of a (row block, V tile) replayed in registers from the
+    anchor: the same per-step arithmetic as _soft_embedding_bwd_kernel with ADAM."""
+    first = tl.program_id(0) * BLOCK_N
+    positions = first + tl.arange(0, BLOCK_N)
+    rows, row_ok, live = _list_rows(order_ptr, count_ptr, first, positions, N, ROW_LIST)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_ok = cols < V
+    rows64 = rows.to(tl.int64)
+    moving = row_ok
+    if SKIP:
+        moving = moving & (tl.load(skip_ptr + rows64, mask=row_ok, other=1) == 0)
+    offsets = rows64[:, None] * V + cols[None, :]
+    ok = moving[:, None] & col_ok[None, :]
+    table_rows = _table_row(table_rows_ptr, cols, col_ok, GATHER)
+    x = tl.load(anchor_ptr + offsets, mask=ok, other=-float("inf")).to(tl.float32)
+    m = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+    v = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+    for step in range(0, tl.where(live, steps, 0)):
+        eg = _grad_times_table(grads_ptr + (step * N).to(tl.int64) * D, table_ptr, table_rows, rows64, moving, col_ok, D, D,
+                               stride_table, BLOCK_N, BLOCK_V, BLOCK_D, DOT_FP32)  # fmt: skip
+        stats = stats_ptr + step * N
+        row_max, log2_norm = _load_norm(stats, stats + max_steps * N, rows64, moving)
+        sg = tl.load(stats + 2 * max_steps * N + rows64, mask=moving, other=0.0)
+        p = _tempered_probs(x, row_max[:, None], log2_norm[:, None], inv_tau)
+        dphi = p * (eg - sg[:, None]) * inv_tau
+        lr_corrected = tl.load(scalars_ptr + 2 * step)
+        inv_bias2_sqrt = tl.load(scalars_ptr + 2 * step + 1)
+        x, m, v = adam_math(x, dphi, m, v, lr_corrected, beta1, beta2, inv_bias2_sqrt, eps)
+    tl.store(phi_ptr + offsets, x, mask=ok)
 
 
 @dataclass(frozen=True)
@@ -289,7 +365,7 @@ def _fit(config: TileConfig, d: int) -> TileConfig:
     return TileConfig(config.block_n, config.block_v, block_d, config.num_warps, config.num_stages)
 
 
-def _backward_config(phi: torch.Tensor, adam: AdamUpdate | None) -> TileConfig:
+def _backward_config(phi: torch.Tensor, adam: AdamUpdate | AdamReplay | None) -> TileConfig:
     if INTERPRET:
         return INTERPRETER
     return BACKWARD_GPU_HALF_TILE if adam is not None or phi.dtype == torch.float32 else BACKWARD_GPU
@@ -355,8 +431,9 @@ def soft_embedding_forward(
 
 
 def soft_embedding_backward(
-    phi, table, grad, norm: SoftmaxNorm, soft, temperature, row_list=None, adam: AdamUpdate | None = None,
-    config: TileConfig | None = None, table_rows: torch.Tensor | None = None,
+    phi, table, grad, norm: SoftmaxNorm, soft, temperature, row_list=None,
+    adam: AdamUpdate | AdamReplay | None = None, config: TileConfig | None = None,
+    table_rows: torch.Tensor | None = None,
 ):  # fmt: skip
     """dphi (N, V) in phi's dtype for the incoming gradient ``grad`` (N, D); rows
     outside ``row_list`` get dphi = 0 without reading phi or the table. ``norm``,
@@ -364,7 +441,9 @@ def soft_embedding_backward(
 
     With ``adam`` the kernel applies that Adam step to phi (contiguous fp32) in place
     instead, from the dphi tile in registers, and returns None: dphi is never stored.
-    Rows outside ``row_list`` and rows in ``adam.skip`` are not touched."""
+    An :class:`AdamReplay` records this step's factors and recomputes every step so far
+    from its anchor (no moments read or written). Rows outside ``row_list`` and rows in
+    ``adam.skip`` are not touched."""
     n, vocab = phi.shape
     d = table.shape[1]
     cfg = _fit(config or _backward_config(phi, adam), d)
@@ -372,6 +451,11 @@ def soft_embedding_backward(
     grad_operand = grad.to(table.dtype)
     soft_dot_grad = (soft * grad_operand).sum(-1, dtype=torch.float32)
     grad_operand = (grad_operand.float() if _dot_fp32(table) else grad_operand).contiguous()
+    if isinstance(adam, AdamReplay):
+        adam.check(phi)
+        adam.record(grad_operand, *norm, soft_dot_grad, table, table_rows, temperature)
+        _replay_adam(phi, table, adam, temperature, row_list, cfg, table_rows)
+        return None
     if adam is None:
         dphi = torch.empty_like(phi)
         exp_avg = exp_avg_sq = skip = dphi
@@ -392,3 +476,19 @@ def soft_embedding_backward(
         GATHER=table_rows is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return None if adam is not None else dphi
+
+
+def _replay_adam(phi, table, replay: AdamReplay, temperature, row_list, cfg: TileConfig, table_rows) -> None:
+    """Launch the replay of ``replay``'s recorded steps onto phi (see :class:`AdamReplay`)."""
+    n, vocab = phi.shape
+    d = table.shape[1]
+    order, count = _row_list_args(row_list, n, phi.device)
+    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(vocab, cfg.block_v))
+    _adam_replay_kernel[grid](
+        phi, replay.anchor, table, _gather_arg(table_rows, table), replay.grads, replay.stats, replay.scalars, order,
+        count, phi if replay.skip is None else replay.skip, n, vocab, d, replay.steps, replay.max_steps,
+        table.stride(0), 1.0 / temperature, replay.beta1, replay.beta2, replay.eps,
+        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, DOT_FP32=_dot_fp32(table),
+        ROW_LIST=row_list is not None, SKIP=replay.skip is not None, GATHER=table_rows is not None,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip

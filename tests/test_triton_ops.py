@@ -321,12 +321,15 @@ def test_entropy_confidence_matches_the_reference(dtype, temperature):
     assert want[active].lt(0).all()  # sum p log p of a spread-out row is negative
 
 
-def _adam_steps(phi, table, grads, backend, active, moving, fused_into_backward, moment_dtype):
-    """Three Adam steps on phi (R, V) fp32 through the op's backward (loss = sum embeds * g)."""
+def _adam_steps(phi, table, grads, backend, active, moving, fused_into_backward, moment_dtype=torch.float32,
+                replay_from=None):  # fmt: skip
+    """Adam steps on phi (R, V) fp32 through the op's backward (loss = sum embeds * g),
+    one per gradient in ``grads``."""
     from entrgi.optim import LogitAdam
 
     leaf = phi.clone().requires_grad_(True)
-    optimizer = LogitAdam(leaf, lr=0.3, active=moving, backend=backend, moment_dtype=moment_dtype)
+    optimizer = LogitAdam(leaf, lr=0.3, active=moving, backend=backend, moment_dtype=moment_dtype,
+                          replay_from=replay_from, max_steps=len(grads))  # fmt: skip
     for g in grads:
         kwargs = dict(temperature=0.8, top_p=0.9, backend=backend, active=active)
         if fused_into_backward:
@@ -361,6 +364,58 @@ def test_adam_fused_into_the_backward_matches_a_separate_step(table_dtype, rows,
     torch.testing.assert_close(fused, reference, atol=tol, rtol=tol, equal_nan=True)
     assert torch.equal(fused[~moving], phi[~moving])
     assert (fused[moving] != phi[moving]).any(-1).all()
+
+
+@pytest.mark.parametrize("table_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,vocab,d", [(7, 101, 24), (20, 70, 130)])
+@pytest.mark.parametrize("anchor_dtype", [torch.float32, torch.bfloat16])
+def test_replayed_adam_equals_stored_moments(table_dtype, rows, vocab, d, anchor_dtype):
+    """Adam recomputed from the initial logits (no moments stored) gives the rows that
+    float32 moments give: bit for bit under the interpreter (same arithmetic in the same
+    order). With a float32 table, also the reference backend's (with bf16 the stored
+    path's agreement with the reference is the fused-Adam test's)."""
+    phi, table = _inputs(rows, vocab, d, torch.float32, seed=11)
+    anchor = phi.to(anchor_dtype)
+    phi, table = anchor.float(), table.to(table_dtype)  # the float32 rows are the anchor's values
+    g = torch.Generator().manual_seed(3)
+    grads = [torch.randn(rows, d, generator=g).to(DEVICE) for _ in range(3)]
+    active = (torch.rand(rows, generator=g) < 0.7).to(DEVICE)
+    moving = active & (torch.rand(rows, generator=g) < 0.7).to(DEVICE)
+    steps = functools.partial(_adam_steps, phi, table, grads, active=active, moving=moving, fused_into_backward=True)
+    replayed = steps("triton", replay_from=anchor)
+    stored = steps("triton")
+    if DEVICE == "cpu":
+        assert torch.equal(replayed, stored)
+    torch.testing.assert_close(replayed, stored, atol=1e-6, rtol=1e-6)
+    if table_dtype == torch.float32:
+        torch.testing.assert_close(replayed, steps("torch", replay_from=anchor), atol=1e-4, rtol=1e-4)
+    assert torch.equal(replayed[~moving], phi[~moving])
+    assert (replayed[moving] != phi[moving]).any(-1).all()
+
+
+def test_adam_replay_refuses_what_it_cannot_replay():
+    from entrgi.optim import LogitAdam
+
+    phi, table = _inputs(4, 50, 8, torch.float32, seed=12)
+    anchor = phi.clone()
+    leaf = phi.clone().requires_grad_(True)
+    optimizer = LogitAdam(leaf, lr=0.1, backend="triton", replay_from=anchor, max_steps=2)
+    assert optimizer.exp_avg is None and optimizer.exp_avg_sq is None  # no moments stored
+
+    def step(tau=0.8, table=table):
+        out = guided_embedding(leaf, table, temperature=tau, backend="triton", optimizer=optimizer)
+        torch.autograd.backward(out.embeds.sum(), inputs=[leaf])
+
+    step()
+    with pytest.raises(ValueError, match="same table at the same temperature"):
+        step(tau=0.5)
+    with pytest.raises(ValueError, match="same table at the same temperature"):
+        step(table=table.clone())
+    step()
+    with pytest.raises(RuntimeError, match="max_steps=2 steps; all are taken"):
+        step()
+    with pytest.raises(RuntimeError, match="steps only inside guided_embedding's backward"):
+        optimizer.step(torch.zeros_like(phi))
 
 
 def test_optimizer_argument_is_validated():
