@@ -4,6 +4,7 @@
 # each stage are a short summary. Usage, from the repository root on the GPU machine:
 #   bash bench/gpu_session.sh tests     # install offline, the whole test suite on CUDA (kernel and graph tests first)
 #   bash bench/gpu_session.sh step      # step suite: 2 presets x reward memory options (lean layers on / off)
+#   bash bench/gpu_session.sh moments   # step suite: Adam moments in bfloat16 / recomputed (memory options on)
 #   bash bench/gpu_session.sh profile   # eager guided step per component, device ms against each floor
 #   bash bench/gpu_session.sh compile   # step suite with compiled layers (compiles first)
 #   bash bench/gpu_session.sh op        # op suite (triton vs eager) + per-kernel breakdown
@@ -12,9 +13,9 @@
 #   bash bench/gpu_session.sh sweep-bf16  # GEMM tile sweep, bf16 phi at the op goal's N=512, d=1024
 set -euo pipefail
 case "${1:-}" in
-tests | step | profile | compile | op | baseline | sweep | sweep-bf16) ;;
+tests | step | moments | profile | compile | op | baseline | sweep | sweep-bf16) ;;
 *)
-    echo "usage: bash bench/gpu_session.sh tests|step|profile|compile|op|baseline|sweep|sweep-bf16" >&2
+    echo "usage: bash bench/gpu_session.sh tests|step|moments|profile|compile|op|baseline|sweep|sweep-bf16" >&2
     exit 2
     ;;
 esac
@@ -53,8 +54,11 @@ tests) # the kernels and the CUDA-graph paths first, so their results are in if 
     exit $status
     ;;
 step)
-    step_suites step.log "" "--no-reward-lean" "--reward-checkpoint" "--reward-cache-prefix --reward-checkpoint" \
-        "--reward-cache-prefix --reward-checkpoint --adam-moments bfloat16"
+    step_suites step.log "" "--no-reward-lean" "--reward-checkpoint" "--reward-cache-prefix --reward-checkpoint"
+    ;;
+moments)
+    step_suites moments.log "--reward-cache-prefix --reward-checkpoint --adam-moments bfloat16" \
+        "--reward-cache-prefix --reward-checkpoint --adam-moments recompute" "--adam-moments recompute"
     ;;
 profile)
     for preset in 1xK4-0.6b 4xK4-1.7b; do

@@ -157,7 +157,7 @@ def exercise_ops() -> None:
     """Every launch path of the ops: guided_embedding (each mode, bf16, fp16 and fp32
     phi, with and without active rows, a gathered table, the backward with and without
     the fused Adam step, bf16 moments), sample_step (each alg, greedy too),
-    entropy_confidence, LogitAdam."""
+    entropy_confidence, LogitAdam (stored and recomputed moments)."""
     table = torch.randn(VOCAB, DIM, dtype=torch.bfloat16)
     table_rows = torch.arange(VOCAB)
     active = torch.arange(ROWS) % 3 > 0
@@ -184,6 +184,14 @@ def exercise_ops() -> None:
         out = entrgi.guided_embedding(phi, table, backend="triton", active=active, optimizer=optimizer, **sampling)
         out.embeds.backward(grad)
         optimizer.step(torch.randn_like(phi))
+    for gather in (None, table_rows):  # Adam recomputed from bf16 initial logits (no moments stored)
+        initial = torch.randn(ROWS, VOCAB).to(torch.bfloat16)
+        phi = initial.float().requires_grad_(True)
+        optimizer = LogitAdam(phi, lr=0.5, active=active, backend="triton", replay_from=initial, max_steps=2)
+        for _ in range(2):  # Triton specialises an int argument of 1: steps 1 and 2 compile apart
+            out = entrgi.guided_embedding(phi, table, backend="triton", active=active, optimizer=optimizer,
+                                          table_rows=gather, **sampling)  # fmt: skip
+            out.embeds.backward(grad)
 
 
 def declared_kernels() -> set[str]:

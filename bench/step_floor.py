@@ -3,7 +3,7 @@
 
     python bench/step_floor.py [--preset 1xK4-0.6b 4xK4-1.7b] [--masked-fraction 0.5]
         [--guidance-steps 3] [--new-tokens 128] [--reward-cache-prefix] [--reward-checkpoint]
-        [--adam-moments float32|bfloat16]
+        [--adam-moments float32|bfloat16|recompute]
 """
 
 from __future__ import annotations

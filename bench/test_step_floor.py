@@ -64,6 +64,15 @@ def test_bfloat16_moments_halve_the_moments_bytes():
     assert half[adam] / 3 == pytest.approx(2 * phi + 2 * phi + table)
 
 
+def test_recomputed_moments_trade_bytes_for_gemms():
+    stored, replayed = (
+        next(c for c in floors.step_components("tiny", new_tokens=16, adam_moments=m) if c.name == "op backward + Adam")
+        for m in ("float32", "recompute")
+    )
+    assert replayed.flops == pytest.approx(2 * stored.flops)  # 1 + 2 + 3 GEMMs instead of 3 x 1
+    assert replayed.nbytes < stored.nbytes
+
+
 def test_tool_passes_the_moments_dtype_on(capsys):
     def adam_floor(*options):
         tool.main(["--preset", "1xK4-0.6b", *options])  # meta device: no weights

@@ -268,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"step suite / preset profile: {LEAN_HELP}")  # fmt: skip
     bench.add_argument("--compile-layers", action="store_true", help=f"step suite / preset profile: {COMPILE_HELP}")
     bench.add_argument("--adam-moments", choices=ADAM_MOMENTS, default="float32",
-                       help="step suite / preset profile: dtype of the logits' Adam moments (bfloat16 halves them)")  # fmt: skip
+                       help="step suite / preset profile: how the logits' Adam keeps its moments (bfloat16 "
+                            "halves them; recompute stores none and replays)")  # fmt: skip
     bench.add_argument("--out", default="bench/out", help="folder for the CSV, plots and traces")
     bench.set_defaults(run=_bench)
     return parser

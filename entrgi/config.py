@@ -15,7 +15,7 @@ METHODS = (*GUIDED_METHODS, "bon", "none")
 REMASKING = ("low_confidence", "random")
 GUIDANCE_SCOPES = ("block", "all")
 PROBABILITY_CONFIDENCE = ("maskgit_plus", "low_confidence")
-ADAM_MOMENTS = ("float32", "bfloat16")
+ADAM_MOMENTS = ("float32", "bfloat16", "recompute")
 FIELD_CHOICES = {
     "method": METHODS, "alg": ALGS, "backend": BACKENDS, "adam_moments": ADAM_MOMENTS,
     "guidance_scope": GUIDANCE_SCOPES, "remasking": REMASKING,
@@ -38,9 +38,13 @@ class GuidanceConfig:
     prompts_per_batch : prompts denoised together (each with K rows).
     chat_template : wrap prompts in the denoiser tokenizer's chat template when it has one.
     cuda_graphs : ``auto`` (on CUDA), True or False: replay each step kind from a CUDA graph.
-    adam_moments : ``float32`` (exact Adam) or ``bfloat16`` (the moments of the logits'
-        Adam stored rounded: 2 x 2 instead of 2 x 4 bytes per logit of the response
-        block, an approximation; see :class:`~entrgi.optim.LogitAdam`).
+    adam_moments : how the logits' Adam keeps its two moments. ``float32``: stored, exact.
+        ``bfloat16``: stored rounded, 2 x 2 instead of 2 x 4 bytes per logit of the
+        response block (an approximation). ``recompute``: not stored; each guidance
+        step's backward kernel replays Adam from the denoiser's logits (kept in their own
+        dtype, 2 bytes per logit for a bf16 denoiser) at one extra GEMM per earlier step;
+        exact (Triton backend; ``torch`` stores float32 moments). See
+        :class:`~entrgi.optim.LogitAdam`.
 
     LLaDA-style semi-autoregressive decoding and Fast-dLLM parallel decoding:
 

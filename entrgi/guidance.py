@@ -17,7 +17,7 @@ from entrgi.rewards.packing import response_mask_until_end
 @dataclass(frozen=True)
 class GuidanceStep:
     """How phi is steered: ``mode`` (entrgi | aps | expectation), M ``steps`` of Adam at
-    ``lr`` (moments in ``moment_dtype``), loss ``-sum R / reward_temperature``, and the
+    ``lr`` (moments kept as ``adam_moments`` says: see GuidanceConfig), loss ``-sum R / reward_temperature``, and the
     sampling law of the hard tokens."""
 
     mode: str
@@ -28,7 +28,7 @@ class GuidanceStep:
     top_p: float
     top_k: int
     backend: str = "auto"
-    moment_dtype: torch.dtype = torch.float32
+    adam_moments: str = "float32"
 
 
 def optimize_logits(
@@ -45,6 +45,7 @@ def optimize_logits(
     in_place: bool = False,
     table_rows: torch.Tensor | None = None,
     target_table: torch.Tensor | None = None,
+    initial: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Steer phi towards higher reward. No host syncs.
 
@@ -66,6 +67,11 @@ def optimize_logits(
     and ``mixed = soft + w (target_table[drawn] - soft)`` (the op's draw and w); a
     committed position's token row twice. Embeddings are then (N, G, d + 2 d_t).
 
+    ``initial`` (N, G, V), any float dtype: phi_init's values, left unmodified (e.g. the
+    denoiser's bf16 logits phi_init is a float32 copy of), from which
+    ``adam_moments="recompute"`` replays Adam. Default: phi_init itself, or a copy of it
+    when ``in_place``.
+
     Returns the optimised phi (N, G, V) float32 and the mean weight w over masked rows
     and steps (a 0-d device tensor).
     """
@@ -74,7 +80,12 @@ def optimize_logits(
     start = phi_init if in_place else phi_init.clone(memory_format=torch.contiguous_format)
     phi = start.detach().requires_grad_(True)
     moving = masked if steered is None else steered
-    optimizer = LogitAdam(phi, guidance.lr, active=moving, backend=guidance.backend, moment_dtype=guidance.moment_dtype)
+    recompute = guidance.adam_moments == "recompute"
+    if recompute and initial is None:
+        initial = phi_init.clone() if in_place else phi_init
+    optimizer = LogitAdam(phi, guidance.lr, active=moving, backend=guidance.backend,
+                          moment_dtype=torch.float32 if recompute else getattr(torch, guidance.adam_moments),
+                          replay_from=initial if recompute else None, max_steps=max(guidance.steps, 1))  # fmt: skip
     committed_rows = response if table_rows is None else table_rows[response]
     committed_embeds = table[committed_rows]
     if target_table is not None:

@@ -127,7 +127,8 @@ class LogitAdam:
 
 def _check_replay(replay_from: torch.Tensor, param: torch.Tensor, moment_dtype: torch.dtype, max_steps) -> None:
     if not isinstance(replay_from, torch.Tensor) or not replay_from.is_floating_point():
-        raise ValueError(f"replay_from must be a float tensor, got {type(replay_from).__name__}")
+        got = replay_from.dtype if isinstance(replay_from, torch.Tensor) else type(replay_from).__name__
+        raise ValueError(f"replay_from must be a float tensor, got {got}")
     if replay_from.shape != param.shape or replay_from.device != param.device:
         raise ValueError(f"replay_from {tuple(replay_from.shape)} on {replay_from.device} must have the param's "
                          f"shape {tuple(param.shape)} and device {param.device}")  # fmt: skip

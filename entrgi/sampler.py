@@ -157,7 +157,7 @@ class DiffusionRun:
         self._warmed: set[bool] = set()
         self.guidance = GuidanceStep(config.method, config.guidance_steps, config.lr, config.reward_temperature,
                                      config.temperature, config.top_p, config.top_k, config.backend,
-                                     getattr(torch, config.adam_moments))  # fmt: skip
+                                     config.adam_moments)  # fmt: skip
 
     def _batch_canvas(self, prompt_ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, ...]:
         """Host tensors (N, P + G): canvas ids, real-token mask, prompt-token mask."""
@@ -202,7 +202,11 @@ class DiffusionRun:
         masked = self.response == self.denoiser.mask_token_id
         self.forward_passes += masked.any(-1)
         with torch.no_grad(), record_function("entrgi.denoiser_forward"):
-            phi = self.response_logits()
+            if guided and cfg.adam_moments == "recompute":  # Adam replays from the logits as the denoiser gave them
+                initial = self.denoiser_logits().contiguous()
+                phi = initial.to(torch.float32, copy=True)
+            else:
+                initial, phi = None, self.response_logits()
         in_block = masked if cfg.block_length is None else masked & current_block(masked, cfg.block_length)
         initial_confidence = None
         if guided:
@@ -211,19 +215,24 @@ class DiffusionRun:
                     initial_confidence = entropy_confidence(phi, temperature=cfg.temperature, backend=cfg.backend,
                                                             active=in_block)  # fmt: skip
             steered = in_block if cfg.guidance_scope == "block" and cfg.block_length is not None else None
-            self.optimize(phi, masked, steered)
+            self.optimize(phi, masked, steered, initial)
+            del initial
         with record_function("entrgi.commit"):
             self.commit(phi, in_block, initial_confidence)
         self.step_index += 1
 
     def response_logits(self) -> torch.Tensor:
-        """(N, G, V) contiguous float32 logits of the response block (a fresh tensor);
-        with ``cfg_scale`` the classifier-free mix ``un + (s + 1)(cond - un)``, ``un``
-        seeing the prompt masked."""
+        """(N, G, V) contiguous float32 logits of the response block (a fresh tensor)."""
+        logits = self.denoiser_logits()
+        return logits.to(torch.float32, copy=self.config.cfg_scale == 0, memory_format=torch.contiguous_format)
+
+    def denoiser_logits(self) -> torch.Tensor:
+        """(N, G, V) logits of the response block as the denoiser returns them (its
+        dtype, possibly a strided view); with ``cfg_scale`` the float32 classifier-free
+        mix ``un + (s + 1)(cond - un)``, ``un`` seeing the prompt masked (a fresh tensor)."""
         scale, width = self.config.cfg_scale, self.config.max_new_tokens
         if scale == 0:
-            logits = self.denoiser.logits(self.canvas, self.attention, keep_last=width)
-            return logits.to(torch.float32, copy=True, memory_format=torch.contiguous_format)
+            return self.denoiser.logits(self.canvas, self.attention, keep_last=width)
         unconditional = self.canvas.masked_fill(self.prompt_tokens, self.denoiser.mask_token_id)
         both = self.denoiser.logits(torch.cat([self.canvas, unconditional]), self.attention.repeat(2, 1), width)
         cond, un = both.float().chunk(2)
@@ -288,13 +297,15 @@ class DiffusionRun:
                 commit = select_commits(confidence, eligible, counts, cfg.alg_temp, self.generator)
         self.response.copy_(torch.where(commit, drawn.tokens, self.response))
 
-    def optimize(self, phi: torch.Tensor, masked: torch.Tensor, steered: torch.Tensor | None = None) -> None:
+    def optimize(self, phi: torch.Tensor, masked: torch.Tensor, steered: torch.Tensor | None = None,
+                 initial: torch.Tensor | None = None) -> None:  # fmt: skip
         """M Adam steps, in place, on the contiguous float32 logits phi (N, G, V) that
         raise the reward; only masked rows move (only ``steered`` rows when given; the
-        reward still sees every masked row)."""
+        reward still sees every masked row). ``initial``: phi's values before the steps
+        in any dtype (see :func:`~entrgi.guidance.optimize_logits`)."""
         optimize_logits(phi, masked, self.response, self.table.weight, self.reward, self.reward_context,
                         self.end_ids, self.guidance, self.generator, steered, in_place=True,
-                        table_rows=self.table.rows, target_table=self.table.targets)  # fmt: skip
+                        table_rows=self.table.rows, target_table=self.table.targets, initial=initial)  # fmt: skip
 
     def run(self, progress: bool = False) -> None:
         """Denoise until the response is committed: ``steps`` steps, or with a

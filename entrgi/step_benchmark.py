@@ -129,7 +129,8 @@ def step_config(
 
 def new_run(denoiser, reward, config: GuidanceConfig, seed: int = 0, masked_fraction: float = 1.0) -> DiffusionRun:
     """A run over random prompt ids with a random reward context (no tokenizers), with
-    ``masked_fraction`` of its response positions masked and the rest random tokens."""
+    ``masked_fraction`` of its response positions masked and the rest random tokens;
+    all drawn from ``seed``."""
     if not 0 < masked_fraction <= 1:
         raise ValueError(f"masked_fraction must be in (0, 1], got {masked_fraction}")
     generator = torch.Generator(denoiser.device).manual_seed(seed)
@@ -138,12 +139,15 @@ def new_run(denoiser, reward, config: GuidanceConfig, seed: int = 0, masked_frac
     vocab = denoiser.vocab_size - 1
     prompt_ids = torch.randint(0, vocab, (prompts, PROMPT_TOKENS), generator=generator, device=generator.device)
     table = reward.input_embeddings()
+
+    def random_embeds(length: int) -> torch.Tensor:
+        ids = torch.randint(0, table.shape[0], (n, length), generator=generator, device=generator.device)
+        return table[ids.to(table.device)]
+
     context = RewardContext(
-        table[torch.randint(0, table.shape[0], (n, REWARD_PREFIX_TOKENS), device=table.device)],
-        torch.ones(n, REWARD_PREFIX_TOKENS, dtype=torch.bool, device=table.device),
-        table[torch.randint(0, table.shape[0], (n, REWARD_SUFFIX_TOKENS), device=table.device)],
-        torch.ones(n, REWARD_SUFFIX_TOKENS, dtype=torch.bool, device=table.device),
-    )
+        random_embeds(REWARD_PREFIX_TOKENS), torch.ones(n, REWARD_PREFIX_TOKENS, dtype=torch.bool, device=table.device),
+        random_embeds(REWARD_SUFFIX_TOKENS), torch.ones(n, REWARD_SUFFIX_TOKENS, dtype=torch.bool, device=table.device),
+    )  # fmt: skip
     if reward.cache_prefix:
         context.prefix_kv = reward.cached_prefix(context)
     # Dream and the Qwen3 rewards share the Qwen vocabulary: identity mapping, clamped,

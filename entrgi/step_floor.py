@@ -6,8 +6,8 @@ The models' FLOPs are counted (``torch.utils.flop_counter``) by running the real
 denoiser and reward code on the meta device: the denoiser's forward as the step calls it
 (output head on the response only) and the reward's forward + backward as guidance calls
 it (gradients to the inputs only). The fused op, Adam and the commit are counted from
-shapes: two GEMMs over the active rows per guidance step, and the (rows, V) float32
-tensors each must read or write once. Bytes count weights and those tensors, not the
+shapes: two GEMMs over the active rows per guidance step (more with recomputed Adam
+moments), and the (rows, V) tensors each must read or write once. Bytes count weights and those tensors, not the
 models' activations, so the floor is a lower bound on a step's time.
 
 ``python bench/step_floor.py`` prints the table; ``entrgi bench --profile --preset P``
@@ -99,7 +99,8 @@ def step_components(
     """The components of one guided step of ``preset`` (``guided_only`` marks those an
     unguided step skips), with ``masked_fraction`` of the response rows still masked;
     ``cache_prefix`` / ``checkpoint``: the reward's memory options; ``adam_moments``: the
-    dtype of the logits' Adam moments."""
+    dtype of the logits' Adam moments, or ``recompute`` (none stored: each backward reads
+    the denoiser's bf16 logits and replays one GEMM per step so far)."""
     if not 0 < masked_fraction <= 1:
         raise ValueError(f"masked_fraction must be in (0, 1], got {masked_fraction}")
     # Lean layers change what the backward keeps, not its FLOPs; their swap checks run real numbers.
@@ -115,16 +116,22 @@ def step_components(
     total, head = denoiser_flops(denoiser, rows, new_tokens)
     denoiser_bytes = _weight_bytes(denoiser.model) + rows * new_tokens * vocab * PHI_BYTES  # weights, logits out
     reward_bytes = (3 if checkpoint else 2) * _weight_bytes(reward.model)  # forward, backward (recompute)
-    moment_bytes = torch.empty((), dtype=getattr(torch, adam_moments)).element_size()
-    adam_bytes = 2 * phi + 4 * active * vocab * moment_bytes  # phi and both moments, read and written
     m = guidance_steps
+    if adam_moments == "recompute":  # step t reads the initial logits, writes phi, and replays t GEMMs
+        replayed = m * (m + 1) / 2
+        adam_bytes = m * (active * vocab * DTYPE.itemsize + phi) + replayed * table_bytes
+        backward = Component("op backward + Adam", replayed * gemm, adam_bytes, True, m)
+    else:
+        moment_bytes = getattr(torch, adam_moments).itemsize
+        adam_bytes = 2 * phi + 4 * active * vocab * moment_bytes  # phi and both moments, read and written
+        backward = Component("op backward + Adam", m * gemm, m * (adam_bytes + table_bytes), True, m)
     return [
         Component("denoiser forward", total, denoiser_bytes, False),
         Component("output head", head, 0.0, False, detail=True),
         Component("entropy confidence", 0.0, phi, True),
         Component("guided op forward", m * gemm, m * (phi + table_bytes), True, m),
         Component("reward fwd+bwd", m * reward_flops(reward, rows, new_tokens), m * reward_bytes, True, m),
-        Component("op backward + Adam", m * gemm, m * (adam_bytes + table_bytes), True, m),
+        backward,
         Component("commit (sample + confidence)", 0.0, phi, False),
     ]
 

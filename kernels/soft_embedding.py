@@ -323,8 +323,9 @@ def _adam_replay_kernel(
     m = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
     v = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
     for step in range(0, tl.where(live, steps, 0)):
-        eg = _grad_times_table(grads_ptr + (step * N).to(tl.int64) * D, table_ptr, table_rows, rows64, moving, col_ok, D, D,
-                               stride_table, BLOCK_N, BLOCK_V, BLOCK_D, DOT_FP32)  # fmt: skip
+        grads = grads_ptr + (step * N).to(tl.int64) * D
+        eg = _grad_times_table(grads, table_ptr, table_rows, rows64, moving, col_ok, D, D, stride_table,
+                               BLOCK_N, BLOCK_V, BLOCK_D, DOT_FP32)  # fmt: skip
         stats = stats_ptr + step * N
         row_max, log2_norm = _load_norm(stats, stats + max_steps * N, rows64, moving)
         sg = tl.load(stats + 2 * max_steps * N + rows64, mask=moving, other=0.0)

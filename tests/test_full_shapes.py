@@ -124,3 +124,24 @@ def test_fused_adam_backward_at_full_vocabulary():
         stepped[fused] = leaf.detach()
     torch.testing.assert_close(stepped[True], stepped[False], atol=1e-5, rtol=1e-5)
     assert stepped[True].ne(phi).any()
+
+
+def test_replayed_adam_at_full_vocabulary():
+    """Three Adam steps recomputed from bf16 initial logits equal stored float32 moments'."""
+    from entrgi import guided_embedding
+    from entrgi.optim import LogitAdam
+
+    initial, table = _phi(256, torch.bfloat16, seed=5), _table()
+    grads = torch.randn(3, 256, WIDTH, device="cuda")
+    stepped = {}
+    for replay in (True, False):
+        leaf = initial.float().requires_grad_(True)
+        optimizer = LogitAdam(leaf, lr=0.5, backend="triton", replay_from=initial if replay else None, max_steps=3)
+        generator = torch.Generator("cuda").manual_seed(6)
+        for grad in grads:
+            out = guided_embedding(leaf, table, temperature=0.7, top_p=0.95, backend="triton", generator=generator,
+                                   optimizer=optimizer)  # fmt: skip
+            torch.autograd.backward((out.embeds.float() * grad).sum(), inputs=[leaf])
+        stepped[replay] = leaf.detach()
+    torch.testing.assert_close(stepped[True], stepped[False], atol=1e-5, rtol=1e-5)
+    assert stepped[True].ne(initial.float()).any()

@@ -77,6 +77,23 @@ def test_bfloat16_moments_round_a_float32_step(backend):
         (dict(betas=(1.0, 0.999)), ValueError, r"betas must be two numbers in \[0, 1\), got \(1.0, 0.999\)"),
         (dict(eps=-1e-8), ValueError, "eps must be a finite number >= 0, got -1e-08"),
         (
+            dict(replay_from=torch.zeros(2, 4, dtype=torch.long), max_steps=1),
+            ValueError,
+            "replay_from must be a float tensor, got torch.int64",
+        ),
+        (
+            dict(replay_from=torch.zeros(2, 5), max_steps=1),
+            ValueError,
+            r"replay_from \(2, 5\) on cpu must have the param's shape \(2, 4\) and device cpu",
+        ),
+        (dict(replay_from=torch.zeros(2, 4)), ValueError, "replay_from needs max_steps, an int >= 1, got None"),
+        (dict(replay_from=torch.zeros(2, 4), max_steps=0), ValueError, "needs max_steps, an int >= 1, got 0"),
+        (
+            dict(replay_from=torch.zeros(2, 4), max_steps=2, moment_dtype=torch.bfloat16),
+            ValueError,
+            "replay_from stores no moments: leave moment_dtype float32",
+        ),
+        (
             dict(active=torch.ones(3, dtype=torch.bool)),
             ValueError,
             r"active shape \(3,\) != param's leading shape \(2,\)",
@@ -86,6 +103,12 @@ def test_bfloat16_moments_round_a_float32_step(backend):
 def test_bad_optimizer_arguments_raise(kwargs, error, match):
     with pytest.raises(error, match=match):
         LogitAdam(**(dict(param=torch.zeros(2, 4), lr=0.1) | kwargs))
+
+
+def test_replay_from_the_param_itself_raises():
+    param = torch.zeros(2, 4)
+    with pytest.raises(ValueError, match="values before the first step, not the param itself"):
+        LogitAdam(param, lr=0.1, replay_from=param, max_steps=1)
 
 
 def test_gradient_of_another_shape_raises():

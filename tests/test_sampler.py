@@ -227,6 +227,37 @@ def test_guidance_reads_a_table_in_another_vocabulary_through_its_rows(denoisers
     assert torch.equal(shuffled.response, direct.response)
 
 
+def test_recomputed_adam_moments_steer_as_stored_ones(monkeypatch):
+    """``adam_moments="recompute"`` on the Triton backend (the interpreter here; the step
+    benchmark's tiny random models, V = 1024): the optimiser stores no moments and
+    replays from the denoiser's own logits, and the run commits the tokens that float32
+    moments give, step for step."""
+    import entrgi.guidance
+    from entrgi.step_benchmark import build_models, new_run, step_config
+
+    denoiser, reward = build_models("tiny", torch.device("cpu"), torch.float32)
+    runs = {}
+    for moments in ("float32", "recompute"):
+        config = step_config("tiny", "entrgi", guidance_steps=2, new_tokens=3, adam_moments=moments)
+        runs[moments] = new_run(denoiser, reward, config.replace(backend="triton"), seed=3)
+    made = []
+    original = entrgi.guidance.LogitAdam
+
+    def spy(*args, **kwargs):
+        made.append(original(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(entrgi.guidance, "LogitAdam", spy)
+    for step in range(2):
+        for run in runs.values():
+            run.step(step)
+        stored, replayed = made[-2:]
+        assert torch.equal(replayed.param, stored.param)  # the steered logits, bit for bit
+        assert torch.equal(runs["recompute"].response, runs["float32"].response)
+    assert stored.exp_avg is not None and replayed.exp_avg is None and replayed.exp_avg_sq is None
+    assert replayed.fused and replayed.step_count == 2
+
+
 def test_bfloat16_adam_moments_steer_like_float32(denoisers, similarity_reward, monkeypatch):
     """``adam_moments="bfloat16"`` reaches the guidance loop and steers about as float32
     moments do (same seed, same start: close steered logits)."""
@@ -236,7 +267,7 @@ def test_bfloat16_adam_moments_steer_like_float32(denoisers, similarity_reward, 
     original, steered = entrgi.sampler.optimize_logits, {}
     for dtype in ("float32", "bfloat16"):
         run = _run(denoisers["mlm"], similarity_reward, config.replace(adam_moments=dtype))
-        assert run.guidance.moment_dtype == getattr(torch, dtype)
+        assert run.guidance.adam_moments == dtype
 
         def spy(phi, *args, dtype=dtype, **kwargs):
             before = phi.clone()
@@ -314,6 +345,17 @@ def test_cuda_graph_replay_matches_eager(denoiser_paths, classifier_path, method
     # guided steps 0, 2, 4, 6 and unguided 1, 3, 5: each kind runs eagerly once, then replays
     # ("none": one kind, warmed at step 0); the second call reuses the cached run: all 7 replay
     assert replays == [5 if method != "none" else 6, 7]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_replay_with_recomputed_adam_moments(denoiser_paths, classifier_path):
+    """The replayed Adam's per-step history and step scalars live in the captured graph."""
+    from entrgi import load_reward
+
+    denoiser = load_denoiser(denoiser_paths["dream"], kind="dream", device="cuda", dtype=torch.bfloat16)
+    reward = load_reward(classifier_path, device="cuda", dtype=torch.bfloat16)
+    _graphed_runs_match_eager(denoiser, reward, calls=2, steps=4, max_new_tokens=8, num_samples=2, guidance_steps=3,
+                              adam_moments="recompute", seed=6)  # fmt: skip
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
