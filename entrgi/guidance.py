@@ -17,8 +17,8 @@ from entrgi.rewards.packing import response_mask_until_end
 @dataclass(frozen=True)
 class GuidanceStep:
     """How phi is steered: ``mode`` (entrgi | aps | expectation), M ``steps`` of Adam at
-    ``lr`` (moments kept as ``adam_moments`` says: see GuidanceConfig), loss ``-sum R / reward_temperature``, and the
-    sampling law of the hard tokens."""
+    ``lr`` (moments kept as ``adam_moments`` says: see GuidanceConfig), loss
+    ``-sum R / reward_temperature``, and the sampling law of the hard tokens."""
 
     mode: str
     steps: int

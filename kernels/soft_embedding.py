@@ -209,6 +209,25 @@ def _grad_times_table(
 
 
 @triton.jit
+def _soft_grad(x, eg, row_max_ptr, lse_shifted_ptr, soft_dot_grad_ptr, rows64, row_ok, inv_tau):
+    """dphi = (1 / tau) p (E . g - soft . g) of a tile: ``x`` its fp32 logits, ``eg`` its
+    E . g (:func:`_grad_times_table`), the rows' norms and soft . g read at ``rows64``."""
+    row_max, log2_norm = _load_norm(row_max_ptr, lse_shifted_ptr, rows64, row_ok)
+    sg = tl.load(soft_dot_grad_ptr + rows64, mask=row_ok, other=0.0)
+    p = _tempered_probs(x, row_max[:, None], log2_norm[:, None], inv_tau)
+    return p * (eg - sg[:, None]) * inv_tau
+
+
+@triton.jit
+def _stepping_rows(skip_ptr, rows64, row_ok, SKIP: tl.constexpr):
+    """The rows of ``row_ok`` that take the Adam step: those not marked in skip (SKIP)."""
+    moving = row_ok
+    if SKIP:
+        moving = moving & (tl.load(skip_ptr + rows64, mask=row_ok, other=1) == 0)
+    return moving
+
+
+@triton.jit
 def _soft_embedding_bwd_kernel(
     phi_ptr,  # (N, V) logits
     table_ptr,  # (V_t, D) embedding table
@@ -258,14 +277,9 @@ def _soft_embedding_bwd_kernel(
         phi_ptr + rows64[:, None] * stride_phi + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
         other=-float("inf"),
     ).to(tl.float32)  # fmt: skip
-    row_max, log2_norm = _load_norm(row_max_ptr, lse_shifted_ptr, rows64, row_ok)
-    sg = tl.load(soft_dot_grad_ptr + rows64, mask=row_ok, other=0.0)
-    p = _tempered_probs(x, row_max[:, None], log2_norm[:, None], inv_tau)
-    dphi = p * (eg - sg[:, None]) * inv_tau
+    dphi = _soft_grad(x, eg, row_max_ptr, lse_shifted_ptr, soft_dot_grad_ptr, rows64, row_ok, inv_tau)
     if ADAM:  # phi (contiguous fp32) takes its Adam step here; dphi is never stored
-        moving = row_ok
-        if SKIP:
-            moving = moving & (tl.load(skip_ptr + rows64, mask=row_ok, other=1) == 0)
+        moving = _stepping_rows(skip_ptr, rows64, row_ok, SKIP)
         adam_update(phi_ptr, exp_avg_ptr, exp_avg_sq_ptr, rows64[:, None] * V + cols[None, :],
                     moving[:, None] & col_ok[None, :], x, dphi, lr_corrected, beta1, beta2, inv_bias2_sqrt, eps)  # fmt: skip
     else:
@@ -313,9 +327,7 @@ def _adam_replay_kernel(
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     col_ok = cols < V
     rows64 = rows.to(tl.int64)
-    moving = row_ok
-    if SKIP:
-        moving = moving & (tl.load(skip_ptr + rows64, mask=row_ok, other=1) == 0)
+    moving = _stepping_rows(skip_ptr, rows64, row_ok, SKIP)
     offsets = rows64[:, None] * V + cols[None, :]
     ok = moving[:, None] & col_ok[None, :]
     table_rows = _table_row(table_rows_ptr, cols, col_ok, GATHER)
@@ -327,10 +339,7 @@ def _adam_replay_kernel(
         eg = _grad_times_table(grads, table_ptr, table_rows, rows64, moving, col_ok, D, D, stride_table,
                                BLOCK_N, BLOCK_V, BLOCK_D, DOT_FP32)  # fmt: skip
         stats = stats_ptr + step * N
-        row_max, log2_norm = _load_norm(stats, stats + max_steps * N, rows64, moving)
-        sg = tl.load(stats + 2 * max_steps * N + rows64, mask=moving, other=0.0)
-        p = _tempered_probs(x, row_max[:, None], log2_norm[:, None], inv_tau)
-        dphi = p * (eg - sg[:, None]) * inv_tau
+        dphi = _soft_grad(x, eg, stats, stats + max_steps * N, stats + 2 * max_steps * N, rows64, moving, inv_tau)
         lr_corrected = tl.load(scalars_ptr + 2 * step)
         inv_bias2_sqrt = tl.load(scalars_ptr + 2 * step + 1)
         x, m, v = adam_math(x, dphi, m, v, lr_corrected, beta1, beta2, inv_bias2_sqrt, eps)

@@ -343,6 +343,15 @@ def _adam_steps(phi, table, grads, backend, active, moving, fused_into_backward,
     return leaf.detach()
 
 
+def _adam_case(rows: int, d: int, seed: int):
+    """Three incoming gradients (rows, d), the op's active rows and the subset that moves."""
+    g = torch.Generator().manual_seed(seed)
+    grads = [torch.randn(rows, d, generator=g).to(DEVICE) for _ in range(3)]
+    active = (torch.rand(rows, generator=g) < 0.7).to(DEVICE)
+    moving = active & (torch.rand(rows, generator=g) < 0.7).to(DEVICE)
+    return grads, active, moving
+
+
 @pytest.mark.parametrize("moment_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("table_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows,vocab,d", [(7, 101, 24), (20, 70, 130)])
@@ -351,10 +360,7 @@ def test_adam_fused_into_the_backward_matches_a_separate_step(table_dtype, rows,
     and both equal the reference backend; frozen and skipped rows stay put."""
     phi, table = _inputs(rows, vocab, d, torch.float32, seed=9)
     table = table.to(table_dtype)
-    g = torch.Generator().manual_seed(2)
-    grads = [torch.randn(rows, d, generator=g).to(DEVICE) for _ in range(3)]
-    active = (torch.rand(rows, generator=g) < 0.7).to(DEVICE)
-    moving = active & (torch.rand(rows, generator=g) < 0.7).to(DEVICE)
+    grads, active, moving = _adam_case(rows, d, seed=2)
     steps = functools.partial(_adam_steps, phi, table, grads, active=active, moving=moving, moment_dtype=moment_dtype)
     fused = steps("triton", fused_into_backward=True)
     separate = steps("triton", fused_into_backward=False)
@@ -377,10 +383,7 @@ def test_replayed_adam_equals_stored_moments(table_dtype, rows, vocab, d, anchor
     phi, table = _inputs(rows, vocab, d, torch.float32, seed=11)
     anchor = phi.to(anchor_dtype)
     phi, table = anchor.float(), table.to(table_dtype)  # the float32 rows are the anchor's values
-    g = torch.Generator().manual_seed(3)
-    grads = [torch.randn(rows, d, generator=g).to(DEVICE) for _ in range(3)]
-    active = (torch.rand(rows, generator=g) < 0.7).to(DEVICE)
-    moving = active & (torch.rand(rows, generator=g) < 0.7).to(DEVICE)
+    grads, active, moving = _adam_case(rows, d, seed=3)
     steps = functools.partial(_adam_steps, phi, table, grads, active=active, moving=moving, fused_into_backward=True)
     replayed = steps("triton", replay_from=anchor)
     stored = steps("triton")
