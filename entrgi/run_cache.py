@@ -15,7 +15,8 @@ T = TypeVar("T")
 
 class RunCache:
     """Up to ``capacity`` values by key; the least recently used one is dropped first.
-    ``clear()`` frees them all (and their graphs' memory once nothing else holds it)."""
+    ``clear()`` drops them all; their graphs' memory stays in the shared graph pool for
+    the next capture."""
 
     def __init__(self, capacity: int = 4):
         if capacity < 1:

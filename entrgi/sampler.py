@@ -390,13 +390,16 @@ def batch_shapes(prompt_ids: Sequence[Sequence[int]], num_samples: int, context:
 def _graph_pool(device: torch.device):
     """One CUDA-graph memory pool per device, shared by every run's graphs: they replay
     one at a time on one stream and keep no outputs in the pool (all state lives in
-    buffers allocated outside capture), so their temporaries may share memory."""
+    buffers allocated outside capture), so their temporaries may share memory. The pool
+    is a ``MemPool`` held here: a bare ``graph_pool_handle()`` dies with the last graph
+    captured in it, and capturing into it again then fails inside the allocator."""
     if device not in _GRAPH_POOLS:
-        _GRAPH_POOLS[device] = torch.cuda.graph_pool_handle()
-    return _GRAPH_POOLS[device]
+        with torch.cuda.device(device):
+            _GRAPH_POOLS[device] = torch.cuda.MemPool()
+    return _GRAPH_POOLS[device].id
 
 
-_GRAPH_POOLS: dict[torch.device, tuple] = {}
+_GRAPH_POOLS: dict[torch.device, torch.cuda.MemPool] = {}
 
 
 def batch_seed(seed: int, batch_index: int) -> int:

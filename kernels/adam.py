@@ -40,10 +40,11 @@ class AdamUpdate:
     eps: float
     skip: torch.Tensor | None = None
 
-    def scalars(self) -> tuple[float, float, float, float, float]:
-        """(lr / (1 - beta1^t), beta1, beta2, 1 / sqrt(1 - beta2^t), eps), the kernels' order."""
+    def scalars(self) -> tuple[float, float, float, float, float, float]:
+        """(lr / (1 - beta1^t), 1 - beta1, beta2, 1 - beta2, 1 / sqrt(1 - beta2^t), eps),
+        the kernels' order."""
         bias1, bias2 = 1 - self.beta1**self.step, 1 - self.beta2**self.step
-        return self.lr / bias1, self.beta1, self.beta2, 1.0 / bias2**0.5, self.eps
+        return self.lr / bias1, 1 - self.beta1, self.beta2, 1 - self.beta2, 1.0 / bias2**0.5, self.eps
 
     def check(self, param: torch.Tensor) -> None:
         if not param.is_contiguous() or param.dtype != torch.float32:
@@ -130,25 +131,29 @@ def _to_moment_dtype(x, ptr):
 
 
 @triton.jit
-def adam_math(p, g, m, v, lr_corrected, beta1, beta2, inv_bias2_sqrt, eps):
+def adam_math(p, g, m, v, lr_corrected, weight1, beta2, weight2, inv_bias2_sqrt, eps):
     """One Adam step in fp32 registers: (param, gradient, moments) -> (param, moments).
-    Every kernel that steps Adam spells it here, so their results agree bit for bit."""
-    m = m + (1.0 - beta1) * (g - m)  # torch's lerp
-    v = beta2 * v + (1.0 - beta2) * g * g
+    Every kernel that steps Adam spells it here, so their results agree bit for bit.
+    ``weight1`` = 1 - beta1 and ``weight2`` = 1 - beta2 come rounded once from float64,
+    as torch passes them: 1 - float32(0.999) is 1.3e-5 off 0.001, which moved a 4-step
+    Adam at lr 0.5 by 1.4e-5 from torch's."""
+    m = m + weight1 * (g - m)  # torch's lerp
+    v = beta2 * v + weight2 * g * g
     p = p - lr_corrected * m / (tl.sqrt(v) * inv_bias2_sqrt + eps)
     return p, m, v
 
 
 @triton.jit
 def adam_update(
-    param_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets, ok, p, g, lr_corrected, beta1, beta2, inv_bias2_sqrt, eps
-):
+    param_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets, ok, p, g, lr_corrected, weight1, beta2, weight2, inv_bias2_sqrt,
+    eps,
+):  # fmt: skip
     """One Adam step on a tile: ``p`` (fp32 param values) and ``g`` (fp32 gradient) at
     ``offsets`` (where ``ok``); loads the moments and stores param and moments there.
     The update is computed in fp32; bf16 moments are rounded once, when stored."""
     m = tl.load(exp_avg_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
     v = tl.load(exp_avg_sq_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
-    p, m, v = adam_math(p, g, m, v, lr_corrected, beta1, beta2, inv_bias2_sqrt, eps)
+    p, m, v = adam_math(p, g, m, v, lr_corrected, weight1, beta2, weight2, inv_bias2_sqrt, eps)
     tl.store(exp_avg_ptr + offsets, _to_moment_dtype(m, exp_avg_ptr), mask=ok)
     tl.store(exp_avg_sq_ptr + offsets, _to_moment_dtype(v, exp_avg_sq_ptr), mask=ok)
     tl.store(param_ptr + offsets, p, mask=ok)
@@ -163,8 +168,9 @@ def _adam_kernel(
     skip_ptr,  # (N,) int32: rows != 0 are left untouched (SKIP)
     V,
     lr_corrected,  # lr / (1 - beta1^t)
-    beta1,
+    weight1,  # 1 - beta1
     beta2,
+    weight2,  # 1 - beta2
     inv_bias2_sqrt,  # 1 / sqrt(1 - beta2^t)
     eps,
     BLOCK_V: tl.constexpr,
@@ -176,8 +182,8 @@ def _adam_kernel(
     offsets = row * V + cols
     g = tl.load(grad_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
     p = tl.load(param_ptr + offsets, mask=ok, other=0.0)
-    adam_update(param_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets, ok, p, g, lr_corrected, beta1, beta2,
-                inv_bias2_sqrt, eps)  # fmt: skip
+    adam_update(param_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets, ok, p, g, lr_corrected, weight1, beta2,
+                weight2, inv_bias2_sqrt, eps)  # fmt: skip
 
 
 def adam_step(param: torch.Tensor, grad: torch.Tensor, update: AdamUpdate, block_v: int = 1024) -> None:

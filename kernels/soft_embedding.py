@@ -250,8 +250,9 @@ def _soft_embedding_bwd_kernel(
     stride_dphi,
     inv_tau,
     lr_corrected,
-    beta1,
+    weight1,  # 1 - beta1
     beta2,
+    weight2,  # 1 - beta2
     inv_bias2_sqrt,
     eps,
     BLOCK_N: tl.constexpr,
@@ -281,7 +282,8 @@ def _soft_embedding_bwd_kernel(
     if ADAM:  # phi (contiguous fp32) takes its Adam step here; dphi is never stored
         moving = _stepping_rows(skip_ptr, rows64, row_ok, SKIP)
         adam_update(phi_ptr, exp_avg_ptr, exp_avg_sq_ptr, rows64[:, None] * V + cols[None, :],
-                    moving[:, None] & col_ok[None, :], x, dphi, lr_corrected, beta1, beta2, inv_bias2_sqrt, eps)  # fmt: skip
+                    moving[:, None] & col_ok[None, :], x, dphi, lr_corrected, weight1, beta2, weight2, inv_bias2_sqrt,
+                    eps)  # fmt: skip
     else:
         tl.store(
             dphi_ptr + rows64[:, None] * stride_dphi + cols[None, :],
@@ -308,8 +310,9 @@ def _adam_replay_kernel(
     max_steps,  # S
     stride_table,
     inv_tau,
-    beta1,
+    weight1,  # 1 - beta1
     beta2,
+    weight2,  # 1 - beta2
     eps,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -342,7 +345,7 @@ def _adam_replay_kernel(
         dphi = _soft_grad(x, eg, stats, stats + max_steps * N, stats + 2 * max_steps * N, rows64, moving, inv_tau)
         lr_corrected = tl.load(scalars_ptr + 2 * step)
         inv_bias2_sqrt = tl.load(scalars_ptr + 2 * step + 1)
-        x, m, v = adam_math(x, dphi, m, v, lr_corrected, beta1, beta2, inv_bias2_sqrt, eps)
+        x, m, v = adam_math(x, dphi, m, v, lr_corrected, weight1, beta2, weight2, inv_bias2_sqrt, eps)
     tl.store(phi_ptr + offsets, x, mask=ok)
 
 
@@ -355,6 +358,13 @@ class TileConfig:
     block_d: int
     num_warps: int = 4
     num_stages: int = 3
+
+    def __post_init__(self):
+        # tl.dot needs every matrix dimension >= 16 on GPUs (the interpreter takes less)
+        for name in ("block_n", "block_v", "block_d"):
+            size = getattr(self, name)
+            if size < 16 or size & (size - 1):
+                raise ValueError(f"TileConfig.{name} must be a power of two >= 16, got {size}")
 
 
 # FORWARD_GPU and BACKWARD_GPU were chosen by the sweep in bench/ on an H100 (bf16 phi,
@@ -469,7 +479,7 @@ def soft_embedding_backward(
     if adam is None:
         dphi = torch.empty_like(phi)
         exp_avg = exp_avg_sq = skip = dphi
-        scalars = (0.0,) * 5
+        scalars = (0.0,) * 6
     else:
         adam.check(phi)
         dphi, exp_avg, exp_avg_sq = phi, adam.exp_avg, adam.exp_avg_sq
@@ -497,7 +507,8 @@ def _replay_adam(phi, table, replay: AdamReplay, temperature, row_list, cfg: Til
     _adam_replay_kernel[grid](
         phi, replay.anchor, table, _gather_arg(table_rows, table), replay.grads, replay.stats, replay.scalars, order,
         count, phi if replay.skip is None else replay.skip, n, vocab, d, replay.steps, replay.max_steps,
-        table.stride(0), 1.0 / temperature, replay.beta1, replay.beta2, replay.eps,
+        table.stride(0), 1.0 / temperature, 1 - replay.beta1, replay.beta2,
+        1 - replay.beta2, replay.eps,
         BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, DOT_FP32=_dot_fp32(table),
         ROW_LIST=row_list is not None, SKIP=replay.skip is not None, GATHER=table_rows is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

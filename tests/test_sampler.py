@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -356,6 +358,22 @@ def test_cuda_graph_replay_with_recomputed_adam_moments(denoiser_paths, classifi
     reward = load_reward(classifier_path, device="cuda", dtype=torch.bfloat16)
     _graphed_runs_match_eager(denoiser, reward, calls=2, steps=4, max_new_tokens=8, num_samples=2, guidance_steps=3,
                               adam_moments="recompute", seed=6)  # fmt: skip
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphs_capture_again_after_every_graph_is_freed(denoiser_paths, classifier_path):
+    """The shared graph pool outlives its graphs: with the run cache cleared (every graph
+    freed), a new run captures into it again."""
+    from entrgi import load_reward
+
+    denoiser = load_denoiser(denoiser_paths["dream"], kind="dream", device="cuda")
+    reward = load_reward(classifier_path, device="cuda")
+    common = dict(steps=3, max_new_tokens=4, num_samples=2, guidance_steps=2, seed=3)
+    first = generate(PROMPTS, denoiser=denoiser, reward=reward, progress=False, **common)
+    denoiser.run_cache.clear()
+    gc.collect()
+    again = generate(PROMPTS, denoiser=denoiser, reward=reward, progress=False, **common)
+    assert [r.response_ids for r in again] == [r.response_ids for r in first]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -367,6 +367,8 @@ def test_adam_fused_into_the_backward_matches_a_separate_step(table_dtype, rows,
     reference = steps("torch", fused_into_backward=True)
     torch.testing.assert_close(fused, separate, atol=1e-6, rtol=1e-6, equal_nan=True)
     tol = 1e-4 if table_dtype == torch.float32 else 3e-2  # the tensor-core dot rounds g to bf16
+    if moment_dtype == torch.bfloat16:  # dphi's last bit may round a moment to the other bf16 neighbour:
+        tol = max(tol, len(grads) * 0.3 * 2**-8)  # a 2^-8 change of one step of lr = 0.3, each step
     torch.testing.assert_close(fused, reference, atol=tol, rtol=tol, equal_nan=True)
     assert torch.equal(fused[~moving], phi[~moving])
     assert (fused[moving] != phi[moving]).any(-1).all()

@@ -150,7 +150,7 @@ def test_soft_embedding_of_every_split_matches_float64(dtype):
     tau = 0.6
     stats = row_stats(x, tau)
     want, _, _ = restated_forward(x.cpu(), table.cpu(), tau)
-    tile = TileConfig(block_n=16, block_v=BLOCK_V, block_d=32, num_warps=1, num_stages=1)
+    tile = TileConfig(block_n=16, block_v=16, block_d=32, num_warps=1, num_stages=1)  # tl.dot: sizes >= 16
     for splits in SPLITS:
         soft, _ = soft_embedding_forward(x, table, stats.tempered, stats.argmax, stats.entropy, stats.argmax, tau,
                                          config=tile, splits=splits)  # fmt: skip
@@ -220,3 +220,12 @@ def test_kept_sample_of_every_split_matches_float64(dtype, top_p, top_k):
     torch.testing.assert_close(out["lse_kept_shifted"][live].double(), lse_shifted[live], atol=2e-6, rtol=0)
     torch.testing.assert_close(out["top1"][live].double(), ordered[live, 0], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(out["top2"][live].double(), ordered[live, 1], atol=1e-6, rtol=1e-6)
+
+
+def test_tile_config_refuses_sizes_tl_dot_cannot_take():
+    from entrgi_kernels.soft_embedding import TileConfig
+
+    with pytest.raises(ValueError, match="TileConfig.block_v must be a power of two >= 16, got 8"):
+        TileConfig(block_n=16, block_v=8, block_d=32)
+    with pytest.raises(ValueError, match="TileConfig.block_d must be a power of two >= 16, got 48"):
+        TileConfig(block_n=16, block_v=16, block_d=48)
