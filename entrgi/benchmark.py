@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 
 from entrgi.ops import guided_embedding
 from entrgi.ops.reference import guided_embedding_reference
@@ -323,26 +324,32 @@ SYNC_EVENTS = ("aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDevice
 
 
 def _profile_table(averages, steps: int, wall_ms: float, trace: Path, floors: dict[str, float]) -> str:
-    """Per-component rows (``entrgi.*`` ranges; with ``floors``, each range's floor ms and
-    device time over it), then the step's wall time, the device time the kernels kept
-    busy, the host gaps (wall minus busy: launch overhead and waits) and the host syncs
-    per step."""
+    """Per-component rows (``entrgi.*`` ranges: calls, CPU time and the device time of
+    the work each launched, nested ranges included, see :mod:`entrgi.trace_time`; with
+    ``floors``, each range's floor ms beside it), then the step's wall time, the device
+    time the kernels kept busy, the host gaps (wall minus busy: launch overhead and
+    waits) and the host syncs per step."""
+    from entrgi.trace_time import device_time_by_range
+
     per_step = lambda us: us / 1e3 / steps  # noqa: E731
-    components = sorted((e for e in averages if e.key.startswith("entrgi.")), key=lambda e: -e.cpu_time_total)
+    device_us, outside_us, busy_us = device_time_by_range(trace)
+    cpu_side = [e for e in averages if getattr(e, "device_type", DeviceType.CPU) == DeviceType.CPU]
+    components = sorted((e for e in cpu_side if e.key.startswith("entrgi.")), key=lambda e: -e.cpu_time_total)
     head = f"{'component':<34} {'calls':>6} {'CPU ms/step':>12} {'device ms/step':>15}"
     lines = [head + (f" {'floor ms':>9} {'x floor':>8}" if floors else "")]
     for e in components:
-        device_ms = per_step(getattr(e, "device_time_total", 0.0))
+        device_ms = per_step(device_us.get(e.key, 0.0))
         line = f"{e.key:<34} {e.count:>6} {per_step(e.cpu_time_total):12.2f} {device_ms:15.2f}"
         if e.key in floors:
             line += f" {floors[e.key]:9.2f} {cell(device_ms / floors[e.key] if device_ms else None, '8.1f')}"
         lines.append(line)
-    busy_ms = per_step(sum(getattr(e, "self_device_time_total", 0.0) for e in averages))
-    syncs = sum(e.count for e in averages if e.key in SYNC_EVENTS) / steps
+    syncs = sum(e.count for e in cpu_side if e.key in SYNC_EVENTS) / steps
     lines.append(f"{'step wall time':<34} {'':>6} {wall_ms:12.2f}")
     if torch.cuda.is_available():
-        lines.append(f"{'device busy (all kernels)':<34} {'':>6} {'':>12} {busy_ms:15.2f}")
-        lines.append(f"{'host gaps (wall - device busy)':<34} {'':>6} {wall_ms - busy_ms:12.2f}")
+        lines.append(f"{'launched outside these ranges':<34} {'':>6} {'':>12} {per_step(outside_us):15.2f}")
+        lines.append(f"{'device busy (all kernels)':<34} {'':>6} {'':>12} {per_step(busy_us):15.2f}")
+        lines.append(f"{'host gaps (wall - device busy)':<34} {'':>6} {wall_ms - per_step(busy_us):12.2f}")
     lines.append(f"{'host syncs per step':<34} {syncs:>6.1f}")
-    lines.append(f"(reward_forward_backward includes the guided_embedding backward; trace: {trace})")
+    lines.append(f"(a range's device time includes its nested ranges': reward_forward_backward holds the op's "
+                 f"backward; trace: {trace})")  # fmt: skip
     return "\n".join(lines)
