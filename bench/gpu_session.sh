@@ -2,21 +2,24 @@
 # Everything a lent GPU should check and time, in stages that each fit one 10-minute call
 # of the device tool. Logs and CSVs go to $OUT (default bench/out); the last lines of
 # each stage are a short summary. Usage, from the repository root on the GPU machine:
-#   bash bench/gpu_session.sh tests     # install offline, the whole test suite on CUDA (kernel and graph tests
-#                                       # first: 6 min on an H100, 2026-11-24)
+#   bash bench/gpu_session.sh tests     # install offline; the kernel, optimizer and CUDA-graph tests on CUDA
+#                                       # (6 min on an H100, 2026-11-24)
+#   bash bench/gpu_session.sh tests-rest  # the rest of the test suite on CUDA
 #   bash bench/gpu_session.sh step      # step suite: 2 presets x reward memory options (lean layers on / off)
 #   bash bench/gpu_session.sh moments   # step suite: Adam moments in bfloat16 / recomputed (memory options on)
 #   bash bench/gpu_session.sh profile   # eager guided step per component, device ms against each floor
+#                                       # (defaults, then the reward prefix cache)
 #   bash bench/gpu_session.sh compile   # step suite with compiled layers (compiles first)
-#   bash bench/gpu_session.sh op        # op suite (triton vs eager) + per-kernel breakdown
-#   bash bench/gpu_session.sh baseline  # op suite: eager vs torch.compile of the reference
+#   bash bench/gpu_session.sh op        # op suite (triton vs eager, N 128/512/2048 x d 1024/2048 x bf16/fp32)
+#                                       # + per-kernel breakdown
+#   bash bench/gpu_session.sh baseline  # op suite, same shapes: eager vs torch.compile of the reference
 #   bash bench/gpu_session.sh sweep     # GEMM tile sweep, fp32 phi (fwd, bwd, bwd + fused Adam)
 #   bash bench/gpu_session.sh sweep-bf16  # GEMM tile sweep, bf16 phi at the op goal's N=512, d=1024
 set -euo pipefail
 case "${1:-}" in
-tests | step | moments | profile | compile | op | baseline | sweep | sweep-bf16) ;;
+tests | tests-rest | step | moments | profile | compile | op | baseline | sweep | sweep-bf16) ;;
 *)
-    echo "usage: bash bench/gpu_session.sh tests|step|moments|profile|compile|op|baseline|sweep|sweep-bf16" >&2
+    echo "usage: bash bench/gpu_session.sh tests|tests-rest|step|moments|profile|compile|op|baseline|sweep|sweep-bf16" >&2
     exit 2
     ;;
 esac
@@ -49,17 +52,24 @@ step_suites() { # the step suite of both presets once per option set; the log's 
     done
 }
 
+# the kernel, optimizer and CUDA-graph tests: the 'tests' stage; 'tests-rest' runs the others
+first="tests/test_full_shapes.py tests/test_triton_ops.py tests/test_vocab_split.py tests/test_random_configs.py
+       tests/test_optim.py tests/test_sampler.py tests/test_decoding.py tests/test_layers.py"
 case "$1" in
-tests) # the kernels and the CUDA-graph paths first, so their results are in if the call runs out of time
-    first="tests/test_full_shapes.py tests/test_triton_ops.py tests/test_vocab_split.py tests/test_random_configs.py
-           tests/test_optim.py tests/test_sampler.py tests/test_decoding.py tests/test_layers.py"
-    status=0 # both passes run; the stage fails if either does
+tests) # -v: each test's name reaches the log as it ends, so a call that runs out of time still says which failed
     # shellcheck disable=SC2086  # separate paths
-    python -m pytest -q --maxfail=20 -p no:cacheprovider $first 2>&1 | tee "$OUT/tests_gpu.log" | tail -15 || status=1
+    python -m pytest -v --tb=short -p no:cacheprovider $first >"$OUT/tests_gpu.log" 2>&1 || status=$?
+    grep -E "FAILED|ERROR" "$OUT/tests_gpu.log" | head -40 || true
+    tail -3 "$OUT/tests_gpu.log"
+    exit "${status:-0}"
+    ;;
+tests-rest)
     # shellcheck disable=SC2086,SC2046  # one --ignore per path
-    python -m pytest -q --maxfail=20 -p no:cacheprovider tests $(printf -- '--ignore=%s ' $first) 2>&1 |
-        tee "$OUT/tests_rest.log" | tail -5 || status=1
-    exit $status
+    python -m pytest -v --tb=short -p no:cacheprovider tests $(printf -- '--ignore=%s ' $first) \
+        >"$OUT/tests_rest.log" 2>&1 || status=$?
+    grep -E "FAILED|ERROR" "$OUT/tests_rest.log" | head -40 || true
+    tail -3 "$OUT/tests_rest.log"
+    exit "${status:-0}"
     ;;
 step)
     step_suites step.log "" "--no-reward-lean" "--reward-checkpoint" "--reward-cache-prefix --reward-checkpoint"
@@ -69,24 +79,25 @@ moments)
         "--reward-cache-prefix --reward-checkpoint --adam-moments recompute" "--adam-moments recompute"
     ;;
 profile)
-    for preset in 1xK4-0.6b 4xK4-1.7b; do
-        entrgi bench --profile --preset $preset --steps 4 --out "$OUT/profile_$preset" 2>&1 | tee -a "$OUT/profile.log"
+    for options in "" "--reward-cache-prefix"; do
+        for preset in 1xK4-0.6b 4xK4-1.7b; do
+            # shellcheck disable=SC2086  # options are separate flags
+            entrgi bench --profile --preset $preset $options --steps 4 --out "$OUT/profile_$preset" 2>&1 |
+                tee -a "$OUT/profile.log"
+        done
     done
     ;;
 compile)
     step_suites compile.log "--compile-layers" "--compile-layers --reward-cache-prefix --reward-checkpoint"
     ;;
 op)
-    entrgi bench --suite op --backends triton torch --n 512 2048 --d 1024 2048 --dtype bfloat16 --repeats 20 \
-        --out "$OUT" 2>&1 | tee "$OUT/op.log" | tail -14
+    entrgi bench --suite op --backends triton torch --n 128 512 2048 --d 1024 2048 --dtype bfloat16 float32 \
+        --repeats 20 --out "$OUT" 2>&1 | tee "$OUT/op.log" | tail -40
     python bench/op_breakdown.py --n 128 512 2048 --d 1024 2048 --dtype float32 2>&1 | tee "$OUT/breakdown.log"
     ;;
-baseline) # PERF.md's goal shapes only: every shape compiles afresh
-    for shape in "--n 512 --d 1024 --dtype bfloat16" "--n 2048 --d 2048 --dtype bfloat16 float32"; do
-        # shellcheck disable=SC2086  # the shape is separate flags
-        entrgi bench --suite op --backends torch compile $shape --repeats 10 --out "$OUT" 2>&1 |
-            tee -a "$OUT/baseline.log" | tail -8
-    done
+baseline) # every shape compiles afresh
+    entrgi bench --suite op --backends torch compile --n 128 512 2048 --d 1024 2048 --dtype bfloat16 float32 \
+        --repeats 10 --out "$OUT" 2>&1 | tee "$OUT/baseline.log" | tail -40
     ;;
 sweep)
     python bench/op_breakdown.py --n 2048 --d 2048 --dtype float32 --sweep 2>&1 | tee "$OUT/sweep.log" | tail -20
