@@ -15,11 +15,14 @@
 #   bash bench/gpu_session.sh baseline  # op suite, same shapes: eager vs torch.compile of the reference
 #   bash bench/gpu_session.sh sweep     # GEMM tile sweep, fp32 phi (fwd, bwd, bwd + fused Adam)
 #   bash bench/gpu_session.sh sweep-bf16  # GEMM tile sweep, bf16 phi at the op goal's N=512, d=1024
+#   bash bench/gpu_session.sh bisect [COMMIT...]  # the op's triton forward / fwd+bwd at each commit, then
+#                                       # at the working tree (default commits: the 2026-11-23 run's and the
+#                                       # candidates for the forward's slow-down measured on 2026-11-24)
 set -euo pipefail
 case "${1:-}" in
-tests | tests-rest | step | moments | profile | compile | op | baseline | sweep | sweep-bf16) ;;
+tests | tests-rest | step | moments | profile | compile | op | baseline | sweep | sweep-bf16 | bisect) ;;
 *)
-    echo "usage: bash bench/gpu_session.sh tests|tests-rest|step|moments|profile|compile|op|baseline|sweep|sweep-bf16" >&2
+    echo "usage: bash bench/gpu_session.sh tests|tests-rest|step|moments|profile|compile|op|baseline|sweep|sweep-bf16|bisect" >&2
     exit 2
     ;;
 esac
@@ -104,5 +107,26 @@ sweep)
     ;;
 sweep-bf16)
     python bench/op_breakdown.py --n 512 --d 1024 --dtype bfloat16 --sweep 2>&1 | tee "$OUT/sweep_bf16.log" | tail -20
+    ;;
+bisect) # a1a4864: timed on 2026-11-23; f0c8550 (split-V per-row kernels, four draws from one Philox call) and
+    # its parent; a35184c (probabilities relative to the row maximum). The device gets no .git: run the stage
+    # here first (it exports each commit's tree with git archive into .bisect/, listed in .git/info/exclude,
+    # and fails at the first install), then on the GPU with .bisect carried.
+    shift
+    for commit in ${*:-a1a4864 6f955c5 f0c8550 a35184c}; do
+        tree=.bisect/$commit
+        if [ ! -d "$tree" ]; then
+            mkdir -p "$tree" && git archive "$commit" | tar -x -C "$tree"
+        fi
+        python -m pip install --quiet --no-deps --no-build-isolation --no-index -e "$tree" >/dev/null
+        log=/tmp/bisect-$commit.log
+        (cd "$tree" && entrgi bench --suite op --backends triton --n 512 2048 --d 1024 2048 --dtype bfloat16 \
+            --repeats 20 --out "/tmp/bisect-out-$commit") >"$log" 2>&1 || true
+        grep -E "^triton +(forward|fwd\+bwd)" "$log" | sed "s/^/$commit /" | tee -a "$OUT/bisect.log" ||
+            tail -5 "$log" | tee -a "$OUT/bisect.log"
+    done
+    python -m pip install --quiet --no-deps --no-build-isolation --no-index -e . >/dev/null
+    python -m entrgi bench --suite op --backends triton --n 512 2048 --d 1024 2048 --dtype bfloat16 --repeats 20 \
+        --out /tmp/bisect-out-head 2>&1 | grep -E "^triton +(forward|fwd\+bwd)" | sed "s/^/HEAD /" | tee -a "$OUT/bisect.log"
     ;;
 esac

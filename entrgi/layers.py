@@ -20,7 +20,7 @@ capturable. About one extra forward for most of the activation memory.
 layers, nothing recomputed but one elementwise op). Only for layers neither compiled
 (inductor chooses what to keep) nor checkpointed (they keep their inputs alone).
 
-Key/value caches: a ``past_key_values`` that offers ``for_layer(index)`` reaches each
+Key/value caches: a ``past_key_values`` (or ``cache``) that offers ``for_layer(index)`` reaches each
 layer as that layer's own view, so the compiled graph does not depend on the layer's
 index (one graph instead of one per layer). Values and gradients are those of the
 plain layers (up to the compiler's fp reassociation).
@@ -52,6 +52,10 @@ def model_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return max(stacks, key=lambda stack: sum(p.numel() for m in stack for p in m.parameters()))
 
 
+# what a decoder layer's key/value cache argument is called (transformers >= 5.24: cache)
+_CACHE_KWARGS = ("past_key_values", "cache")
+
+
 def _call(forward, *args, **kwargs):
     return forward(*args, **kwargs)
 
@@ -78,8 +82,9 @@ class LayerRunner:
 
     def _layer_forward(self, index: int, forward):
         def run(*args, **kwargs):
-            if hasattr(kwargs.get("past_key_values"), "for_layer"):
-                kwargs["past_key_values"] = kwargs["past_key_values"].for_layer(index)
+            for name in _CACHE_KWARGS:
+                if hasattr(kwargs.get(name), "for_layer"):
+                    kwargs[name] = kwargs[name].for_layer(index)
             layer_call = functools.partial(self._call, forward)
             if self.checkpointed:
                 return checkpoint(layer_call, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from entrgi import generate, load_denoiser, load_reward
+from entrgi.rewards.prefix_cache import cache_argument
 from helpers import assert_same_rewards, guided_reward_inputs
 
 PROMPTS = ["hi", "tell me a long story about the sea and the wind"]  # prefixes of different lengths
 
 
+@pytest.mark.filterwarnings("error::FutureWarning")  # the cache goes under the model's own keyword
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_classifier_prefix_cache_matches_the_whole_chat(classifier_path, attention):
     plain = load_reward(classifier_path, attn_implementation=attention)
@@ -35,6 +38,16 @@ def test_generate_with_a_cached_prefix_gives_the_same_tokens(denoiser_paths, cla
     cached = generate(PROMPTS, denoiser=denoiser, reward=load_reward(classifier_path, cache_prefix=True), **common)
     assert [r.response_ids for r in cached] == [r.response_ids for r in plain]
     assert sum((r.rewards for r in cached), []) == pytest.approx(sum((r.rewards for r in plain), []))
+
+
+def test_cache_argument_is_the_keyword_the_model_takes():
+    class Renamed(torch.nn.Module):  # transformers >= 5.24
+        def forward(self, inputs_embeds, cache=None, use_cache=None): ...
+
+    class Before(torch.nn.Module):
+        def forward(self, inputs_embeds, past_key_values=None, use_cache=None): ...
+
+    assert (cache_argument(Renamed()), cache_argument(Before())) == ("cache", "past_key_values")
 
 
 def test_cache_prefix_needs_a_causal_reward(mlm_path, minilm_path):

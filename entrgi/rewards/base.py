@@ -11,7 +11,7 @@ import torch
 from entrgi.attention import attention_mask_4d
 from entrgi.layers import LayerRunner
 from entrgi.rewards.packing import PREFIX, RESPONSE, SUFFIX, PackedInputs, pack_inputs
-from entrgi.rewards.prefix_cache import PrefixKeysValues, prefix_keys_values
+from entrgi.rewards.prefix_cache import PrefixKeysValues, cache_argument, prefix_keys_values
 
 PLACEHOLDER = "<<ENTRGI_RESPONSE_PLACEHOLDER>>"
 
@@ -179,13 +179,15 @@ class EmbeddingInputReward:
 
     def model_inputs(self, packed: PackedInputs, causal: bool) -> dict:
         """Keyword arguments for the HF model, with a prebuilt 4-D mask (no host sync)
-        and, for a cached prefix, its keys and values as ``past_key_values``."""
+        and, for a cached prefix, its keys and values as the model's key/value cache."""
         dtype = packed.inputs_embeds.dtype
         mask = attention_mask_4d(self.model, packed.attention_mask.bool(), causal, dtype, packed.past_valid)
         inputs = {"inputs_embeds": packed.inputs_embeds, "attention_mask": mask, "position_ids": packed.position_ids}
         if packed.past_kv is not None:
             layers = len(packed.past_kv) // 2
-            inputs["past_key_values"] = PrefixKeysValues(list(packed.past_kv[:layers]), list(packed.past_kv[layers:]))
+            inputs[cache_argument(self.model)] = PrefixKeysValues(
+                list(packed.past_kv[:layers]), list(packed.past_kv[layers:])
+            )
             inputs["use_cache"] = True
         elif causal:
             inputs["use_cache"] = False  # no key/value cache to build (and none to grow on recompute)

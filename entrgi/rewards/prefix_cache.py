@@ -13,7 +13,21 @@ that predicts the first response token).
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
+
+
+def cache_argument(model: torch.nn.Module) -> str:
+    """The keyword ``model.forward`` takes its key/value cache under: ``cache`` from
+    transformers 5.24 (which deprecates ``past_key_values``), ``past_key_values`` before."""
+    return _cache_argument_of(type(model))
+
+
+@functools.cache
+def _cache_argument_of(model_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 class PrefixKeysValues:
@@ -63,8 +77,10 @@ def prefix_keys_values(base_model, inputs: dict) -> tuple[torch.Tensor, ...]:
     attention_mask, position_ids) and return its keys then its values, one tensor per
     layer each: ``(k_0, ..., k_L-1, v_0, ..., v_L-1)``."""
     recorder = _Recorder()
-    base_model(**inputs, past_key_values=recorder, use_cache=True)
+    base_model(**inputs, **{cache_argument(base_model): recorder}, use_cache=True)
     layers = sorted(recorder.keys)
     if not layers or layers != list(range(len(layers))):
-        raise ValueError("the reward model's layers do not call past_key_values.update: cannot cache its prefix")
+        raise ValueError(
+            "the reward model's layers do not call their key/value cache's update: cannot cache its prefix"
+        )
     return tuple(recorder.keys[i] for i in layers) + tuple(recorder.values[i] for i in layers)
