@@ -39,9 +39,9 @@ mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 python -m pip install --quiet --no-deps --no-build-isolation --no-index -e . >/dev/null
 python - <<'EOF' | tee "$OUT/environment.txt"
-import subprocess, torch, triton, transformers
+import subprocess, setuptools, torch, triton, transformers
 print(torch.cuda.get_device_name(), "| torch", torch.__version__, "| triton", triton.__version__,
-      "| transformers", transformers.__version__, "| commit",
+      "| transformers", transformers.__version__, "| setuptools", setuptools.__version__, "| commit",
       subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip())
 EOF
 
@@ -111,22 +111,25 @@ sweep-bf16)
 bisect) # a1a4864: timed on 2026-11-23; f0c8550 (split-V per-row kernels, four draws from one Philox call) and
     # its parent; a35184c (probabilities relative to the row maximum). The device gets no .git: run the stage
     # here first (it exports each commit's tree with git archive into .bisect/, listed in .git/info/exclude,
-    # and fails at the first install), then on the GPU with .bisect carried.
+    # then fails without a GPU), then on the GPU with .bisect carried.
     shift
+    trees=()
     for commit in ${*:-a1a4864 6f955c5 f0c8550 a35184c}; do
         tree=.bisect/$commit
         if [ ! -d "$tree" ]; then
             mkdir -p "$tree" && git archive "$commit" | tar -x -C "$tree"
         fi
+        trees+=("$tree")
+    done
+    for tree in "${trees[@]}" .; do # the working tree last: it stays installed
+        name=$(basename "$tree")
+        [ "$tree" = . ] && name=working-tree
         python -m pip install --quiet --no-deps --no-build-isolation --no-index -e "$tree" >/dev/null
-        log=/tmp/bisect-$commit.log
+        log=/tmp/bisect-$name.log
         (cd "$tree" && entrgi bench --suite op --backends triton --n 512 2048 --d 1024 2048 --dtype bfloat16 \
-            --repeats 20 --out "/tmp/bisect-out-$commit") >"$log" 2>&1 || true
-        grep -E "^triton +(forward|fwd\+bwd)" "$log" | sed "s/^/$commit /" | tee -a "$OUT/bisect.log" ||
+            --repeats 20 --out "/tmp/bisect-out-$name") >"$log" 2>&1 || true
+        grep -E "^triton +(forward|fwd\+bwd)" "$log" | sed "s/^/$name /" | tee -a "$OUT/bisect.log" ||
             tail -5 "$log" | tee -a "$OUT/bisect.log"
     done
-    python -m pip install --quiet --no-deps --no-build-isolation --no-index -e . >/dev/null
-    python -m entrgi bench --suite op --backends triton --n 512 2048 --d 1024 2048 --dtype bfloat16 --repeats 20 \
-        --out /tmp/bisect-out-head 2>&1 | grep -E "^triton +(forward|fwd\+bwd)" | sed "s/^/HEAD /" | tee -a "$OUT/bisect.log"
     ;;
 esac

@@ -1,5 +1,6 @@
 """Compile every Triton kernel the ops launch for a CUDA GPU, on a machine without one,
-and report each kernel's registers, spills, shared memory, warps and resident blocks per SM.
+and report each kernel's registers, spills, shared memory, warps, resident blocks per SM
+and the machine instructions of its hot loop.
 
     python bench/kernel_resources.py                         # sm_90 (H100 / H200)
     python bench/kernel_resources.py --arch 80               # A100
@@ -8,9 +9,10 @@ and report each kernel's registers, spills, shared memory, warps and resident bl
 The public ops run on CPU tensors at the GPU tile configs and an H100's SM count
 (``TRITON_INTERPRET`` must be unset) while a stand-in Triton driver names the target
 and turns every launch into a compile-only warm-up; ``ptxas -v`` (shipped with
-Triton) reports registers and spills. This catches before a GPU is at hand what the
-interpreter cannot: code the compiler rejects, register spills, shared memory beyond
-the chip. Exits nonzero when a kernel of ``kernels/`` was never compiled, one needs
+Triton) reports registers and spills, and ``nvdisasm`` the instructions one thread
+issues per iteration of the kernel's longest loop (a static count: what bounds a
+compute-bound pass). This catches before a GPU is at hand what the interpreter cannot:
+code the compiler rejects, register spills, shared memory beyond the chip. Exits nonzero when a kernel of ``kernels/`` was never compiled, one needs
 more shared memory than the chip has, or one spills more than ``--max-spill-bytes``.
 Kernel outputs are never computed: the ops go on with zeroed integer outputs and
 unset floats, so only the launches matter, not the values.
@@ -43,6 +45,7 @@ from entrgi_kernels import row_stats, soft_embedding
 from entrgi_kernels.launch import INTERPRET
 
 KERNELS_DIR = Path(__file__).resolve().parents[1] / "kernels"
+TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"  # ptxas and nvdisasm, shipped with Triton
 SPLIT_MODULES = (row_stats, soft_embedding)  # size every split-V grid from the SM count
 STREAMING_MULTIPROCESSORS = 132  # an H100 SXM
 VOCAB, DIM, ROWS = 152_064, 1024, 64
@@ -71,6 +74,9 @@ SM_LIMITS = {
     90: SmLimits(block_shared=232_448, sm_shared=233_472, warps=64, blocks=32),
 }
 PTX_TARGET = re.compile(r"^\.target (\S+)", re.MULTILINE)
+SASS_LABEL = re.compile(r"^(\.L_x_\d+):")
+SASS_INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]+\*/\s")
+SASS_BRANCH = re.compile(r"\bBRA\b.*?(\.L_x_\d+)")
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,7 @@ class KernelResources:
     spill_loads: int
     stack: int
     shared: int
+    loop_instructions: int = 0
 
     def blocks_per_sm(self, limits: SmLimits) -> int:
         """Resident blocks per SM that registers, shared memory, warps and the block cap
@@ -205,9 +212,35 @@ def declared_kernels() -> set[str]:
     return names
 
 
+def longest_loop(sass: str) -> int:
+    """Instructions in the longest loop body of ``nvdisasm`` output (a branch back to an
+    earlier label; 0 without one): a thread's static cost of one hot-loop iteration."""
+    labels: dict[str, int] = {}
+    count = longest = 0
+    for line in sass.splitlines():
+        label = SASS_LABEL.match(line)
+        if label:
+            labels[label.group(1)] = count
+        elif SASS_INSTRUCTION.match(line):
+            count += 1
+            branch = SASS_BRANCH.search(line)
+            if branch and branch.group(1) in labels:
+                longest = max(longest, count - labels[branch.group(1)])
+    return longest
+
+
+def _sass(cubin: bytes) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as binary:
+        binary.write(cubin)
+        binary.flush()
+        return subprocess.run([str(TOOLS / "nvdisasm"), "-c", binary.name], capture_output=True, text=True,
+                              check=True).stdout  # fmt: skip
+
+
 def resources(name: str, specialisation: str, kernel) -> KernelResources:
-    """Registers and spills as ``ptxas -v`` reports them for the kernel's PTX and target."""
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    """Registers and spills as ``ptxas -v`` reports them for the kernel's PTX and target;
+    the hot loop's size from the kernel's machine code."""
+    ptxas = TOOLS / "ptxas"
     ptx = kernel.asm["ptx"]
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as source:
         source.write(ptx)
@@ -218,7 +251,7 @@ def resources(name: str, specialisation: str, kernel) -> KernelResources:
     registers = int(PTXAS_REGISTERS.search(report).group(1))
     meta = kernel.metadata
     return KernelResources(name, specialisation, meta.num_warps, meta.num_stages, registers, stores, loads, stack,
-                           meta.shared)  # fmt: skip
+                           meta.shared, longest_loop(_sass(kernel.asm["cubin"])))  # fmt: skip
 
 
 def collect(arch: int) -> list[KernelResources]:
@@ -234,13 +267,13 @@ def markdown(rows: list[KernelResources], arch: int) -> str:
     limits = SM_LIMITS[arch]
     lines = [
         f"| kernel (sm_{arch}) | specialisation | warps | stages | registers | spill stores B | spill loads B "
-        "| stack B | shared KiB | blocks/SM |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| stack B | shared KiB | blocks/SM | loop instrs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(f"| {r.name} | {r.specialisation} | {r.num_warps} | {r.num_stages} | {r.registers} "
                      f"| {r.spill_stores} | {r.spill_loads} | {r.stack} | {r.shared / 1024:.1f} "
-                     f"| {r.blocks_per_sm(limits)} |")  # fmt: skip
+                     f"| {r.blocks_per_sm(limits)} | {r.loop_instructions} |")  # fmt: skip
     return "\n".join(lines)
 
 

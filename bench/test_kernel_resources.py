@@ -43,6 +43,32 @@ def test_every_kernel_compiles_for_sm90_within_registers_and_shared_memory():
     backward = [r for r in rows if r["kernel (sm_90)"] == "_soft_embedding_bwd_kernel"]
     guidance = [r for r in backward if "ADAM=True" in r["specialisation"]]
     assert len(guidance) == 2 and all(r["spill stores B"] == "0" for r in guidance)  # fp32 and bf16 moments
+    # every pass over the vocabulary loops over its tiles; the combines do not
+    partials = [r for r in rows if r["kernel (sm_90)"].endswith("_partial_kernel")]
+    assert partials and all(int(r["loop instrs"]) > 20 for r in partials)
+
+
+def test_longest_loop_counts_the_body_of_the_longest_backward_branch():
+    sys.path.insert(0, str(TOOL.parent))
+    try:
+        from kernel_resources import longest_loop
+    finally:
+        sys.path.remove(str(TOOL.parent))
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_1:
+        /*0010*/                   FFMA R2, R2, R3, R4 ;
+        /*0020*/                   MUFU.EX2 R2, R2 ;
+        /*0030*/               @P0 BRA `(.L_x_1) ;
+.L_x_2:
+        /*0040*/                   IADD3 R5, R5, 0x1, RZ ;
+        /*0050*/              @!P1 BRA `(.L_x_2) ;
+        /*0060*/                   BRA `(.L_x_3) ;
+.L_x_3:
+        /*0070*/                   EXIT ;
+"""
+    assert longest_loop(sass) == 3  # the forward branch to .L_x_3 is no loop
+    assert longest_loop("        /*0000*/                   EXIT ;") == 0
 
 
 @needs_ptxas

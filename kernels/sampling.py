@@ -1,11 +1,13 @@
 """Gumbel-max sampling of the filtered law, and the step's commit confidences.
 
 x ~ softmax(filter(phi / tau)) is drawn as argmax over kept tokens of
-x_v / tau + G_v, with G_v = -log(-log u_v) and u_v from Philox keyed by
-(seed + row, absolute token id): no noise tensor is stored, and the draw does not
-depend on block sizes. Two ways to the filtered law:
+x_v / tau + G_v, with G_v = -log E_v, E_v = -log u_v ~ Exp(1) and u_v from
+Philox keyed by (seed + row, absolute token id): no noise tensor is stored, and the
+draw does not depend on block sizes. Two ways to the filtered law:
 - ``rejection_sample``: draw from the full law and accept iff the draw is in the kept
-  set (a second pass counts the mass and number of tokens above it); no threshold.
+  set (a second pass counts the mass and number of tokens above it); no threshold. Its
+  draws run Gumbel-max as an exponential race (the same draw for the same u, one log
+  per token and draw instead of two).
 - ``sample_filtered``: Gumbel-max restricted to a precomputed kept-set threshold
   (``threshold.py``), gathering what the step's commit confidence needs: the
   filtered law's log-normaliser and its two largest logits.
@@ -20,6 +22,7 @@ import triton
 import triton.language as tl
 
 from entrgi_kernels.row_stats import (
+    _LOG2E,
     ROW_WARPS,
     SoftmaxNorm,
     _first_argmax,
@@ -31,6 +34,14 @@ from entrgi_kernels.row_stats import (
 from entrgi_kernels.threshold import _filter_key
 
 _MIN_UNIFORM = tl.constexpr(4.7e-10)
+
+
+@triton.jit
+def _exponential(u):
+    """Exp(1) noise -log u from uniforms u in [0, 1) (tl.rand's, which step by 2^-31
+    near 0 and end at 1 - 2^-23): in [1.2e-7, 21.5] with u clamped to 4.7e-10, so a
+    Gumbel value -log E lies in [-3.1, 15.9] (the reference's float32 draws: up to 16.6)."""
+    return -tl.log(tl.maximum(u, _MIN_UNIFORM))
 
 
 @triton.jit
@@ -82,8 +93,7 @@ def _kept_sample_partial_kernel(
             raw = tl.load(base + cols, mask=in_row, other=-float("inf"))
             x = raw.to(tl.float32) * inv_tau
             kept = in_row & (_filter_key(raw, inv_tau) >= threshold) & (x > -float("inf"))
-            u = tl.maximum(tl.rand(seed, cols), _MIN_UNIFORM)
-            score = tl.where(kept, x - tl.log(-tl.log(u)), -float("inf"))
+            score = tl.where(kept, x - tl.log(_exponential(tl.rand(seed, cols))), -float("inf"))
             better = score > best  # strict: a lane keeps its first maximum
             best_idx = tl.where(better, cols, best_idx)
             best = tl.where(better, score, best)
@@ -181,53 +191,75 @@ def sample_filtered(
 
 
 @triton.jit
-def _uniforms(seed, cols, DRAWS: tl.constexpr):
-    """(BLOCK_V, DRAWS) uniforms in (0, 1], independent across draws: one Philox call
-    gives four (draw 0 is ``tl.rand(seed, cols)``)."""
-    if DRAWS == 1:
-        u = tl.rand(seed, cols)[:, None]
-    else:
-        u0, u1, u2, u3 = tl.rand4x(seed, cols)
-        u = tl.reshape(tl.join(tl.join(u0, u2), tl.join(u1, u3)), (cols.shape[0], 4))
-    return tl.maximum(u, _MIN_UNIFORM)
+def _race_step(first, first_idx, u, inv_weight, cols):
+    """One draw's per-lane first arrival, given uniforms ``u``: token v arrives at
+    E_v / q_v with E_v = ``_exponential(u_v)`` and q_v = exp((x_v - max) / tau); the
+    first arrival is the Gumbel-max draw argmax x_v / tau - log E_v, one log per token
+    and draw instead of two. A lane keeps its first minimum."""
+    arrival = _exponential(u) * inv_weight
+    earlier = arrival < first
+    return tl.where(earlier, arrival, first), tl.where(earlier, cols, first_idx)
 
 
 @triton.jit
-def _gumbel_partial_kernel(
+def _store_first_arrival(best_ptr, best_idx_ptr, slot, first, first_idx, V):
+    """A chunk's first arrival of one draw, stored as its score -arrival (-inf: none)."""
+    top, top_idx = _first_argmax(-first, first_idx, V)
+    tl.store(best_ptr + slot, top)
+    tl.store(best_idx_ptr + slot, top_idx)
+
+
+@triton.jit
+def _race_partial_kernel(
     phi_ptr,  # (N, V) logits
+    row_max_ptr,  # (N,) fp32: max(x)
     seed_ptr,  # (1,) int64 Philox seed
     skip_ptr,  # (N,) int32: rows != 0 are not read (SKIP)
-    best_ptr,  # (N, S, DRAWS) fp32 out: chunk maximum of x / tau + Gumbel noise, per draw
+    best_ptr,  # (N, S, DRAWS) fp32 out: minus the chunk's first arrival time, per draw
     best_idx_ptr,  # (N, S, DRAWS) int32 out: its first index
     stride_phi,
     V,
     S,
     chunk,  # vocabulary entries per split, a multiple of BLOCK_V
     inv_tau,
-    DRAWS: tl.constexpr,
+    DRAWS: tl.constexpr,  # 1 or 4
     BLOCK_V: tl.constexpr,
     SKIP: tl.constexpr,
 ):
-    """One (row, chunk) of DRAWS independent Gumbel-max draws from the full tempered law."""
+    """One (row, chunk) of DRAWS independent draws from the full tempered law, each an
+    exponential race (``_race_step``) on uniforms from one Philox call per token (draw 0's
+    is ``tl.rand(seed, v)``, as in the kept-law draw); each draw keeps its own per-lane
+    accumulators, so the four never leave their registers."""
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     if _row_is_active(skip_ptr, row, SKIP):
         base = phi_ptr + row * stride_phi
         seed = tl.load(seed_ptr) + row
-        best = tl.full((BLOCK_V, DRAWS), -float("inf"), tl.float32)
-        best_idx = tl.zeros((BLOCK_V, DRAWS), tl.int32)
+        row_max = tl.load(row_max_ptr + row)
+        scale = inv_tau * _LOG2E
+        first0 = tl.full((BLOCK_V,), float("inf"), tl.float32)
+        first1, first2, first3 = first0, first0, first0
+        idx0 = tl.zeros((BLOCK_V,), tl.int32)
+        idx1, idx2, idx3 = idx0, idx0, idx0
         v_start = split * chunk
         for start in range(v_start, tl.minimum(v_start + chunk, V), BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             raw = tl.load(base + cols, mask=cols < V, other=-float("inf"))
-            score = (raw.to(tl.float32) * inv_tau)[:, None] - tl.log(-tl.log(_uniforms(seed, cols, DRAWS)))
-            better = score > best  # strict: a lane keeps its first maximum
-            best_idx = tl.where(better, cols[:, None], best_idx)
-            best = tl.where(better, score, best)
-        top, top_idx = _first_argmax(best, best_idx, V)
-        slots = (row * S + split) * DRAWS + tl.arange(0, DRAWS)
-        tl.store(best_ptr + slots, top)
-        tl.store(best_idx_ptr + slots, top_idx)
+            inv_weight = tl.exp2((row_max - raw.to(tl.float32)) * scale)  # 1 / q_v in [1, inf]
+            if DRAWS == 1:
+                first0, idx0 = _race_step(first0, idx0, tl.rand(seed, cols), inv_weight, cols)
+            else:
+                u0, u1, u2, u3 = tl.rand4x(seed, cols)
+                first0, idx0 = _race_step(first0, idx0, u0, inv_weight, cols)
+                first1, idx1 = _race_step(first1, idx1, u1, inv_weight, cols)
+                first2, idx2 = _race_step(first2, idx2, u2, inv_weight, cols)
+                first3, idx3 = _race_step(first3, idx3, u3, inv_weight, cols)
+        slot = (row * S + split) * DRAWS
+        _store_first_arrival(best_ptr, best_idx_ptr, slot, first0, idx0, V)
+        if DRAWS == 4:
+            _store_first_arrival(best_ptr, best_idx_ptr, slot + 1, first1, idx1, V)
+            _store_first_arrival(best_ptr, best_idx_ptr, slot + 2, first2, idx2, V)
+            _store_first_arrival(best_ptr, best_idx_ptr, slot + 3, first3, idx3, V)
 
 
 @triton.jit
@@ -345,9 +377,9 @@ def rejection_sample(
     block_v: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact filtered sampling without a threshold: four independent Gumbel-max draws
-    from the full tempered law (one Philox call yields the four noises), each accepted
-    iff it is in the kept set; a row takes its first accepted draw, which follows the
-    filtered law exactly. Three launches over (row, vocabulary chunk) programs: the
+    from the full tempered law (exponential races on the four uniforms of one Philox
+    call per token), each accepted iff it is in the kept set; a row takes its first
+    accepted draw, which follows the filtered law exactly. Three launches over (row, vocabulary chunk) programs: the
     draws, what lies above each draw, the choice. Unfiltered: one draw, always kept.
 
     Returns (tokens (N,) int64, accepted (N,) int32); rows with accepted == 0 had all
@@ -367,9 +399,9 @@ def rejection_sample(
     skip_arg = accepted if skip is None else skip
     inv_tau, block_s = 1.0 / temperature, triton.next_power_of_2(splits)
     flags = dict(DRAWS=draws, SKIP=skip is not None)
-    _gumbel_partial_kernel[(n, splits)](
-        phi, seed, skip_arg, best, best_idx, phi.stride(0), vocab, splits, chunk, inv_tau, BLOCK_V=block,
-        num_warps=ROW_WARPS, **flags,
+    _race_partial_kernel[(n, splits)](
+        phi, norm.row_max, seed, skip_arg, best, best_idx, phi.stride(0), vocab, splits, chunk, inv_tau,
+        BLOCK_V=block, num_warps=ROW_WARPS, **flags,
     )  # fmt: skip
     if use_p or use_k:
         _mass_above_partial_kernel[(n, splits)](

@@ -14,8 +14,12 @@ import torch
 
 pytest.importorskip("triton")
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
 from entrgi import guided_embedding, sample_step  # noqa: E402
 from entrgi.ops.reference import keep_threshold  # noqa: E402
+from entrgi_kernels.sampling import _exponential  # noqa: E402
 from helpers import assert_law, filter_keys, filtered_law, restated_forward, restated_grad, sum_p_log_p  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -169,6 +173,23 @@ def _law_rows():
     phi[3] = -math.inf
     draws = 20_000 if DEVICE == "cuda" else 1500  # the interpreter runs one program per row
     return phi, phi.expand(draws, vocab).contiguous().to(DEVICE)
+
+
+@triton.jit
+def _noise_kernel(u_ptr, out_ptr, BLOCK: tl.constexpr):
+    offsets = tl.arange(0, BLOCK)
+    tl.store(out_ptr + offsets, _exponential(tl.load(u_ptr + offsets)))
+
+
+def test_exponential_noise_is_finite_and_positive_over_the_uniforms_range():
+    """tl.rand returns 0 to 1 - 2^-23: the noise E = -log u stays in (0, inf), so no
+    token arrives at time 0 (a certain win) nor at inf (never drawn) by noise alone."""
+    u = torch.tensor([0.0, 2**-31, 1e-9, 1e-6, 0.01, 0.3, 0.5, 0.7, 0.9, 0.99, 0.999, 0.9999, 1 - 2**-22,
+                      1 - 2**-23, 0.25, 0.75], device=DEVICE)  # fmt: skip
+    noise = torch.empty_like(u)
+    _noise_kernel[(1,)](u, noise, BLOCK=16)
+    torch.testing.assert_close(noise.double(), -u.double().clamp_min(4.7e-10).log(), rtol=1e-6, atol=0)
+    assert (noise > 0).all() and noise.isfinite().all()
 
 
 @pytest.mark.parametrize("tau,top_p,top_k", LAW_CASES)
