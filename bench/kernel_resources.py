@@ -12,8 +12,9 @@ and turns every launch into a compile-only warm-up; ``ptxas -v`` (shipped with
 Triton) reports registers and spills, and ``nvdisasm`` the instructions one thread
 issues per iteration of the kernel's longest loop (a static count: what bounds a
 compute-bound pass). This catches before a GPU is at hand what the interpreter cannot:
-code the compiler rejects, register spills, shared memory beyond the chip. Exits nonzero when a kernel of ``kernels/`` was never compiled, one needs
-more shared memory than the chip has, or one spills more than ``--max-spill-bytes``.
+code the compiler rejects, register spills, shared memory beyond the chip. Exits
+nonzero when a kernel of ``kernels/`` was never compiled, one needs more shared memory
+than the chip has, or one spills more than ``--max-spill-bytes``.
 Kernel outputs are never computed: the ops go on with zeroed integer outputs and
 unset floats, so only the launches matter, not the values.
 """

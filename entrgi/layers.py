@@ -20,10 +20,10 @@ capturable. About one extra forward for most of the activation memory.
 layers, nothing recomputed but one elementwise op). Only for layers neither compiled
 (inductor chooses what to keep) nor checkpointed (they keep their inputs alone).
 
-Key/value caches: a ``past_key_values`` (or ``cache``) that offers ``for_layer(index)`` reaches each
-layer as that layer's own view, so the compiled graph does not depend on the layer's
-index (one graph instead of one per layer). Values and gradients are those of the
-plain layers (up to the compiler's fp reassociation).
+Key/value caches: a ``past_key_values`` (or ``cache``) that offers ``for_layer(index)``
+reaches each layer as that layer's own view, so the compiled graph does not depend on
+the layer's index (one graph instead of one per layer). Values and gradients are those
+of the plain layers (up to the compiler's fp reassociation).
 """
 
 from __future__ import annotations

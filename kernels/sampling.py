@@ -379,8 +379,9 @@ def rejection_sample(
     """Exact filtered sampling without a threshold: four independent Gumbel-max draws
     from the full tempered law (exponential races on the four uniforms of one Philox
     call per token), each accepted iff it is in the kept set; a row takes its first
-    accepted draw, which follows the filtered law exactly. Three launches over (row, vocabulary chunk) programs: the
-    draws, what lies above each draw, the choice. Unfiltered: one draw, always kept.
+    accepted draw, which follows the filtered law exactly. Three launches over (row,
+    vocabulary chunk) programs: the draws, what lies above each draw, the choice.
+    Unfiltered: one draw, always kept.
 
     Returns (tokens (N,) int64, accepted (N,) int32); rows with accepted == 0 had all
     four draws rejected (about (1 - kept mass)^4 of them) and need the threshold path.
