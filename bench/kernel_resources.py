@@ -1,6 +1,6 @@
 """Compile every Triton kernel the ops launch for a CUDA GPU, on a machine without one,
-and report each kernel's registers, spills, shared memory, warps, resident blocks per SM
-and the machine instructions of its hot loop.
+and report each kernel's registers, spills, shared memory, warps, resident blocks per SM,
+the machine instructions of its hot loop and the layout conversions inside its loops.
 
     python bench/kernel_resources.py                         # sm_90 (H100 / H200)
     python bench/kernel_resources.py --arch 80               # A100
@@ -9,12 +9,15 @@ and the machine instructions of its hot loop.
 The public ops run on CPU tensors at the GPU tile configs and an H100's SM count
 (``TRITON_INTERPRET`` must be unset) while a stand-in Triton driver names the target
 and turns every launch into a compile-only warm-up; ``ptxas -v`` (shipped with
-Triton) reports registers and spills, and ``nvdisasm`` the instructions one thread
-issues per iteration of the kernel's longest loop (a static count: what bounds a
-compute-bound pass). This catches before a GPU is at hand what the interpreter cannot:
-code the compiler rejects, register spills, shared memory beyond the chip. Exits
-nonzero when a kernel of ``kernels/`` was never compiled, one needs more shared memory
-than the chip has, or one spills more than ``--max-spill-bytes``.
+Triton) reports registers and spills, ``nvdisasm`` the instructions one thread issues
+per iteration of the kernel's longest loop (a static count: what bounds a
+compute-bound pass), and Triton's GPU IR the register-layout conversions its loops
+run (each moves a tile through shared memory between barriers, where a layout the
+compiler could not carry through the loop meets another). This catches before a GPU
+is at hand what the interpreter cannot: code the compiler rejects, register spills,
+shared memory beyond the chip. Exits nonzero when a kernel of ``kernels/`` was never
+compiled, one needs more shared memory than the chip has, or one spills more than
+``--max-spill-bytes``.
 Kernel outputs are never computed: the ops go on with zeroed integer outputs and
 unset floats, so only the launches matter, not the values.
 """
@@ -78,6 +81,7 @@ PTX_TARGET = re.compile(r"^\.target (\S+)", re.MULTILINE)
 SASS_LABEL = re.compile(r"^(\.L_x_\d+):")
 SASS_INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]+\*/\s")
 SASS_BRANCH = re.compile(r"\bBRA\b.*?(\.L_x_\d+)")
+TTGIR_LOOP = re.compile(r"\bscf\.for\b.*\{$")
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,7 @@ class KernelResources:
     stack: int
     shared: int
     loop_instructions: int = 0
+    loop_conversions: int = 0
 
     def blocks_per_sm(self, limits: SmLimits) -> int:
         """Resident blocks per SM that registers, shared memory, warps and the block cap
@@ -230,6 +235,21 @@ def longest_loop(sass: str) -> int:
     return longest
 
 
+def loop_conversions(ttgir: str) -> int:
+    """``ttg.convert_layout`` operations inside the ``scf.for`` loops of a kernel's Triton
+    GPU IR (nested loops count once)."""
+    count, open_loops = 0, []  # the indentation of each loop whose body is being read
+    for line in ttgir.splitlines():
+        text, indent = line.strip(), len(line) - len(line.lstrip())
+        if open_loops and text.startswith("}") and indent == open_loops[-1]:
+            open_loops.pop()
+        elif TTGIR_LOOP.search(text):
+            open_loops.append(indent)
+        elif open_loops and "ttg.convert_layout" in text:
+            count += 1
+    return count
+
+
 def _sass(cubin: bytes) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as binary:
         binary.write(cubin)
@@ -240,7 +260,8 @@ def _sass(cubin: bytes) -> str:
 
 def resources(name: str, specialisation: str, kernel) -> KernelResources:
     """Registers and spills as ``ptxas -v`` reports them for the kernel's PTX and target;
-    the hot loop's size from the kernel's machine code."""
+    the hot loop's size from the kernel's machine code, its loops' layout conversions
+    from its Triton GPU IR."""
     ptxas = TOOLS / "ptxas"
     ptx = kernel.asm["ptx"]
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as source:
@@ -252,7 +273,8 @@ def resources(name: str, specialisation: str, kernel) -> KernelResources:
     registers = int(PTXAS_REGISTERS.search(report).group(1))
     meta = kernel.metadata
     return KernelResources(name, specialisation, meta.num_warps, meta.num_stages, registers, stores, loads, stack,
-                           meta.shared, longest_loop(_sass(kernel.asm["cubin"])))  # fmt: skip
+                           meta.shared, longest_loop(_sass(kernel.asm["cubin"])),
+                           loop_conversions(kernel.asm["ttgir"]))  # fmt: skip
 
 
 def collect(arch: int) -> list[KernelResources]:
@@ -268,13 +290,13 @@ def markdown(rows: list[KernelResources], arch: int) -> str:
     limits = SM_LIMITS[arch]
     lines = [
         f"| kernel (sm_{arch}) | specialisation | warps | stages | registers | spill stores B | spill loads B "
-        "| stack B | shared KiB | blocks/SM | loop instrs |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| stack B | shared KiB | blocks/SM | loop instrs | loop converts |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(f"| {r.name} | {r.specialisation} | {r.num_warps} | {r.num_stages} | {r.registers} "
                      f"| {r.spill_stores} | {r.spill_loads} | {r.stack} | {r.shared / 1024:.1f} "
-                     f"| {r.blocks_per_sm(limits)} | {r.loop_instructions} |")  # fmt: skip
+                     f"| {r.blocks_per_sm(limits)} | {r.loop_instructions} | {r.loop_conversions} |")  # fmt: skip
     return "\n".join(lines)
 
 

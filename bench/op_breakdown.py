@@ -7,7 +7,8 @@
 Times are CUDA-event medians (``entrgi.benchmark.time_ms``); the floor of each kernel
 is its ideal bytes over the measured copy bandwidth (or FLOPs over the bf16 peak). The
 soft forward is also timed at two programs per SM along V ("S splits"), the split count
-before it was rounded to whole waves.
+before it was rounded to whole waves, and the rejection sampler at the per-row kernels'
+tile ("2048-token tile"), which its draw passes ran at before they took 1,024 tokens.
 With ``--dtype float32`` (the guidance loop's phi) it also times the Adam step after a
 stored dphi and the backward with the step fused in. GPU only.
 """
@@ -24,7 +25,7 @@ import triton
 from entrgi.benchmark import PEAK_BYTES_PER_S, PEAK_FLOP_PER_S, time_ms
 from entrgi_kernels.adam import AdamUpdate, adam_step
 from entrgi_kernels.launch import programs_to_fill
-from entrgi_kernels.row_stats import row_stats
+from entrgi_kernels.row_stats import ROW_BLOCK_V, row_stats
 from entrgi_kernels.sampling import rejection_sample, sample_filtered
 from entrgi_kernels.soft_embedding import (
     BACKWARD_GPU,
@@ -66,6 +67,9 @@ def breakdown(n: int, vocab: int, d: int, dtype: torch.dtype) -> list[tuple[str,
         ("threshold (top-p)", _median(lambda: keep_threshold_keys(phi, norm, TAU, TOP_P, 0)), _floor_ms(phi_bytes)),
         ("sample", _median(lambda: sample_filtered(phi, keys, seed, TAU)), _floor_ms(phi_bytes)),
         ("rejection sample", _median(lambda: rejection_sample(phi, norm, seed, TAU, TOP_P, 0)),
+         _floor_ms(2 * phi_bytes)),
+        (f"  {ROW_BLOCK_V}-token tile", _median(lambda: rejection_sample(phi, norm, seed, TAU, TOP_P, 0,
+                                                                        block_v=ROW_BLOCK_V)),
          _floor_ms(2 * phi_bytes)),
         ("soft forward", _median(lambda: soft_embedding_forward(phi, table, norm, argmax, entropy, argmax, TAU)),
          _floor_ms(phi_bytes + table_bytes, gemm_flops)),

@@ -27,6 +27,16 @@ def _run(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=900)
 
 
+def _report():
+    """bench/kernel_resources.py as a module (a script beside this file, not a package)."""
+    sys.path.insert(0, str(TOOL.parent))
+    try:
+        import kernel_resources
+    finally:
+        sys.path.remove(str(TOOL.parent))
+    return kernel_resources
+
+
 def _table(stdout: str) -> list[dict[str, str]]:
     lines = [line for line in stdout.splitlines() if line.startswith("| ")]
     header = [cell.strip() for cell in lines[0].strip("|").split("|")]
@@ -46,14 +56,14 @@ def test_every_kernel_compiles_for_sm90_within_registers_and_shared_memory():
     # every pass over the vocabulary loops over its tiles; the combines do not
     partials = [r for r in rows if r["kernel (sm_90)"].endswith("_partial_kernel")]
     assert partials and all(int(r["loop instrs"]) > 20 for r in partials)
+    # the rejection sampler's two passes: one register layout through the loop, and at
+    # least three 8-warp blocks per SM (the draw pass once held one)
+    draws = [r for r in rows if r["kernel (sm_90)"] in ("_race_partial_kernel", "_mass_above_partial_kernel")]
+    assert draws and all(r["loop converts"] == "0" and int(r["blocks/SM"]) >= 3 for r in draws)
 
 
 def test_longest_loop_counts_the_body_of_the_longest_backward_branch():
-    sys.path.insert(0, str(TOOL.parent))
-    try:
-        from kernel_resources import longest_loop
-    finally:
-        sys.path.remove(str(TOOL.parent))
+    longest_loop = _report().longest_loop
     sass = """
         /*0000*/                   MOV R1, c[0x0][0x28] ;
 .L_x_1:
@@ -69,6 +79,26 @@ def test_longest_loop_counts_the_body_of_the_longest_backward_branch():
 """
     assert longest_loop(sass) == 3  # the forward branch to .L_x_3 is no loop
     assert longest_loop("        /*0000*/                   EXIT ;") == 0
+
+
+def test_loop_conversions_count_only_what_loops_hold():
+    loop_conversions = _report().loop_conversions
+    ttgir = """
+  tt.func public @k() {
+    %a = ttg.convert_layout %x : tensor<64xf32, #blocked1> -> tensor<64xf32, #blocked>
+    %r:2 = scf.for %i = %c0 to %n step %c64 iter_args(%s = %a) -> (tensor<64xf32, #blocked>)  : i32 {
+      %b = ttg.convert_layout %s : tensor<64xf32, #blocked> -> tensor<64xf32, #blocked1>
+      %q = scf.for %j = %c0 to %m step %c1 iter_args(%t = %b) -> (tensor<64xf32, #blocked1>)  : i32 {
+        %c = ttg.convert_layout %t : tensor<64xf32, #blocked1> -> tensor<64xf32, #blocked>
+        scf.yield %t : tensor<64xf32, #blocked1>
+      } loc(#loc3)
+      scf.yield %s : tensor<64xf32, #blocked>
+    } loc(#loc2)
+    %d = ttg.convert_layout %r : tensor<64xf32, #blocked> -> tensor<64xf32, #blocked1>
+    tt.return
+  } loc(#loc)
+"""
+    assert loop_conversions(ttgir) == 2  # %b and %c; %a and %d lie outside the loops
 
 
 @needs_ptxas
@@ -97,13 +127,9 @@ print(resources(*compiled[-1]).spill_stores)
 
 
 def test_blocks_per_sm_take_the_tightest_limit():
-    sys.path.insert(0, str(TOOL.parent))
-    try:
-        from kernel_resources import SM_LIMITS, KernelResources
-    finally:
-        sys.path.remove(str(TOOL.parent))
-    h100 = SM_LIMITS[90]
-    kernel = lambda warps, registers, shared: KernelResources("k", "", warps, 3, registers, 0, 0, 0, shared)  # noqa: E731
+    report = _report()
+    h100 = report.SM_LIMITS[90]
+    kernel = lambda warps, registers, shared: report.KernelResources("k", "", warps, 3, registers, 0, 0, 0, shared)  # noqa: E731
     assert kernel(4, 255, 96 * 1024).blocks_per_sm(h100) == 2  # registers: 8192 per warp x 4 -> 2 of 65,536
     assert kernel(8, 80, 0).blocks_per_sm(h100) == 3  # 80 x 32 = 2560 per warp x 8 -> 3
     assert kernel(4, 32, 100 * 1024).blocks_per_sm(h100) == 2  # shared: 101 KiB with the reserved 1 KiB

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from entrgi_kernels.launch import INTERPRET
 from entrgi_kernels.row_stats import (
     _LOG2E,
     ROW_WARPS,
@@ -31,9 +32,14 @@ from entrgi_kernels.row_stats import (
     _tempered_probs,
     row_geometry,
 )
-from entrgi_kernels.threshold import _filter_key
+from entrgi_kernels.threshold import _filter_key, _filter_value
 
 _MIN_UNIFORM = tl.constexpr(4.7e-10)
+# Tile width of the rejection sampler's two passes, which keep four draws' accumulators
+# per token: at 1,024 tokens, half the per-row tile, a thread holds four tokens, not
+# eight, and on sm_90 the draw pass needs 76 registers, not 168: three 8-warp blocks
+# share an SM instead of one (bench/kernel_resources.py).
+DRAW_BLOCK_V = 32 if INTERPRET else 1024
 
 
 @triton.jit
@@ -246,10 +252,15 @@ def _race_partial_kernel(
             cols = start + tl.arange(0, BLOCK_V)
             raw = tl.load(base + cols, mask=cols < V, other=-float("inf"))
             inv_weight = tl.exp2((row_max - raw.to(tl.float32)) * scale)  # 1 / q_v in [1, inf]
+            # Noise keyed through the loaded logits is computed in the load's register
+            # layout; keyed by cols alone, Triton computed it in another and moved every
+            # draw's arrivals through shared memory (four layout conversions with barriers
+            # per tile). Tokens whose 1 / q_v is inf never arrive, whatever their noise.
+            noise_keys = tl.where(inv_weight < float("inf"), cols, 0)
             if DRAWS == 1:
-                first0, idx0 = _race_step(first0, idx0, tl.rand(seed, cols), inv_weight, cols)
+                first0, idx0 = _race_step(first0, idx0, tl.rand(seed, noise_keys), inv_weight, cols)
             else:
-                u0, u1, u2, u3 = tl.rand4x(seed, cols)
+                u0, u1, u2, u3 = tl.rand4x(seed, noise_keys)
                 first0, idx0 = _race_step(first0, idx0, u0, inv_weight, cols)
                 first1, idx1 = _race_step(first1, idx1, u1, inv_weight, cols)
                 first2, idx2 = _race_step(first2, idx2, u2, inv_weight, cols)
@@ -279,15 +290,39 @@ def _drawn_tokens(best_ptr, best_idx_ptr, row, S, V, DRAWS: tl.constexpr, BLOCK_
 
 
 @triton.jit
+def _lane(x, j):
+    """Element ``j`` of a small vector, as a scalar."""
+    return tl.sum(tl.where(tl.arange(0, x.shape[0]) == j, x, 0), 0)
+
+
+@triton.jit
+def _above_step(mass, count, value, drawn, probs, USE_P: tl.constexpr, USE_K: tl.constexpr):
+    """One draw's per-lane probability mass (USE_P) and count (USE_K) of the tokens
+    whose filter value lies strictly above the drawn token's."""
+    above = value > drawn
+    if USE_P:
+        mass += tl.where(above, probs, 0.0)
+    if USE_K:
+        count += above.to(tl.float32)
+    return mass, count
+
+
+@triton.jit
+def _store_above(mass_ptr, count_ptr, slot, mass, count):
+    tl.store(mass_ptr + slot, tl.sum(mass, 0))
+    tl.store(count_ptr + slot, tl.sum(count, 0))
+
+
+@triton.jit
 def _mass_above_partial_kernel(
     phi_ptr,  # (N, V) logits
     row_max_ptr,  # (N,) fp32: max(x)
     lse_shifted_ptr,  # (N,) fp32: logsumexp((x - max) / tau)
     skip_ptr,  # (N,) int32: rows != 0 are not read (SKIP)
-    best_ptr,  # (N, S, DRAWS) fp32: the draws' chunk maxima
-    best_idx_ptr,  # (N, S, DRAWS) int32: their indices
-    mass_ptr,  # (N, S, DRAWS) fp32 out: chunk probability with a key strictly above each draw's (USE_P)
-    count_ptr,  # (N, S, DRAWS) fp32 out: chunk count of those tokens (USE_K)
+    best_ptr,  # (N, S, 4) fp32: the four draws' chunk maxima
+    best_idx_ptr,  # (N, S, 4) int32: their indices
+    mass_ptr,  # (N, S, 4) fp32 out: chunk probability with a key strictly above each draw's (USE_P)
+    count_ptr,  # (N, S, 4) fp32 out: chunk count of those tokens (USE_K)
     stride_phi,
     V,
     S,
@@ -295,33 +330,40 @@ def _mass_above_partial_kernel(
     inv_tau,
     USE_P: tl.constexpr,
     USE_K: tl.constexpr,
-    DRAWS: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_S: tl.constexpr,
     SKIP: tl.constexpr,
 ):
-    """One (row, chunk) of the kept-set test of every draw: what lies above it."""
+    """One (row, chunk) of the kept-set test of the four draws: what lies above each.
+    Filter values stand in for the keys (the same order, at one float compare), and
+    each draw keeps its own per-lane accumulators, as in the draw pass. Padding loads
+    -inf, which lies above no draw."""
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     if _row_is_active(skip_ptr, row, SKIP):
         base = phi_ptr + row * stride_phi
         row_max, log2_norm = _load_norm(row_max_ptr, lse_shifted_ptr, row, True)
-        _, tokens = _drawn_tokens(best_ptr, best_idx_ptr, row, S, V, DRAWS, BLOCK_S)
-        drawn_keys = _filter_key(tl.load(base + tokens), inv_tau)
-        mass = tl.zeros((BLOCK_V, DRAWS), tl.float32)
-        count = tl.zeros((BLOCK_V, DRAWS), tl.float32)
+        _, tokens = _drawn_tokens(best_ptr, best_idx_ptr, row, S, V, 4, BLOCK_S)
+        drawn = _filter_value(tl.load(base + tokens), inv_tau)
+        drawn0, drawn1, drawn2, drawn3 = _lane(drawn, 0), _lane(drawn, 1), _lane(drawn, 2), _lane(drawn, 3)
+        mass0 = tl.zeros((BLOCK_V,), tl.float32)
+        mass1, mass2, mass3 = mass0, mass0, mass0
+        count0, count1, count2, count3 = mass0, mass0, mass0, mass0
         v_start = split * chunk
         for start in range(v_start, tl.minimum(v_start + chunk, V), BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             raw = tl.load(base + cols, mask=cols < V, other=-float("inf"))
-            above = (_filter_key(raw, inv_tau)[:, None] > drawn_keys[None, :]) & (cols < V)[:, None]
-            if USE_P:
-                mass += tl.where(above, _tempered_probs(raw.to(tl.float32), row_max, log2_norm, inv_tau)[:, None], 0.0)
-            if USE_K:
-                count += above.to(tl.float32)
-        slots = (row * S + split) * DRAWS + tl.arange(0, DRAWS)
-        tl.store(mass_ptr + slots, tl.sum(mass, 0))
-        tl.store(count_ptr + slots, tl.sum(count, 0))
+            value = _filter_value(raw, inv_tau)
+            probs = _tempered_probs(raw.to(tl.float32), row_max, log2_norm, inv_tau) if USE_P else 0.0
+            mass0, count0 = _above_step(mass0, count0, value, drawn0, probs, USE_P, USE_K)
+            mass1, count1 = _above_step(mass1, count1, value, drawn1, probs, USE_P, USE_K)
+            mass2, count2 = _above_step(mass2, count2, value, drawn2, probs, USE_P, USE_K)
+            mass3, count3 = _above_step(mass3, count3, value, drawn3, probs, USE_P, USE_K)
+        slot = (row * S + split) * 4
+        _store_above(mass_ptr, count_ptr, slot, mass0, count0)
+        _store_above(mass_ptr, count_ptr, slot + 1, mass1, count1)
+        _store_above(mass_ptr, count_ptr, slot + 2, mass2, count2)
+        _store_above(mass_ptr, count_ptr, slot + 3, mass3, count3)
 
 
 @triton.jit(do_not_specialize=["top_k"])
@@ -390,7 +432,7 @@ def rejection_sample(
     n, vocab = phi.shape
     use_p, use_k = top_p < 1.0, 0 < top_k < vocab
     draws = 4 if use_p or use_k else 1
-    block, splits, chunk = row_geometry(phi, splits, block_v)
+    block, splits, chunk = row_geometry(phi, splits, block_v or DRAW_BLOCK_V)
     best = torch.empty(n, splits, draws, device=phi.device, dtype=torch.float32)
     best_idx = torch.empty(n, splits, draws, device=phi.device, dtype=torch.int32)
     mass = torch.empty_like(best) if use_p or use_k else best
@@ -407,8 +449,7 @@ def rejection_sample(
     if use_p or use_k:
         _mass_above_partial_kernel[(n, splits)](
             phi, *norm, skip_arg, best, best_idx, mass, count, phi.stride(0), vocab, splits, chunk, inv_tau,
-            USE_P=use_p, USE_K=use_k, BLOCK_V=block, BLOCK_S=block_s, num_warps=ROW_WARPS,
-            **flags,
+            USE_P=use_p, USE_K=use_k, BLOCK_V=block, BLOCK_S=block_s, SKIP=skip is not None, num_warps=ROW_WARPS,
         )  # fmt: skip
     _accept_kernel[(n,)](
         best, best_idx, mass, count, tokens, accepted, skip_arg, splits, vocab, float(top_p), int(top_k),

@@ -49,13 +49,24 @@ def _ordered_key(x):
 
 
 @triton.jit
+def _filter_value(raw, inv_tau):
+    """An fp32 value in the order of ``_filter_key`` (ties included): comparing two of
+    these compares their keys, at one float compare instead of int64 ones."""
+    if raw.dtype == tl.float32:
+        value = raw * inv_tau
+    else:
+        value = raw.to(tl.float32)  # exact
+    return value
+
+
+@triton.jit
 def _filter_key(raw, inv_tau):
     """The key the kept-set threshold compares. 16-bit logits use their own bits: x / tau
     in fp32 keeps distinct bf16/fp16 values distinct and in order, and 16-bit keys need
     half the radix passes. fp32 logits use x / tau as the reference does (the product
     can tie values that differ by an ulp)."""
     if raw.dtype == tl.float32:
-        key = _ordered_key(raw * inv_tau)
+        key = _ordered_key(_filter_value(raw, inv_tau))
     else:
         key = _ordered_key(raw)
     return key
