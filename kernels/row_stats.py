@@ -76,6 +76,16 @@ def _first_argmax(best, index, NONE):
 
 
 @triton.jit
+def _load_tile(base, start, end, BLOCK_V: tl.constexpr):
+    """The row's entries [start, start + BLOCK_V) as stored, -inf from ``end`` on. The
+    passes over phi load the next tile before they reduce this one: loaded at the top
+    of the loop, each tile waited a full memory latency, which the block's other warps
+    could not always cover (a per-tile maximum puts barriers in the loop)."""
+    cols = start + tl.arange(0, BLOCK_V)
+    return tl.load(base + cols, mask=cols < end, other=-float("inf"))
+
+
+@triton.jit
 def _row_stats_partial_kernel(
     phi_ptr,  # (N, V) logits, any float dtype, row stride `stride_phi`
     moments_ptr,  # (N, S, 5) fp32 out: per chunk m, sum e^(x-m), sum e^(x-m) (x-m), and the same two at tau
@@ -107,9 +117,12 @@ def _row_stats_partial_kernel(
         best = tl.full((BLOCK_V,), -float("inf"), tl.float32)
         best_idx = tl.zeros((BLOCK_V,), tl.int32)
         v_start = split * chunk
-        for start in range(v_start, tl.minimum(v_start + chunk, V), BLOCK_V):
+        v_end = tl.minimum(v_start + chunk, V)
+        ahead = _load_tile(base, v_start, v_end, BLOCK_V)
+        for start in range(v_start, v_end, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
-            x = tl.load(base + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
+            x = ahead.to(tl.float32)
+            ahead = _load_tile(base, start + BLOCK_V, v_end, BLOCK_V)
             m_new = tl.maximum(m, tl.max(x, 0))
             safe = tl.where(m_new == -float("inf"), 0.0, m_new)
             shifted = x - safe

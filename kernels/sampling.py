@@ -28,6 +28,7 @@ from entrgi_kernels.row_stats import (
     SoftmaxNorm,
     _first_argmax,
     _load_norm,
+    _load_tile,
     _row_is_active,
     _tempered_probs,
     row_geometry,
@@ -93,10 +94,13 @@ def _kept_sample_partial_kernel(
         top1 = tl.full((BLOCK_V,), -float("inf"), tl.float32)
         top2 = tl.full((BLOCK_V,), -float("inf"), tl.float32)
         v_start = split * chunk
-        for start in range(v_start, tl.minimum(v_start + chunk, V), BLOCK_V):
+        v_end = tl.minimum(v_start + chunk, V)
+        ahead = _load_tile(base, v_start, v_end, BLOCK_V)
+        for start in range(v_start, v_end, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             in_row = cols < V
-            raw = tl.load(base + cols, mask=in_row, other=-float("inf"))
+            raw = ahead
+            ahead = _load_tile(base, start + BLOCK_V, v_end, BLOCK_V)
             x = raw.to(tl.float32) * inv_tau
             kept = in_row & (_filter_key(raw, inv_tau) >= threshold) & (x > -float("inf"))
             score = tl.where(kept, x - tl.log(_exponential(tl.rand(seed, cols))), -float("inf"))
@@ -248,9 +252,12 @@ def _race_partial_kernel(
         idx0 = tl.zeros((BLOCK_V,), tl.int32)
         idx1, idx2, idx3 = idx0, idx0, idx0
         v_start = split * chunk
-        for start in range(v_start, tl.minimum(v_start + chunk, V), BLOCK_V):
+        v_end = tl.minimum(v_start + chunk, V)
+        ahead = _load_tile(base, v_start, v_end, BLOCK_V)
+        for start in range(v_start, v_end, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
-            raw = tl.load(base + cols, mask=cols < V, other=-float("inf"))
+            raw = ahead
+            ahead = _load_tile(base, start + BLOCK_V, v_end, BLOCK_V)
             inv_weight = tl.exp2((row_max - raw.to(tl.float32)) * scale)  # 1 / q_v in [1, inf]
             # Noise keyed through the loaded logits is computed in the load's register
             # layout; keyed by cols alone, Triton computed it in another and moved every
@@ -350,9 +357,11 @@ def _mass_above_partial_kernel(
         mass1, mass2, mass3 = mass0, mass0, mass0
         count0, count1, count2, count3 = mass0, mass0, mass0, mass0
         v_start = split * chunk
-        for start in range(v_start, tl.minimum(v_start + chunk, V), BLOCK_V):
-            cols = start + tl.arange(0, BLOCK_V)
-            raw = tl.load(base + cols, mask=cols < V, other=-float("inf"))
+        v_end = tl.minimum(v_start + chunk, V)
+        ahead = _load_tile(base, v_start, v_end, BLOCK_V)
+        for start in range(v_start, v_end, BLOCK_V):
+            raw = ahead
+            ahead = _load_tile(base, start + BLOCK_V, v_end, BLOCK_V)
             value = _filter_value(raw, inv_tau)
             probs = _tempered_probs(raw.to(tl.float32), row_max, log2_norm, inv_tau) if USE_P else 0.0
             mass0, count0 = _above_step(mass0, count0, value, drawn0, probs, USE_P, USE_K)
