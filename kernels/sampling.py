@@ -38,8 +38,9 @@ from entrgi_kernels.threshold import _filter_key, _filter_value
 _MIN_UNIFORM = tl.constexpr(4.7e-10)
 # Tile width of the rejection sampler's two passes, which keep four draws' accumulators
 # per token: at 1,024 tokens, half the per-row tile, a thread holds four tokens, not
-# eight, and on sm_90 the draw pass needs 76 registers, not 168: three 8-warp blocks
-# share an SM instead of one (bench/kernel_resources.py).
+# eight; with one register layout through its loop the draw pass then needs 64
+# registers on sm_90 (triton 3.6), not 159: four 8-warp blocks share an SM instead of
+# one (bench/kernel_resources.py, RESULTS.md).
 DRAW_BLOCK_V = 32 if INTERPRET else 1024
 
 
@@ -237,9 +238,10 @@ def _race_partial_kernel(
     SKIP: tl.constexpr,
 ):
     """One (row, chunk) of DRAWS independent draws from the full tempered law, each an
-    exponential race (``_race_step``) on uniforms from one Philox call per token (draw 0's
-    is ``tl.rand(seed, v)``, as in the kept-law draw); each draw keeps its own per-lane
-    accumulators, so the four never leave their registers."""
+    exponential race (``_race_step``) on uniforms from one Philox call per token (for a
+    token that can arrive, draw 0's is ``tl.rand(seed, v)``, as in the kept-law draw);
+    each draw keeps its own per-lane accumulators, so the four never leave their
+    registers."""
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     if _row_is_active(skip_ptr, row, SKIP):
