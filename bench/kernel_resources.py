@@ -43,6 +43,7 @@ from triton.runtime.jit import JITFunction
 
 import entrgi
 from entrgi.ops import entropy_confidence
+from entrgi.ops.layer_ops import rms_norm, silu_gate
 from entrgi.ops.step import STEP_ALGS
 from entrgi.optim import LogitAdam
 from entrgi_kernels import row_stats, soft_embedding
@@ -170,7 +171,9 @@ def exercise_ops() -> None:
     """Every launch path of the ops: guided_embedding (each mode, bf16, fp16 and fp32
     phi, with and without active rows, a gathered table, the backward with and without
     the fused Adam step, bf16 moments), sample_step (each alg, greedy too),
-    entropy_confidence, LogitAdam (stored and recomputed moments)."""
+    entropy_confidence, LogitAdam (stored and recomputed moments), and the layer ops a
+    reward's and a denoiser's layers run (rms_norm at a Qwen head's, Qwen3-1.7B's and
+    Qwen2-7B's widths, silu_gate; forward and backward)."""
     table = torch.randn(VOCAB, DIM, dtype=torch.bfloat16)
     table_rows = torch.arange(VOCAB)
     active = torch.arange(ROWS) % 3 > 0
@@ -205,6 +208,12 @@ def exercise_ops() -> None:
             out = entrgi.guided_embedding(phi, table, backend="triton", active=active, optimizer=optimizer,
                                           table_rows=gather, **sampling)  # fmt: skip
             out.embeds.backward(grad)
+    for dtype in (torch.bfloat16, torch.float32):
+        for width in (128, 2048, 3584):
+            x = torch.randn(ROWS, width).to(dtype).requires_grad_(True)
+            rms_norm(x, torch.randn(width).to(dtype), 1e-6, backend="triton").backward(torch.randn_like(x))
+        gate, up = (torch.randn(ROWS, 6144).to(dtype).requires_grad_(True) for _ in range(2))
+        silu_gate(gate, up, backend="triton").backward(torch.randn_like(gate))
 
 
 def declared_kernels() -> set[str]:

@@ -18,7 +18,8 @@ _spec.loader.exec_module(tool)
 
 
 def _tiny(cache_prefix=False, checkpoint=False):
-    return build_models("tiny", floors.META, floors.DTYPE, cache_prefix, checkpoint, lean_activations=False)
+    return build_models("tiny", floors.META, floors.DTYPE, cache_prefix, checkpoint, lean_activations=False,
+                        denoiser_fused=False)  # fmt: skip
 
 
 def test_denoiser_head_is_counted_on_the_response_only():

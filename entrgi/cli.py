@@ -16,7 +16,11 @@ from entrgi.rewards import REWARD_KINDS
 GRAPH_CHOICES = {"auto": "auto", "on": True, "off": False}
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 COMPILE_HELP = "run the denoiser's and the reward's layers through torch.compile (fused kernels; compiles first)"
-LEAN_HELP = "the reward's RMSNorms and gated MLPs keep less for the guidance backward (same values; default on)"
+LEAN_HELP = (
+    "the reward's RMSNorms and gated MLPs keep less for the guidance backward and, on CUDA, run as "
+    "fused Triton kernels (same values up to rounding; default on)"
+)
+FUSED_HELP = "on CUDA the denoiser's RMSNorms and gated MLPs run as fused Triton kernels (default on)"
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -77,7 +81,7 @@ def _generate(args) -> int:
     try:
         dtype = getattr(torch, args.dtype) if args.dtype else None
         denoiser = load_denoiser(args.model, kind=args.model_kind, device=device, dtype=dtype,
-                                 compile_layers=args.compile_layers)  # fmt: skip
+                                 compile_layers=args.compile_layers, fused_layers=args.denoiser_fused)  # fmt: skip
         reward = None
         if args.reward_model:
             reward = load_reward(args.reward_model, kind=args.reward_kind, target=args.target, device=device,
@@ -181,7 +185,7 @@ def _bench(args) -> int:
 def _step_options(args) -> dict:
     """The step suite's and the preset profile's shared settings."""
     names = ("guidance_steps", "new_tokens", "masked_fraction", "reward_cache_prefix", "reward_checkpoint",
-             "reward_lean", "compile_layers", "adam_moments")  # fmt: skip
+             "reward_lean", "denoiser_fused", "compile_layers", "adam_moments")  # fmt: skip
     return {name: getattr(args, name) for name in names}
 
 
@@ -216,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--reward-checkpoint", action="store_true",
                      help="recompute the reward's layer activations in the guidance backward (less memory)")  # fmt: skip
     gen.add_argument("--reward-lean", action=argparse.BooleanOptionalAction, default=True, help=LEAN_HELP)
+    gen.add_argument("--denoiser-fused", action=argparse.BooleanOptionalAction, default=True, help=FUSED_HELP)
     gen.add_argument("--compile-layers", action="store_true", help=COMPILE_HELP)
     gen.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     gen.add_argument("--dataset", "--prompts-file", dest="dataset", metavar="PATH",
@@ -266,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="step suite / preset profile: the reward recomputes its layer activations in the backward")  # fmt: skip
     bench.add_argument("--reward-lean", action=argparse.BooleanOptionalAction, default=True,
                        help=f"step suite / preset profile: {LEAN_HELP}")  # fmt: skip
+    bench.add_argument("--denoiser-fused", action=argparse.BooleanOptionalAction, default=True,
+                       help=f"step suite / preset profile: {FUSED_HELP}")  # fmt: skip
     bench.add_argument("--compile-layers", action="store_true", help=f"step suite / preset profile: {COMPILE_HELP}")
     bench.add_argument("--adam-moments", choices=ADAM_MOMENTS, default="float32",
                        help="step suite / preset profile: how the logits' Adam keeps its moments (bfloat16 "

@@ -48,6 +48,9 @@ class Denoiser:
     compile_layers : run the model's layers through one ``torch.compile``d layer
         (fused elementwise kernels; compiled on the first forward of a shape; see
         :mod:`entrgi.layers`).
+    fused_layers : (default on; for layers not compiled) on CUDA, run each RMSNorm and
+        SiLU-gated activation as one Triton kernel (:mod:`entrgi.lean`: logits within
+        rounding of the stock code's; off CUDA the stock arithmetic, unchanged).
 
     ``run_cache`` keeps the sampler's recent denoising runs (static buffers, CUDA
     graphs) for reuse by later batches and calls of the same shapes; call
@@ -56,7 +59,7 @@ class Denoiser:
 
     def __init__(
         self, model, tokenizer, kind: str | None = None, mask_token_id: int | None = None,
-        compile_layers: bool = False,
+        compile_layers: bool = False, fused_layers: bool = True,
     ):  # fmt: skip
         kind = kind or detect_kind(model.config)
         if kind not in DENOISER_KINDS:
@@ -72,7 +75,7 @@ class Denoiser:
         self._takes_position_ids = "position_ids" in arguments
         self._keep_argument = next((a for a in ("logits_to_keep", "num_logits_to_keep") if a in arguments), None)
         self._takes_use_cache = "use_cache" in arguments
-        self.layers = LayerRunner(self.model, compiled=compile_layers)
+        self.layers = LayerRunner(self.model, compiled=compile_layers, lean=fused_layers)
         self.run_cache = RunCache()
 
     @property
@@ -210,10 +213,11 @@ def load_denoiser(
     trust_remote_code: bool = True,
     mask_token_id: int | None = None,
     compile_layers: bool = False,
+    fused_layers: bool = True,
     **from_pretrained_kwargs,
 ) -> Denoiser:
     """Load a denoiser by hub id or local path (``kind`` detected from the config);
-    ``compile_layers``: see :class:`Denoiser`."""
+    ``compile_layers``, ``fused_layers``: see :class:`Denoiser`."""
     from transformers import AutoConfig, AutoTokenizer
 
     config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
@@ -226,4 +230,5 @@ def load_denoiser(
         name_or_path, trust_remote_code=trust_remote_code, **from_pretrained_kwargs
     )
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    return Denoiser(model.to(device), tokenizer, kind=kind, mask_token_id=mask_token_id, compile_layers=compile_layers)
+    return Denoiser(model.to(device), tokenizer, kind=kind, mask_token_id=mask_token_id, compile_layers=compile_layers,
+                    fused_layers=fused_layers)  # fmt: skip

@@ -1,4 +1,4 @@
-"""Memory-lean autograd for a reward model's RMSNorms and SiLU-gated MLPs.
+"""Memory-lean, fused autograd for a reward model's RMSNorms and SiLU-gated MLPs.
 
 Guidance differentiates the reward with respect to its input embeddings only, so what
 autograd keeps between the reward's forward and backward is activation memory, per
@@ -9,14 +9,19 @@ dtype and one 1/rms per row, and the gated product keeps ``gate`` and ``up`` and
 recomputes ``silu(gate)`` in the backward (one elementwise op). For a Qwen3-1.7B layer
 over 16 x 200 bfloat16 tokens that is 172 MiB kept instead of 253 MiB (counted with
 saved-tensor hooks on CPU, :func:`kept_bytes`; ``bench/reward_memory.py``; attention's
-own tensors unchanged).
+own tensors unchanged). On CUDA the swapped forwards also run fused: one Triton kernel
+per norm or gate, forward and backward (:mod:`entrgi.ops.layer_ops`), instead of the
+stock code's chains of elementwise launches.
 
-Exactness: each module is swapped only after its lean forward gave bit-identical output
-to its own forward on a random input (:func:`lean_forwards`), and the backwards apply
-the ATen ops autograd applies to the stock code, in its order, so gradients match too:
-bit for bit in bfloat16 (tested on CPU); in float32, where the norm's input needs no
-cast, up to the order in which autograd adds the residual branch's gradient (rounding).
-Used for layers neither compiled nor checkpointed (:class:`entrgi.layers.LayerRunner`).
+Exactness: each module is swapped only after its lean forward reproduced its own
+forward on a random input (:func:`lean_forwards`). The ``torch`` backend applies the
+ATen ops autograd applies to the stock code, in its order: bit-identical forwards, and
+gradients bit for bit in bfloat16 (tested on CPU); in float32, where the norm's input
+needs no cast, up to the order in which autograd adds the residual branch's gradient.
+The ``triton`` backend rounds where the stock code rounds but sums a norm's row in
+another order: its forward must agree to within :data:`FUSED_ULPS` eps of the output's
+largest magnitude. Used for layers neither compiled nor checkpointed
+(:class:`entrgi.layers.LayerRunner`).
 """
 
 from __future__ import annotations
@@ -24,88 +29,67 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
+
+from entrgi.ops.layer_ops import rms_norm, silu_gate
+from entrgi.ops.validation import resolve_backend
+
+FUSED_ULPS = 2  # the triton backend's forward vs the module's own: eps of the output's dtype, times its largest value
 
 
-class _RMSNorm(torch.autograd.Function):
-    """``weight * (x32 * rsqrt(mean(x32²) + eps)).to(x.dtype)`` with ``x32 = x.float()``,
-    keeping x (not x32) and 1/rms. For a frozen ``weight`` (it gets no gradient)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        x32 = x.to(torch.float32)
-        inv_rms = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-        ctx.save_for_backward(x, weight, inv_rms)
-        return weight * (x32 * inv_rms).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight, inv_rms = ctx.saved_tensors
-        x32 = x.to(torch.float32)
-        grad_normed = (grad * weight).to(torch.float32)
-        grad_inv_rms = (grad_normed * x32).sum(-1, keepdim=True)
-        grad_mean_square = -0.5 * grad_inv_rms * inv_rms.pow(3)  # rsqrt's backward
-        grad_square = grad_mean_square / x.shape[-1]  # mean's backward (broadcast below)
-        grad_x32 = grad_normed * inv_rms + grad_square * (2 * x32)
-        return grad_x32.to(x.dtype), None, None
-
-
-class _SiluGate(torch.autograd.Function):
-    """``silu(gate) * up``, keeping gate and up; silu(gate) is recomputed in the backward."""
-
-    @staticmethod
-    def forward(ctx, gate, up):
-        ctx.save_for_backward(gate, up)
-        return F.silu(gate) * up
-
-    @staticmethod
-    def backward(ctx, grad):
-        gate, up = ctx.saved_tensors
-        return torch.ops.aten.silu_backward(grad * up, gate), grad * F.silu(gate)
-
-
-def _lean_rms_norm(module: torch.nn.Module) -> Callable | None:
+def _lean_rms_norm(module: torch.nn.Module, backend: str) -> Callable | None:
     eps, weight = getattr(module, "variance_epsilon", None), getattr(module, "weight", None)
     if not isinstance(eps, float) or not isinstance(weight, torch.nn.Parameter) or weight.dim() != 1:
         return None
     if weight.requires_grad:  # a trained norm needs its weight's gradient: left as it is
         return None
-    return lambda hidden_states: _RMSNorm.apply(hidden_states, module.weight, eps)
+    return lambda hidden_states: rms_norm(hidden_states, module.weight, eps, backend)
 
 
-def _lean_gated_mlp(module: torch.nn.Module) -> Callable | None:
+def _lean_gated_mlp(module: torch.nn.Module, backend: str) -> Callable | None:
     projections = [getattr(module, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
     if not all(isinstance(p, torch.nn.Linear) for p in projections) or not hasattr(module, "act_fn"):
         return None
     gate_proj, up_proj, down_proj = projections
-    return lambda x: down_proj(_SiluGate.apply(gate_proj(x), up_proj(x)))
+    return lambda x: down_proj(silu_gate(gate_proj(x), up_proj(x), backend))
 
 
-def _same_output(module: torch.nn.Module, lean: Callable, width: int, dtype: torch.dtype) -> bool:
+def _reproduces(module: torch.nn.Module, lean: Callable, width: int, dtype: torch.dtype, exact: bool) -> bool:
+    """Whether ``lean`` gives ``module``'s own output on a random (2, 3, width) input:
+    bit for bit, or (not ``exact``) to within ``FUSED_ULPS`` eps of its largest value."""
     device = next(module.parameters()).device
     generator = torch.Generator(device).manual_seed(0)
     x = torch.randn(2, 3, width, generator=generator, device=device).to(dtype)
     with torch.no_grad():
-        return torch.equal(module.forward(x), lean(x))
+        want, got = module.forward(x), lean(x)
+    if exact or want.dtype != got.dtype:
+        return torch.equal(got, want)
+    tolerance = FUSED_ULPS * torch.finfo(want.dtype).eps * want.abs().max()
+    return bool((got - want).abs().max() <= tolerance)
 
 
-def lean_forwards(model: torch.nn.Module) -> list[tuple[torch.nn.Module, Callable]]:
+def lean_forwards(model: torch.nn.Module, backend: str = "auto") -> list[tuple[torch.nn.Module, Callable]]:
     """(module, lean forward) for each of ``model``'s RMSNorms and SiLU-gated MLPs whose
-    lean forward reproduces the module's own bit for bit on a random input (a host
-    sync per module: call once, at load time). Other modules are left out, and so is
-    one whose forward a hook library replaced on the instance (e.g. accelerate's
-    offloading, which loads the weights inside that forward)."""
+    lean forward reproduces the module's own on a random input (a host sync per
+    module: call once, at load time). ``backend`` (``auto``: Triton on CUDA | ``torch``
+    | ``triton``) runs the lean forwards; see the module docstring for what reproduces
+    means for each. Other modules are left out, and so is one whose forward a hook
+    library replaced on the instance (e.g. accelerate's offloading, which loads the
+    weights inside that forward)."""
+    parameter = next(model.parameters(), None)
+    if parameter is None:
+        return []
+    backend = resolve_backend(backend, parameter.device)
     found = []
     for module in model.modules():
         if "forward" in module.__dict__:
             continue
-        if (lean := _lean_rms_norm(module)) is not None:
+        if (lean := _lean_rms_norm(module, backend)) is not None:
             width, dtype = module.weight.shape[0], module.weight.dtype
-        elif (lean := _lean_gated_mlp(module)) is not None:
+        elif (lean := _lean_gated_mlp(module, backend)) is not None:
             width, dtype = module.gate_proj.in_features, module.gate_proj.weight.dtype
         else:
             continue
-        if _same_output(module, lean, width, dtype):
+        if _reproduces(module, lean, width, dtype, exact=backend == "torch"):
             found.append((module, lean))
     return found
 

@@ -52,6 +52,7 @@ class StepRow(RunInfo):
     reward_cache_prefix: bool
     reward_checkpoint: bool
     reward_lean: bool
+    denoiser_fused: bool
     compile_layers: bool
     adam_moments: str
     new_tokens: int
@@ -87,13 +88,14 @@ def _qwen_config(shape: str, classifier: bool):
 
 def build_models(
     preset: str, device: torch.device, dtype: torch.dtype, cache_prefix: bool = False, checkpoint_layers: bool = False,
-    compile_layers: bool = False, lean_activations: bool = True,
+    compile_layers: bool = False, lean_activations: bool = True, denoiser_fused: bool = True,
 ):  # fmt: skip
     """Random-weight denoiser and reward of ``preset``'s shapes, built on ``device``
     (``cache_prefix``: the reward computes its prompt side's keys / values once;
     ``checkpoint_layers``: it recomputes its layers' activations in the backward;
     ``compile_layers``: both models run their layers through one compiled layer;
-    ``lean_activations``: the reward's norms and MLPs keep less for the backward)."""
+    ``lean_activations``: the reward's norms and MLPs keep less for the backward (and
+    run fused on CUDA); ``denoiser_fused``: the denoiser's norms and MLPs run fused on CUDA)."""
     from transformers import Qwen2ForCausalLM, Qwen3ForSequenceClassification
 
     denoiser_shape, reward_shape, _, _ = PRESETS[preset]
@@ -109,7 +111,8 @@ def build_models(
     finally:
         torch.set_default_dtype(default)
     vocab = SHAPES[denoiser_shape][-1]
-    denoiser = Denoiser(body, _IdsOnlyTokenizer(), kind="dream", mask_token_id=vocab - 1, compile_layers=compile_layers)
+    denoiser = Denoiser(body, _IdsOnlyTokenizer(), kind="dream", mask_token_id=vocab - 1, compile_layers=compile_layers,
+                        fused_layers=denoiser_fused)  # fmt: skip
     reward = ClassifierReward(classifier, _IdsOnlyTokenizer(), cache_prefix=cache_prefix,
                               checkpoint_layers=checkpoint_layers, compile_layers=compile_layers,
                               lean_activations=lean_activations)  # fmt: skip
@@ -172,6 +175,7 @@ def preset_run(
     reward_cache_prefix: bool = False,
     reward_checkpoint: bool = False,
     reward_lean: bool = True,
+    denoiser_fused: bool = True,
     compile_layers: bool = False,
     adam_moments: str = "float32",
 ) -> DiffusionRun:
@@ -179,7 +183,7 @@ def preset_run(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     denoiser, reward = build_models(preset, device, dtype, reward_cache_prefix, reward_checkpoint, compile_layers,
-                                    reward_lean)  # fmt: skip
+                                    reward_lean, denoiser_fused)  # fmt: skip
     config = step_config(preset, method, guidance_steps, new_tokens, graphs, adam_moments)
     return new_run(denoiser, reward, config, masked_fraction=masked_fraction)
 
@@ -213,13 +217,14 @@ def bench_steps(
     reward_cache_prefix: bool = False,
     reward_checkpoint: bool = False,
     reward_lean: bool = True,
+    denoiser_fused: bool = True,
     compile_layers: bool = False,
     adam_moments: str = "float32",
 ) -> list[StepRow]:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     denoiser, reward = build_models(preset, device, dtype, reward_cache_prefix, reward_checkpoint, compile_layers,
-                                    reward_lean)  # fmt: skip
+                                    reward_lean, denoiser_fused)  # fmt: skip
     env = environment()
     rows = []
     for graphs in graph_modes:
@@ -235,7 +240,7 @@ def bench_steps(
             peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
             rows.append(StepRow(**env, preset=preset, method=method, graphs=graphs,
                                 reward_cache_prefix=reward_cache_prefix, reward_checkpoint=reward_checkpoint,
-                                reward_lean=reward_lean,
+                                reward_lean=reward_lean, denoiser_fused=denoiser_fused,
                                 compile_layers=compile_layers, adam_moments=adam_moments, new_tokens=new_tokens,
                                 guidance_steps=guidance_steps, masked_fraction=masked_fraction,
                                 ms_per_step=statistics.median(times),

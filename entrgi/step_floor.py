@@ -16,7 +16,7 @@ puts each component's floor beside its measured device time.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -73,9 +73,10 @@ def denoiser_flops(denoiser, rows: int, new_tokens: int) -> tuple[float, float]:
     return float(counter.get_total_flops()), float(head)
 
 
-def reward_flops(reward, rows: int, new_tokens: int) -> float:
-    """FLOPs of one guidance call of the reward: score ``rows`` responses, then backward
-    to the response embeddings (the cached prefix, if any, is built once per batch)."""
+def reward_call(reward, rows: int, new_tokens: int) -> Callable[[], None]:
+    """One guidance call of the reward on the meta device: score ``rows`` responses,
+    then backward to the response embeddings. The cached prefix, if any, is built here,
+    once per batch, not by the call."""
     d = reward.input_embeddings().shape[1]
     context = RewardContext(
         torch.empty(rows, REWARD_PREFIX_TOKENS, d, dtype=DTYPE, device=META),
@@ -87,8 +88,14 @@ def reward_flops(reward, rows: int, new_tokens: int) -> float:
         context.prefix_kv = reward.cached_prefix(context)
     embeds = torch.empty(rows, new_tokens, d, dtype=DTYPE, device=META, requires_grad=True)
     valid = torch.ones(rows, new_tokens, dtype=torch.bool, device=META)
+    return lambda: reward.score_embeds(context, embeds, valid).sum().backward()
+
+
+def reward_flops(reward, rows: int, new_tokens: int) -> float:
+    """FLOPs of one guidance call of the reward (:func:`reward_call`)."""
+    call = reward_call(reward, rows, new_tokens)
     with FlopCounterMode(display=False) as counter:
-        reward.score_embeds(context, embeds, valid).sum().backward()
+        call()
     return float(counter.get_total_flops())
 
 
@@ -103,8 +110,11 @@ def step_components(
     the denoiser's bf16 logits and replays one GEMM per step so far)."""
     if not 0 < masked_fraction <= 1:
         raise ValueError(f"masked_fraction must be in (0, 1], got {masked_fraction}")
-    # Lean layers change what the backward keeps, not its FLOPs; their swap checks run real numbers.
-    denoiser, reward = build_models(preset, META, DTYPE, cache_prefix, checkpoint, lean_activations=False)
+    # Lean and fused layers change what the backward keeps and how many kernels run, not the
+    # FLOPs; their swap checks run real numbers.
+    denoiser, reward = build_models(
+        preset, META, DTYPE, cache_prefix, checkpoint, lean_activations=False, denoiser_fused=False
+    )
     _, _, prompts, k = PRESETS[preset]
     rows = prompts * k
     vocab = denoiser.vocab_size

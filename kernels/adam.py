@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from entrgi_kernels.rounding import round_to
 from entrgi_kernels.row_stats import _row_is_active
 
 
@@ -120,17 +121,6 @@ class AdamReplay:
 
 
 @triton.jit
-def _to_moment_dtype(x, ptr):
-    """fp32 -> the dtype ``ptr`` points to. bf16 rounds to nearest even on the bits, as
-    torch does (the interpreter's own cast truncates; this is the same everywhere)."""
-    if ptr.dtype.element_ty == tl.bfloat16:
-        bits = x.to(tl.int32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        x = (bits >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
-    return x
-
-
-@triton.jit
 def adam_math(p, g, m, v, lr_corrected, weight1, beta2, weight2, inv_bias2_sqrt, eps):
     """One Adam step in fp32 registers: (param, gradient, moments) -> (param, moments).
     Every kernel that steps Adam spells it here, so their results agree bit for bit.
@@ -154,8 +144,8 @@ def adam_update(
     m = tl.load(exp_avg_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
     v = tl.load(exp_avg_sq_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
     p, m, v = adam_math(p, g, m, v, lr_corrected, weight1, beta2, weight2, inv_bias2_sqrt, eps)
-    tl.store(exp_avg_ptr + offsets, _to_moment_dtype(m, exp_avg_ptr), mask=ok)
-    tl.store(exp_avg_sq_ptr + offsets, _to_moment_dtype(v, exp_avg_sq_ptr), mask=ok)
+    tl.store(exp_avg_ptr + offsets, round_to(m, exp_avg_ptr.dtype.element_ty), mask=ok)
+    tl.store(exp_avg_sq_ptr + offsets, round_to(v, exp_avg_sq_ptr.dtype.element_ty), mask=ok)
     tl.store(param_ptr + offsets, p, mask=ok)
 
 

@@ -12,6 +12,7 @@ from entrgi.lean import lean_forwards
 from helpers import assert_same_rewards, guided_reward_inputs, reward_scores_and_grads, saved_activation_bytes
 
 PROMPTS = ["hi", "tell me a long story about the sea and the wind"]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the triton backend: native, or the interpreter
 
 
 @pytest.mark.parametrize("cache_prefix", [False, True])
@@ -47,7 +48,8 @@ def test_lean_classifier_keeps_less_for_the_backward(classifier_path):
     assert kept[0] < 0.8 * kept[1]
 
 
-def test_modules_the_lean_forward_does_not_reproduce_are_left_alone():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_modules_the_lean_forward_does_not_reproduce_are_left_alone(backend):
     from transformers import Qwen3Config
     from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP, Qwen3RMSNorm
 
@@ -65,11 +67,11 @@ def test_modules_the_lean_forward_does_not_reproduce_are_left_alone():
     model = torch.nn.ModuleList([odd_norm, gelu_mlp, norm, silu_mlp, hooked_norm]).requires_grad_(False)
     trained_norm = Qwen3RMSNorm(8)  # its weight needs a gradient
     model.append(trained_norm)
-    assert [module for module, _ in lean_forwards(model)] == [norm, silu_mlp]
+    model.to(DEVICE if backend == "triton" else "cpu")
+    assert [module for module, _ in lean_forwards(model, backend)] == [norm, silu_mlp]
 
 
-@pytest.mark.parametrize("family", ["Llama", "Qwen2", "Mistral"])
-def test_other_reward_families_get_lean_layers_with_identical_gradients(family):
+def _family_classifier(family: str, device: str = "cpu") -> torch.nn.Module:
     import transformers
 
     config = getattr(transformers, f"{family}Config")(
@@ -77,18 +79,54 @@ def test_other_reward_families_get_lean_layers_with_identical_gradients(family):
         num_key_value_heads=1, num_labels=1, pad_token_id=0,
     )  # fmt: skip
     torch.manual_seed(0)
-    model = getattr(transformers, f"{family}ForSequenceClassification")(config).to(torch.bfloat16)
-    model.eval().requires_grad_(False)
+    model = getattr(transformers, f"{family}ForSequenceClassification")(config).to(device, torch.bfloat16)
+    return model.eval().requires_grad_(False)
+
+
+def _score_and_grad(model, embeds, swaps=()):
+    for module, forward in swaps:
+        module.forward = forward
+    score = model(inputs_embeds=embeds).logits.sum()
+    return score, torch.autograd.grad(score, embeds)[0]
+
+
+@pytest.mark.parametrize("family", ["Llama", "Qwen2", "Mistral"])
+def test_other_reward_families_get_lean_layers_with_identical_gradients(family):
+    model = _family_classifier(family)
     found = lean_forwards(model)
     assert len(found) == 2 * 3 + 1  # per layer two norms and the MLP, and the final norm
     embeds = torch.randn(3, 6, 32, dtype=torch.bfloat16, requires_grad=True)
-
-    def score_and_grad():
-        score = model(inputs_embeds=embeds).logits.sum()
-        return score, torch.autograd.grad(score, embeds)[0]
-
-    want, want_grad = score_and_grad()
-    for module, forward in found:
-        module.forward = forward
-    got, got_grad = score_and_grad()
+    want, want_grad = _score_and_grad(model, embeds)
+    got, got_grad = _score_and_grad(model, embeds, found)
     assert torch.equal(got, want) and torch.equal(got_grad, want_grad)
+
+
+@pytest.mark.parametrize("family", ["Qwen3", "Llama"])
+def test_fused_lean_layers_give_the_stock_rewards_and_gradients(family):
+    model = _family_classifier(family, DEVICE)
+    found = lean_forwards(model, backend="triton")
+    assert [module for module, _ in found] == [module for module, _ in lean_forwards(model, backend="torch")]
+    embeds = torch.randn(3, 6, 32, dtype=torch.bfloat16, device=DEVICE, requires_grad=True)
+    want, want_grad = _score_and_grad(model, embeds)
+    got, got_grad = _score_and_grad(model, embeds, found)
+    # bfloat16 layers whose norms sum in another order: a rounding flip here and there,
+    # carried through two layers
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2 * want.abs().item())
+    torch.testing.assert_close(got_grad, want_grad, rtol=0, atol=1e-2 * want_grad.abs().max().item())
+    assert want_grad.abs().max() > 0
+
+
+def test_denoiser_fused_layers_give_the_stock_logits(dream_like_path):
+    from entrgi import load_denoiser
+
+    fused = load_denoiser(dream_like_path, kind="dream", device=DEVICE, dtype=torch.bfloat16)
+    stock = load_denoiser(dream_like_path, kind="dream", device=DEVICE, dtype=torch.bfloat16, fused_layers=False)
+    # two layers of (input norm, post-attention norm, MLP) and the final norm
+    assert len(fused.layers.lean) == 7 and not stock.layers.lean
+    ids = torch.randint(0, fused.vocab_size, (3, 9), device=DEVICE)
+    mask = torch.ones(3, 9, dtype=torch.bool, device=DEVICE)
+    want, got = stock.logits(ids, mask), fused.logits(ids, mask)
+    if DEVICE == "cpu":  # off CUDA the lean forwards run the stock arithmetic
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-2 * want.abs().max().item())

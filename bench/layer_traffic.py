@@ -1,0 +1,253 @@
+"""What the models' elementwise work moves, counted on the meta device (no GPU; not a
+timing): the reward's forward + backward as a guidance step calls it and the
+denoiser's forward, at a step-suite preset's shapes, with the layers run stock, lean
+(``torch`` backend) or fused (``triton``, what ``auto`` picks on CUDA).
+
+Every ATen op the models run is counted with the bytes of its tensor inputs and
+outputs (a kernel reads and writes each at least once; a broadcast operand once, an
+embedding lookup the rows it gathers); views and allocations are not launches and are
+left out. The fused layer ops cannot run on the meta device: they
+are counted as the kernels they launch, each reading and writing its tensors once.
+Ops fall into three groups:
+
+- projections: ``mm`` / ``addmm`` (the linear layers' GEMMs; the same in every mode),
+  and a ``bmm`` with a batch-broadcast operand (a shared weight: the output head on
+  the response rows);
+- attention: ``scaled_dot_product_attention``, counted as the fused kernel CUDA runs
+  (forward: reads q, k, v and the mask, writes the output; backward: reads those and
+  the output's gradient, writes dq, dk, dv), not as the math path the meta device has;
+- elementwise: everything else (norms, rotary embedding, gated activation, residual
+  adds, casts, copies), and the fused kernels.
+
+    python bench/layer_traffic.py                   # both presets
+    python bench/layer_traffic.py --preset 4xK4-1.7b
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import math
+import os
+from typing import Iterator
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+# The fused kernels never launch here (meta stand-ins count them); the interpreter flag
+# lets the triton backend accept the meta device's tensors.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import entrgi.lean  # noqa: E402
+from entrgi.benchmark import PEAK_BYTES_PER_S  # noqa: E402
+from entrgi.step_benchmark import PRESETS, build_models  # noqa: E402
+from entrgi.step_floor import DTYPE, META, denoiser_flops, reward_call  # noqa: E402
+from entrgi_kernels import rms_norm, silu_gate  # noqa: E402
+
+MODES = ("stock", "lean", "fused")
+PROJECTIONS = {"mm", "addmm", "bmm (shared weight)"}
+ATTENTION = {"attention forward", "attention backward"}
+NOT_LAUNCHES = {
+    "view", "_unsafe_view", "t", "transpose", "expand", "slice", "unsqueeze", "squeeze", "as_strided", "detach",
+    "alias", "permute", "select", "split", "unbind", "lift_fresh", "empty", "empty_strided", "new_empty",
+    "new_empty_strided", "empty_like", "zeros", "ones", "full", "arange", "scalar_tensor",
+}  # fmt: skip
+
+
+def distinct_bytes(t: torch.Tensor) -> int:
+    """Bytes of ``t``'s distinct elements (a broadcast dimension has stride 0)."""
+    return t.element_size() * math.prod(size for size, stride in zip(t.shape, t.stride()) if stride != 0)
+
+
+def op_name(func, tensors: list[torch.Tensor]) -> str:
+    name = func.overloadpacket.__name__
+    if name == "bmm" and any(0 in t.stride() for t in tensors[:2]):
+        return "bmm (shared weight)"
+    return name
+
+
+def group(op: str) -> str:
+    if op in PROJECTIONS:
+        return "projections"
+    return "attention" if op in ATTENTION else "elementwise"
+
+
+class Traffic(TorchDispatchMode):
+    """Launches and bytes per op while active; :meth:`add` counts a fused kernel (only
+    while active too: a cached prefix is built outside the counted call)."""
+
+    def __init__(self):
+        super().__init__()
+        self.launches: collections.Counter = collections.Counter()
+        self.nbytes: collections.Counter = collections.Counter()
+        self.active = False
+
+    def __enter__(self):
+        self.active = True
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        self.active = False
+        return super().__exit__(*exc)
+
+    def add(self, name: str, tensors) -> None:
+        if not self.active:
+            return
+        self.launches[name] += 1
+        self.nbytes[name] += sum(distinct_bytes(t) for t in tensors)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket.__name__ in NOT_LAUNCHES:
+            return out
+        if func.overloadpacket.__name__ == "embedding":  # reads the rows it writes, not the table
+            self.add("embedding", [args[1], out, out])
+            return out
+        tensors = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)]
+        self.add(op_name(func, tensors), tensors)
+        return out
+
+    def by_group(self) -> dict[str, tuple[int, float]]:
+        totals = {name: [0, 0.0] for name in ("projections", "attention", "elementwise")}
+        for op, launches in self.launches.items():
+            totals[group(op)][0] += launches
+            totals[group(op)][1] += self.nbytes[op]
+        return {name: (launches, nbytes) for name, (launches, nbytes) in totals.items()}
+
+
+@contextlib.contextmanager
+def fused_kernels_counted(traffic: Traffic) -> Iterator[None]:
+    """The fused layer ops' kernels as meta stand-ins that allocate their outputs and
+    count what they read and write."""
+
+    def norm_forward(x, weight, eps):
+        y = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+        inv_rms = torch.empty(x.shape[0], device=x.device)
+        traffic.add("triton rms_norm forward", [x, weight, y, inv_rms])
+        return y, inv_rms
+
+    def norm_backward(grad, x, weight, inv_rms):
+        grad_x = torch.empty_like(x)
+        traffic.add("triton rms_norm backward", [grad, x, weight, inv_rms, grad_x])
+        return grad_x
+
+    def gate_forward(gate, up):
+        out = torch.empty_like(gate)
+        traffic.add("triton silu_gate forward", [gate, up, out])
+        return out
+
+    def gate_backward(grad, gate, up):
+        grads = torch.empty_like(gate), torch.empty_like(up)
+        traffic.add("triton silu_gate backward", [grad, gate, up, *grads])
+        return grads
+
+    patches = [
+        (rms_norm, "rms_norm_forward", norm_forward),
+        (rms_norm, "rms_norm_backward", norm_backward),
+        (silu_gate, "silu_gate_forward", gate_forward),
+        (silu_gate, "silu_gate_backward", gate_backward),
+    ]
+    saved = [getattr(module, name) for module, name, _ in patches]
+    for module, name, stand_in in patches:
+        setattr(module, name, stand_in)
+    try:
+        yield
+    finally:
+        for (module, name, _), original in zip(patches, saved):
+            setattr(module, name, original)
+
+
+class _Attention(torch.autograd.Function):
+    """Scaled-dot-product attention as one fused kernel each way, counted into
+    ``traffic`` (meta outputs: no numbers)."""
+
+    @staticmethod
+    def forward(ctx, traffic, query, key, value, mask):
+        out = torch.empty_like(query)
+        traffic.add("attention forward", [query, key, value, *([] if mask is None else [mask]), out])
+        ctx.traffic, ctx.mask = traffic, mask
+        ctx.save_for_backward(query, key, value, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        query, key, value, out = ctx.saved_tensors
+        grads = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+        mask = [] if ctx.mask is None else [ctx.mask]
+        ctx.traffic.add("attention backward", [query, key, value, *mask, out, grad, *grads])
+        return None, *grads, None
+
+
+class _FusedAttention(torch.overrides.TorchFunctionMode):
+    def __init__(self, traffic: Traffic):
+        super().__init__()
+        self.traffic = traffic
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is not torch.nn.functional.scaled_dot_product_attention:
+            return func(*args, **(kwargs or {}))
+        kwargs = dict(kwargs or {})
+        query, key, value = args[:3]
+        mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
+        if kwargs.get("enable_gqa"):  # the kernel reads the shared heads; the output has the query's
+            key, value = (t.repeat_interleave(query.shape[-3] // t.shape[-3], dim=-3) for t in (key, value))
+        return _Attention.apply(self.traffic, query, key, value, mask)
+
+
+def _swap_lean(model: torch.nn.Module, backend: str) -> None:
+    """Swap in ``model``'s lean forwards, accepted unchecked (meta tensors hold no numbers)."""
+    check = entrgi.lean._reproduces
+    entrgi.lean._reproduces = lambda *args, **kwargs: True
+    try:
+        for module, forward in entrgi.lean.lean_forwards(model, backend):
+            module.forward = forward
+    finally:
+        entrgi.lean._reproduces = check
+
+
+def count(preset: str, mode: str, new_tokens: int = 128) -> dict[str, Traffic]:
+    """Traffic of one reward forward + backward (prefix cached) and one denoiser
+    forward of ``preset``, their layers run in ``mode``."""
+    traffic = {"reward fwd+bwd": Traffic(), "denoiser forward": Traffic()}
+    stand_ins = fused_kernels_counted(traffic["reward fwd+bwd"]) if mode == "fused" else contextlib.nullcontext()
+    with stand_ins:
+        denoiser, reward = build_models(
+            preset, META, DTYPE, cache_prefix=True, lean_activations=False, denoiser_fused=False
+        )
+        if mode != "stock":
+            for model in (reward.model, denoiser.model):
+                _swap_lean(model, "torch" if mode == "lean" else "triton")
+        rows = PRESETS[preset][2] * PRESETS[preset][3]
+        call = reward_call(reward, rows, new_tokens)
+        with traffic["reward fwd+bwd"], _FusedAttention(traffic["reward fwd+bwd"]):
+            call()
+    stand_ins = fused_kernels_counted(traffic["denoiser forward"]) if mode == "fused" else contextlib.nullcontext()
+    with stand_ins, traffic["denoiser forward"], _FusedAttention(traffic["denoiser forward"]):
+        denoiser_flops(denoiser, rows, new_tokens)
+    return traffic
+
+
+def format_traffic(preset: str, counts: dict[str, dict[str, Traffic]]) -> str:
+    lines = [f"| {preset} | group | " + " | ".join(f"{m} launches | {m} GB" for m in MODES) + " | GB saved, fused vs lean "
+             "| ms at 3.0 TB/s |", "|---|---|" + "---|---|" * len(MODES) + "---|---|"]  # fmt: skip
+    for part in counts["stock"]:
+        groups = {mode: counts[mode][part].by_group() for mode in MODES}
+        for name in groups["stock"]:
+            cells = " | ".join(f"{groups[m][name][0]:,} | {groups[m][name][1] / 1e9:.2f}" for m in MODES)
+            saved = (groups["lean"][name][1] - groups["fused"][name][1]) / 1e9
+            lines.append(f"| {part} | {name} | {cells} | {saved:.2f} | {saved * 1e12 / PEAK_BYTES_PER_S:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", nargs="+", default=[p for p in PRESETS if p != "tiny"], choices=list(PRESETS))
+    args = parser.parse_args()
+    for preset in args.preset:
+        print(format_traffic(preset, {mode: count(preset, mode) for mode in MODES}) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""bench/layer_traffic.py counts the models' traffic per group of ops on the meta device:
+fusing the norms and gates changes only the elementwise group, and shrinks it."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import layer_traffic  # noqa: E402
+
+
+def test_fused_layers_move_less_than_lean_and_stock_ones():
+    counts = {mode: layer_traffic.count("tiny", mode) for mode in layer_traffic.MODES}
+    for part in ("reward fwd+bwd", "denoiser forward"):
+        groups = {mode: counts[mode][part].by_group() for mode in layer_traffic.MODES}
+        for name in ("projections", "attention"):
+            assert groups["stock"][name] == groups["lean"][name] == groups["fused"][name]
+            assert groups["stock"][name][0] > 0
+        launches, nbytes = zip(*(groups[mode]["elementwise"] for mode in layer_traffic.MODES))
+        assert nbytes[2] < nbytes[1] <= nbytes[0] and launches[2] < launches[0]
+    fused = counts["fused"]["reward fwd+bwd"].launches
+    # every norm runs one kernel forward and one backward (the final norm's too)
+    assert fused["triton rms_norm forward"] == fused["triton rms_norm backward"] > 0
+    assert "pow" not in fused and "pow" in counts["lean"]["reward fwd+bwd"].launches
+
+
+def test_broadcast_operands_count_once():
+    import torch
+
+    weight = torch.empty(3, 5, device="meta")
+    assert layer_traffic.distinct_bytes(weight.expand(7, 3, 5)) == 3 * 5 * 4

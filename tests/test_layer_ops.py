@@ -1,0 +1,137 @@
+"""RMSNorm and the SwiGLU gate (``entrgi.ops.layer_ops``): the Triton backend against
+the torch one (the stock code's ATen ops) and a float64 ground truth, forward and
+gradient, across dtypes and widths off the tile; interpreter on CPU, native on GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from entrgi.ops.layer_ops import rms_norm, silu_gate  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+# The backends round alike where the stock code rounds; between roundings they compute in
+# float32 in other orders (a row's sum, exp): a 16-bit result lands on the same value or the
+# next, a float32 one a few units off.
+ULPS = {torch.bfloat16: 1, torch.float16: 1, torch.float32: 8}
+
+
+def _eps(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps
+
+
+def _leaf(shape, dtype, generator, scale=1.0):
+    return (torch.randn(shape, generator=generator) * scale).to(dtype).to(DEVICE).requires_grad_(True)
+
+
+def _values_and_grads(fn, inputs, grad):
+    out = fn(*inputs)
+    return out, torch.autograd.grad(out, inputs, grad)
+
+
+def _rms_norm_64(x, weight, eps):
+    x64 = x.double()
+    return weight.double() * x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def _assert_within_ulps(got, want, ulps):
+    """|got - want| <= ulps units of the dtype's eps, relative to each value."""
+    assert got.dtype == want.dtype and got.shape == want.shape
+    bound = ulps * _eps(want.dtype) * want.abs().double() + torch.finfo(want.dtype).tiny
+    excess = (got.double() - want.double()).abs() - bound
+    assert excess.max() <= 0, f"{excess.max().item()} over {ulps} ulps"
+
+
+def _assert_mostly_equal(got, want):
+    """Rounded where the stock code rounds, a 16-bit result differs only where the
+    float32 value before the rounding sat within its few-ulp difference of a tie."""
+    if want.dtype != torch.float32:
+        assert (got == want).double().mean() >= 0.99
+
+
+def _max_relative(got, truth):
+    return ((got.double() - truth).abs().max() / truth.abs().max()).item()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 7), (3, 5, 96), (2, 3, 4, 130), (9, 1000)])
+def test_rms_norm_matches_the_stock_arithmetic(dtype, shape):
+    generator = torch.Generator().manual_seed(shape[-1])
+    x = _leaf(shape, dtype, generator, scale=3.0)
+    weight = (torch.rand(shape[-1], generator=generator) + 0.5).to(dtype).to(DEVICE)
+    grad = torch.randn(shape, generator=generator).to(dtype).to(DEVICE)
+    want, (want_grad,) = _values_and_grads(lambda t: rms_norm(t, weight, 1e-6, backend="torch"), [x], grad)
+    got, (got_grad,) = _values_and_grads(lambda t: rms_norm(t, weight, 1e-6, backend="triton"), [x], grad)
+    _assert_within_ulps(got, want, ULPS[dtype])
+    _assert_mostly_equal(got, want)
+    truth = _rms_norm_64(x, weight, 1e-6)
+    assert _max_relative(got, truth) <= 2 * _eps(dtype)
+    x64 = x.detach().double().requires_grad_(True)
+    (truth_grad,) = torch.autograd.grad(_rms_norm_64(x64, weight, 1e-6), [x64], grad.double())
+    # the backward sums (grad * weight) . x over the row, then cancels it against grad * weight
+    torch_error = _max_relative(want_grad, truth_grad)
+    assert _max_relative(got_grad, truth_grad) <= torch_error + 4 * _eps(dtype)
+    assert truth_grad.abs().max() > 0
+
+
+def test_rms_norm_in_the_weights_dtype_when_it_is_wider():
+    generator = torch.Generator().manual_seed(1)
+    x = _leaf((4, 33), torch.bfloat16, generator)
+    weight = torch.randn(33, generator=generator).to(DEVICE)  # float32: the product is float32
+    grad = torch.randn(4, 33, generator=generator).to(DEVICE)
+    want, (want_grad,) = _values_and_grads(lambda t: rms_norm(t, weight, 1e-5, backend="torch"), [x], grad)
+    got, (got_grad,) = _values_and_grads(lambda t: rms_norm(t, weight, 1e-5, backend="triton"), [x], grad)
+    assert got.dtype == torch.float32 and got_grad.dtype == torch.bfloat16
+    _assert_within_ulps(got, want, ulps=256)  # float32 values of bfloat16-rounded rows: within their rounding
+    torch.testing.assert_close(got_grad, want_grad, rtol=2 * _eps(torch.bfloat16), atol=1e-2)
+
+
+def test_rms_norm_of_a_zero_row_is_zero():
+    x = torch.zeros(2, 40, device=DEVICE)
+    x[1] = torch.randn(40)
+    out = rms_norm(x, torch.ones(40, device=DEVICE), 1e-6, backend="triton")
+    assert torch.equal(out[0], torch.zeros(40, device=DEVICE)) and out[1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 5), (3, 7, 77), (4, 3000)])
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # the interpreter computes e^100
+def test_silu_gate_matches_the_stock_arithmetic(dtype, shape):
+    generator = torch.Generator().manual_seed(shape[-1])
+    gate, up = _leaf(shape, dtype, generator, scale=4.0), _leaf(shape, dtype, generator)
+    with torch.no_grad():  # saturated and overflowing exponentials
+        gate.view(-1)[:2] = torch.tensor([-100.0, 100.0], dtype=dtype)
+    grad = torch.randn(shape, generator=generator).to(dtype).to(DEVICE)
+    want, want_grads = _values_and_grads(lambda g, u: silu_gate(g, u, backend="torch"), [gate, up], grad)
+    got, got_grads = _values_and_grads(lambda g, u: silu_gate(g, u, backend="triton"), [gate, up], grad)
+    _assert_within_ulps(got, want, ULPS[dtype])
+    _assert_mostly_equal(got, want)
+    gate64, up64 = gate.detach().double().requires_grad_(True), up.detach().double().requires_grad_(True)
+    truth = torch.nn.functional.silu(gate64) * up64
+    assert _max_relative(got, truth) <= 2 * _eps(dtype)
+    truth_grads = torch.autograd.grad(truth, [gate64, up64], grad.double())
+    # silu's derivative cancels near gate = -1.28: measured at the scale of the whole tensor
+    for got_grad, want_grad, truth_grad in zip(got_grads, want_grads, truth_grads):
+        assert torch.isfinite(got_grad).all()
+        assert _max_relative(got_grad, truth_grad) <= _max_relative(want_grad, truth_grad) + 2 * _eps(dtype)
+
+
+def test_layer_ops_name_bad_inputs():
+    x = torch.randn(2, 8, device=DEVICE)
+    with pytest.raises(ValueError, match=r"x \(\.\.\., H\) and weight \(H,\), got \(2, 8\) and \(7,\)"):
+        rms_norm(x, torch.ones(7, device=DEVICE), 1e-6)
+    with pytest.raises(ValueError, match="weight requires one"):
+        rms_norm(x, torch.ones(8, device=DEVICE, requires_grad=True), 1e-6)
+    with pytest.raises(ValueError, match="eps must be >= 0, got -1"):
+        rms_norm(x, torch.ones(8, device=DEVICE), -1.0)
+    with pytest.raises(TypeError, match="x must be float32, bfloat16 or float16, got torch.int64"):
+        rms_norm(x.long(), torch.ones(8, device=DEVICE), 1e-6)
+    with pytest.raises(ValueError, match="width at most 16384, got 16385"):
+        rms_norm(torch.randn(1, 16385, device=DEVICE), torch.ones(16385, device=DEVICE), 1e-6, backend="triton")
+    with pytest.raises(ValueError, match=r"one shape, dtype and device, got \(2, 8\) torch.float32"):
+        silu_gate(x, x[:, :4])
+    with pytest.raises(ValueError, match="unknown backend 'cuda'"):
+        silu_gate(x, x, backend="cuda")
