@@ -10,6 +10,7 @@
 #   bash bench/gpu_session.sh profile   # eager guided step per component, device ms against each floor
 #                                       # (defaults, then the reward prefix cache)
 #   bash bench/gpu_session.sh compile   # step suite with compiled layers (compiles first)
+#   bash bench/gpu_session.sh fused     # step suite, prefix cache: fused norms and gates (default) vs stock layers
 #   bash bench/gpu_session.sh op        # op suite (triton vs eager, N 128/512/2048 x d 1024/2048 x bf16/fp32)
 #                                       # + per-kernel breakdown
 #   bash bench/gpu_session.sh baseline  # op suite, same shapes: eager vs torch.compile of the reference
@@ -20,9 +21,9 @@
 #                                       # candidates for the forward's slow-down measured on 2026-11-24)
 set -euo pipefail
 case "${1:-}" in
-tests | tests-rest | step | moments | profile | compile | op | baseline | sweep | sweep-bf16 | bisect) ;;
+tests | tests-rest | step | moments | profile | compile | fused | op | baseline | sweep | sweep-bf16 | bisect) ;;
 *)
-    echo "usage: bash bench/gpu_session.sh tests|tests-rest|step|moments|profile|compile|op|baseline|sweep|sweep-bf16|bisect" >&2
+    echo "usage: bash bench/gpu_session.sh tests|tests-rest|step|moments|profile|compile|fused|op|baseline|sweep|sweep-bf16|bisect" >&2
     exit 2
     ;;
 esac
@@ -57,7 +58,8 @@ step_suites() { # the step suite of both presets once per option set; the log's 
 
 # the kernel, optimizer and CUDA-graph tests: the 'tests' stage; 'tests-rest' runs the others
 first="tests/test_full_shapes.py tests/test_triton_ops.py tests/test_vocab_split.py tests/test_random_configs.py
-       tests/test_optim.py tests/test_sampler.py tests/test_decoding.py tests/test_layers.py"
+       tests/test_optim.py tests/test_sampler.py tests/test_decoding.py tests/test_layers.py tests/test_layer_ops.py
+       tests/test_lean.py"
 case "$1" in
 tests) # -v: each test's name reaches the log as it ends, so a call that runs out of time still says which failed
     # shellcheck disable=SC2086  # separate paths
@@ -92,6 +94,9 @@ profile)
     ;;
 compile)
     step_suites compile.log "--compile-layers" "--compile-layers --reward-cache-prefix --reward-checkpoint"
+    ;;
+fused)
+    step_suites fused.log "--reward-cache-prefix" "--reward-cache-prefix --no-reward-lean --no-denoiser-fused"
     ;;
 op)
     entrgi bench --suite op --backends triton torch --n 128 512 2048 --d 1024 2048 --dtype bfloat16 float32 \

@@ -15,10 +15,12 @@ rest (non-reentrant ``torch.utils.checkpoint`` without RNG-state bookkeeping: mo
 in eval mode and draw no random numbers), which keeps the step free of host syncs and
 capturable. About one extra forward for most of the activation memory.
 
-``lean``: the layers' RMSNorms and gated MLPs keep less for the backward (see
-:mod:`entrgi.lean`; same values, about a third less activation memory for Qwen-family
+``lean``: the layers' RMSNorms and gated MLPs keep less for the backward and, on
+CUDA, run as one fused Triton kernel each way (see :mod:`entrgi.lean`; the same values,
+up to rounding when fused; about a third less activation memory for Qwen-family
 layers, nothing recomputed but one elementwise op). Only for layers neither compiled
-(inductor chooses what to keep) nor checkpointed (they keep their inputs alone).
+(inductor fuses and chooses what to keep) nor checkpointed (they keep their inputs
+alone).
 
 Key/value caches: a ``past_key_values`` (or ``cache``) that offers ``for_layer(index)``
 reaches each layer as that layer's own view, so the compiled graph does not depend on

@@ -4,8 +4,8 @@ pass each:
     y = weight * (x32 * rsqrt(mean(x32²) + eps)).to(x.dtype),   x32 = x.float()
 
 as Llama / Qwen / Mistral code computes it (the product in the promoted dtype of weight
-and x). Eager PyTorch runs this as about 7 kernels forward and 12 backward, most of
-them over fp32 copies of x: about 110 bytes moved per element against the 10 here
+and x). Eager PyTorch runs this as 22 kernels forward and backward together, most
+of them over fp32 copies of x: about 110 bytes moved per element against the 10 here
 (read x, write y; read x and the gradient, write dx). Each program holds ``BLOCK_R``
 whole rows in registers; the forward keeps 1 / rms per row (fp32) for the backward.
 Rounding follows the eager code's: the normalised row is rounded to x's dtype before

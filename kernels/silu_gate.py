@@ -1,5 +1,5 @@
 """The gated activation of SwiGLU MLPs, ``silu(gate) * up``, forward and backward in
-one elementwise pass each (eager PyTorch: 2 kernels forward, 4 backward). Rounding
+one elementwise pass each (eager PyTorch: 2 kernels forward, 3 or 4 backward). Rounding
 follows the eager code's: silu(gate) is rounded to gate's dtype before ``up``
 multiplies it, and the backward rounds ``grad * up`` before silu's derivative."""
 
