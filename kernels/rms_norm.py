@@ -96,6 +96,8 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple
     block_r, block_h, warps = _geometry(width)
     y = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
     inv_rms = torch.empty(rows, dtype=torch.float32, device=x.device)
+    if rows == 0:  # no grid to launch
+        return y, inv_rms
     _rms_norm_forward_kernel[(triton.cdiv(rows, block_r),)](
         x, weight, y, inv_rms, rows, width, eps, BLOCK_R=block_r, BLOCK_H=block_h, num_warps=warps
     )
@@ -108,6 +110,8 @@ def rms_norm_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     rows, width = x.shape
     block_r, block_h, warps = _geometry(width)
     grad_x = torch.empty_like(x)
+    if rows == 0:
+        return grad_x
     _rms_norm_backward_kernel[(triton.cdiv(rows, block_r),)](
         grad, x, weight, inv_rms, grad_x, rows, width, BLOCK_R=block_r, BLOCK_H=block_h, num_warps=warps
     )

@@ -48,6 +48,8 @@ def _silu_gate_backward_kernel(grad_ptr, gate_ptr, up_ptr, grad_gate_ptr, grad_u
 def silu_gate_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` of two contiguous tensors of one shape and dtype."""
     out = torch.empty_like(gate)
+    if gate.numel() == 0:  # no grid to launch
+        return out
     _silu_gate_forward_kernel[(triton.cdiv(gate.numel(), BLOCK),)](gate, up, out, gate.numel(), BLOCK=BLOCK)
     return out
 
@@ -55,6 +57,8 @@ def silu_gate_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 def silu_gate_backward(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(dL/dgate, dL/dup) from contiguous dL/dout ``grad`` and the forward's inputs."""
     grad_gate, grad_up = torch.empty_like(gate), torch.empty_like(up)
+    if gate.numel() == 0:
+        return grad_gate, grad_up
     _silu_gate_backward_kernel[(triton.cdiv(gate.numel(), BLOCK),)](
         grad, gate, up, grad_gate, grad_up, gate.numel(), BLOCK=BLOCK
     )

@@ -119,6 +119,14 @@ def test_silu_gate_matches_the_stock_arithmetic(dtype, shape):
         assert _max_relative(got_grad, truth_grad) <= _max_relative(want_grad, truth_grad) + 2 * _eps(dtype)
 
 
+def test_empty_inputs_give_empty_outputs_and_gradients():
+    x = torch.randn(0, 3, 16, device=DEVICE, requires_grad=True)
+    gate = torch.randn(0, 8, device=DEVICE, requires_grad=True)
+    outs = rms_norm(x, torch.ones(16, device=DEVICE), 1e-6, backend="triton"), silu_gate(gate, gate, backend="triton")
+    torch.autograd.backward([out.sum() for out in outs])
+    assert outs[0].shape == x.grad.shape == (0, 3, 16) and outs[1].shape == gate.grad.shape == (0, 8)
+
+
 def test_layer_ops_name_bad_inputs():
     x = torch.randn(2, 8, device=DEVICE)
     with pytest.raises(ValueError, match=r"x \(\.\.\., H\) and weight \(H,\), got \(2, 8\) and \(7,\)"):
