@@ -41,10 +41,12 @@ from torch.utils._pytree import tree_flatten
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import entrgi.lean  # noqa: E402
+from entrgi.layers import _swapped_attributes  # noqa: E402
+from entrgi.lean import ROTARY  # noqa: E402
 from entrgi.benchmark import PEAK_BYTES_PER_S  # noqa: E402
 from entrgi.step_benchmark import PRESETS, build_models  # noqa: E402
 from entrgi.step_floor import DTYPE, META, denoiser_flops, reward_call  # noqa: E402
-from entrgi_kernels import rms_norm, silu_gate  # noqa: E402
+from entrgi_kernels import rms_norm, rotary, silu_gate  # noqa: E402
 
 MODES = ("stock", "lean", "fused")
 PROJECTIONS = {"mm", "addmm", "bmm (shared weight)"}
@@ -143,11 +145,17 @@ def fused_kernels_counted(traffic: Traffic) -> Iterator[None]:
         traffic.add("triton silu_gate backward", [grad, gate, up, *grads])
         return grads
 
+    def rotate(x, cos, sin, backward=False):
+        out = torch.empty_like(x)
+        traffic.add(f"triton rotary {'backward' if backward else 'forward'}", [x, cos, sin, out])
+        return out
+
     patches = [
         (rms_norm, "rms_norm_forward", norm_forward),
         (rms_norm, "rms_norm_backward", norm_backward),
         (silu_gate, "silu_gate_forward", gate_forward),
         (silu_gate, "silu_gate_backward", gate_backward),
+        (rotary, "rotary", rotate),
     ]
     saved = [getattr(module, name) for module, name, _ in patches]
     for module, name, stand_in in patches:
@@ -196,36 +204,37 @@ class _FusedAttention(torch.overrides.TorchFunctionMode):
         return _Attention.apply(self.traffic, query, key, value, mask)
 
 
-def _swap_lean(model: torch.nn.Module, backend: str) -> None:
-    """Swap in ``model``'s lean forwards, accepted unchecked (meta tensors hold no numbers)."""
-    check = entrgi.lean._reproduces
-    entrgi.lean._reproduces = lambda *args, **kwargs: True
+def _lean_swaps(model: torch.nn.Module, backend: str) -> list[tuple[object, str, object]]:
+    """``model``'s lean forwards and (triton) fused rotary functions as attribute swaps,
+    accepted unchecked (meta tensors hold no numbers)."""
+    checks = entrgi.lean._reproduces, entrgi.lean._rotary_reproduces
+    entrgi.lean._reproduces = entrgi.lean._rotary_reproduces = lambda *args, **kwargs: True
     try:
-        for module, forward in entrgi.lean.lean_forwards(model, backend):
-            module.forward = forward
+        forwards = [(module, "forward", forward) for module, forward in entrgi.lean.lean_forwards(model, backend)]
+        return forwards + [(module, ROTARY, fused) for module, fused in entrgi.lean.rotary_swaps(model, backend)]
     finally:
-        entrgi.lean._reproduces = check
+        entrgi.lean._reproduces, entrgi.lean._rotary_reproduces = checks
 
 
 def count(preset: str, mode: str, new_tokens: int = 128) -> dict[str, Traffic]:
     """Traffic of one reward forward + backward (prefix cached) and one denoiser
     forward of ``preset``, their layers run in ``mode``."""
     traffic = {"reward fwd+bwd": Traffic(), "denoiser forward": Traffic()}
-    stand_ins = fused_kernels_counted(traffic["reward fwd+bwd"]) if mode == "fused" else contextlib.nullcontext()
-    with stand_ins:
-        denoiser, reward = build_models(
-            preset, META, DTYPE, cache_prefix=True, lean_activations=False, denoiser_fused=False
-        )
-        if mode != "stock":
-            for model in (reward.model, denoiser.model):
-                _swap_lean(model, "torch" if mode == "lean" else "triton")
-        rows = PRESETS[preset][2] * PRESETS[preset][3]
-        call = reward_call(reward, rows, new_tokens)
-        with traffic["reward fwd+bwd"], _FusedAttention(traffic["reward fwd+bwd"]):
-            call()
-    stand_ins = fused_kernels_counted(traffic["denoiser forward"]) if mode == "fused" else contextlib.nullcontext()
-    with stand_ins, traffic["denoiser forward"], _FusedAttention(traffic["denoiser forward"]):
-        denoiser_flops(denoiser, rows, new_tokens)
+    denoiser, reward = build_models(
+        preset, META, DTYPE, cache_prefix=True, lean_activations=False, denoiser_fused=False
+    )
+    rows = PRESETS[preset][2] * PRESETS[preset][3]
+    for part, model in (("reward fwd+bwd", reward.model), ("denoiser forward", denoiser.model)):
+        swaps = [] if mode == "stock" else _lean_swaps(model, "torch" if mode == "lean" else "triton")
+        stand_ins = fused_kernels_counted(traffic[part]) if mode == "fused" else contextlib.nullcontext()
+        with stand_ins, _swapped_attributes(swaps):
+            if part == "reward fwd+bwd":
+                call = reward_call(reward, rows, new_tokens)  # builds the cached prefix: not counted
+                with traffic[part], _FusedAttention(traffic[part]):
+                    call()
+            else:
+                with traffic[part], _FusedAttention(traffic[part]):
+                    denoiser_flops(denoiser, rows, new_tokens)
     return traffic
 
 

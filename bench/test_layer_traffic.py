@@ -24,6 +24,9 @@ def test_fused_layers_move_less_than_lean_and_stock_ones():
     # every norm runs one kernel forward and one backward (the final norm's too)
     assert fused["triton rms_norm forward"] == fused["triton rms_norm backward"] > 0
     assert "pow" not in fused and "pow" in counts["lean"]["reward fwd+bwd"].launches
+    # and the rotary embedding one kernel per query and key tensor each way
+    assert fused["triton rotary forward"] == fused["triton rotary backward"] > 0
+    assert "neg" not in fused and "neg" in counts["lean"]["reward fwd+bwd"].launches
 
 
 def test_broadcast_operands_count_once():

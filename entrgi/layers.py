@@ -16,7 +16,7 @@ in eval mode and draw no random numbers), which keeps the step free of host sync
 capturable. About one extra forward for most of the activation memory.
 
 ``lean``: the layers' RMSNorms and gated MLPs keep less for the backward and, on
-CUDA, run as one fused Triton kernel each way (see :mod:`entrgi.lean`; the same values,
+CUDA, run as one fused Triton kernel each way, as does the rotary embedding (see :mod:`entrgi.lean`; the same values,
 up to rounding when fused; about a third less activation memory for Qwen-family
 layers, nothing recomputed but one elementwise op). Only for layers neither compiled
 (inductor fuses and chooses what to keep) nor checkpointed (they keep their inputs
@@ -38,7 +38,7 @@ from typing import Iterator
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from entrgi.lean import lean_forwards
+from entrgi.lean import ROTARY, lean_forwards, rotary_swaps
 
 
 def model_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -81,6 +81,7 @@ class LayerRunner:
         # a checkpoint recomputes after active() has restored the stock forwards, and
         # would find other saved tensors; inductor chooses what compiled layers keep
         self.lean = lean_forwards(model) if lean and not (compiled or checkpointed) else []
+        self.rotary = rotary_swaps(model) if lean and not (compiled or checkpointed) else []
 
     def _layer_forward(self, index: int, forward):
         def run(*args, **kwargs):
@@ -97,21 +98,25 @@ class LayerRunner:
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
         layers = [(layer, self._layer_forward(index, layer.forward)) for index, layer in enumerate(self.layers)]
-        with _swapped_forwards(layers + self.lean):
+        forwards = [(module, "forward", forward) for module, forward in layers + self.lean]
+        with _swapped_attributes(forwards + [(module, ROTARY, fused) for module, fused in self.rotary]):
             yield
 
 
 @contextlib.contextmanager
-def _swapped_forwards(swaps: list[tuple[torch.nn.Module, object]]) -> Iterator[None]:
-    """Each module's ``forward`` replaced by its partner inside the block, restored after."""
-    previous = [module.__dict__.get("forward") for module, _ in swaps]
-    for module, forward in swaps:
-        module.forward = forward
+def _swapped_attributes(swaps: list[tuple[object, str, object]]) -> Iterator[None]:
+    """Each (object, name, value): ``object.name`` set to value inside the block and
+    restored after (deleted again where the object had none of its own: a module's
+    ``forward`` then falls back to its class's)."""
+    missing = object()
+    previous = [vars(target).get(name, missing) for target, name, _ in swaps]
+    for target, name, value in swaps:
+        setattr(target, name, value)
     try:
         yield
     finally:
-        for (module, _), forward in zip(swaps, previous):
-            if forward is None:
-                del module.forward
+        for (target, name, _), value in zip(swaps, previous):
+            if value is missing:
+                delattr(target, name)
             else:
-                module.forward = forward
+                setattr(target, name, value)

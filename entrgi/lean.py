@@ -1,4 +1,5 @@
-"""Memory-lean, fused autograd for a reward model's RMSNorms and SiLU-gated MLPs.
+"""Memory-lean, fused autograd for a model's RMSNorms, SiLU-gated MLPs and rotary
+position embedding.
 
 Guidance differentiates the reward with respect to its input embeddings only, so what
 autograd keeps between the reward's forward and backward is activation memory, per
@@ -11,7 +12,10 @@ over 16 x 200 bfloat16 tokens that is 172 MiB kept instead of 253 MiB (counted w
 saved-tensor hooks on CPU, :func:`kept_bytes`; ``bench/reward_memory.py``; attention's
 own tensors unchanged). On CUDA the swapped forwards also run fused: one Triton kernel
 per norm or gate, forward and backward (:mod:`entrgi.ops.layer_ops`), instead of the
-stock code's chains of elementwise launches.
+stock code's chains of elementwise launches; and the modelling module's
+``apply_rotary_pos_emb`` is swapped for one kernel per query / key tensor
+(:func:`rotary_swaps`; a module-level function, so the swap holds for every model of
+that family while :meth:`entrgi.layers.LayerRunner.active` runs).
 
 Exactness: each module is swapped only after its lean forward reproduced its own
 forward on a random input (:func:`lean_forwards`). The ``torch`` backend applies the
@@ -26,12 +30,16 @@ largest magnitude. Used for layers neither compiled nor checkpointed
 
 from __future__ import annotations
 
+import sys
+from types import ModuleType
 from typing import Callable
 
 import torch
 
-from entrgi.ops.layer_ops import rms_norm, silu_gate
+from entrgi.ops.layer_ops import fits_fused_rotary, rms_norm, rotary_embedding, silu_gate
 from entrgi.ops.validation import resolve_backend
+
+ROTARY = "apply_rotary_pos_emb"  # the modelling modules' rotary function (Llama / Qwen / Mistral / Dream)
 
 FUSED_ULPS = 2  # the triton backend's forward vs the module's own: eps of the output's dtype, times its largest value
 
@@ -53,18 +61,70 @@ def _lean_gated_mlp(module: torch.nn.Module, backend: str) -> Callable | None:
     return lambda x: down_proj(silu_gate(gate_proj(x), up_proj(x), backend))
 
 
+def _agree(want, got, exact: bool) -> bool:
+    """Tensors (or tuples of them) equal bit for bit, or (not ``exact``) to within
+    ``FUSED_ULPS`` eps of each one's largest value."""
+    if isinstance(want, tuple):
+        return all(_agree(w, g, exact) for w, g in zip(want, got, strict=True))
+    if exact or want.dtype != got.dtype or want.shape != got.shape:
+        return torch.equal(got, want)
+    tolerance = FUSED_ULPS * torch.finfo(want.dtype).eps * want.abs().max()
+    return bool((got - want).abs().max() <= tolerance)
+
+
 def _reproduces(module: torch.nn.Module, lean: Callable, width: int, dtype: torch.dtype, exact: bool) -> bool:
-    """Whether ``lean`` gives ``module``'s own output on a random (2, 3, width) input:
-    bit for bit, or (not ``exact``) to within ``FUSED_ULPS`` eps of its largest value."""
+    """Whether ``lean`` gives ``module``'s own output on a random (2, 3, width) input."""
     device = next(module.parameters()).device
     generator = torch.Generator(device).manual_seed(0)
     x = torch.randn(2, 3, width, generator=generator, device=device).to(dtype)
     with torch.no_grad():
-        want, got = module.forward(x), lean(x)
-    if exact or want.dtype != got.dtype:
-        return torch.equal(got, want)
-    tolerance = FUSED_ULPS * torch.finfo(want.dtype).eps * want.abs().max()
-    return bool((got - want).abs().max() <= tolerance)
+        return _agree(module.forward(x), lean(x), exact)
+
+
+def _fused_rotary(original: Callable, backend: str) -> Callable:
+    """``original``'s signature; the fused op where the call fits it (the models'
+    layout: unsqueeze_dim 1, a power-of-two head size, one dtype), else ``original``."""
+
+    def apply(q, k, cos, sin, *args, **kwargs):
+        if args or kwargs.get("unsqueeze_dim", 1) != 1 or set(kwargs) - {"unsqueeze_dim"}:
+            return original(q, k, cos, sin, *args, **kwargs)
+        if not fits_fused_rotary(q, k, cos, sin):
+            return original(q, k, cos, sin)
+        return rotary_embedding(q, k, cos, sin, backend)
+
+    return apply
+
+
+def _rotary_reproduces(original: Callable, fused: Callable, head_dim: int, dtype, device) -> bool:
+    generator = torch.Generator(device).manual_seed(0)
+    q, k = (torch.randn(2, heads, 3, head_dim, generator=generator, device=device).to(dtype) for heads in (2, 1))
+    angles = torch.randn(2, 3, head_dim // 2, generator=generator, device=device)
+    cos, sin = (f(torch.cat([angles, angles], -1)).to(dtype) for f in (torch.cos, torch.sin))
+    with torch.no_grad():
+        return _agree(original(q, k, cos, sin), fused(q, k, cos, sin), exact=False)
+
+
+def rotary_swaps(model: torch.nn.Module, backend: str = "auto") -> list[tuple[ModuleType, Callable]]:
+    """(modelling module, fused rotary function) for each Python module that defines
+    the ``apply_rotary_pos_emb`` one of ``model``'s attention layers calls, when the
+    backend resolves to ``triton`` (``torch``: the stock function already runs) and the
+    fused function reproduces the module's own on a random input (within
+    ``FUSED_ULPS``; a host sync per module: call once, at load time)."""
+    parameter = next(model.parameters(), None)
+    if parameter is None or resolve_backend(backend, parameter.device) != "triton":
+        return []
+    found: dict[str, tuple[ModuleType, Callable]] = {}
+    for module in model.modules():
+        python_module = sys.modules.get(type(module).__module__)
+        original = getattr(python_module, ROTARY, None)
+        head_dim = getattr(module, "head_dim", None)
+        if python_module.__name__ in found or not callable(original) or not isinstance(head_dim, int):
+            continue
+        fused = _fused_rotary(original, "triton")
+        dtype = next(module.parameters(), parameter).dtype
+        if head_dim % 2 == 0 and _rotary_reproduces(original, fused, head_dim, dtype, parameter.device):
+            found[python_module.__name__] = (python_module, fused)
+    return list(found.values())
 
 
 def lean_forwards(model: torch.nn.Module, backend: str = "auto") -> list[tuple[torch.nn.Module, Callable]]:

@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from entrgi.ops.layer_ops import rms_norm, silu_gate  # noqa: E402
+from entrgi.ops.layer_ops import rms_norm, rotary_embedding, silu_gate  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -119,6 +119,35 @@ def test_silu_gate_matches_the_stock_arithmetic(dtype, shape):
         assert _max_relative(got_grad, truth_grad) <= _max_relative(want_grad, truth_grad) + 2 * _eps(dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "batch, heads, kv_heads, length, dim, shared_positions", [(2, 4, 2, 7, 16, False), (1, 3, 1, 5, 64, True)]
+)
+def test_rotary_embedding_matches_the_stock_arithmetic(dtype, batch, heads, kv_heads, length, dim, shared_positions):
+    generator = torch.Generator().manual_seed(dim)
+    # as the models hand them over: the projections' (B, T, H, D) outputs transposed
+    q = (torch.randn(batch, length, heads, dim, generator=generator) * 2).to(dtype).to(DEVICE).transpose(1, 2)
+    k = (torch.randn(batch, length, kv_heads, dim, generator=generator) * 2).to(dtype).to(DEVICE).transpose(1, 2)
+    q, k = q.requires_grad_(True), k.requires_grad_(True)
+    angles = torch.rand(1 if shared_positions else batch, length, dim // 2, generator=generator) * 6
+    cos, sin = (f(torch.cat([angles, angles], -1)).to(dtype).to(DEVICE) for f in (torch.cos, torch.sin))
+    grads = [torch.randn(t.shape, generator=generator).to(dtype).to(DEVICE) for t in (q, k)]
+
+    def run(backend):
+        outs = rotary_embedding(q, k, cos, sin, backend=backend)
+        return outs, torch.autograd.grad(outs, [q, k], grads)
+
+    want, want_grads = run("torch")
+    got, got_grads = run("triton")
+    for got_t, want_t in zip(got + got_grads, want + want_grads):
+        # both products rounded before the sum, as the stock code does: equal in 16 bits
+        _assert_within_ulps(got_t, want_t, ULPS[dtype])
+        _assert_mostly_equal(got_t, want_t)
+    q64, cos64, sin64 = q.detach().double(), cos.double().unsqueeze(1), sin.double().unsqueeze(1)
+    rotated = torch.cat([-q64[..., dim // 2 :], q64[..., : dim // 2]], -1)
+    assert _max_relative(got[0], q64 * cos64 + rotated * sin64) <= 2 * _eps(dtype)
+
+
 def test_empty_inputs_give_empty_outputs_and_gradients():
     x = torch.randn(0, 3, 16, device=DEVICE, requires_grad=True)
     gate = torch.randn(0, 8, device=DEVICE, requires_grad=True)
@@ -143,3 +172,10 @@ def test_layer_ops_name_bad_inputs():
         silu_gate(x, x[:, :4])
     with pytest.raises(ValueError, match="unknown backend 'cuda'"):
         silu_gate(x, x, backend="cuda")
+    q, cos = torch.randn(1, 2, 3, 8, device=DEVICE), torch.randn(1, 3, 8, device=DEVICE)
+    with pytest.raises(ValueError, match=r"k \(B, H_kv, T, D\).*got \(1, 2, 3, 8\), \(1, 2, 4, 8\)"):
+        rotary_embedding(q, torch.randn(1, 2, 4, 8, device=DEVICE), cos, cos)
+    with pytest.raises(ValueError, match="power-of-two head size and one dtype, got D = 6"):
+        rotary_embedding(q[..., :6], q[..., :6], cos[..., :6], cos[..., :6], backend="triton")
+    with pytest.raises(ValueError, match="one dtype, got D = 8, torch.float32, torch.float32, torch.bfloat16"):
+        rotary_embedding(q, q, cos.bfloat16(), cos.bfloat16(), backend="triton")

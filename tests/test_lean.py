@@ -8,7 +8,10 @@ import pytest
 import torch
 
 from entrgi import load_reward
-from entrgi.lean import lean_forwards
+import entrgi.lean
+from entrgi.layers import _swapped_attributes
+from entrgi.lean import ROTARY, _fused_rotary, lean_forwards, rotary_swaps
+from entrgi.ops.layer_ops import rotary_embedding
 from helpers import assert_same_rewards, guided_reward_inputs, reward_scores_and_grads, saved_activation_bytes
 
 PROMPTS = ["hi", "tell me a long story about the sea and the wind"]
@@ -102,13 +105,20 @@ def test_other_reward_families_get_lean_layers_with_identical_gradients(family):
 
 
 @pytest.mark.parametrize("family", ["Qwen3", "Llama"])
-def test_fused_lean_layers_give_the_stock_rewards_and_gradients(family):
+def test_fused_lean_layers_give_the_stock_rewards_and_gradients(family, monkeypatch):
     model = _family_classifier(family, DEVICE)
     found = lean_forwards(model, backend="triton")
     assert [module for module, _ in found] == [module for module, _ in lean_forwards(model, backend="torch")]
+    rotary = rotary_swaps(model, backend="triton")
+    assert [module.__name__.rsplit(".", 1)[-1] for module, _ in rotary] == [f"modeling_{family.lower()}"]
+    assert rotary_swaps(model, backend="torch") == []  # the stock function is the torch backend
+    calls = []
+    monkeypatch.setattr(entrgi.lean, "rotary_embedding", lambda *args: calls.append(args) or rotary_embedding(*args))
     embeds = torch.randn(3, 6, 32, dtype=torch.bfloat16, device=DEVICE, requires_grad=True)
     want, want_grad = _score_and_grad(model, embeds)
-    got, got_grad = _score_and_grad(model, embeds, found)
+    with _swapped_attributes([(module, ROTARY, fused) for module, fused in rotary]):
+        got, got_grad = _score_and_grad(model, embeds, found)
+    assert len(calls) == 2  # one per layer: the fused rotary ran
     # bfloat16 layers whose norms sum in another order: a rounding flip here and there,
     # carried through two layers
     torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2 * want.abs().item())
@@ -130,3 +140,18 @@ def test_denoiser_fused_layers_give_the_stock_logits(dream_like_path):
         assert torch.equal(got, want)
     else:
         torch.testing.assert_close(got, want, rtol=0, atol=1e-2 * want.abs().max().item())
+
+
+def test_fused_rotary_hands_calls_it_does_not_fit_to_the_stock_function():
+    from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
+
+    fused = _fused_rotary(apply_rotary_pos_emb, "triton")
+    q, k = torch.randn(2, 5, 3, 8, device=DEVICE), torch.randn(2, 5, 1, 8, device=DEVICE)  # (B, T, H, D)
+    cos, sin = torch.randn(2, 5, 8, device=DEVICE), torch.randn(2, 5, 8, device=DEVICE)
+    for got, want in zip(fused(q, k, cos, sin, unsqueeze_dim=2), apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)):
+        assert torch.equal(got, want)
+    odd = torch.randn(2, 3, 5, 6, device=DEVICE)  # a head size the kernel does not take
+    for got, want in zip(
+        fused(odd, odd, cos[..., :6], sin[..., :6]), apply_rotary_pos_emb(odd, odd, cos[..., :6], sin[..., :6])
+    ):
+        assert torch.equal(got, want)

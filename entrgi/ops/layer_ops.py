@@ -1,19 +1,21 @@
-"""RMSNorm and the SwiGLU gate of a frozen transformer layer, with the gradient to the
-activations only (guidance differentiates a reward with respect to its inputs).
+"""RMSNorm, the SwiGLU gate and the rotary position embedding of a frozen transformer
+layer, with the gradient to the activations only (guidance differentiates a reward
+with respect to its inputs).
 
 Both backends keep the same tensors for the backward, less than the stock module code
 does: an RMSNorm keeps its input in its own dtype and 1 / rms per row (the stock code
 keeps a float32 copy of the input too), the gate keeps ``gate`` and ``up`` and
-recomputes ``silu(gate)``.
+recomputes ``silu(gate)``, the rotary embedding keeps only cos and sin.
 
 ``torch``: the ATen ops autograd applies to the stock code, in its order, so values
 and gradients match it bit for bit. ``triton``: one kernel per forward and backward
-(``kernels/rms_norm.py``, ``kernels/silu_gate.py``), the same roundings in the same
-places; only the order of an RMSNorm's row sum differs (16-bit results equal or one
-unit in the last place apart). One guidance call of a Qwen3-1.7B reward over 16 x 137
-tokens moves 79.6 GB in 3,819 elementwise launches with the ``torch`` backend and
-29.0 GB in 1,560 with ``triton``, against 15.2 GB for all its GEMMs (counted on the
-meta device by ``bench/layer_traffic.py``; not a timing).
+(``kernels/rms_norm.py``, ``kernels/silu_gate.py``, ``kernels/rotary.py``), the same
+roundings in the same places; only the order of an RMSNorm's row sum and the exp's
+implementation differ (16-bit results equal or one unit in the last place apart). One
+guidance call of a Qwen3-1.7B reward over 16 x 137 tokens moves 79.6 GB in 3,819
+elementwise launches with the ``torch`` backend and 21.0 GB in 972 with ``triton``,
+against 15.2 GB for all its GEMMs (counted on the meta device by
+``bench/layer_traffic.py``; not a timing).
 """
 
 from __future__ import annotations
@@ -96,6 +98,37 @@ class _TritonSiluGate(torch.autograd.Function):
         return silu_gate_backward(grad.contiguous(), gate, up)
 
 
+class _TritonRotary(torch.autograd.Function):
+    """Rotary embedding of q and k; cos and sin get no gradient."""
+
+    @staticmethod
+    def forward(ctx, q, k, cos, sin):
+        from entrgi_kernels.rotary import rotary
+
+        ctx.save_for_backward(cos, sin)
+        return rotary(q, cos, sin), rotary(k, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_k):
+        from entrgi_kernels.rotary import rotary
+
+        cos, sin = ctx.saved_tensors
+        return (
+            rotary(_last_contiguous(grad_q), cos, sin, True),
+            rotary(_last_contiguous(grad_k), cos, sin, True),
+            None,
+            None,
+        )
+
+
+def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat((-x[..., x.shape[-1] // 2 :], x[..., : x.shape[-1] // 2]), dim=-1)
+
+
 def _check_float(name: str, t: torch.Tensor) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -138,3 +171,49 @@ def silu_gate(gate: torch.Tensor, up: torch.Tensor, backend: str = "auto") -> to
     if resolve_backend(backend, gate.device) == "triton":
         return _TritonSiluGate.apply(gate.contiguous(), up.contiguous())
     return _TorchSiluGate.apply(gate, up)
+
+
+def fits_fused_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Whether the triton backend of :func:`rotary_embedding` takes these (shapes as it
+    documents): a power-of-two head size, one dtype for all four (shapes and dtypes
+    only: no host sync)."""
+    dim = q.shape[-1]
+    shapes_fit = q.dim() == k.dim() == 4 and cos.dim() == sin.dim() == 3 and cos.shape[-1] == dim
+    return shapes_fit and dim & (dim - 1) == 0 and len({q.dtype, k.dtype, cos.dtype, sin.dtype}) == 1
+
+
+def rotary_embedding(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary position embedding of queries ``q`` (B, H, T, D) and keys ``k`` (B, H_kv,
+    T, D) with ``cos`` / ``sin`` (B or 1, T, D) broadcast over the heads, as Llama / Qwen
+    / Mistral compute it: ``x * cos + rotate_half(x) * sin``. Differentiable in q and k
+    (cos and sin get no gradient). ``backend``: ``auto`` (Triton on CUDA) | ``torch`` |
+    ``triton`` (head size D a power of two)."""
+    for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
+        _check_float(name, t)
+    batch, _, length, dim = q.shape if q.dim() == 4 else (None, None, None, None)
+    if (
+        dim is None or k.dim() != 4 or k.shape[0] != batch or k.shape[2:] != (length, dim)
+        or cos.shape != sin.shape or cos.dim() != 3 or cos.shape[0] not in (1, batch) or cos.shape[1:] != (length, dim)
+    ):  # fmt: skip
+        raise ValueError(
+            f"rotary_embedding needs q (B, H, T, D), k (B, H_kv, T, D) and cos, sin (B or 1, T, D); got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(cos.shape)}, {tuple(sin.shape)}"
+        )
+    if cos.requires_grad or sin.requires_grad:
+        raise ValueError("rotary_embedding gives no gradient to cos and sin, but one requires it")
+    if len({q.device, k.device, cos.device, sin.device}) != 1:
+        raise ValueError(
+            f"q, k, cos and sin must share a device, got {q.device}, {k.device}, {cos.device}, {sin.device}"
+        )
+    if resolve_backend(backend, q.device) == "triton":
+        if not fits_fused_rotary(q, k, cos, sin):
+            raise ValueError(
+                f"the triton rotary_embedding needs a power-of-two head size and one dtype, got D = {dim}, "
+                f"{q.dtype}, {k.dtype}, {cos.dtype}, {sin.dtype}"
+            )
+        cos, sin = cos.contiguous(), sin.contiguous()
+        return _TritonRotary.apply(_last_contiguous(q), _last_contiguous(k), cos, sin)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
