@@ -118,7 +118,7 @@ def rotary_swaps(model: torch.nn.Module, backend: str = "auto") -> list[tuple[Mo
         python_module = sys.modules.get(type(module).__module__)
         original = getattr(python_module, ROTARY, None)
         head_dim = getattr(module, "head_dim", None)
-        if python_module.__name__ in found or not callable(original) or not isinstance(head_dim, int):
+        if not callable(original) or not isinstance(head_dim, int) or python_module.__name__ in found:
             continue
         fused = _fused_rotary(original, "triton")
         dtype = next(module.parameters(), parameter).dtype
