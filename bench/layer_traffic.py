@@ -41,7 +41,7 @@ from torch.utils._pytree import tree_flatten
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import entrgi.lean  # noqa: E402
-from entrgi.layers import _swapped_attributes  # noqa: E402
+from entrgi.layers import swapped_attributes  # noqa: E402
 from entrgi.lean import ROTARY  # noqa: E402
 from entrgi.benchmark import PEAK_BYTES_PER_S  # noqa: E402
 from entrgi.step_benchmark import PRESETS, build_models  # noqa: E402
@@ -157,14 +157,8 @@ def fused_kernels_counted(traffic: Traffic) -> Iterator[None]:
         (silu_gate, "silu_gate_backward", gate_backward),
         (rotary, "rotary", rotate),
     ]
-    saved = [getattr(module, name) for module, name, _ in patches]
-    for module, name, stand_in in patches:
-        setattr(module, name, stand_in)
-    try:
+    with swapped_attributes(patches):
         yield
-    finally:
-        for (module, name, _), original in zip(patches, saved):
-            setattr(module, name, original)
 
 
 class _Attention(torch.autograd.Function):
@@ -204,16 +198,17 @@ class _FusedAttention(torch.overrides.TorchFunctionMode):
         return _Attention.apply(self.traffic, query, key, value, mask)
 
 
+def _accept(*args, **kwargs) -> bool:
+    return True
+
+
 def _lean_swaps(model: torch.nn.Module, backend: str) -> list[tuple[object, str, object]]:
     """``model``'s lean forwards and (triton) fused rotary functions as attribute swaps,
     accepted unchecked (meta tensors hold no numbers)."""
-    checks = entrgi.lean._reproduces, entrgi.lean._rotary_reproduces
-    entrgi.lean._reproduces = entrgi.lean._rotary_reproduces = lambda *args, **kwargs: True
-    try:
+    unchecked = [(entrgi.lean, check, _accept) for check in ("_reproduces", "_rotary_reproduces")]
+    with swapped_attributes(unchecked):
         forwards = [(module, "forward", forward) for module, forward in entrgi.lean.lean_forwards(model, backend)]
         return forwards + [(module, ROTARY, fused) for module, fused in entrgi.lean.rotary_swaps(model, backend)]
-    finally:
-        entrgi.lean._reproduces, entrgi.lean._rotary_reproduces = checks
 
 
 def count(preset: str, mode: str, new_tokens: int = 128) -> dict[str, Traffic]:
@@ -227,7 +222,7 @@ def count(preset: str, mode: str, new_tokens: int = 128) -> dict[str, Traffic]:
     for part, model in (("reward fwd+bwd", reward.model), ("denoiser forward", denoiser.model)):
         swaps = [] if mode == "stock" else _lean_swaps(model, "torch" if mode == "lean" else "triton")
         stand_ins = fused_kernels_counted(traffic[part]) if mode == "fused" else contextlib.nullcontext()
-        with stand_ins, _swapped_attributes(swaps):
+        with stand_ins, swapped_attributes(swaps):
             if part == "reward fwd+bwd":
                 call = reward_call(reward, rows, new_tokens)  # builds the cached prefix: not counted
                 with traffic[part], _FusedAttention(traffic[part]):

@@ -16,9 +16,9 @@ in eval mode and draw no random numbers), which keeps the step free of host sync
 capturable. About one extra forward for most of the activation memory.
 
 ``lean``: the layers' RMSNorms and gated MLPs keep less for the backward and, on
-CUDA, run as one fused Triton kernel each way, as does the rotary embedding (see :mod:`entrgi.lean`; the same values,
-up to rounding when fused; about a third less activation memory for Qwen-family
-layers, nothing recomputed but one elementwise op). Only for layers neither compiled
+CUDA, run as one fused Triton kernel each way, as does the rotary embedding (see
+:mod:`entrgi.lean`; the same values, up to rounding when fused; about a third less
+activation memory for Qwen-family layers, nothing recomputed but one elementwise op). Only for layers neither compiled
 (inductor fuses and chooses what to keep) nor checkpointed (they keep their inputs
 alone).
 
@@ -80,8 +80,9 @@ class LayerRunner:
         self._call = _compiled_call() if compiled else _call
         # a checkpoint recomputes after active() has restored the stock forwards, and
         # would find other saved tensors; inductor chooses what compiled layers keep
-        self.lean = lean_forwards(model) if lean and not (compiled or checkpointed) else []
-        self.rotary = rotary_swaps(model) if lean and not (compiled or checkpointed) else []
+        lean = lean and not (compiled or checkpointed)
+        self.lean = lean_forwards(model) if lean else []
+        self.rotary = rotary_swaps(model) if lean else []
 
     def _layer_forward(self, index: int, forward):
         def run(*args, **kwargs):
@@ -99,12 +100,12 @@ class LayerRunner:
     def active(self) -> Iterator[None]:
         layers = [(layer, self._layer_forward(index, layer.forward)) for index, layer in enumerate(self.layers)]
         forwards = [(module, "forward", forward) for module, forward in layers + self.lean]
-        with _swapped_attributes(forwards + [(module, ROTARY, fused) for module, fused in self.rotary]):
+        with swapped_attributes(forwards + [(module, ROTARY, fused) for module, fused in self.rotary]):
             yield
 
 
 @contextlib.contextmanager
-def _swapped_attributes(swaps: list[tuple[object, str, object]]) -> Iterator[None]:
+def swapped_attributes(swaps: list[tuple[object, str, object]]) -> Iterator[None]:
     """Each (object, name, value): ``object.name`` set to value inside the block and
     restored after (deleted again where the object had none of its own: a module's
     ``forward`` then falls back to its class's)."""

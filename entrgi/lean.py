@@ -81,7 +81,7 @@ def _reproduces(module: torch.nn.Module, lean: Callable, width: int, dtype: torc
         return _agree(module.forward(x), lean(x), exact)
 
 
-def _fused_rotary(original: Callable, backend: str) -> Callable:
+def _fused_rotary(original: Callable) -> Callable:
     """``original``'s signature; the fused op where the call fits it (the models'
     layout: unsqueeze_dim 1, a power-of-two head size, one dtype), else ``original``."""
 
@@ -90,7 +90,7 @@ def _fused_rotary(original: Callable, backend: str) -> Callable:
             return original(q, k, cos, sin, *args, **kwargs)
         if not fits_fused_rotary(q, k, cos, sin):
             return original(q, k, cos, sin)
-        return rotary_embedding(q, k, cos, sin, backend)
+        return rotary_embedding(q, k, cos, sin, "triton")
 
     return apply
 
@@ -120,7 +120,7 @@ def rotary_swaps(model: torch.nn.Module, backend: str = "auto") -> list[tuple[Mo
         head_dim = getattr(module, "head_dim", None)
         if not callable(original) or not isinstance(head_dim, int) or python_module.__name__ in found:
             continue
-        fused = _fused_rotary(original, "triton")
+        fused = _fused_rotary(original)
         dtype = next(module.parameters(), parameter).dtype
         if head_dim % 2 == 0 and _rotary_reproduces(original, fused, head_dim, dtype, parameter.device):
             found[python_module.__name__] = (python_module, fused)

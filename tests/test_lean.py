@@ -9,7 +9,7 @@ import torch
 
 from entrgi import load_reward
 import entrgi.lean
-from entrgi.layers import _swapped_attributes
+from entrgi.layers import swapped_attributes
 from entrgi.lean import ROTARY, _fused_rotary, lean_forwards, rotary_swaps
 from entrgi.ops.layer_ops import rotary_embedding
 from helpers import assert_same_rewards, guided_reward_inputs, reward_scores_and_grads, saved_activation_bytes
@@ -116,7 +116,7 @@ def test_fused_lean_layers_give_the_stock_rewards_and_gradients(family, monkeypa
     monkeypatch.setattr(entrgi.lean, "rotary_embedding", lambda *args: calls.append(args) or rotary_embedding(*args))
     embeds = torch.randn(3, 6, 32, dtype=torch.bfloat16, device=DEVICE, requires_grad=True)
     want, want_grad = _score_and_grad(model, embeds)
-    with _swapped_attributes([(module, ROTARY, fused) for module, fused in rotary]):
+    with swapped_attributes([(module, ROTARY, fused) for module, fused in rotary]):
         got, got_grad = _score_and_grad(model, embeds, found)
     assert len(calls) == 2  # one per layer: the fused rotary ran
     # bfloat16 layers whose norms sum in another order: a rounding flip here and there,
@@ -145,7 +145,7 @@ def test_denoiser_fused_layers_give_the_stock_logits(dream_like_path):
 def test_fused_rotary_hands_calls_it_does_not_fit_to_the_stock_function():
     from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
 
-    fused = _fused_rotary(apply_rotary_pos_emb, "triton")
+    fused = _fused_rotary(apply_rotary_pos_emb)
     q, k = torch.randn(2, 5, 3, 8, device=DEVICE), torch.randn(2, 5, 1, 8, device=DEVICE)  # (B, T, H, D)
     cos, sin = torch.randn(2, 5, 8, device=DEVICE), torch.randn(2, 5, 8, device=DEVICE)
     for got, want in zip(fused(q, k, cos, sin, unsqueeze_dim=2), apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)):
