@@ -7,8 +7,10 @@
 Times are CUDA-event medians (``entrgi.benchmark.time_ms``); the floor of each kernel
 is its ideal bytes over the measured copy bandwidth (or FLOPs over the bf16 peak). The
 soft forward is also timed at two programs per SM along V ("S splits"), the split count
-before it was rounded to whole waves, and the rejection sampler at the per-row kernels'
-tile ("2048-token tile"), which its draw passes ran at before they took 1,024 tokens.
+before it was rounded to whole waves, and the rejection sampler with its kept-set pass
+at the per-row kernels' tile ("2048-token tile") instead of 1,024 tokens. "row_stats +
+tile masses" is the statistics pass the op runs when it samples (the draws pick a tile
+by them).
 With ``--dtype float32`` (the guidance loop's phi) it also times the Adam step after a
 stored dphi and the backward with the step fused in. GPU only.
 """
@@ -53,7 +55,7 @@ def breakdown(n: int, vocab: int, d: int, dtype: torch.dtype) -> list[tuple[str,
     table = torch.randn(vocab, d, device="cuda", dtype=torch.bfloat16)
     grad = torch.randn(n, d, device="cuda")
     seed = torch.zeros(1, device="cuda", dtype=torch.int64)
-    stats = row_stats(phi, TAU)
+    stats = row_stats(phi, TAU, tiles=True)
     norm, entropy, argmax = stats.tempered, stats.entropy, stats.argmax
     keys = keep_threshold_keys(phi, norm, TAU, TOP_P, 0)
     soft, _ = soft_embedding_forward(phi, table, norm, argmax, entropy, argmax, TAU)
@@ -64,13 +66,14 @@ def breakdown(n: int, vocab: int, d: int, dtype: torch.dtype) -> list[tuple[str,
     two_per_sm = triton.cdiv(programs_to_fill(phi.device, 2), tiles)
     return [
         ("row_stats", _median(lambda: row_stats(phi, TAU)), _floor_ms(phi_bytes)),
+        ("row_stats + tile masses", _median(lambda: row_stats(phi, TAU, tiles=True)), _floor_ms(phi_bytes)),
         ("threshold (top-p)", _median(lambda: keep_threshold_keys(phi, norm, TAU, TOP_P, 0)), _floor_ms(phi_bytes)),
         ("sample", _median(lambda: sample_filtered(phi, keys, seed, TAU)), _floor_ms(phi_bytes)),
-        ("rejection sample", _median(lambda: rejection_sample(phi, norm, seed, TAU, TOP_P, 0)),
-         _floor_ms(2 * phi_bytes)),
-        (f"  {ROW_BLOCK_V}-token tile", _median(lambda: rejection_sample(phi, norm, seed, TAU, TOP_P, 0,
+        ("rejection sample", _median(lambda: rejection_sample(phi, stats, seed, TAU, TOP_P, 0)),
+         _floor_ms(phi_bytes)),
+        (f"  {ROW_BLOCK_V}-token tile", _median(lambda: rejection_sample(phi, stats, seed, TAU, TOP_P, 0,
                                                                         block_v=ROW_BLOCK_V)),
-         _floor_ms(2 * phi_bytes)),
+         _floor_ms(phi_bytes)),
         ("soft forward", _median(lambda: soft_embedding_forward(phi, table, norm, argmax, entropy, argmax, TAU)),
          _floor_ms(phi_bytes + table_bytes, gemm_flops)),
         (f"  {two_per_sm} splits", _median(lambda: soft_embedding_forward(phi, table, norm, argmax, entropy, argmax,
@@ -105,7 +108,7 @@ def sweep(n: int, vocab: int, d: int, dtype: torch.dtype) -> list[tuple[str, Til
     phi = (torch.randn(n, vocab, device="cuda") * 3).to(dtype)
     table = torch.randn(vocab, d, device="cuda", dtype=torch.bfloat16)
     grad = torch.randn(n, d, device="cuda")
-    stats = row_stats(phi, TAU)
+    stats = row_stats(phi, TAU, tiles=True)
     norm, entropy, argmax = stats.tempered, stats.entropy, stats.argmax
     soft, _ = soft_embedding_forward(phi, table, norm, argmax, entropy, argmax, TAU)
     update = _adam_updates(phi)

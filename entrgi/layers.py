@@ -96,11 +96,25 @@ class LayerRunner:
 
         return run
 
+    def _lean_swaps(self) -> list[tuple[object, str, object]]:
+        return [(module, "forward", forward) for module, forward in self.lean] + [
+            (module, ROTARY, fused) for module, fused in self.rotary
+        ]
+
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
-        layers = [(layer, self._layer_forward(index, layer.forward)) for index, layer in enumerate(self.layers)]
-        forwards = [(module, "forward", forward) for module, forward in layers + self.lean]
-        with swapped_attributes(forwards + [(module, ROTARY, fused) for module, fused in self.rotary]):
+        layers = [
+            (layer, "forward", self._layer_forward(index, layer.forward)) for index, layer in enumerate(self.layers)
+        ]
+        with swapped_attributes(layers + self._lean_swaps()):
+            yield
+
+    @contextlib.contextmanager
+    def prefill(self) -> Iterator[None]:
+        """The lean layers alone, for a no-grad pass whose keys and values later calls
+        inside :meth:`active` attend to (a cached prompt prefix): it rounds as they do
+        (fused kernels on CUDA). Compiled or checkpointed layers run stock here."""
+        with swapped_attributes(self._lean_swaps()):
             yield
 
 

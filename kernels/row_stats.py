@@ -92,19 +92,25 @@ def _row_stats_partial_kernel(
     best_ptr,  # (N, S) fp32 out: chunk maximum
     best_idx_ptr,  # (N, S) int32 out: first index of the chunk maximum
     skip_ptr,  # (N,) int32: rows != 0 are not read (SKIP)
+    tile_max_ptr,  # (N, T) fp32 out: each tile's maximum (TILES)
+    tile_sum_ptr,  # (N, T) fp32 out: each tile's sum of exp((x - tile max) / tau) (TILES)
     stride_phi,
     V,
     S,
+    T,
     chunk,  # vocabulary entries per split, a multiple of BLOCK_V
     inv_tau,
     BLOCK_V: tl.constexpr,
     SKIP: tl.constexpr,
+    TILES: tl.constexpr,
 ):
     """One (row, chunk): online softmax moments at temperatures 1 and tau sharing one
     running maximum (max(x / tau) = max(x) / tau), and the argmax. Sums and the argmax
-    are kept per lane; the only cross-lane reduction in the loop is the tile maximum.
-    The first moments are kept relative to the running maximum (sum e (x - m)), so the
-    entropies never subtract two numbers of size max / tau (at tau = 1e-3 that cost 4e-3)."""
+    are kept per lane; the only cross-lane reductions in the loop are the tile maximum
+    and, with TILES, the tile's mass at tau (taken against the tile's own maximum, so it
+    does not depend on where a chunk starts). The first moments are kept relative to
+    the running maximum (sum e (x - m)), so the entropies never subtract two numbers of
+    size max / tau (at tau = 1e-3 that cost 4e-3)."""
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     if _row_is_active(skip_ptr, row, SKIP):
@@ -123,11 +129,20 @@ def _row_stats_partial_kernel(
             cols = start + tl.arange(0, BLOCK_V)
             x = ahead.to(tl.float32)
             ahead = _load_tile(base, start + BLOCK_V, v_end, BLOCK_V)
-            m_new = tl.maximum(m, tl.max(x, 0))
+            tile_max = tl.max(x, 0)
+            m_new = tl.maximum(m, tile_max)
             safe = tl.where(m_new == -float("inf"), 0.0, m_new)
             shifted = x - safe
             e1 = tl.exp(shifted)
-            et = tl.exp(shifted * inv_tau)
+            if TILES:
+                tile_ref = tl.where(tile_max == -float("inf"), safe, tile_max)  # no finite entry: e = 0
+                et_tile = tl.exp((x - tile_ref) * inv_tau)
+                tile = row * T + start // BLOCK_V
+                tl.store(tile_max_ptr + tile, tile_max)
+                tl.store(tile_sum_ptr + tile, tl.sum(et_tile, 0))
+                et = et_tile * tl.exp((tile_ref - safe) * inv_tau)
+            else:
+                et = tl.exp(shifted * inv_tau)
             scale1 = tl.exp(m - safe)
             scalet = tl.exp((m - safe) * inv_tau)
             old_max = tl.where(m == -float("inf"), 0.0, m - safe)  # the sums' old origin, seen from the new one
@@ -207,9 +222,22 @@ class SoftmaxNorm(NamedTuple):
     lse_shifted: torch.Tensor
 
 
+class TileMasses(NamedTuple):
+    """The tempered law's unnormalised mass per tile of ``width`` consecutive tokens,
+    tile t covering [t * width, (t + 1) * width): sum over the tile of exp(x / tau) =
+    ``sum`` * exp(``max`` / tau), with ``max`` the tile's maximum and ``sum`` =
+    sum exp((x - max) / tau) in [1, width]; (N, T) fp32 each (a tile without a finite
+    entry: max -inf, sum 0). What the draws of ``sampling.py`` pick a tile by."""
+
+    max: torch.Tensor
+    sum: torch.Tensor
+    width: int
+
+
 class RowStats(NamedTuple):
     """Per-row statistics, (N,) each: row_max, lse_tau_shifted, lse_1_shifted, entropy
-    (normalised, tau = 1) and plogp_tau (fp32), argmax (int64)."""
+    (normalised, tau = 1) and plogp_tau (fp32), argmax (int64); ``tiles``: the tempered
+    mass per tile when asked for, else None."""
 
     row_max: torch.Tensor
     lse_tau_shifted: torch.Tensor
@@ -217,6 +245,7 @@ class RowStats(NamedTuple):
     entropy: torch.Tensor
     plogp_tau: torch.Tensor
     argmax: torch.Tensor
+    tiles: TileMasses | None = None
 
     @property
     def tempered(self) -> SoftmaxNorm:
@@ -239,20 +268,24 @@ def row_stats(
     skip: torch.Tensor | None = None,
     splits: int | None = None,
     block_v: int | None = None,
+    tiles: bool = False,
 ) -> RowStats:
     """phi (N, V) -> :class:`RowStats`. ``temperature`` must be > 0 (greedy callers need
-    only the argmax). Rows where ``skip`` (N,) int32 is nonzero are not read (outputs 0).
-    The vocabulary is split over ``splits`` programs per row (default: enough to fill
-    the GPU)."""
+    only the argmax). Rows where ``skip`` (N,) int32 is nonzero are not read (outputs 0,
+    their tile masses unwritten). The vocabulary is split over ``splits`` programs per
+    row (default: enough to fill the GPU); ``tiles``: also the tempered mass of every
+    tile (:class:`TileMasses`, tiles as wide as this pass's, ``block_v``)."""
     n, vocab = phi.shape
     block, splits, chunk = row_geometry(phi, splits, block_v)
     moments = torch.empty(n, splits, 5, device=phi.device, dtype=torch.float32)
     best = torch.empty(n, splits, device=phi.device, dtype=torch.float32)
     best_idx = torch.empty(n, splits, device=phi.device, dtype=torch.int32)
+    count = triton.cdiv(vocab, block)
+    tile_max, tile_sum = torch.empty(2, n, count, device=phi.device, dtype=torch.float32) if tiles else (best, best)
     skip_arg = moments if skip is None else skip
     _row_stats_partial_kernel[(n, splits)](
-        phi, moments, best, best_idx, skip_arg, phi.stride(0), vocab, splits, chunk, 1.0 / temperature,
-        BLOCK_V=block, SKIP=skip is not None, num_warps=ROW_WARPS,
+        phi, moments, best, best_idx, skip_arg, tile_max, tile_sum, phi.stride(0), vocab, splits, count, chunk,
+        1.0 / temperature, BLOCK_V=block, SKIP=skip is not None, TILES=tiles, num_warps=ROW_WARPS,
     )  # fmt: skip
     row_max, lse_tau_shifted, lse_1_shifted, entropy, plogp_tau = torch.empty(
         5, n, device=phi.device, dtype=torch.float32
@@ -262,4 +295,5 @@ def row_stats(
         moments, best, best_idx, row_max, lse_tau_shifted, lse_1_shifted, entropy, plogp_tau, argmax, skip_arg, vocab,
         splits, 1.0 / temperature, 1.0 / math.log(vocab), BLOCK_S=triton.next_power_of_2(splits), SKIP=skip is not None,
     )  # fmt: skip
-    return RowStats(row_max, lse_tau_shifted, lse_1_shifted, entropy, plogp_tau, argmax)
+    masses = TileMasses(tile_max, tile_sum, block) if tiles else None
+    return RowStats(row_max, lse_tau_shifted, lse_1_shifted, entropy, plogp_tau, argmax, masses)

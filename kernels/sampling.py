@@ -1,16 +1,19 @@
-"""Gumbel-max sampling of the filtered law, and the step's commit confidences.
+"""Sampling of the filtered law, and the step's commit confidences.
 
-x ~ softmax(filter(phi / tau)) is drawn as argmax over kept tokens of
-x_v / tau + G_v, with G_v = -log E_v, E_v = -log u_v ~ Exp(1) and u_v from
-Philox keyed by (seed + row, absolute token id): no noise tensor is stored, and the
-draw does not depend on block sizes. Two ways to the filtered law:
-- ``rejection_sample``: draw from the full law and accept iff the draw is in the kept
-  set (a second pass counts the mass and number of tokens above it); no threshold. Its
-  draws run Gumbel-max as an exponential race (the same draw for the same u, one log
-  per token and draw instead of two).
-- ``sample_filtered``: Gumbel-max restricted to a precomputed kept-set threshold
-  (``threshold.py``), gathering what the step's commit confidence needs: the
-  filtered law's log-normaliser and its two largest logits.
+x ~ softmax(filter(phi / tau)) is drawn by exponential races (Gumbel-max: token v
+arrives at E_v / q_v, E_v = -log u_v ~ Exp(1), q_v proportional to its probability;
+the first arrival is argmax x_v / tau - log E_v) on uniforms u from Philox keyed by
+(seed + row, a stream and an absolute index): no noise tensor is stored, and a draw
+does not depend on how the vocabulary is split across programs. Two ways to the
+filtered law:
+- ``rejection_sample``: four draws from the full law, each accepted iff it is in the
+  kept set (one pass over phi counts the mass and number of tokens above each draw);
+  no threshold. A draw races the tiles of the row by their masses (from the row
+  statistics pass, ``RowStats.tiles``), then the tokens of the winning tile: one tile
+  of phi read per draw, not the row.
+- ``sample_filtered``: Gumbel-max over the whole row restricted to a precomputed
+  kept-set threshold (``threshold.py``), gathering what the step's commit confidence
+  needs: the filtered law's log-normaliser and its two largest logits.
 Every pass over phi splits the vocabulary across programs (``launch.vocab_chunks``).
 Rows marked in ``skip`` are not read.
 """
@@ -25,7 +28,7 @@ from entrgi_kernels.launch import INTERPRET
 from entrgi_kernels.row_stats import (
     _LOG2E,
     ROW_WARPS,
-    SoftmaxNorm,
+    RowStats,
     _first_argmax,
     _load_norm,
     _load_tile,
@@ -36,12 +39,11 @@ from entrgi_kernels.row_stats import (
 from entrgi_kernels.threshold import _filter_key, _filter_value
 
 _MIN_UNIFORM = tl.constexpr(4.7e-10)
-# Tile width of the rejection sampler's two passes, which keep four draws' accumulators
-# per token: at 1,024 tokens, half the per-row tile, a thread holds four tokens, not
-# eight; with one register layout through its loop the draw pass then needs 64
-# registers on sm_90 (triton 3.6), not 159: four 8-warp blocks share an SM instead of
-# one (bench/kernel_resources.py, RESULTS.md).
+# Tile width of the kept-set test's pass, which keeps four draws' accumulators per
+# token: at 1,024 tokens, half the per-row tile, a thread holds four tokens, not eight
+# (54 registers on sm_90, four 8-warp blocks per SM; bench/kernel_resources.py).
 DRAW_BLOCK_V = 32 if INTERPRET else 1024
+DRAW_WARPS = 8  # a row's two-level draws: one program per row, four tiles of phi
 
 
 @triton.jit
@@ -201,85 +203,73 @@ def sample_filtered(
     return out
 
 
-@triton.jit
-def _race_step(first, first_idx, u, inv_weight, cols):
-    """One draw's per-lane first arrival, given uniforms ``u``: token v arrives at
-    E_v / q_v with E_v = ``_exponential(u_v)`` and q_v = exp((x_v - max) / tau); the
-    first arrival is the Gumbel-max draw argmax x_v / tau - log E_v, one log per token
-    and draw instead of two. A lane keeps its first minimum."""
-    arrival = _exponential(u) * inv_weight
-    earlier = arrival < first
-    return tl.where(earlier, arrival, first), tl.where(earlier, cols, first_idx)
+# Philox streams (the high word of tl.rand's 64-bit offset) of a row's draws: draw k
+# races tiles in stream _TILE_STREAM + k and its tile's tokens in _TOKEN_STREAM + k; the
+# kept-law draw reads stream 0 of another seed.
+_TILE_STREAM = tl.constexpr(1)
+_TOKEN_STREAM = tl.constexpr(5)
 
 
 @triton.jit
-def _store_first_arrival(best_ptr, best_idx_ptr, slot, first, first_idx, V):
-    """A chunk's first arrival of one draw, stored as its score -arrival (-inf: none)."""
-    top, top_idx = _first_argmax(-first, first_idx, V)
-    tl.store(best_ptr + slot, top)
-    tl.store(best_idx_ptr + slot, top_idx)
+def _noise(seed, draws, FIRST_STREAM: tl.constexpr, index):
+    """Uniforms (DRAWS, M) of ``index`` (DRAWS, M) int32, draw k's in Philox stream
+    FIRST_STREAM + k (``draws`` (DRAWS, 1) = k), key ``seed``."""
+    return tl.rand(seed, ((draws.to(tl.int64) + FIRST_STREAM) << 32) + index)
 
 
 @triton.jit
-def _race_partial_kernel(
+def _first_arrivals(inv_rate, u, index, NONE):
+    """Exponential races along axis 1 of (DRAWS, M): entrant i arrives at
+    -log(u_i) * inv_rate_i (Exp with rate 1 / inv_rate_i) and wins with probability
+    rate_i / sum(rate); per race the index of the first arrival (lowest on a tie).
+    Entrants with inv_rate inf never arrive."""
+    arrival = _exponential(u) * inv_rate
+    first = tl.min(arrival, 1)
+    return tl.min(tl.where(arrival == first[:, None], index, NONE), 1)
+
+
+@triton.jit
+def _two_level_draw_kernel(
     phi_ptr,  # (N, V) logits
+    tile_max_ptr,  # (N, T) fp32: each tile's maximum
+    tile_sum_ptr,  # (N, T) fp32: each tile's sum of exp((x - tile max) / tau)
     row_max_ptr,  # (N,) fp32: max(x)
     seed_ptr,  # (1,) int64 Philox seed
     skip_ptr,  # (N,) int32: rows != 0 are not read (SKIP)
-    best_ptr,  # (N, S, DRAWS) fp32 out: minus the chunk's first arrival time, per draw
-    best_idx_ptr,  # (N, S, DRAWS) int32 out: its first index
+    tokens_ptr,  # (N, DRAWS) int32 out: the drawn tokens
     stride_phi,
     V,
-    S,
-    chunk,  # vocabulary entries per split, a multiple of BLOCK_V
+    T,
     inv_tau,
-    DRAWS: tl.constexpr,  # 1 or 4
-    BLOCK_V: tl.constexpr,
+    DRAWS: tl.constexpr,
+    TILE: tl.constexpr,  # tile width of the masses
+    BLOCK_T: tl.constexpr,  # next power of two >= T
     SKIP: tl.constexpr,
 ):
-    """One (row, chunk) of DRAWS independent draws from the full tempered law, each an
-    exponential race (``_race_step``) on uniforms from one Philox call per token (for a
-    token that can arrive, draw 0's is ``tl.rand(seed, v)``, as in the kept-law draw);
-    each draw keeps its own per-lane accumulators, so the four never leave their
-    registers."""
+    """DRAWS independent draws of one row from softmax(x / tau), each in two
+    exponential races: a tile by its mass M_t, then a token of that tile by
+    q_v = exp((x_v - tile max) / tau). P(v) = M_t / Z * q_v / M_t = q_v / Z: the full
+    law, up to the float rounding of M_t (a sum of TILE terms). Reads DRAWS tiles of phi."""
     row = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1)
     if _row_is_active(skip_ptr, row, SKIP):
-        base = phi_ptr + row * stride_phi
         seed = tl.load(seed_ptr) + row
-        row_max = tl.load(row_max_ptr + row)
         scale = inv_tau * _LOG2E
-        first0 = tl.full((BLOCK_V,), float("inf"), tl.float32)
-        first1, first2, first3 = first0, first0, first0
-        idx0 = tl.zeros((BLOCK_V,), tl.int32)
-        idx1, idx2, idx3 = idx0, idx0, idx0
-        v_start = split * chunk
-        v_end = tl.minimum(v_start + chunk, V)
-        ahead = _load_tile(base, v_start, v_end, BLOCK_V)
-        for start in range(v_start, v_end, BLOCK_V):
-            cols = start + tl.arange(0, BLOCK_V)
-            raw = ahead
-            ahead = _load_tile(base, start + BLOCK_V, v_end, BLOCK_V)
-            inv_weight = tl.exp2((row_max - raw.to(tl.float32)) * scale)  # 1 / q_v in [1, inf]
-            # Noise keyed through the loaded logits is computed in the load's register
-            # layout; keyed by cols alone, Triton computed it in another and moved every
-            # draw's arrivals through shared memory (four layout conversions with barriers
-            # per tile). Tokens whose 1 / q_v is inf never arrive, whatever their noise.
-            noise_keys = tl.where(inv_weight < float("inf"), cols, 0)
-            if DRAWS == 1:
-                first0, idx0 = _race_step(first0, idx0, tl.rand(seed, noise_keys), inv_weight, cols)
-            else:
-                u0, u1, u2, u3 = tl.rand4x(seed, noise_keys)
-                first0, idx0 = _race_step(first0, idx0, u0, inv_weight, cols)
-                first1, idx1 = _race_step(first1, idx1, u1, inv_weight, cols)
-                first2, idx2 = _race_step(first2, idx2, u2, inv_weight, cols)
-                first3, idx3 = _race_step(first3, idx3, u3, inv_weight, cols)
-        slot = (row * S + split) * DRAWS
-        _store_first_arrival(best_ptr, best_idx_ptr, slot, first0, idx0, V)
-        if DRAWS == 4:
-            _store_first_arrival(best_ptr, best_idx_ptr, slot + 1, first1, idx1, V)
-            _store_first_arrival(best_ptr, best_idx_ptr, slot + 2, first2, idx2, V)
-            _store_first_arrival(best_ptr, best_idx_ptr, slot + 3, first3, idx3, V)
+        draws = tl.arange(0, DRAWS)[:, None]
+        tiles = tl.arange(0, BLOCK_T)
+        in_row = tiles < T
+        tile_max = tl.load(tile_max_ptr + row * T + tiles, mask=in_row, other=-float("inf"))
+        tile_sum = tl.load(tile_sum_ptr + row * T + tiles, mask=in_row, other=0.0)
+        # exp(max / tau) / M_t: inf for a tile without mass, or one 2^128 below the row's
+        inv_mass = tl.exp2((tl.load(row_max_ptr + row) - tile_max) * scale) / tile_sum
+        tiles_2d = tiles[None, :] + draws * 0
+        won = _first_arrivals(inv_mass[None, :], _noise(seed, draws, _TILE_STREAM, tiles_2d), tiles_2d, BLOCK_T)
+        for k in tl.static_range(DRAWS):  # one tile at a time: 8 tokens per thread, not 32
+            tile = tl.sum(tl.where(tl.arange(0, DRAWS) == k, won, 0), 0)
+            cols = tile * TILE + tl.arange(0, TILE)[None, :]
+            x = tl.load(phi_ptr + row * stride_phi + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
+            inv_q = tl.exp2((tl.load(tile_max_ptr + row * T + tile) - x) * scale)  # in [1, inf]
+            token = _first_arrivals(inv_q, _noise(seed, tl.full((1, 1), k, tl.int32), _TOKEN_STREAM, cols), cols, V)
+            tl.store(tokens_ptr + row * DRAWS + k + tl.arange(0, 1), token)
 
 
 @triton.jit
@@ -288,14 +278,6 @@ def _split_slots(row, S, DRAWS: tl.constexpr, BLOCK_S: tl.constexpr):
     offsets, and a (BLOCK_S, 1) mask of the real chunks."""
     splits = tl.arange(0, BLOCK_S)
     return (row * S + splits)[:, None] * DRAWS + tl.arange(0, DRAWS)[None, :], (splits < S)[:, None]
-
-
-@triton.jit
-def _drawn_tokens(best_ptr, best_idx_ptr, row, S, V, DRAWS: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Combine a row's chunk maxima: (each draw's score, its token), (DRAWS,) each."""
-    slots, ok = _split_slots(row, S, DRAWS, BLOCK_S)
-    best = tl.load(best_ptr + slots, mask=ok, other=-float("inf"))
-    return _first_argmax(best, tl.load(best_idx_ptr + slots, mask=ok, other=V), V)
 
 
 @triton.jit
@@ -328,8 +310,7 @@ def _mass_above_partial_kernel(
     row_max_ptr,  # (N,) fp32: max(x)
     lse_shifted_ptr,  # (N,) fp32: logsumexp((x - max) / tau)
     skip_ptr,  # (N,) int32: rows != 0 are not read (SKIP)
-    best_ptr,  # (N, S, 4) fp32: the four draws' chunk maxima
-    best_idx_ptr,  # (N, S, 4) int32: their indices
+    drawn_ptr,  # (N, 4) int32: the four drawn tokens
     mass_ptr,  # (N, S, 4) fp32 out: chunk probability with a key strictly above each draw's (USE_P)
     count_ptr,  # (N, S, 4) fp32 out: chunk count of those tokens (USE_K)
     stride_phi,
@@ -340,20 +321,18 @@ def _mass_above_partial_kernel(
     USE_P: tl.constexpr,
     USE_K: tl.constexpr,
     BLOCK_V: tl.constexpr,
-    BLOCK_S: tl.constexpr,
     SKIP: tl.constexpr,
 ):
     """One (row, chunk) of the kept-set test of the four draws: what lies above each.
     Filter values stand in for the keys (the same order, at one float compare), and
-    each draw keeps its own per-lane accumulators, as in the draw pass. Padding loads
-    -inf, which lies above no draw."""
+    each draw keeps its own per-lane accumulators. Padding loads -inf, which lies above
+    no draw."""
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     if _row_is_active(skip_ptr, row, SKIP):
         base = phi_ptr + row * stride_phi
         row_max, log2_norm = _load_norm(row_max_ptr, lse_shifted_ptr, row, True)
-        _, tokens = _drawn_tokens(best_ptr, best_idx_ptr, row, S, V, 4, BLOCK_S)
-        drawn = _filter_value(tl.load(base + tokens), inv_tau)
+        drawn = _filter_value(tl.load(base + tl.load(drawn_ptr + row * 4 + tl.arange(0, 4))), inv_tau)
         drawn0, drawn1, drawn2, drawn3 = _lane(drawn, 0), _lane(drawn, 1), _lane(drawn, 2), _lane(drawn, 3)
         mass0 = tl.zeros((BLOCK_V,), tl.float32)
         mass1, mass2, mass3 = mass0, mass0, mass0
@@ -379,15 +358,13 @@ def _mass_above_partial_kernel(
 
 @triton.jit(do_not_specialize=["top_k"])
 def _accept_kernel(
-    best_ptr,  # (N, S, DRAWS) fp32: the draws' chunk maxima
-    best_idx_ptr,  # (N, S, DRAWS) int32: their indices
+    drawn_ptr,  # (N, DRAWS) int32: the drawn tokens
     mass_ptr,  # (N, S, DRAWS) fp32: chunk mass above each draw (USE_P)
     count_ptr,  # (N, S, DRAWS) fp32: chunk count above each draw (USE_K)
     tokens_ptr,  # (N,) int64 out: the first accepted draw (0 if none, or skipped)
     accepted_ptr,  # (N,) int32 out: 1 where a draw was accepted or the row skipped
     skip_ptr,  # (N,) int32 (SKIP)
     S,
-    V,
     top_p,
     top_k,
     USE_P: tl.constexpr,
@@ -403,14 +380,14 @@ def _accept_kernel(
     token = tl.zeros((), tl.int32)
     accepted = 1 - active.to(tl.int32)
     if active:
-        scores, tokens = _drawn_tokens(best_ptr, best_idx_ptr, row, S, V, DRAWS, BLOCK_S)
-        kept = scores > -float("inf")
+        draws = tl.arange(0, DRAWS)
+        tokens = tl.load(drawn_ptr + row * DRAWS + draws)
+        kept = draws < DRAWS
         slots, ok = _split_slots(row, S, DRAWS, BLOCK_S)
         if USE_P:
             kept = kept & (tl.sum(tl.load(mass_ptr + slots, mask=ok, other=0.0), 0) <= top_p)
         if USE_K:
             kept = kept & (tl.sum(tl.load(count_ptr + slots, mask=ok, other=0.0), 0) < top_k)
-        draws = tl.arange(0, DRAWS)
         first = tl.min(tl.where(kept, draws, DRAWS), 0)
         token = tl.sum(tl.where(draws == first, tokens, 0), 0)
         accepted = (first < DRAWS).to(tl.int32)
@@ -418,9 +395,35 @@ def _accept_kernel(
     tl.store(accepted_ptr + row, accepted)
 
 
+def full_law_draws(
+    phi: torch.Tensor,
+    stats: RowStats,
+    seed: torch.Tensor,
+    temperature: float,
+    draws: int,
+    skip: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``draws`` (1, 2 or 4) independent draws per row from softmax(phi / temperature),
+    (N, draws) int32, each a tile raced by ``stats.tiles`` and then a token of it (one
+    program per row, ``draws`` tiles of phi read). ``stats``: ``row_stats(phi,
+    temperature, tiles=True)``; ``seed`` (1,) int64 on the device. Rows where ``skip``
+    (N,) int32 is nonzero are not read (their draws unwritten)."""
+    if stats.tiles is None:
+        raise ValueError("the draws need the tile masses: row_stats(phi, temperature, tiles=True)")
+    n, vocab = phi.shape
+    tiles = stats.tiles
+    drawn = torch.empty(n, draws, device=phi.device, dtype=torch.int32)
+    _two_level_draw_kernel[(n,)](
+        phi, tiles.max, tiles.sum, stats.row_max, seed, drawn if skip is None else skip, drawn, phi.stride(0), vocab,
+        tiles.max.shape[1], 1.0 / temperature, DRAWS=draws, TILE=tiles.width,
+        BLOCK_T=triton.next_power_of_2(tiles.max.shape[1]), SKIP=skip is not None, num_warps=DRAW_WARPS,
+    )  # fmt: skip
+    return drawn
+
+
 def rejection_sample(
     phi: torch.Tensor,
-    norm: SoftmaxNorm,
+    stats: RowStats,
     seed: torch.Tensor,
     temperature: float,
     top_p: float,
@@ -429,41 +432,35 @@ def rejection_sample(
     splits: int | None = None,
     block_v: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact filtered sampling without a threshold: four independent Gumbel-max draws
-    from the full tempered law (exponential races on the four uniforms of one Philox
-    call per token), each accepted iff it is in the kept set; a row takes its first
-    accepted draw, which follows the filtered law exactly. Three launches over (row,
-    vocabulary chunk) programs: the draws, what lies above each draw, the choice.
-    Unfiltered: one draw, always kept.
+    """Exact filtered sampling without a threshold: four independent draws from the
+    full tempered law, each accepted iff it is in the kept set; a row takes its first
+    accepted draw, which follows the filtered law exactly. A draw picks a tile by the
+    tile masses ``stats.tiles`` and then a token inside it (two exponential races, one
+    tile of phi read); one split-V pass over phi then takes what lies above each draw,
+    and a last launch chooses. Unfiltered: one draw, always kept.
 
     Returns (tokens (N,) int64, accepted (N,) int32); rows with accepted == 0 had all
     four draws rejected (about (1 - kept mass)^4 of them) and need the threshold path.
-    ``norm``: softmax(phi / temperature) (``row_stats(phi, temperature).tempered``).
-    Rows where ``skip`` (N,) int32 is nonzero are not read: token 0, accepted 1."""
+    ``stats``: ``row_stats(phi, temperature, tiles=True)``. Rows where ``skip`` (N,)
+    int32 is nonzero are not read: token 0, accepted 1. ``splits`` / ``block_v``: the
+    pass over phi's chunks and tile."""
     n, vocab = phi.shape
     use_p, use_k = top_p < 1.0, 0 < top_k < vocab
     draws = 4 if use_p or use_k else 1
+    drawn = full_law_draws(phi, stats, seed, temperature, draws, skip)
     block, splits, chunk = row_geometry(phi, splits, block_v or DRAW_BLOCK_V)
-    best = torch.empty(n, splits, draws, device=phi.device, dtype=torch.float32)
-    best_idx = torch.empty(n, splits, draws, device=phi.device, dtype=torch.int32)
-    mass = torch.empty_like(best) if use_p or use_k else best
-    count = torch.empty_like(best) if use_p or use_k else best
+    mass, count = torch.empty(2, n, splits, draws, device=phi.device, dtype=torch.float32)
     tokens = torch.empty(n, device=phi.device, dtype=torch.int64)
     accepted = torch.empty(n, device=phi.device, dtype=torch.int32)
     skip_arg = accepted if skip is None else skip
-    inv_tau, block_s = 1.0 / temperature, triton.next_power_of_2(splits)
-    flags = dict(DRAWS=draws, SKIP=skip is not None)
-    _race_partial_kernel[(n, splits)](
-        phi, norm.row_max, seed, skip_arg, best, best_idx, phi.stride(0), vocab, splits, chunk, inv_tau,
-        BLOCK_V=block, num_warps=ROW_WARPS, **flags,
-    )  # fmt: skip
+    inv_tau = 1.0 / temperature
     if use_p or use_k:
         _mass_above_partial_kernel[(n, splits)](
-            phi, *norm, skip_arg, best, best_idx, mass, count, phi.stride(0), vocab, splits, chunk, inv_tau,
-            USE_P=use_p, USE_K=use_k, BLOCK_V=block, BLOCK_S=block_s, SKIP=skip is not None, num_warps=ROW_WARPS,
+            phi, *stats.tempered, skip_arg, drawn, mass, count, phi.stride(0), vocab, splits, chunk, inv_tau,
+            USE_P=use_p, USE_K=use_k, BLOCK_V=block, SKIP=skip is not None, num_warps=ROW_WARPS,
         )  # fmt: skip
     _accept_kernel[(n,)](
-        best, best_idx, mass, count, tokens, accepted, skip_arg, splits, vocab, float(top_p), int(top_k),
-        USE_P=use_p, USE_K=use_k, BLOCK_S=block_s, **flags,
+        drawn, mass, count, tokens, accepted, skip_arg, splits, float(top_p), int(top_k), USE_P=use_p, USE_K=use_k,
+        DRAWS=draws, BLOCK_S=triton.next_power_of_2(splits), SKIP=skip is not None,
     )  # fmt: skip
     return tokens, accepted

@@ -41,7 +41,7 @@ def test_row_statistics_and_draws_at_full_vocabulary(rows, dtype):
     from entrgi_kernels.sampling import rejection_sample
 
     phi = _phi(rows, dtype)
-    stats = row_stats(phi, 0.7)
+    stats = row_stats(phi, 0.7, tiles=True)
     x = phi.double()
     probs = torch.softmax(x, -1)
     entropy = -torch.where(probs > 0, probs * probs.log(), torch.zeros_like(probs)).sum(-1) / math.log(VOCAB)
@@ -51,8 +51,8 @@ def test_row_statistics_and_draws_at_full_vocabulary(rows, dtype):
     assert torch.equal(stats.argmax, phi.argmax(-1))
     assert torch.equal(row_stats(phi, 0.7, splits=1).argmax, stats.argmax)
     seed = torch.tensor([77], device="cuda")
-    split = rejection_sample(phi, stats.tempered, seed, 0.7, 0.95, 0)
-    whole = rejection_sample(phi, stats.tempered, seed, 0.7, 0.95, 0, splits=1)
+    split = rejection_sample(phi, stats, seed, 0.7, 0.95, 0)
+    whole = rejection_sample(phi, row_stats(phi, 0.7, splits=1, tiles=True), seed, 0.7, 0.95, 0, splits=1)
     assert torch.equal(split[0], whole[0]) and torch.equal(split[1], whole[1])
     assert split[1].float().mean() > 0.9  # four draws each kept with probability >= 0.95
 

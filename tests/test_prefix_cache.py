@@ -23,6 +23,23 @@ def test_classifier_prefix_cache_matches_the_whole_chat(classifier_path, attenti
     assert_same_rewards((plain, context), (cached, cached_context), embeds, valid)
 
 
+def test_the_cached_prefix_runs_through_the_guidance_calls_layers(classifier_path):
+    """The prefix's keys and values come from the layers the guidance calls run (lean,
+    fused on CUDA), so cached and uncached rewards round alike."""
+    reward = load_reward(classifier_path, cache_prefix=True)
+    module, forward = reward.guidance_layers.lean[0]
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(module)
+        return forward(*args, **kwargs)
+
+    reward.guidance_layers.lean[0] = (module, counted)
+    reward.prepare(PROMPTS, 2)
+    assert calls, "the prefix ran without the lean layers"
+    assert "forward" not in vars(module), "the stock forward is back after the prefix"
+
+
 def test_likelihood_prefix_cache_matches_the_whole_chat(likelihood_path):
     plain = load_reward(likelihood_path, kind="likelihood")
     cached = load_reward(likelihood_path, kind="likelihood", cache_prefix=True)

@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from helpers import filter_keys, restated_forward, sum_p_log_p  # noqa: E402
+from helpers import assert_law, filter_keys, filtered_law, restated_forward, sum_p_log_p  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BLOCK_V = 8  # small tiles: a vocabulary of ~100 spans many tiles and several chunks
@@ -63,9 +63,80 @@ def test_row_stats_skip_rows_with_splits(splits):
     skip = torch.tensor([0, 1, 0, 0, 1, 0, 0, 1, 0], dtype=torch.int32, device=DEVICE)
     full = row_stats(x, 0.8, splits=splits, block_v=BLOCK_V)
     part = row_stats(x, 0.8, skip=skip, splits=splits, block_v=BLOCK_V)
-    for got, want in zip(part, full):
+    for got, want in zip(part[:6], full[:6]):  # the per-row statistics, not the (absent) tile masses
         assert torch.equal(got[skip == 0], want[skip == 0])
         assert not got[skip != 0].any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("splits", SPLITS)
+def test_tile_masses_match_float64_for_every_split(dtype, splits):
+    """The tempered mass of every BLOCK_V-wide tile (what a draw picks its tile by), the
+    same bits for every split, and the row statistics no different for taking it."""
+    from entrgi_kernels.row_stats import row_stats
+
+    x, tau = _rows(101, dtype), 0.6
+    stats = row_stats(x, tau, splits=splits, block_v=BLOCK_V, tiles=True)
+    tiles = stats.tiles
+    assert tiles.width == BLOCK_V and tiles.max.shape == (9, 13)
+    padded = torch.nn.functional.pad(x.cpu().double(), (0, 13 * BLOCK_V - 101), value=-math.inf).view(9, 13, BLOCK_V)
+    tile_max = padded.max(-1).values
+    assert torch.equal(tiles.max.cpu().double(), tile_max)
+    finite = tile_max > -math.inf
+    assert (~finite).any() and not tiles.sum.cpu()[~finite].any()
+    want = torch.logsumexp((padded - tile_max[..., None]) / tau, -1)
+    torch.testing.assert_close(tiles.sum.cpu().double().log()[finite], want[finite], atol=1e-6, rtol=0)
+    whole = row_stats(x, tau, splits=1, block_v=BLOCK_V, tiles=True).tiles
+    assert torch.equal(whole.max, tiles.max) and torch.equal(whole.sum, tiles.sum)
+    plain = row_stats(x, tau, splits=splits, block_v=BLOCK_V)
+    for got, expected in zip(stats[:6], plain[:6]):
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_tile_masses_of_a_tile_without_mass_far_below_the_maximum():
+    """A tile with no finite entry after a finite maximum of -100 at tau = 0.01: its
+    scale to the running maximum must not be exp(100 / 0.01) = inf times a zero sum."""
+    from entrgi_kernels.row_stats import row_stats
+
+    x = torch.full((2, 3 * BLOCK_V), -math.inf)
+    x[:, :BLOCK_V] = -100 + torch.randn(2, BLOCK_V, generator=torch.Generator().manual_seed(3))
+    x = x.to(DEVICE)
+    stats = row_stats(x, 0.01, splits=1, block_v=BLOCK_V, tiles=True)
+    plain = row_stats(x, 0.01, splits=1, block_v=BLOCK_V)
+    for got, expected in zip(stats[:6], plain[:6]):
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+    assert torch.equal(stats.tiles.sum[:, 1:], torch.zeros_like(stats.tiles.sum[:, 1:]))
+
+
+@pytest.mark.parametrize("tau", [0.7, 1.3])
+def test_two_level_draws_follow_the_law_across_tiles(tau):
+    """A draw races the tiles by their masses, then the winning tile's tokens: over six
+    8-token tiles (one without a finite entry, the last of five tokens) every one of a
+    row's four draws follows softmax(x / tau) (χ²), and two draws of a row agree about
+    as often as independent ones would (sum p^2)."""
+    from entrgi_kernels.row_stats import row_stats
+    from entrgi_kernels.sampling import full_law_draws
+
+    x = torch.randn(45, generator=torch.Generator().manual_seed(11)) * 1.5
+    x[8:16] = -math.inf
+    x[3] = -math.inf
+    rows = x.expand(500, 45).contiguous().to(DEVICE)
+    stats = row_stats(rows, tau, block_v=BLOCK_V, tiles=True)
+    drawn = full_law_draws(rows, stats, torch.tensor([31], device=DEVICE), tau, 4).long().cpu()
+    law = filtered_law(x, tau, 1.0, 0)
+    assert_law(drawn.flatten(), law)
+    agree = (drawn[:, :1] == drawn[:, 1:]).double().mean()
+    collision = (law**2).sum()
+    assert abs(agree - collision) < 4 * math.sqrt(collision * (1 - collision) / 500)
+
+
+def test_rejection_sample_needs_the_tile_masses():
+    from entrgi_kernels.row_stats import row_stats
+    from entrgi_kernels.sampling import rejection_sample
+
+    x = _rows(37, torch.float32)
+    with pytest.raises(ValueError, match="tile masses: row_stats"):
+        rejection_sample(x, row_stats(x, 0.9), torch.tensor([1], device=DEVICE), 0.9, 0.8, 0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -75,12 +146,13 @@ def test_rejection_draws_do_not_depend_on_the_split(dtype, top_p, top_k):
     from entrgi_kernels.sampling import rejection_sample
 
     x = torch.cat([_rows(101, dtype, seed=s) for s in range(2)])
-    norm = row_stats(x, 0.9).tempered
     seed = torch.tensor([2024], device=DEVICE)
     skip = (torch.arange(18, device=DEVICE) % 5 == 1).to(torch.int32)
     draws = [
-        rejection_sample(x, norm, seed, 0.9, top_p, top_k, skip=skip, splits=s, block_v=BLOCK_V) for s in (1, 3, 7)
-    ]
+        rejection_sample(x, row_stats(x, 0.9, splits=s, block_v=BLOCK_V, tiles=True), seed, 0.9, top_p, top_k,
+                         skip=skip, splits=s, block_v=BLOCK_V)
+        for s in (1, 3, 7)
+    ]  # fmt: skip
     tokens, accepted = draws[0]
     for other_tokens, other_accepted in draws[1:]:
         assert torch.equal(other_tokens, tokens) and torch.equal(other_accepted, accepted)
@@ -104,9 +176,9 @@ def test_rows_rejecting_every_draw_are_reported():
 
     x = torch.zeros(3, 64, device=DEVICE)
     x[:, 10] = 1e-3  # top-1 holds about 1/64 of the mass
-    norm = row_stats(x, 1.0).tempered
+    stats = row_stats(x, 1.0, block_v=BLOCK_V, tiles=True)
     tokens, accepted = rejection_sample(
-        x, norm, torch.tensor([5], device=DEVICE), 1.0, 1.0, 1, splits=2, block_v=BLOCK_V
+        x, stats, torch.tensor([5], device=DEVICE), 1.0, 1.0, 1, splits=2, block_v=BLOCK_V
     )
     draws_kept = accepted.bool()
     assert torch.equal(tokens[draws_kept], torch.full_like(tokens[draws_kept], 10))

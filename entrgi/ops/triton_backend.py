@@ -77,17 +77,18 @@ class _SoftEmbedding(torch.autograd.Function):
         return dphi, None, None, None, None, None, None, None, None
 
 
-def _filtered_tokens(phi, norm, temperature, top_p, top_k, generator, skip):
-    """One draw per row from softmax(filter(phi / tau)): four draws from the full law,
-    the first in the kept set wins (two split-V passes over phi); the exact threshold
-    search only for rows that reject all four (device-side skip, no host sync)."""
+def _filtered_tokens(phi, stats, temperature, top_p, top_k, generator, skip):
+    """One draw per row from softmax(filter(phi / tau)): four draws from the full law
+    (by ``stats``' tile masses), the first in the kept set wins (one split-V pass over
+    phi); the exact threshold search only for rows that reject all four (device-side
+    skip, no host sync)."""
     from entrgi_kernels.sampling import rejection_sample, sample_filtered
     from entrgi_kernels.threshold import keep_threshold_keys
 
     seeds = _draw_seeds(generator, phi.device, 2)
-    tokens, accepted = rejection_sample(phi, norm, seeds[:1], temperature, top_p, top_k, skip=skip)
+    tokens, accepted = rejection_sample(phi, stats, seeds[:1], temperature, top_p, top_k, skip=skip)
     if top_p < 1.0 or 0 < top_k < phi.shape[1]:
-        keys = keep_threshold_keys(phi, norm, temperature, top_p, top_k, skip=accepted)
+        keys = keep_threshold_keys(phi, stats.tempered, temperature, top_p, top_k, skip=accepted)
         sample_filtered(phi, keys, seeds[1:], temperature, skip=accepted, tokens=tokens)
     return tokens
 
@@ -103,7 +104,8 @@ def guided_embedding(
 
     phi, table = _rows(phi), _rows(table)
     skip = skip_flags(active)
-    stats = row_stats(phi.detach(), temperature if temperature > 0 else 1.0, skip)
+    draws = temperature > 0 and mode != "expectation"
+    stats = row_stats(phi.detach(), temperature if temperature > 0 else 1.0, skip, tiles=draws)
     weights = _mode_weights(stats.entropy, mode)
     if temperature == 0.0:
         greedy_rows = stats.argmax if table_rows is None else table_rows[stats.argmax]
@@ -111,7 +113,7 @@ def guided_embedding(
     if mode == "expectation":
         tokens = stats.argmax
     else:
-        tokens = _filtered_tokens(phi.detach(), stats.tempered, temperature, top_p, top_k, generator, skip)
+        tokens = _filtered_tokens(phi.detach(), stats, temperature, top_p, top_k, generator, skip)
     rows = None if active is None else row_list(active)
     embeds = _SoftEmbedding.apply(phi, table, table_rows, stats, weights, tokens, temperature, rows, optimizer)
     return embeds, tokens, weights, stats.argmax
@@ -133,8 +135,9 @@ def sample_step(phi, phi_init, temperature, top_p, top_k, alg, generator, active
     phi = _rows(phi.detach())
     skip = skip_flags(active)
     tau = temperature if temperature > 0 else 1.0  # greedy reads probabilities at tau = 1, as Dream
-    stats = row_stats(phi, tau, skip)
-    if alg in ("maskgit_plus", "topk_margin"):  # need the kept law's normaliser: threshold path
+    kept_law = alg in ("maskgit_plus", "topk_margin")  # need the kept law's normaliser: threshold path
+    stats = row_stats(phi, tau, skip, tiles=temperature > 0 and not kept_law)
+    if kept_law:
         keys = keep_threshold_keys(phi, stats.tempered, tau, top_p, top_k, skip=skip)
         drawn = sample_filtered(phi, keys, _draw_seeds(generator, phi.device), tau, skip=skip)
         tokens = drawn["tokens"] if temperature > 0 else stats.argmax
@@ -145,7 +148,7 @@ def sample_step(phi, phi_init, temperature, top_p, top_k, alg, generator, active
             return tokens, torch.exp(scaled - top1 - lse_shifted)
         return tokens, torch.exp(-lse_shifted) - torch.exp(drawn["top2"] - top1 - lse_shifted)
     if temperature > 0:
-        tokens = _filtered_tokens(phi, stats.tempered, tau, top_p, top_k, generator, skip)
+        tokens = _filtered_tokens(phi, stats, tau, top_p, top_k, generator, skip)
     else:
         tokens = stats.argmax
     if alg == "origin":

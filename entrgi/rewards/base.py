@@ -231,7 +231,8 @@ class EmbeddingInputReward:
             suffix_valid.to(self.device),
         )
         if self.cache_prefix:
-            context.prefix_kv = self.cached_prefix(context)
+            with self.guidance_layers.prefill():  # the guidance calls' layers: cached and uncached round alike
+                context.prefix_kv = self.cached_prefix(context)
         return context
 
     def pack(self, context: RewardContext, response_embeds: torch.Tensor, response_valid: torch.Tensor) -> PackedInputs:
