@@ -212,8 +212,8 @@ _TOKEN_STREAM = tl.constexpr(5)
 
 @triton.jit
 def _noise(seed, draws, FIRST_STREAM: tl.constexpr, index):
-    """Uniforms (DRAWS, M) of ``index`` (DRAWS, M) int32, draw k's in Philox stream
-    FIRST_STREAM + k (``draws`` (DRAWS, 1) = k), key ``seed``."""
+    """Uniforms (R, M) of ``index`` (R, M) int32, row r's in Philox stream
+    FIRST_STREAM + k for its draw k = ``draws`` (R, 1), key ``seed``."""
     return tl.rand(seed, ((draws.to(tl.int64) + FIRST_STREAM) << 32) + index)
 
 
@@ -264,7 +264,7 @@ def _two_level_draw_kernel(
         tiles_2d = tiles[None, :] + draws * 0
         won = _first_arrivals(inv_mass[None, :], _noise(seed, draws, _TILE_STREAM, tiles_2d), tiles_2d, BLOCK_T)
         for k in tl.static_range(DRAWS):  # one tile at a time: 8 tokens per thread, not 32
-            tile = tl.sum(tl.where(tl.arange(0, DRAWS) == k, won, 0), 0)
+            tile = _lane(won, k)
             cols = tile * TILE + tl.arange(0, TILE)[None, :]
             x = tl.load(phi_ptr + row * stride_phi + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
             inv_q = tl.exp2((tl.load(tile_max_ptr + row * T + tile) - x) * scale)  # in [1, inf]
