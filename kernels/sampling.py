@@ -211,21 +211,10 @@ _TOKEN_STREAM = tl.constexpr(5)
 
 
 @triton.jit
-def _noise(seed, draws, FIRST_STREAM: tl.constexpr, index):
-    """Uniforms (R, M) of ``index`` (R, M) int32, row r's in Philox stream
-    FIRST_STREAM + k for its draw k = ``draws`` (R, 1), key ``seed``."""
-    return tl.rand(seed, ((draws.to(tl.int64) + FIRST_STREAM) << 32) + index)
-
-
-@triton.jit
-def _first_arrivals(inv_rate, u, index, NONE):
-    """Exponential races along axis 1 of (DRAWS, M): entrant i arrives at
-    -log(u_i) * inv_rate_i (Exp with rate 1 / inv_rate_i) and wins with probability
-    rate_i / sum(rate); per race the index of the first arrival (lowest on a tie).
-    Entrants with inv_rate inf never arrive."""
-    arrival = _exponential(u) * inv_rate
-    first = tl.min(arrival, 1)
-    return tl.min(tl.where(arrival == first[:, None], index, NONE), 1)
+def _noise(seed, draw, FIRST_STREAM: tl.constexpr, index):
+    """Uniforms of ``index`` (int32) for draw ``draw`` (broadcast against it), in Philox
+    stream FIRST_STREAM + draw of key ``seed``."""
+    return tl.rand(seed, ((draw.to(tl.int64) + FIRST_STREAM) << 32) + index)
 
 
 @triton.jit
@@ -254,22 +243,25 @@ def _two_level_draw_kernel(
     if _row_is_active(skip_ptr, row, SKIP):
         seed = tl.load(seed_ptr) + row
         scale = inv_tau * _LOG2E
-        draws = tl.arange(0, DRAWS)[:, None]
+        draws = tl.arange(0, DRAWS)[None, :]
         tiles = tl.arange(0, BLOCK_T)
         in_row = tiles < T
         tile_max = tl.load(tile_max_ptr + row * T + tiles, mask=in_row, other=-float("inf"))
         tile_sum = tl.load(tile_sum_ptr + row * T + tiles, mask=in_row, other=0.0)
         # exp(max / tau) / M_t: inf for a tile without mass, or one 2^128 below the row's
         inv_mass = tl.exp2((tl.load(row_max_ptr + row) - tile_max) * scale) / tile_sum
-        tiles_2d = tiles[None, :] + draws * 0
-        won = _first_arrivals(inv_mass[None, :], _noise(seed, draws, _TILE_STREAM, tiles_2d), tiles_2d, BLOCK_T)
+        # (BLOCK_T, DRAWS) races, a draw per column: tile t arrives at E_t / M_t
+        tiles_2d = tiles[:, None] + draws * 0
+        u = _noise(seed, draws, _TILE_STREAM, tiles_2d)
+        _, won = _first_argmax(-(_exponential(u) * inv_mass[:, None]), tiles_2d, BLOCK_T)
         for k in tl.static_range(DRAWS):  # one tile at a time: 8 tokens per thread, not 32
             tile = _lane(won, k)
-            cols = tile * TILE + tl.arange(0, TILE)[None, :]
+            cols = tile * TILE + tl.arange(0, TILE)
             x = tl.load(phi_ptr + row * stride_phi + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
             inv_q = tl.exp2((tl.load(tile_max_ptr + row * T + tile) - x) * scale)  # in [1, inf]
-            token = _first_arrivals(inv_q, _noise(seed, tl.full((1, 1), k, tl.int32), _TOKEN_STREAM, cols), cols, V)
-            tl.store(tokens_ptr + row * DRAWS + k + tl.arange(0, 1), token)
+            u = _noise(seed, tl.full((), k, tl.int32), _TOKEN_STREAM, cols)
+            _, token = _first_argmax(-(_exponential(u) * inv_q), cols, V)  # token v arrives at E_v / q_v
+            tl.store(tokens_ptr + row * DRAWS + k, token)
 
 
 @triton.jit
