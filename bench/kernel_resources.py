@@ -169,7 +169,8 @@ def compile_only(arch: int):
 
 def exercise_ops() -> None:
     """Every launch path of the ops: guided_embedding (each mode, bf16, fp16 and fp32
-    phi, with and without active rows, a gathered table, the backward with and without
+    phi, with and without active rows, a gathered table, a vocabulary that does not fill
+    whole tiles, the backward with and without
     the fused Adam step, bf16 moments), sample_step (each alg, greedy too),
     entropy_confidence, LogitAdam (stored and recomputed moments), and the layer ops a
     reward's and a denoiser's layers run (rms_norm at a Qwen head's, Qwen3-1.7B's and
@@ -194,6 +195,8 @@ def exercise_ops() -> None:
                 entrgi.sample_step(phi, phi * 0.5, alg=alg, backend="triton", active=active,
                                    **{**sampling, "temperature": temperature})  # fmt: skip
         entropy_confidence(phi, temperature=0.7, backend="triton", active=active)
+    odd = torch.randn(ROWS, VOCAB - 16).to(torch.bfloat16).requires_grad_(True)  # not whole tiles: masked loads
+    entrgi.guided_embedding(odd, table[:-16], backend="triton", **sampling).embeds.backward(grad)
     for moment_dtype in (torch.float32, torch.bfloat16):
         phi = torch.randn(ROWS, VOCAB, requires_grad=True)
         optimizer = LogitAdam(phi, lr=0.5, active=active, backend="triton", moment_dtype=moment_dtype)

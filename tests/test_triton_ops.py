@@ -39,7 +39,7 @@ def _inputs(rows, vocab, d, dtype, neg_inf=True, seed=0):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("rows,vocab,d", [(1, 37, 8), (19, 101, 24), (33, 70, 130), (5, 333, 40)])
+@pytest.mark.parametrize("rows,vocab,d", [(1, 37, 8), (19, 101, 24), (33, 70, 130), (5, 333, 40), (9, 128, 32)])
 @pytest.mark.parametrize("mode", ["entrgi", "aps", "expectation"])
 def test_forward_and_gradient_match_float64(dtype, rows, vocab, d, mode):
     tau = 0.7
@@ -268,9 +268,9 @@ ACTIVE_PATTERNS = {
 def test_inactive_rows_are_skipped_and_zero(pattern, backend, mode):
     """Active rows equal the unmasked call (same draws: the noise is keyed by row);
     inactive rows are zero and pass no gradient."""
-    phi, table = _inputs(37, 90, 24, torch.float32, seed=2)
+    phi, table = _inputs(37, 128, 32, torch.float32, seed=2)  # whole tiles: loads without masks
     active = ACTIVE_PATTERNS[pattern](37, torch.Generator().manual_seed(1)).to(DEVICE)
-    g = torch.randn(37, 24, device=DEVICE)
+    g = torch.randn(37, 32, device=DEVICE)
     results = []
     for mask in (None, active):
         leaf = phi.clone().requires_grad_(True)
@@ -375,7 +375,7 @@ def _adam_case(rows: int, d: int, seed: int):
 
 @pytest.mark.parametrize("moment_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("table_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows,vocab,d", [(7, 101, 24), (20, 70, 130)])
+@pytest.mark.parametrize("rows,vocab,d", [(7, 101, 24), (20, 70, 130), (9, 128, 32)])
 def test_adam_fused_into_the_backward_matches_a_separate_step(table_dtype, rows, vocab, d, moment_dtype):
     """The Triton backward kernel's in-place Adam step equals dphi followed by Adam,
     and both equal the reference backend; frozen and skipped rows stay put."""
@@ -396,7 +396,7 @@ def test_adam_fused_into_the_backward_matches_a_separate_step(table_dtype, rows,
 
 
 @pytest.mark.parametrize("table_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows,vocab,d", [(7, 101, 24), (20, 70, 130)])
+@pytest.mark.parametrize("rows,vocab,d", [(7, 101, 24), (20, 70, 130), (9, 128, 32)])
 @pytest.mark.parametrize("anchor_dtype", [torch.float32, torch.bfloat16])
 def test_replayed_adam_equals_stored_moments(table_dtype, rows, vocab, d, anchor_dtype):
     """Adam recomputed from the initial logits (no moments stored) gives the rows that
@@ -476,17 +476,18 @@ def test_active_mask_is_validated():
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("fused_adam", [False, True])
-def test_table_rows_read_the_reward_table_in_place(backend, fused_adam):
+@pytest.mark.parametrize("vocab,d", [(90, 24), (128, 32)])  # the second fills whole tiles
+def test_table_rows_read_the_reward_table_in_place(backend, fused_adam, vocab, d):
     """A (V_t, d) table read through table_rows (V,) gives exactly what the copied
     (V, d) table gives: embeddings, draws, gradients or Adam steps, greedy rows."""
     from entrgi.optim import LogitAdam
 
-    phi, _ = _inputs(13, 90, 24, torch.float32, seed=12)
+    phi, _ = _inputs(13, vocab, d, torch.float32, seed=12)
     g = torch.Generator().manual_seed(3)
-    reward_table = torch.randn(70, 24, generator=g).to(torch.bfloat16).to(DEVICE)
-    table_rows = torch.randint(0, 70, (90,), generator=g).to(DEVICE)  # repeated and unread rows
+    reward_table = torch.randn(70, d, generator=g).to(torch.bfloat16).to(DEVICE)
+    table_rows = torch.randint(0, 70, (vocab,), generator=g).to(DEVICE)  # repeated and unread rows
     active = (torch.rand(13, generator=g) < 0.7).to(DEVICE)
-    grad = torch.randn(13, 24, generator=g).to(DEVICE)
+    grad = torch.randn(13, d, generator=g).to(DEVICE)
     results = []
     for table, rows in ((reward_table[table_rows], None), (reward_table, table_rows.to(torch.int32))):
         leaf = phi.clone().requires_grad_(True)
