@@ -170,11 +170,11 @@ def compile_only(arch: int):
 def exercise_ops() -> None:
     """Every launch path of the ops: guided_embedding (each mode, bf16, fp16 and fp32
     phi, with and without active rows, a gathered table, a vocabulary that does not fill
-    whole tiles, the backward with and without
-    the fused Adam step, bf16 moments), sample_step (each alg, greedy too),
-    entropy_confidence, LogitAdam (stored and recomputed moments), and the layer ops a
-    reward's and a denoiser's layers run (rms_norm at a Qwen head's, Qwen3-1.7B's and
-    Qwen2-7B's widths, silu_gate, rotary_embedding; forward and backward)."""
+    whole tiles, the backward with and without the fused Adam step, bf16 moments),
+    sample_step (each alg, greedy too), entropy_confidence, LogitAdam (stored and
+    recomputed moments), and the layer ops a reward's and a denoiser's layers run
+    (rms_norm at a Qwen head's, Qwen3-1.7B's and Qwen2-7B's widths, silu_gate,
+    rotary_embedding; forward and backward)."""
     table = torch.randn(VOCAB, DIM, dtype=torch.bfloat16)
     table_rows = torch.arange(VOCAB)
     active = torch.arange(ROWS) % 3 > 0
