@@ -108,7 +108,8 @@ class Traffic(TorchDispatchMode):
             self.add("embedding", [args[1], out, out])
             return out
         tensors = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)]
-        self.add(op_name(func, tensors), tensors)
+        if tensors:  # an op on scalars and dtypes alone (promote_types) runs on the host
+            self.add(op_name(func, tensors), tensors)
         return out
 
     def by_group(self) -> dict[str, tuple[int, float]]:

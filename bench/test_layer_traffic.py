@@ -27,6 +27,8 @@ def test_fused_layers_move_less_than_lean_and_stock_ones():
     # and the rotary embedding one kernel per query and key tensor each way
     assert fused["triton rotary forward"] == fused["triton rotary backward"] > 0
     assert "neg" not in fused and "neg" in counts["lean"]["reward fwd+bwd"].launches
+    # ops on scalars and dtypes alone run on the host: no launch (the norm's output dtype)
+    assert "promote_types" not in fused
 
 
 def test_broadcast_operands_count_once():

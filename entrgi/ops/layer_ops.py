@@ -13,7 +13,7 @@ and gradients match it bit for bit. ``triton``: one kernel per forward and backw
 roundings in the same places; only the order of an RMSNorm's row sum and the exp's
 implementation differ (16-bit results equal or one unit in the last place apart). One
 guidance call of a Qwen3-1.7B reward over 16 x 137 tokens moves 79.6 GB in 3,819
-elementwise launches with the ``torch`` backend and 21.0 GB in 972 with ``triton``,
+elementwise launches with the ``torch`` backend and 21.0 GB in 859 with ``triton``,
 against 15.2 GB for all its GEMMs (counted on the meta device by
 ``bench/layer_traffic.py``; not a timing).
 """
