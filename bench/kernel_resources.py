@@ -11,7 +11,8 @@ The public ops run on CPU tensors at the GPU tile configs and an H100's SM count
 and turns every launch into a compile-only warm-up; ``ptxas -v`` (shipped with
 Triton) reports registers and spills, ``nvdisasm`` the instructions one thread issues
 per iteration of the kernel's longest loop (a static count: what bounds a
-compute-bound pass), and Triton's GPU IR the register-layout conversions its loops
+compute-bound pass; blocks inside it that a branch can skip are also counted apart,
+so the loop minus them is the common iteration's cost), and Triton's GPU IR the register-layout conversions its loops
 run (each moves a tile through shared memory between barriers, where a layout the
 compiler could not carry through the loop meets another). This catches before a GPU
 is at hand what the interpreter cannot: code the compiler rejects, register spills,
@@ -82,6 +83,7 @@ PTX_TARGET = re.compile(r"^\.target (\S+)", re.MULTILINE)
 SASS_LABEL = re.compile(r"^(\.L_x_\d+):")
 SASS_INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]+\*/\s")
 SASS_BRANCH = re.compile(r"\bBRA\b.*?(\.L_x_\d+)")
+SASS_PREDICATED = re.compile(r"\*/\s+@!?U?P\w*\s")
 TTGIR_LOOP = re.compile(r"\bscf\.for\b.*\{$")
 
 
@@ -99,6 +101,7 @@ class KernelResources:
     stack: int
     shared: int
     loop_instructions: int = 0
+    loop_conditional: int = 0  # of the loop's instructions, those in blocks a branch can skip
     loop_conversions: int = 0
 
     def blocks_per_sm(self, limits: SmLimits) -> int:
@@ -235,11 +238,15 @@ def declared_kernels() -> set[str]:
     return names
 
 
-def longest_loop(sass: str) -> int:
-    """Instructions in the longest loop body of ``nvdisasm`` output (a branch back to an
-    earlier label; 0 without one): a thread's static cost of one hot-loop iteration."""
+def longest_loop(sass: str) -> tuple[int, int]:
+    """(instructions in the longest loop body of ``nvdisasm`` output, a branch back to an
+    earlier label: a thread's static cost of one hot-loop iteration; of which a
+    predicated forward branch inside the body can skip: conditional blocks, such as a
+    rescale that runs only when a tile raises the running maximum). (0, 0) without a
+    loop."""
     labels: dict[str, int] = {}
-    count = longest = 0
+    branches: list[tuple[int, str, bool]] = []  # (instructions up to and with the branch, target, predicated)
+    count = 0
     for line in sass.splitlines():
         label = SASS_LABEL.match(line)
         if label:
@@ -247,9 +254,17 @@ def longest_loop(sass: str) -> int:
         elif SASS_INSTRUCTION.match(line):
             count += 1
             branch = SASS_BRANCH.search(line)
-            if branch and branch.group(1) in labels:
-                longest = max(longest, count - labels[branch.group(1)])
-    return longest
+            if branch:
+                branches.append((count, branch.group(1), bool(SASS_PREDICATED.search(line))))
+    loops = [(labels[target], at) for at, target, _ in branches if labels.get(target, at) < at]
+    if not loops:
+        return 0, 0
+    start, end = max(loops, key=lambda loop: loop[1] - loop[0])
+    skippable: set[int] = set()
+    for at, target, predicated in branches:
+        if predicated and start < at and at <= labels.get(target, -1) <= end:
+            skippable.update(range(at, labels[target]))
+    return end - start, len(skippable)
 
 
 def loop_conversions(ttgir: str) -> int:
@@ -290,7 +305,7 @@ def resources(name: str, specialisation: str, kernel) -> KernelResources:
     registers = int(PTXAS_REGISTERS.search(report).group(1))
     meta = kernel.metadata
     return KernelResources(name, specialisation, meta.num_warps, meta.num_stages, registers, stores, loads, stack,
-                           meta.shared, longest_loop(_sass(kernel.asm["cubin"])),
+                           meta.shared, *longest_loop(_sass(kernel.asm["cubin"])),
                            loop_conversions(kernel.asm["ttgir"]))  # fmt: skip
 
 
@@ -307,13 +322,14 @@ def markdown(rows: list[KernelResources], arch: int) -> str:
     limits = SM_LIMITS[arch]
     lines = [
         f"| kernel (sm_{arch}) | specialisation | warps | stages | registers | spill stores B | spill loads B "
-        "| stack B | shared KiB | blocks/SM | loop instrs | loop converts |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| stack B | shared KiB | blocks/SM | loop instrs | of which conditional | loop converts |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(f"| {r.name} | {r.specialisation} | {r.num_warps} | {r.num_stages} | {r.registers} "
                      f"| {r.spill_stores} | {r.spill_loads} | {r.stack} | {r.shared / 1024:.1f} "
-                     f"| {r.blocks_per_sm(limits)} | {r.loop_instructions} | {r.loop_conversions} |")  # fmt: skip
+                     f"| {r.blocks_per_sm(limits)} | {r.loop_instructions} | {r.loop_conditional} "
+                     f"| {r.loop_conversions} |")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -70,6 +70,9 @@ def test_every_kernel_compiles_for_sm90_within_registers_and_shared_memory():
     assert above and all(r["loop converts"] == "0" and int(r["blocks/SM"]) >= 3 for r in above)
     stats = [r for r in rows if r["kernel (sm_90)"] == "_row_stats_partial_kernel"]
     assert any("TILES=True" in r["specialisation"] for r in stats) and all(r["loop converts"] == "0" for r in stats)
+    # its rescale and argmax search run only in the iterations where a tile raises the
+    # running maximum: a block of the loop that the others skip
+    assert all(int(r["of which conditional"]) > int(r["loop instrs"]) // 4 for r in stats)
 
 
 def test_longest_loop_counts_the_body_of_the_longest_backward_branch():
@@ -87,8 +90,31 @@ def test_longest_loop_counts_the_body_of_the_longest_backward_branch():
 .L_x_3:
         /*0070*/                   EXIT ;
 """
-    assert longest_loop(sass) == 3  # the forward branch to .L_x_3 is no loop
-    assert longest_loop("        /*0000*/                   EXIT ;") == 0
+    assert longest_loop(sass) == (3, 0)  # the forward branch to .L_x_3 is no loop
+    assert longest_loop("        /*0000*/                   EXIT ;") == (0, 0)
+
+
+def test_longest_loop_counts_apart_what_a_predicated_branch_inside_it_skips():
+    longest_loop = _report().longest_loop
+    sass = """
+.L_x_1:
+        /*0000*/                   FMNMX R2, R2, R3, !PT ;
+        /*0010*/              @!P5 BRA `(.L_x_2) ;
+        /*0020*/                   MUFU.EX2 R4, R4 ;
+        /*0030*/                   FMUL R5, R5, R4 ;
+.L_x_2:
+        /*0040*/                   FFMA R6, R6, R7, R8 ;
+        /*0050*/                   BRA `(.L_x_3) ;
+        /*0060*/                   FADD R9, R9, R9 ;
+.L_x_3:
+        /*0070*/               @P0 BRA `(.L_x_1) ;
+        /*0080*/               @P1 BRA `(.L_x_4) ;
+.L_x_4:
+        /*0090*/                   EXIT ;
+"""
+    # 8 in the loop; the two behind @!P5 are conditional, the one behind the
+    # unconditional BRA is not (no iteration runs it), nor is a branch past the loop
+    assert longest_loop(sass) == (8, 2)
 
 
 def test_loop_conversions_count_only_what_loops_hold():

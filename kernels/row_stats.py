@@ -105,56 +105,63 @@ def _row_stats_partial_kernel(
     TILES: tl.constexpr,
 ):
     """One (row, chunk): online softmax moments at temperatures 1 and tau sharing one
-    running maximum (max(x / tau) = max(x) / tau), and the argmax. Sums and the argmax
-    are kept per lane; the only cross-lane reductions in the loop are the tile maximum
-    and, with TILES, the tile's mass at tau (taken against the tile's own maximum, so it
-    does not depend on where a chunk starts). The first moments are kept relative to
-    the running maximum (sum e (x - m)), so the entropies never subtract two numbers of
-    size max / tau (at tau = 1e-3 that cost 4e-3)."""
+    running maximum m (max(x / tau) = max(x) / tau), and the argmax. The sums are kept
+    per lane; the only cross-lane reductions in the loop are the tile maximum and, with
+    TILES, the tile's mass at tau (taken against the tile's own maximum, so it does not
+    depend on where a chunk starts). The first moments are kept relative to m
+    (sum e (x - m)), so the entropies never subtract two numbers of size max / tau (at
+    tau = 1e-3 that cost 4e-3). Only a tile that raises m (a handful per row) moves the
+    sums to the new origin and looks for its first maximum: the other tiles spend no
+    per-element work on either.
+    Exponentials are exp2 of log2(e)-scaled arguments: PTX's ex2.approx.ftz, one
+    instruction, where tl.exp's lowering adds a denormal fix-up of four per element.
+    Terms below 2^-126 of the row's largest are flushed, in sums that are at least 1."""
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     if _row_is_active(skip_ptr, row, SKIP):
         base = phi_ptr + row * stride_phi
+        scale_t = inv_tau * _LOG2E
         m = -float("inf")
         s1 = tl.zeros((BLOCK_V,), tl.float32)
         t1 = tl.zeros((BLOCK_V,), tl.float32)
         st = tl.zeros((BLOCK_V,), tl.float32)
         tt = tl.zeros((BLOCK_V,), tl.float32)
-        best = tl.full((BLOCK_V,), -float("inf"), tl.float32)
-        best_idx = tl.zeros((BLOCK_V,), tl.int32)
         v_start = split * chunk
         v_end = tl.minimum(v_start + chunk, V)
+        argmax = v_start
         ahead = _load_tile(base, v_start, v_end, BLOCK_V)
         for start in range(v_start, v_end, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             x = ahead.to(tl.float32)
             ahead = _load_tile(base, start + BLOCK_V, v_end, BLOCK_V)
             tile_max = tl.max(x, 0)
-            m_new = tl.maximum(m, tile_max)
-            safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+            if tile_max > m:  # strict: an earlier tile keeps a tied maximum
+                argmax = tl.min(tl.where(x == tile_max, cols, v_end), 0)
+                moved = tl.where(m == -float("inf"), 0.0, m - tile_max)  # the old origin, seen from the new
+                scale1 = tl.exp2(moved * _LOG2E)
+                scalet = tl.exp2(moved * scale_t)
+                t1 = (t1 + moved * s1) * scale1
+                s1 = s1 * scale1
+                tt = (tt + moved * st) * scalet
+                st = st * scalet
+                m = tile_max
+            safe = tl.where(m == -float("inf"), 0.0, m)
             shifted = x - safe
-            e1 = tl.exp(shifted)
+            finite_shifted = tl.maximum(shifted, -3.0e38)  # where x = -inf, e = 0: 0 * (-inf) guarded
+            e1 = tl.exp2(shifted * _LOG2E)
             if TILES:
                 tile_ref = tl.where(tile_max == -float("inf"), safe, tile_max)  # no finite entry: e = 0
-                et_tile = tl.exp((x - tile_ref) * inv_tau)
+                et_tile = tl.exp2((x - tile_ref) * scale_t)
                 tile = row * T + start // BLOCK_V
                 tl.store(tile_max_ptr + tile, tile_max)
                 tl.store(tile_sum_ptr + tile, tl.sum(et_tile, 0))
-                et = et_tile * tl.exp((tile_ref - safe) * inv_tau)
+                et = et_tile * tl.exp2((tile_ref - safe) * scale_t)
             else:
-                et = tl.exp(shifted * inv_tau)
-            scale1 = tl.exp(m - safe)
-            scalet = tl.exp((m - safe) * inv_tau)
-            old_max = tl.where(m == -float("inf"), 0.0, m - safe)  # the sums' old origin, seen from the new one
-            t1 = (t1 + old_max * s1) * scale1 + tl.where(e1 > 0, e1 * shifted, 0.0)  # 0 * (-inf) guarded
-            s1 = s1 * scale1 + e1
-            tt = (tt + old_max * st) * scalet + tl.where(et > 0, et * shifted, 0.0)
-            st = st * scalet + et
-            m = m_new
-            better = x > best  # strict: a lane keeps its first maximum
-            best_idx = tl.where(better, cols, best_idx)
-            best = tl.where(better, x, best)
-        top, top_idx = _first_argmax(best, best_idx, V)
+                et = tl.exp2(shifted * scale_t)
+            t1 += e1 * finite_shifted
+            s1 += e1
+            tt += et * finite_shifted
+            st += et
         slot = row * S + split
         moments = moments_ptr + slot * 5
         tl.store(moments, m)
@@ -162,8 +169,8 @@ def _row_stats_partial_kernel(
         tl.store(moments + 2, tl.sum(t1, 0))
         tl.store(moments + 3, tl.sum(st, 0))
         tl.store(moments + 4, tl.sum(tt, 0))
-        tl.store(best_ptr + slot, top)
-        tl.store(best_idx_ptr + slot, top_idx)
+        tl.store(best_ptr + slot, m)
+        tl.store(best_idx_ptr + slot, argmax)
 
 
 @triton.jit
