@@ -55,6 +55,29 @@ def test_row_stats_of_every_split_match_float64(dtype, vocab, splits):
     assert torch.equal(stats.argmax.cpu(), x.cpu().argmax(-1))
 
 
+@pytest.mark.parametrize("tau", [0.05, 1.0])
+def test_row_stats_when_every_tile_or_only_the_first_raises_the_maximum(tau):
+    """The sums move to a new running maximum only in a tile that raises it: rows
+    ascending (every tile does, by 0.48 / tau at tau: 9.6 at 0.05), descending (only the first),
+    and ascending with the same maximum again in a later tile (which must not move the
+    argmax) agree with float64."""
+    from entrgi_kernels.row_stats import row_stats
+
+    ramp = torch.linspace(-3.0, 3.0, 101, dtype=torch.float64)
+    tied = ramp.clone()
+    tied[60:] = ramp[:41]  # a lower stretch after the maximum at 59 ...
+    tied[80] = ramp[59]  # ... and the same maximum again, three tiles on
+    xd = torch.stack([ramp, ramp.flip(0), tied])
+    stats = row_stats(xd.float().to(DEVICE), tau, splits=1, block_v=BLOCK_V)
+    shifted = xd - xd.max(-1, keepdim=True).values
+    for got, want in ((stats.lse_tau_shifted, shifted / tau), (stats.lse_1_shifted, shifted)):
+        torch.testing.assert_close(got.cpu().double(), torch.logsumexp(want, -1), atol=2e-6, rtol=0)
+    p1, pt = torch.softmax(xd, -1), torch.softmax(xd / tau, -1)
+    torch.testing.assert_close(stats.entropy.cpu().double(), -sum_p_log_p(p1) / math.log(101), atol=2e-5, rtol=0)
+    torch.testing.assert_close(stats.plogp_tau.cpu().double(), sum_p_log_p(pt), atol=5e-5, rtol=0)
+    assert stats.argmax.tolist() == [100, 0, 59]
+
+
 @pytest.mark.parametrize("splits", SPLITS)
 def test_row_stats_skip_rows_with_splits(splits):
     from entrgi_kernels.row_stats import row_stats
