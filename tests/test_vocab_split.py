@@ -58,9 +58,9 @@ def test_row_stats_of_every_split_match_float64(dtype, vocab, splits):
 @pytest.mark.parametrize("tau", [0.05, 1.0])
 def test_row_stats_when_every_tile_or_only_the_first_raises_the_maximum(tau):
     """The sums move to a new running maximum only in a tile that raises it: rows
-    ascending (every tile does, by 0.48 / tau at tau: 9.6 at 0.05), descending (only the first),
-    and ascending with the same maximum again in a later tile (which must not move the
-    argmax) agree with float64."""
+    ascending (every tile does, each by 0.48 / tau: 9.6 at tau = 0.05), descending
+    (only the first), and ascending with the same maximum again in a later tile (which
+    must not move the argmax) agree with float64."""
     from entrgi_kernels.row_stats import row_stats
 
     ramp = torch.linspace(-3.0, 3.0, 101, dtype=torch.float64)
