@@ -2,6 +2,10 @@
 # Everything a lent GPU should check and time, in stages that each fit one 10-minute call
 # of the device tool. Logs and CSVs go to $OUT (default bench/out); the last lines of
 # each stage are a short summary. Usage, from the repository root on the GPU machine:
+#   bash bench/gpu_session.sh quick     # one call for a 15-minute lease (at most 8 min 20 s, each part
+#                                       # under its own time limit): the CUDA-only op tests and graph
+#                                       # replay, the op at both goals' shapes + per-kernel breakdown, the
+#                                       # step suite with graphs; 7 files in $OUT
 #   bash bench/gpu_session.sh tests     # install offline; the kernel, optimizer and CUDA-graph tests on CUDA
 #                                       # (6 min on an H100, 2026-11-24)
 #   bash bench/gpu_session.sh tests-rest  # the rest of the test suite on CUDA
@@ -21,9 +25,9 @@
 #                                       # candidates for the forward's slow-down measured on 2026-11-24)
 set -euo pipefail
 case "${1:-}" in
-tests | tests-rest | step | moments | profile | compile | fused | op | baseline | sweep | sweep-bf16 | bisect) ;;
+quick | tests | tests-rest | step | moments | profile | compile | fused | op | baseline | sweep | sweep-bf16 | bisect) ;;
 *)
-    echo "usage: bash bench/gpu_session.sh tests|tests-rest|step|moments|profile|compile|fused|op|baseline|sweep|sweep-bf16|bisect" >&2
+    echo "usage: bash bench/gpu_session.sh quick|tests|tests-rest|step|moments|profile|compile|fused|op|baseline|sweep|sweep-bf16|bisect" >&2
     exit 2
     ;;
 esac
@@ -61,6 +65,21 @@ first="tests/test_full_shapes.py tests/test_triton_ops.py tests/test_vocab_split
        tests/test_optim.py tests/test_sampler.py tests/test_decoding.py tests/test_layers.py tests/test_layer_ops.py
        tests/test_lean.py"
 case "$1" in
+quick) # each part under `timeout`, so one that overruns still leaves the others' results; the
+    # benches write their plots to /tmp and only the CSVs are copied (the device tool returns 8 files)
+    timeout 150 python -m pytest -v --tb=short -p no:cacheprovider tests/test_full_shapes.py \
+        tests/test_sampler.py -k "full_vocabulary or cuda or graph or sync" >"$OUT/quick_tests.log" 2>&1 || true
+    grep -E "FAILED|ERROR" "$OUT/quick_tests.log" | head -20 || true
+    tail -1 "$OUT/quick_tests.log"
+    timeout 100 entrgi bench --suite op --backends triton torch --n 512 2048 --d 1024 2048 --dtype bfloat16 \
+        --repeats 20 --out /tmp/quick-op 2>&1 | tee "$OUT/op.log" | grep -E "^(triton|torch) .*fwd\+bwd" || true
+    timeout 80 python bench/op_breakdown.py --n 512 2048 --d 1024 2048 --dtype bfloat16 >"$OUT/breakdown.log" 2>&1 || true
+    for preset in 1xK4-0.6b 4xK4-1.7b; do # one call each: a preset that overruns loses only its own rows
+        timeout 85 entrgi bench --suite step --preset $preset --methods none entrgi --repeats 8 \
+            --reward-cache-prefix --reward-checkpoint --out /tmp/quick-step 2>&1 | tee -a "$OUT/step.log" | tail -3 || true
+    done
+    cp /tmp/quick-op/op_results.csv /tmp/quick-step/step_results.csv "$OUT" 2>/dev/null || true
+    ;;
 tests) # -v: each test's name reaches the log as it ends, so a call that runs out of time still says which failed
     # shellcheck disable=SC2086  # separate paths
     python -m pytest -v --tb=short -p no:cacheprovider $first >"$OUT/tests_gpu.log" 2>&1 || status=$?
