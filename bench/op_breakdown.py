@@ -12,7 +12,12 @@ at the per-row kernels' tile ("2048-token tile") instead of 1,024 tokens. "row_s
 tile masses" is the statistics pass the op runs when it samples (the draws pick a tile
 by them).
 With ``--dtype float32`` (the guidance loop's phi) it also times the Adam step after a
-stored dphi and the backward with the step fused in. GPU only.
+stored dphi and the backward with the step fused in.
+The GEMM kernels load every tile once per program that uses it: a V tile of phi once
+per d block, a tile of E once per row block. Those loads come from L2 at best, so the
+GEMM rows also give the bytes their programs load and store ("L2 GB") and the time that takes at
+the L2 read bandwidth measured at the start ("at L2 ms"): a kernel near that time is
+bound by L2, not by HBM or the tensor cores. GPU only.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import statistics
 
 import torch
 import triton
+import triton.language as tl
 
 from entrgi.benchmark import PEAK_BYTES_PER_S, PEAK_FLOP_PER_S, time_ms
 from entrgi_kernels.adam import AdamUpdate, adam_step
@@ -42,6 +48,64 @@ from entrgi_kernels.threshold import keep_threshold_keys
 TAU, TOP_P = 0.7, 0.95
 
 
+L2_PROBE_BYTES = 16 * 2**20  # well inside the L2 of an H100 (50 MB) or H200 (60 MB)
+L2_PROBE_PASSES = 64
+
+
+@triton.jit
+def _l2_read_kernel(src_ptr, out_ptr, numel, passes, BLOCK: tl.constexpr):
+    """Each program reads its strided share of ``src`` (numel a multiple of BLOCK) in
+    ``passes`` passes, past L1 (.cg), and stores its (BLOCK,) fp32 sums."""
+    program, programs = tl.program_id(0), tl.num_programs(0)
+    offsets = tl.arange(0, BLOCK)
+    total = tl.zeros((BLOCK,), tl.float32)
+    for _ in range(passes):
+        for start in range(program * BLOCK, numel, programs * BLOCK):
+            total += tl.load(src_ptr + start + offsets, cache_modifier=".cg")
+    tl.store(out_ptr + program * BLOCK + offsets, total)
+
+
+def l2_read(src: torch.Tensor, passes: int, programs: int, block: int = 1024) -> torch.Tensor:
+    """(programs, block) fp32 per-lane sums of ``passes`` reads of ``src`` (fp32, numel a
+    multiple of ``block``): the L2 probe's kernel."""
+    if src.dtype != torch.float32 or src.numel() % block:
+        raise ValueError(f"src must be float32 with numel a multiple of {block}, got {src.dtype}, {src.numel()}")
+    out = torch.empty(programs, block, device=src.device, dtype=torch.float32)
+    _l2_read_kernel[(programs,)](src, out, src.numel(), passes, BLOCK=block, num_warps=4)
+    return out
+
+
+def l2_read_bandwidth(block: int = 1024) -> float:
+    """Bytes per second read from an L2-resident fp32 buffer of about L2_PROBE_BYTES by
+    eight programs per SM, each reading as many blocks as the others."""
+    programs = programs_to_fill(torch.device("cuda"), 8)
+    src = torch.randn(programs * block * max(1, L2_PROBE_BYTES // (programs * block * 4)), device="cuda")
+    ms = _median(lambda: l2_read(src, L2_PROBE_PASSES, programs, block))
+    return L2_PROBE_PASSES * src.numel() * 4 / (ms * 1e-3)
+
+
+def forward_l2_bytes(n: int, vocab: int, d: int, cfg: TileConfig, phi_size: int) -> float:
+    """Bytes the soft forward's programs load: per (row block, d block) program and V
+    tile of its chunk, a (block_n, block_v) tile of phi (``phi_size`` bytes an entry)
+    and a (block_v, block_d) tile of the bf16 table; whole tiles (a row past N reads
+    row 0)."""
+    row_blocks, v_tiles, d_blocks = (triton.cdiv(a, b) for a, b in ((n, cfg.block_n), (vocab, cfg.block_v),
+                                                                    (d, cfg.block_d)))  # fmt: skip
+    return row_blocks * d_blocks * v_tiles * (cfg.block_n * cfg.block_v * phi_size + cfg.block_v * cfg.block_d * 2)
+
+
+def backward_l2_bytes(n: int, vocab: int, d: int, cfg: TileConfig, phi_size: int, row_tile_bytes: int) -> float:
+    """Bytes the soft backward's programs move: per (row block, V tile) program, a
+    (block_n, block_d) tile of bf16 g and a (block_v, block_d) tile of the bf16 table per
+    d block, then ``row_tile_bytes`` per entry of its (block_n, block_v) tile of phi
+    (phi read + dphi written: 2 phi_size; with the Adam step fused, phi and both moments
+    read and written); whole tiles."""
+    row_blocks, v_tiles, d_blocks = (triton.cdiv(a, b) for a, b in ((n, cfg.block_n), (vocab, cfg.block_v),
+                                                                    (d, cfg.block_d)))  # fmt: skip
+    per_d_block = (cfg.block_n + cfg.block_v) * cfg.block_d * 2
+    return row_blocks * v_tiles * (d_blocks * per_d_block + cfg.block_n * cfg.block_v * row_tile_bytes)
+
+
 def _median(fn, repeats=20) -> float:
     return statistics.median(time_ms(fn, repeats, warmup=3))
 
@@ -50,7 +114,8 @@ def _floor_ms(nbytes: float, flops: float = 0.0) -> float:
     return max(nbytes / PEAK_BYTES_PER_S, flops / PEAK_FLOP_PER_S) * 1e3
 
 
-def breakdown(n: int, vocab: int, d: int, dtype: torch.dtype) -> list[tuple[str, float, float]]:
+def breakdown(n: int, vocab: int, d: int, dtype: torch.dtype) -> list[tuple[str, float, float, float | None]]:
+    """(kernel, median ms, floor ms, bytes its programs load or None) per kernel of the op."""
     phi = (torch.randn(n, vocab, device="cuda") * 3).to(dtype)
     table = torch.randn(vocab, d, device="cuda", dtype=torch.bfloat16)
     grad = torch.randn(n, d, device="cuda")
@@ -64,23 +129,27 @@ def breakdown(n: int, vocab: int, d: int, dtype: torch.dtype) -> list[tuple[str,
     # the forward's split count before whole waves: two programs per SM, rounded up
     tiles = triton.cdiv(n, FORWARD_GPU.block_n) * triton.cdiv(d, FORWARD_GPU.block_d)
     two_per_sm = triton.cdiv(programs_to_fill(phi.device, 2), tiles)
+    size = phi.element_size()
+    backward_cfg = BACKWARD_GPU_HALF_TILE if dtype == torch.float32 else BACKWARD_GPU  # as the backward picks
+    forward_loads = _gemm_loads("forward", n, vocab, d, FORWARD_GPU, size)
     return [
-        ("row_stats", _median(lambda: row_stats(phi, TAU)), _floor_ms(phi_bytes)),
-        ("row_stats + tile masses", _median(lambda: row_stats(phi, TAU, tiles=True)), _floor_ms(phi_bytes)),
-        ("threshold (top-p)", _median(lambda: keep_threshold_keys(phi, norm, TAU, TOP_P, 0)), _floor_ms(phi_bytes)),
-        ("sample", _median(lambda: sample_filtered(phi, keys, seed, TAU)), _floor_ms(phi_bytes)),
+        ("row_stats", _median(lambda: row_stats(phi, TAU)), _floor_ms(phi_bytes), None),
+        ("row_stats + tile masses", _median(lambda: row_stats(phi, TAU, tiles=True)), _floor_ms(phi_bytes), None),
+        ("threshold (top-p)", _median(lambda: keep_threshold_keys(phi, norm, TAU, TOP_P, 0)), _floor_ms(phi_bytes),
+         None),
+        ("sample", _median(lambda: sample_filtered(phi, keys, seed, TAU)), _floor_ms(phi_bytes), None),
         ("rejection sample", _median(lambda: rejection_sample(phi, stats, seed, TAU, TOP_P, 0)),
-         _floor_ms(phi_bytes)),
+         _floor_ms(phi_bytes), None),
         (f"  {ROW_BLOCK_V}-token tile", _median(lambda: rejection_sample(phi, stats, seed, TAU, TOP_P, 0,
                                                                         block_v=ROW_BLOCK_V)),
-         _floor_ms(phi_bytes)),
+         _floor_ms(phi_bytes), None),
         ("soft forward", _median(lambda: soft_embedding_forward(phi, table, norm, argmax, entropy, argmax, TAU)),
-         _floor_ms(phi_bytes + table_bytes, gemm_flops)),
+         _floor_ms(phi_bytes + table_bytes, gemm_flops), forward_loads),
         (f"  {two_per_sm} splits", _median(lambda: soft_embedding_forward(phi, table, norm, argmax, entropy, argmax,
                                                                           TAU, splits=two_per_sm)),
-         _floor_ms(phi_bytes + table_bytes, gemm_flops)),
+         _floor_ms(phi_bytes + table_bytes, gemm_flops), forward_loads),
         ("soft backward", _median(lambda: soft_embedding_backward(phi, table, grad, norm, soft, TAU)),
-         _floor_ms(2 * phi_bytes + table_bytes, gemm_flops)),
+         _floor_ms(2 * phi_bytes + table_bytes, gemm_flops), _gemm_loads("backward", n, vocab, d, backward_cfg, size)),
     ] + (_adam_rows(phi, table, grad, norm, soft) if dtype == torch.float32 else [])  # fmt: skip
 
 
@@ -90,16 +159,26 @@ def _adam_updates(phi: torch.Tensor):
     return lambda: AdamUpdate(*moments, step=1, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8)
 
 
-def _adam_rows(phi, table, grad, norm, soft) -> list[tuple[str, float, float]]:
+def _adam_rows(phi, table, grad, norm, soft) -> list[tuple[str, float, float, float | None]]:
     """The guidance loop's Adam step on fp32 phi: after a stored dphi, or inside the backward."""
     param, dphi = phi.clone(), soft_embedding_backward(phi, table, grad, norm, soft, TAU)
     update = _adam_updates(phi)
     phi_bytes, table_bytes = phi.numel() * 4, table.numel() * 2
     fused = lambda: soft_embedding_backward(param, table, grad, norm, soft, TAU, adam=update())  # noqa: E731
+    (n, vocab), d = phi.shape, table.shape[1]
     return [
-        ("adam (separate)", _median(lambda: adam_step(param, dphi, update())), _floor_ms(7 * phi_bytes)),
-        ("soft bwd + adam", _median(fused), _floor_ms(6 * phi_bytes + table_bytes, 2.0 * phi.numel() * table.shape[1])),
+        ("adam (separate)", _median(lambda: adam_step(param, dphi, update())), _floor_ms(7 * phi_bytes), None),
+        ("soft bwd + adam", _median(fused), _floor_ms(6 * phi_bytes + table_bytes, 2.0 * phi.numel() * d),
+         _gemm_loads("bwd + adam", n, vocab, d, BACKWARD_GPU_HALF_TILE, 4)),
     ]  # fmt: skip
+
+
+def _gemm_loads(kind: str, n: int, vocab: int, d: int, cfg: TileConfig, phi_size: int) -> float:
+    """Bytes the programs of a GEMM kernel of the op move (fp32 Adam moments with the step)."""
+    if kind == "forward":
+        return forward_l2_bytes(n, vocab, d, cfg, phi_size)
+    row_tile_bytes = 6 * phi_size if kind == "bwd + adam" else 2 * phi_size  # phi, m, v read and written
+    return backward_l2_bytes(n, vocab, d, cfg, phi_size, row_tile_bytes)
 
 
 def sweep(n: int, vocab: int, d: int, dtype: torch.dtype) -> list[tuple[str, TileConfig, float]]:
@@ -150,16 +229,22 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     print(f"{torch.cuda.get_device_name()}  V={args.vocab} phi {args.dtype}  defaults: fwd {FORWARD_GPU} "
           f"bwd {BACKWARD_GPU}, fp32 phi or Adam {BACKWARD_GPU_HALF_TILE}")  # fmt: skip
+    l2 = l2_read_bandwidth()
+    print(f"L2 read bandwidth {l2 / 1e12:.2f} TB/s (about {L2_PROBE_BYTES >> 20} MiB read {L2_PROBE_PASSES} times)")
+    size = dtype.itemsize
     for n, d in itertools.product(args.n, args.d):
-        print(f"\nN={n} d={d}\n{'kernel':<20} {'median ms':>10} {'floor ms':>9} {'x floor':>8}")
-        for name, ms, floor in breakdown(n, args.vocab, d, dtype):
-            print(f"{name:<20} {ms:10.3f} {floor:9.3f} {ms / floor:8.1f}")
+        print(f"\nN={n} d={d}\n{'kernel':<20} {'median ms':>10} {'floor ms':>9} {'x floor':>8} {'L2 GB':>7} "
+              f"{'at L2 ms':>9}")  # fmt: skip
+        for name, ms, floor, loads in breakdown(n, args.vocab, d, dtype):
+            l2_columns = "" if loads is None else f" {loads / 1e9:7.2f} {loads / l2 * 1e3:9.3f}"
+            print(f"{name:<20} {ms:10.3f} {floor:9.3f} {ms / floor:8.1f}{l2_columns}")
         if args.sweep:
             results = sweep(n, args.vocab, d, dtype)
             for kind in ("forward", "backward", "bwd + adam"):
                 best = sorted((r for r in results if r[0] == kind), key=lambda r: r[2])[:5]
                 for _, cfg, ms in best:
-                    print(f"  best {kind:<8} {ms:8.3f} ms  {cfg}")
+                    loads = _gemm_loads(kind, n, args.vocab, d, cfg, size)
+                    print(f"  best {kind:<8} {ms:8.3f} ms  {cfg}  L2 {loads / 1e9:.2f} GB, {loads / l2 * 1e3:.3f} ms")
 
 
 if __name__ == "__main__":
