@@ -2,7 +2,7 @@
 # Everything a lent GPU should check and time, in stages that each fit one 10-minute call
 # of the device tool. Logs and CSVs go to $OUT (default bench/out); the last lines of
 # each stage are a short summary. Usage, from the repository root on the GPU machine:
-#   bash bench/gpu_session.sh quick     # one call for a 15-minute lease (at most 8 min 20 s, each part
+#   bash bench/gpu_session.sh quick     # one call for a 15-minute lease (at most 8 min 40 s, each part
 #                                       # under its own time limit): the CUDA-only op tests and graph
 #                                       # replay, the op at both goals' shapes + per-kernel breakdown, the
 #                                       # step suite with graphs; 7 files in $OUT
@@ -73,7 +73,7 @@ quick) # each part under `timeout`, so one that overruns still leaves the others
     tail -1 "$OUT/quick_tests.log"
     timeout 100 entrgi bench --suite op --backends triton torch --n 512 2048 --d 1024 2048 --dtype bfloat16 \
         --repeats 20 --out /tmp/quick-op 2>&1 | tee "$OUT/op.log" | grep -E "^(triton|torch) .*fwd\+bwd" || true
-    timeout 80 python bench/op_breakdown.py --n 512 2048 --d 1024 2048 --dtype bfloat16 >"$OUT/breakdown.log" 2>&1 || true
+    timeout 100 python bench/op_breakdown.py --n 512 2048 --d 1024 2048 --dtype bfloat16 >"$OUT/breakdown.log" 2>&1 || true
     for preset in 1xK4-0.6b 4xK4-1.7b; do # one call each: a preset that overruns loses only its own rows
         timeout 85 entrgi bench --suite step --preset $preset --methods none entrgi --repeats 8 \
             --reward-cache-prefix --reward-checkpoint --out /tmp/quick-step 2>&1 | tee -a "$OUT/step.log" | tail -3 || true
