@@ -5,7 +5,7 @@
 #   bash bench/gpu_session.sh quick     # one call for a 15-minute lease (at most 8 min 40 s, each part
 #                                       # under its own time limit): the CUDA-only op tests and graph
 #                                       # replay, the op at both goals' shapes + per-kernel breakdown, the
-#                                       # step suite with graphs; 7 files in $OUT
+#                                       # step suite with graphs and the prefix cache; 7 files in $OUT
 #   bash bench/gpu_session.sh tests     # install offline; the kernel, optimizer and CUDA-graph tests on CUDA
 #                                       # (6 min on an H100, 2026-11-24)
 #   bash bench/gpu_session.sh tests-rest  # the rest of the test suite on CUDA
@@ -74,9 +74,10 @@ quick) # each part under `timeout`, so one that overruns still leaves the others
     timeout 100 entrgi bench --suite op --backends triton torch --n 512 2048 --d 1024 2048 --dtype bfloat16 \
         --repeats 20 --out /tmp/quick-op 2>&1 | tee "$OUT/op.log" | grep -E "^(triton|torch) .*fwd\+bwd" || true
     timeout 100 python bench/op_breakdown.py --n 512 2048 --d 1024 2048 --dtype bfloat16 >"$OUT/breakdown.log" 2>&1 || true
+    # the fastest options of the 2026-11-24 run (its 21 GiB row needs checkpointing too: the 'moments' stage)
     for preset in 1xK4-0.6b 4xK4-1.7b; do # one call each: a preset that overruns loses only its own rows
         timeout 85 entrgi bench --suite step --preset $preset --methods none entrgi --repeats 8 \
-            --reward-cache-prefix --reward-checkpoint --out /tmp/quick-step 2>&1 | tee -a "$OUT/step.log" | tail -3 || true
+            --reward-cache-prefix --out /tmp/quick-step 2>&1 | tee -a "$OUT/step.log" | tail -3 || true
     done
     cp /tmp/quick-op/op_results.csv /tmp/quick-step/step_results.csv "$OUT" 2>/dev/null || true
     ;;
