@@ -83,6 +83,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+LEAVE_AND_LIST_THREADS = """
+import os
+from entrgi.distributed import close_world, init_world
+world, _ = init_world("cpu")
+import transformers.modeling_utils  # imports torch._dynamo, as loading a model does
+close_world(world)
+names = sorted(open(f"/proc/self/task/{task}/comm").read().strip() for task in os.listdir("/proc/self/task"))
+os.write(1, f"threads {names}\\n".encode())  # one write: the two ranks' lines never interleave
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="lists threads through Linux's /proc")
+def test_leaving_the_job_stops_the_process_groups_threads(tmp_path):
+    # a group that outlives destroy_process_group keeps gloo's threads running until
+    # exit, where they can abort the process (SIGABRT after the results were written)
+    script = tmp_path / "leave.py"
+    script.write_text(LEAVE_AND_LIST_THREADS)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+               f"--master_port={_free_port()}", str(script)]  # fmt: skip
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    threads = [line for line in done.stdout.splitlines() if line.startswith("threads")]
+    assert len(threads) == 2 and not any("gloo" in line for line in threads), threads
+
+
 def test_torchrun_two_gloo_processes_match_one_process(tmp_path, mlm_path, classifier_path, dataset):
     single = tmp_path / "single.json"
     assert main(_generate_args(mlm_path, classifier_path, dataset, single)) == 0
