@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
-import torch._dynamo  # noqa: F401  (see init_world)
 import torch.distributed as dist
+import torch.distributed.nn  # noqa: F401  (see init_world)
 
 from entrgi.sampler import BatchedGeneration, PromptResult
 
@@ -36,10 +36,10 @@ def init_world(device: str) -> tuple[World, str]:
     if size == 1:
         return World(), device
     world = World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
-    # torch._dynamo, first imported after a group exists, keeps that group alive past
-    # destroy_process_group (torch 2.13; transformers imports it with its models), and
-    # gloo's threads, still running at exit, then abort the process: this module imports
-    # it before any group exists.
+    # torch.distributed.nn.functional takes group.WORLD as default arguments when first
+    # imported: imported once a group exists (transformers' model code imports it), it
+    # keeps that group alive past destroy_process_group, and gloo's threads, still
+    # running at exit, can abort the process. This module imports it before any group.
     if torch.device(device).type == "cuda":
         device = f"cuda:{world.local_rank}"
         torch.cuda.set_device(device)

@@ -87,7 +87,7 @@ LEAVE_AND_LIST_THREADS = """
 import os
 from entrgi.distributed import close_world, init_world
 world, _ = init_world("cpu")
-import transformers.modeling_utils  # imports torch._dynamo, as loading a model does
+import transformers.modeling_utils  # imports torch.distributed.nn, as loading a model does
 close_world(world)
 names = sorted(open(f"/proc/self/task/{task}/comm").read().strip() for task in os.listdir("/proc/self/task"))
 os.write(1, f"threads {names}\\n".encode())  # one write: the two ranks' lines never interleave
