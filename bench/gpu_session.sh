@@ -43,6 +43,12 @@ OUT=${OUT:-bench/out}
 mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 python -m pip install --quiet --no-deps --no-build-isolation --no-index -e . >/dev/null
+if ! python -c "import entrgi_kernels.soft_embedding" 2>/dev/null; then
+    # kernels/ has no __init__.py (see pyproject.toml): an editable install whose setuptools
+    # cannot map that namespace package gets a regular one, which copies the files
+    echo "editable install cannot import entrgi_kernels; installing a copy" >&2
+    python -m pip install --quiet --no-deps --no-build-isolation --no-index . >/dev/null
+fi
 python - <<'EOF' | tee "$OUT/environment.txt"
 import subprocess, setuptools, torch, triton, transformers
 print(torch.cuda.get_device_name(), "| torch", torch.__version__, "| triton", triton.__version__,
