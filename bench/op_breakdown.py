@@ -84,13 +84,17 @@ def l2_read_bandwidth(block: int = 1024) -> float:
     return L2_PROBE_PASSES * src.numel() * 4 / (ms * 1e-3)
 
 
+def _tile_counts(n: int, vocab: int, d: int, cfg: TileConfig) -> tuple[int, int, int]:
+    """Row blocks, V tiles and d blocks of a GEMM kernel's grid."""
+    return triton.cdiv(n, cfg.block_n), triton.cdiv(vocab, cfg.block_v), triton.cdiv(d, cfg.block_d)
+
+
 def forward_l2_bytes(n: int, vocab: int, d: int, cfg: TileConfig, phi_size: int) -> float:
     """Bytes the soft forward's programs load: per (row block, d block) program and V
     tile of its chunk, a (block_n, block_v) tile of phi (``phi_size`` bytes an entry)
     and a (block_v, block_d) tile of the bf16 table; whole tiles (a row past N reads
     row 0)."""
-    row_blocks, v_tiles, d_blocks = (triton.cdiv(a, b) for a, b in ((n, cfg.block_n), (vocab, cfg.block_v),
-                                                                    (d, cfg.block_d)))  # fmt: skip
+    row_blocks, v_tiles, d_blocks = _tile_counts(n, vocab, d, cfg)
     return row_blocks * d_blocks * v_tiles * (cfg.block_n * cfg.block_v * phi_size + cfg.block_v * cfg.block_d * 2)
 
 
@@ -100,8 +104,7 @@ def backward_l2_bytes(n: int, vocab: int, d: int, cfg: TileConfig, phi_size: int
     d block, then ``row_tile_bytes`` per entry of its (block_n, block_v) tile of phi
     (phi read + dphi written: 2 phi_size; with the Adam step fused, phi and both moments
     read and written); whole tiles."""
-    row_blocks, v_tiles, d_blocks = (triton.cdiv(a, b) for a, b in ((n, cfg.block_n), (vocab, cfg.block_v),
-                                                                    (d, cfg.block_d)))  # fmt: skip
+    row_blocks, v_tiles, d_blocks = _tile_counts(n, vocab, d, cfg)
     per_d_block = (cfg.block_n + cfg.block_v) * cfg.block_d * 2
     return row_blocks * v_tiles * (d_blocks * per_d_block + cfg.block_n * cfg.block_v * row_tile_bytes)
 
