@@ -3,13 +3,13 @@ gathered on rank 0 in batch order. NCCL on GPUs, gloo on CPU; one process = worl
 
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn  # noqa: F401  (see init_world)
 
 from entrgi.sampler import BatchedGeneration, PromptResult
 
@@ -39,7 +39,8 @@ def init_world(device: str) -> tuple[World, str]:
     # torch.distributed.nn.functional takes group.WORLD as default arguments when first
     # imported: imported once a group exists (transformers' model code imports it), it
     # keeps that group alive past destroy_process_group, and gloo's threads, still
-    # running at exit, can abort the process. This module imports it before any group.
+    # running at exit, can abort the process. So it is imported before the group.
+    importlib.import_module("torch.distributed.nn")
     if torch.device(device).type == "cuda":
         device = f"cuda:{world.local_rank}"
         torch.cuda.set_device(device)
