@@ -40,6 +40,7 @@ from entrgi_kernels.soft_embedding import (
     BACKWARD_GPU_HALF_TILE,
     FORWARD_GPU,
     TileConfig,
+    backward_config,
     soft_embedding_backward,
     soft_embedding_forward,
 )
@@ -130,10 +131,10 @@ def breakdown(n: int, vocab: int, d: int, dtype: torch.dtype) -> list[tuple[str,
     phi_bytes, table_bytes = phi.numel() * phi.element_size(), table.numel() * 2
     gemm_flops = 2.0 * n * vocab * d
     # the forward's split count before whole waves: two programs per SM, rounded up
-    tiles = triton.cdiv(n, FORWARD_GPU.block_n) * triton.cdiv(d, FORWARD_GPU.block_d)
-    two_per_sm = triton.cdiv(programs_to_fill(phi.device, 2), tiles)
+    row_blocks, _, d_blocks = _tile_counts(n, vocab, d, FORWARD_GPU)
+    two_per_sm = triton.cdiv(programs_to_fill(phi.device, 2), row_blocks * d_blocks)
     size = phi.element_size()
-    backward_cfg = BACKWARD_GPU_HALF_TILE if dtype == torch.float32 else BACKWARD_GPU  # as the backward picks
+    backward_cfg = backward_config(phi, None)
     forward_loads = _gemm_loads("forward", n, vocab, d, FORWARD_GPU, size)
     return [
         ("row_stats", _median(lambda: row_stats(phi, TAU)), _floor_ms(phi_bytes), None),
@@ -172,7 +173,7 @@ def _adam_rows(phi, table, grad, norm, soft) -> list[tuple[str, float, float, fl
     return [
         ("adam (separate)", _median(lambda: adam_step(param, dphi, update())), _floor_ms(7 * phi_bytes), None),
         ("soft bwd + adam", _median(fused), _floor_ms(6 * phi_bytes + table_bytes, 2.0 * phi.numel() * d),
-         _gemm_loads("bwd + adam", n, vocab, d, BACKWARD_GPU_HALF_TILE, 4)),
+         _gemm_loads("bwd + adam", n, vocab, d, backward_config(phi, update()), 4)),
     ]  # fmt: skip
 
 

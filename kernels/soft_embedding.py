@@ -406,7 +406,9 @@ def _fit(config: TileConfig, d: int) -> TileConfig:
     return TileConfig(config.block_n, config.block_v, block_d, config.num_warps, config.num_stages)
 
 
-def _backward_config(phi: torch.Tensor, adam: AdamUpdate | AdamReplay | None) -> TileConfig:
+def backward_config(phi: torch.Tensor, adam: AdamUpdate | AdamReplay | None) -> TileConfig:
+    """The backward's default tiles for ``phi``'s dtype, with or without an Adam step
+    fused (before fitting block_d to the table's width)."""
     if INTERPRET:
         return INTERPRETER
     return BACKWARD_GPU_HALF_TILE if adam is not None or phi.dtype == torch.float32 else BACKWARD_GPU
@@ -494,7 +496,7 @@ def soft_embedding_backward(
     ``adam.skip`` are not touched."""
     n, vocab = phi.shape
     d = table.shape[1]
-    cfg = _fit(config or _backward_config(phi, adam), d)
+    cfg = _fit(config or backward_config(phi, adam), d)
     # g rounded once to the dot's operand dtype; soft . g reads the same rounded g
     grad_operand = grad.to(table.dtype)
     soft_dot_grad = (soft * grad_operand).sum(-1, dtype=torch.float32)
