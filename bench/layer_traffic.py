@@ -44,7 +44,7 @@ import entrgi.lean  # noqa: E402
 from entrgi.layers import swapped_attributes  # noqa: E402
 from entrgi.lean import ROTARY  # noqa: E402
 from entrgi.benchmark import PEAK_BYTES_PER_S  # noqa: E402
-from entrgi.step_benchmark import PRESETS, build_models  # noqa: E402
+from entrgi.step_benchmark import PRESETS, StepOptions, build_models  # noqa: E402
 from entrgi.step_floor import DTYPE, META, denoiser_flops, reward_call  # noqa: E402
 from entrgi_kernels import rms_norm, rotary, silu_gate  # noqa: E402
 
@@ -216,9 +216,8 @@ def count(preset: str, mode: str, new_tokens: int = 128) -> dict[str, Traffic]:
     """Traffic of one reward forward + backward (prefix cached) and one denoiser
     forward of ``preset``, their layers run in ``mode``."""
     traffic = {"reward fwd+bwd": Traffic(), "denoiser forward": Traffic()}
-    denoiser, reward = build_models(
-        preset, META, DTYPE, cache_prefix=True, lean_activations=False, denoiser_fused=False
-    )
+    stock = StepOptions(reward_cache_prefix=True, reward_lean=False, denoiser_fused=False)
+    denoiser, reward = build_models(preset, META, DTYPE, stock)
     rows = PRESETS[preset][2] * PRESETS[preset][3]
     for part, model in (("reward fwd+bwd", reward.model), ("denoiser forward", denoiser.model)):
         swaps = [] if mode == "stock" else _lean_swaps(model, "torch" if mode == "lean" else "triton")

@@ -14,7 +14,7 @@ import torch
 
 from entrgi.benchmark import PEAK_BYTES_PER_S, PEAK_FLOP_PER_S
 from entrgi.config import ADAM_MOMENTS
-from entrgi.step_benchmark import PRESETS
+from entrgi.step_benchmark import PRESETS, StepOptions
 from entrgi.step_floor import format_floor, step_components
 
 
@@ -33,8 +33,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{args.adam_moments} Adam moments; "
           f"{PEAK_FLOP_PER_S / 1e12:.0f} TFLOP/s, {PEAK_BYTES_PER_S / 1e12:.1f} TB/s; torch {torch.__version__}")  # fmt: skip
     for preset in args.preset:
-        components = step_components(preset, args.masked_fraction, args.guidance_steps, args.new_tokens,
-                                     args.reward_cache_prefix, args.reward_checkpoint, args.adam_moments)  # fmt: skip
+        components = step_components(preset, StepOptions.from_args(args))
         print("\n" + format_floor(preset, components))
 
 

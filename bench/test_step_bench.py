@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from entrgi.step_benchmark import build_models, new_run, step_config
+from entrgi.step_benchmark import StepOptions, build_models, new_run, step_config
 
 GPU = torch.cuda.is_available()
 PRESET = "1xK4-0.6b" if GPU else "tiny"
@@ -29,7 +29,7 @@ def models():
 @pytest.mark.parametrize("graphs", GRAPH_MODES, ids=lambda g: "graphs" if g else "eager")
 @pytest.mark.parametrize("method", ["none", "entrgi", "aps", "expectation"])
 def test_denoising_step(benchmark, models, method, graphs):
-    run = new_run(*models, step_config(PRESET, method, new_tokens=NEW_TOKENS, graphs=graphs), masked_fraction=0.5)
+    run = new_run(*models, step_config(PRESET, method, StepOptions(new_tokens=NEW_TOKENS), graphs), masked_fraction=0.5)
     advance = run.graphed_step if graphs else run.step
     start = run.response.clone()
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from entrgi import step_floor as floors
-from entrgi.step_benchmark import SHAPES, build_models
+from entrgi.step_benchmark import SHAPES, StepOptions, build_models
 
 _spec = importlib.util.spec_from_file_location("step_floor_tool", Path(__file__).with_name("step_floor.py"))
 tool = importlib.util.module_from_spec(_spec)
@@ -18,8 +18,9 @@ _spec.loader.exec_module(tool)
 
 
 def _tiny(cache_prefix=False, checkpoint=False):
-    return build_models("tiny", floors.META, floors.DTYPE, cache_prefix, checkpoint, lean_activations=False,
-                        denoiser_fused=False)  # fmt: skip
+    options = StepOptions(reward_cache_prefix=cache_prefix, reward_checkpoint=checkpoint, reward_lean=False,
+                          denoiser_fused=False)  # fmt: skip
+    return build_models("tiny", floors.META, floors.DTYPE, options)
 
 
 def test_denoiser_head_is_counted_on_the_response_only():
@@ -46,7 +47,7 @@ def test_table_lists_every_component_and_both_floors(capsys):
     assert names[1:] == ["denoiser forward", "of which output head", "entropy confidence", "guided op forward (x3)",
                          "reward fwd+bwd (x3)", "op backward + Adam (x3)", "commit (sample + confidence)",
                          "unguided step", "guided step"]  # fmt: skip
-    components = floors.step_components("tiny", masked_fraction=0.25, new_tokens=16)
+    components = floors.step_components("tiny", StepOptions(masked_fraction=0.25, new_tokens=16))
     unguided, guided = (floors.step_floor_ms(components, guided) for guided in (False, True))
     unguided_parts = ("denoiser forward", "commit (sample + confidence)")
     assert unguided == sum(c.floor_ms for c in components if c.name in unguided_parts)
@@ -55,7 +56,7 @@ def test_table_lists_every_component_and_both_floors(capsys):
 
 def test_bfloat16_moments_halve_the_moments_bytes():
     full, half = (
-        {c.label: c.nbytes for c in floors.step_components("tiny", new_tokens=16, adam_moments=dtype)}
+        {c.label: c.nbytes for c in floors.step_components("tiny", StepOptions(new_tokens=16, adam_moments=dtype))}
         for dtype in ("float32", "bfloat16")
     )
     adam = "op backward + Adam (x3)"
@@ -67,8 +68,8 @@ def test_bfloat16_moments_halve_the_moments_bytes():
 
 def test_recomputed_moments_trade_bytes_for_gemms():
     stored, replayed = (
-        next(c for c in floors.step_components("tiny", new_tokens=16, adam_moments=m) if c.name == "op backward + Adam")
-        for m in ("float32", "recompute")
+        next(c for c in floors.step_components("tiny", options) if c.name == "op backward + Adam")
+        for options in (StepOptions(new_tokens=16), StepOptions(new_tokens=16, adam_moments="recompute"))
     )
     assert replayed.flops == pytest.approx(2 * stored.flops)  # 1 + 2 + 3 GEMMs instead of 3 x 1
     assert replayed.nbytes < stored.nbytes
@@ -86,7 +87,7 @@ def test_tool_passes_the_moments_dtype_on(capsys):
 
 
 def test_profile_ranges_cover_the_guided_step():
-    components = floors.step_components("tiny", new_tokens=16)
+    components = floors.step_components("tiny", StepOptions(new_tokens=16))
     ranges = floors.range_floors(components)
     assert all(ms > 0 for ms in ranges.values())
     assert sum(ranges.values()) == pytest.approx(floors.step_floor_ms(components, guided=True))

@@ -148,14 +148,12 @@ def _bench(args) -> int:
     if args.profile:
         run, floors = None, None
         if args.preset:
-            from entrgi.step_benchmark import preset_run
+            from entrgi.step_benchmark import StepOptions, preset_run
             from entrgi.step_floor import range_floors, step_components
 
-            run = preset_run(args.preset[0], **_step_options(args))
-            floors = range_floors(step_components(
-                args.preset[0], args.masked_fraction, args.guidance_steps, args.new_tokens,
-                args.reward_cache_prefix, args.reward_checkpoint, args.adam_moments,
-            ))  # fmt: skip
+            options = StepOptions.from_args(args)
+            run = preset_run(args.preset[0], options=options)
+            floors = range_floors(step_components(args.preset[0], options))
         print(benchmark.profile_step(args.steps, out_dir, run=run, floors=floors))
         return 0
     gpu = torch.cuda.is_available()
@@ -182,21 +180,15 @@ def _bench(args) -> int:
     return 0
 
 
-def _step_options(args) -> dict:
-    """The step suite's and the preset profile's shared settings."""
-    names = ("guidance_steps", "new_tokens", "masked_fraction", "reward_cache_prefix", "reward_checkpoint",
-             "reward_lean", "denoiser_fused", "compile_layers", "adam_moments")  # fmt: skip
-    return {name: getattr(args, name) for name in names}
-
-
 def _bench_steps(args, out_dir: Path, gpu: bool) -> int:
     from entrgi import benchmark, step_benchmark
 
     csv_path = out_dir / "step_results.csv"
     benchmark.check_csv(csv_path, step_benchmark.StepRow)
+    options = step_benchmark.StepOptions.from_args(args)
     rows = []
     for preset in args.preset or (["1xK4-0.6b", "4xK4-1.7b"] if gpu else ["tiny"]):
-        rows += step_benchmark.bench_steps(preset, methods=args.methods, timed=args.repeats, **_step_options(args))
+        rows += step_benchmark.bench_steps(preset, methods=args.methods, options=options, timed=args.repeats)
     print(rows[0].header())
     print(step_benchmark.format_steps(rows))
     benchmark.append_csv(rows, csv_path)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 
@@ -42,6 +42,26 @@ PRESETS = {  # name: (denoiser, reward, prompts, K)
     "tiny": ("tiny-denoiser", "tiny-reward", 1, 2),
 }
 PROMPT_TOKENS, REWARD_PREFIX_TOKENS, REWARD_SUFFIX_TOKENS = 64, 64, 8
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    """How a benchmarked step runs, besides its preset, method and graphs."""
+
+    guidance_steps: int = 3  # Adam steps M per guided step
+    new_tokens: int = 128  # response length G (= steps T)
+    masked_fraction: float = 0.5  # of the response still masked when timing starts
+    reward_cache_prefix: bool = False  # the reward's prompt side computed once
+    reward_checkpoint: bool = False  # the reward's layers recomputed in the backward
+    reward_lean: bool = True  # the reward's norms and MLPs keep less (fused on CUDA)
+    denoiser_fused: bool = True  # the denoiser's norms and MLPs fused on CUDA
+    compile_layers: bool = False  # both models' layers through one compiled layer
+    adam_moments: str = "float32"  # the logits' Adam moments: float32, bfloat16 or recompute
+
+    @classmethod
+    def from_args(cls, args) -> StepOptions:
+        """The options an argparse namespace names (the others at their defaults)."""
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
 
 
 @dataclass
@@ -86,16 +106,9 @@ def _qwen_config(shape: str, classifier: bool):
     return Qwen2Config(**common)
 
 
-def build_models(
-    preset: str, device: torch.device, dtype: torch.dtype, cache_prefix: bool = False, checkpoint_layers: bool = False,
-    compile_layers: bool = False, lean_activations: bool = True, denoiser_fused: bool = True,
-):  # fmt: skip
-    """Random-weight denoiser and reward of ``preset``'s shapes, built on ``device``
-    (``cache_prefix``: the reward computes its prompt side's keys / values once;
-    ``checkpoint_layers``: it recomputes its layers' activations in the backward;
-    ``compile_layers``: both models run their layers through one compiled layer;
-    ``lean_activations``: the reward's norms and MLPs keep less for the backward (and
-    run fused on CUDA); ``denoiser_fused``: the denoiser's norms and MLPs run fused on CUDA)."""
+def build_models(preset: str, device: torch.device, dtype: torch.dtype, options: StepOptions = StepOptions()):
+    """Random-weight denoiser and reward of ``preset``'s shapes, built on ``device`` with
+    ``options``' layer and reward memory settings."""
     from transformers import Qwen2ForCausalLM, Qwen3ForSequenceClassification
 
     denoiser_shape, reward_shape, _, _ = PRESETS[preset]
@@ -111,23 +124,20 @@ def build_models(
     finally:
         torch.set_default_dtype(default)
     vocab = SHAPES[denoiser_shape][-1]
-    denoiser = Denoiser(body, _IdsOnlyTokenizer(), kind="dream", mask_token_id=vocab - 1, compile_layers=compile_layers,
-                        fused_layers=denoiser_fused)  # fmt: skip
-    reward = ClassifierReward(classifier, _IdsOnlyTokenizer(), cache_prefix=cache_prefix,
-                              checkpoint_layers=checkpoint_layers, compile_layers=compile_layers,
-                              lean_activations=lean_activations)  # fmt: skip
+    denoiser = Denoiser(body, _IdsOnlyTokenizer(), kind="dream", mask_token_id=vocab - 1,
+                        compile_layers=options.compile_layers, fused_layers=options.denoiser_fused)  # fmt: skip
+    reward = ClassifierReward(classifier, _IdsOnlyTokenizer(), cache_prefix=options.reward_cache_prefix,
+                              checkpoint_layers=options.reward_checkpoint, compile_layers=options.compile_layers,
+                              lean_activations=options.reward_lean)  # fmt: skip
     return denoiser, reward
 
 
-def step_config(
-    preset: str, method: str, guidance_steps: int = 3, new_tokens: int = 128, graphs: bool = False,
-    adam_moments: str = "float32",
-) -> GuidanceConfig:  # fmt: skip
+def step_config(preset: str, method: str, options: StepOptions = StepOptions(), graphs: bool = False) -> GuidanceConfig:
     """The config of ``preset``'s batch: one batch of its prompts x K, T = G = new_tokens."""
     _, _, prompts, k = PRESETS[preset]
-    return GuidanceConfig(method=method, num_samples=k, steps=new_tokens, max_new_tokens=new_tokens,
-                          guidance_steps=guidance_steps, prompts_per_batch=prompts, cuda_graphs=graphs,
-                          adam_moments=adam_moments)  # fmt: skip
+    return GuidanceConfig(method=method, num_samples=k, steps=options.new_tokens, max_new_tokens=options.new_tokens,
+                          guidance_steps=options.guidance_steps, prompts_per_batch=prompts, cuda_graphs=graphs,
+                          adam_moments=options.adam_moments)  # fmt: skip
 
 
 def new_run(denoiser, reward, config: GuidanceConfig, seed: int = 0, masked_fraction: float = 1.0) -> DiffusionRun:
@@ -165,27 +175,17 @@ def new_run(denoiser, reward, config: GuidanceConfig, seed: int = 0, masked_frac
     return run
 
 
-def preset_run(
-    preset: str,
-    method: str = "entrgi",
-    guidance_steps: int = 3,
-    new_tokens: int = 128,
-    graphs: bool = False,
-    masked_fraction: float = 1.0,
-    reward_cache_prefix: bool = False,
-    reward_checkpoint: bool = False,
-    reward_lean: bool = True,
-    denoiser_fused: bool = True,
-    compile_layers: bool = False,
-    adam_moments: str = "float32",
-) -> DiffusionRun:
+def _device_and_dtype(device: str | None) -> tuple[torch.device, torch.dtype]:
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def preset_run(preset: str, method: str = "entrgi", options: StepOptions = StepOptions(),
+               graphs: bool = False) -> DiffusionRun:  # fmt: skip
     """A ready :class:`DiffusionRun` of ``preset``'s models and batch (for profiling)."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    denoiser, reward = build_models(preset, device, dtype, reward_cache_prefix, reward_checkpoint, compile_layers,
-                                    reward_lean, denoiser_fused)  # fmt: skip
-    config = step_config(preset, method, guidance_steps, new_tokens, graphs, adam_moments)
-    return new_run(denoiser, reward, config, masked_fraction=masked_fraction)
+    denoiser, reward = build_models(preset, *_device_and_dtype(None), options)
+    config = step_config(preset, method, options, graphs)
+    return new_run(denoiser, reward, config, masked_fraction=options.masked_fraction)
 
 
 def _time_steps(run: DiffusionRun, warmup: int, timed: int) -> list[float]:
@@ -209,40 +209,27 @@ def bench_steps(
     preset: str,
     methods=("none", "entrgi", "aps", "expectation"),
     graph_modes=(False, True),
-    guidance_steps: int = 3,
-    new_tokens: int = 128,
+    options: StepOptions = StepOptions(),
     timed: int = 8,
     device: str | None = None,
-    masked_fraction: float = 0.5,
-    reward_cache_prefix: bool = False,
-    reward_checkpoint: bool = False,
-    reward_lean: bool = True,
-    denoiser_fused: bool = True,
-    compile_layers: bool = False,
-    adam_moments: str = "float32",
 ) -> list[StepRow]:
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    denoiser, reward = build_models(preset, device, dtype, reward_cache_prefix, reward_checkpoint, compile_layers,
-                                    reward_lean, denoiser_fused)  # fmt: skip
+    """ms per step of each method in each execution mode (graphs only on CUDA), one row each."""
+    device, dtype = _device_and_dtype(device)
+    denoiser, reward = build_models(preset, device, dtype, options)
     env = environment()
     rows = []
     for graphs in graph_modes:
         if graphs and device.type != "cuda":
             continue
         for method in methods:
-            config = step_config(preset, method, guidance_steps, new_tokens, graphs, adam_moments)
-            run = new_run(denoiser, reward, config, masked_fraction=masked_fraction)
+            config = step_config(preset, method, options, graphs)
+            run = new_run(denoiser, reward, config, masked_fraction=options.masked_fraction)
             if device.type == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
-            times = _time_steps(run, warmup=2 if graphs else 1, timed=min(timed, new_tokens - 2))
+            times = _time_steps(run, warmup=2 if graphs else 1, timed=min(timed, options.new_tokens - 2))
             peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-            rows.append(StepRow(**env, preset=preset, method=method, graphs=graphs,
-                                reward_cache_prefix=reward_cache_prefix, reward_checkpoint=reward_checkpoint,
-                                reward_lean=reward_lean, denoiser_fused=denoiser_fused,
-                                compile_layers=compile_layers, adam_moments=adam_moments, new_tokens=new_tokens,
-                                guidance_steps=guidance_steps, masked_fraction=masked_fraction,
+            rows.append(StepRow(**env, preset=preset, method=method, graphs=graphs, **asdict(options),
                                 ms_per_step=statistics.median(times),
                                 p20_ms=quantile(times, 0.2), p80_ms=quantile(times, 0.8), peak_gib=peak))  # fmt: skip
             del run

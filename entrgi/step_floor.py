@@ -16,6 +16,7 @@ puts each component's floor beside its measured device time.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable, NamedTuple
 
 import torch
@@ -23,7 +24,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from entrgi.benchmark import PEAK_BYTES_PER_S, PEAK_FLOP_PER_S
 from entrgi.rewards.base import RewardContext
-from entrgi.step_benchmark import PRESETS, PROMPT_TOKENS, REWARD_PREFIX_TOKENS, REWARD_SUFFIX_TOKENS, build_models
+from entrgi.step_benchmark import (
+    PRESETS,
+    PROMPT_TOKENS,
+    REWARD_PREFIX_TOKENS,
+    REWARD_SUFFIX_TOKENS,
+    StepOptions,
+    build_models,
+)
 
 META = torch.device("meta")
 DTYPE = torch.bfloat16
@@ -99,40 +107,38 @@ def reward_flops(reward, rows: int, new_tokens: int) -> float:
     return float(counter.get_total_flops())
 
 
-def step_components(
-    preset: str, masked_fraction: float = 0.5, guidance_steps: int = 3, new_tokens: int = 128,
-    cache_prefix: bool = False, checkpoint: bool = False, adam_moments: str = "float32",
-) -> list[Component]:  # fmt: skip
-    """The components of one guided step of ``preset`` (``guided_only`` marks those an
-    unguided step skips), with ``masked_fraction`` of the response rows still masked;
-    ``cache_prefix`` / ``checkpoint``: the reward's memory options; ``adam_moments``: the
-    dtype of the logits' Adam moments, or ``recompute`` (none stored: each backward reads
-    the denoiser's bf16 logits and replays one GEMM per step so far)."""
-    if not 0 < masked_fraction <= 1:
-        raise ValueError(f"masked_fraction must be in (0, 1], got {masked_fraction}")
-    # Lean and fused layers change what the backward keeps and how many kernels run, not the
-    # FLOPs; their swap checks run real numbers.
-    denoiser, reward = build_models(
-        preset, META, DTYPE, cache_prefix, checkpoint, lean_activations=False, denoiser_fused=False
-    )
+def step_components(preset: str, options: StepOptions = StepOptions()) -> list[Component]:
+    """The components of one guided step of ``preset`` run with ``options`` (``guided_only``
+    marks those an unguided step skips): ``masked_fraction`` of the response rows still
+    masked, the reward's prefix cache and checkpointing, and the logits' Adam moments
+    (``recompute``: none stored; each backward reads the denoiser's bf16 logits and
+    replays one GEMM per step so far). Lean, fused and compiled layers change what the
+    backward keeps and how many kernels run, not the FLOPs: the count runs stock layers
+    (their swap checks and compilation need real tensors, not the meta device's)."""
+    if not 0 < options.masked_fraction <= 1:
+        raise ValueError(f"masked_fraction must be in (0, 1], got {options.masked_fraction}")
+    stock_layers = replace(options, reward_lean=False, denoiser_fused=False, compile_layers=False)
+    denoiser, reward = build_models(preset, META, DTYPE, stock_layers)
+    new_tokens = options.new_tokens
     _, _, prompts, k = PRESETS[preset]
     rows = prompts * k
     vocab = denoiser.vocab_size
     table = reward.input_embeddings()
-    active = masked_fraction * rows * new_tokens  # (rows, V) logits rows the op and commit touch
+    active = options.masked_fraction * rows * new_tokens  # (rows, V) logits rows the op and commit touch
     phi = active * vocab * PHI_BYTES
     table_bytes = table.numel() * table.element_size()
     gemm = 2.0 * active * vocab * table.shape[1]
     total, head = denoiser_flops(denoiser, rows, new_tokens)
     denoiser_bytes = _weight_bytes(denoiser.model) + rows * new_tokens * vocab * PHI_BYTES  # weights, logits out
-    reward_bytes = (3 if checkpoint else 2) * _weight_bytes(reward.model)  # forward, backward (recompute)
-    m = guidance_steps
-    if adam_moments == "recompute":  # step t reads the initial logits, writes phi, and replays t GEMMs
+    passes = 3 if options.reward_checkpoint else 2  # forward, backward (and the checkpoints' recompute)
+    reward_bytes = passes * _weight_bytes(reward.model)
+    m = options.guidance_steps
+    if options.adam_moments == "recompute":  # step t reads the initial logits, writes phi, and replays t GEMMs
         replayed = m * (m + 1) / 2
         adam_bytes = m * (active * vocab * DTYPE.itemsize + phi) + replayed * table_bytes
         backward = Component("op backward + Adam", replayed * gemm, adam_bytes, True, m)
     else:
-        moment_bytes = getattr(torch, adam_moments).itemsize
+        moment_bytes = getattr(torch, options.adam_moments).itemsize
         adam_bytes = 2 * phi + 4 * active * vocab * moment_bytes  # phi and both moments, read and written
         backward = Component("op backward + Adam", m * gemm, m * (adam_bytes + table_bytes), True, m)
     return [

@@ -191,10 +191,10 @@ def test_generate_exposes_decoding_orders_and_the_likelihood_reward(tmp_path, de
 
 
 def test_step_benchmark_starts_from_a_partly_committed_canvas():
-    from entrgi.step_benchmark import build_models, new_run, step_config
+    from entrgi.step_benchmark import StepOptions, build_models, new_run, step_config
 
     models = build_models("tiny", torch.device("cpu"), torch.float32)
-    config = step_config("tiny", "entrgi", new_tokens=64)
+    config = step_config("tiny", "entrgi", StepOptions(new_tokens=64))
     run = new_run(*models, config, masked_fraction=0.25)
     masked = (run.response == run.denoiser.mask_token_id).float().mean().item()
     assert 0.1 < masked < 0.4

@@ -235,12 +235,12 @@ def test_recomputed_adam_moments_steer_as_stored_ones(monkeypatch):
     replays from the denoiser's own logits, and the run commits the tokens that float32
     moments give, step for step."""
     import entrgi.guidance
-    from entrgi.step_benchmark import build_models, new_run, step_config
+    from entrgi.step_benchmark import StepOptions, build_models, new_run, step_config
 
     denoiser, reward = build_models("tiny", torch.device("cpu"), torch.float32)
     runs = {}
     for moments in ("float32", "recompute"):
-        config = step_config("tiny", "entrgi", guidance_steps=2, new_tokens=3, adam_moments=moments)
+        config = step_config("tiny", "entrgi", StepOptions(guidance_steps=2, new_tokens=3, adam_moments=moments))
         runs[moments] = new_run(denoiser, reward, config.replace(backend="triton"), seed=3)
     made = []
     original = entrgi.guidance.LogitAdam
