@@ -23,6 +23,22 @@ LEAN_HELP = (
 FUSED_HELP = "on CUDA the denoiser's RMSNorms and gated MLPs run as fused Triton kernels (default on)"
 
 
+def _at_least(minimum: int):
+    """An argparse type: an integer no smaller than ``minimum`` (the error names the value)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One ``--field`` flag per GuidanceConfig field, typed from its default, with its
     choices; the field descriptions (GuidanceConfig's docstring) go in the epilog."""
@@ -76,6 +92,7 @@ def _generate(args) -> int:
         raise SystemExit("entrgi generate: give --prompt TEXT or --dataset PATH")
     resumable = bool(args.output) and args.output.endswith(".jsonl")
     config = _config_from_args(args)
+    _check_models_named(args, config)
     world, device = init_world(args.device)
     finished_cleanly = False
     try:
@@ -110,6 +127,17 @@ def _generate(args) -> int:
     finally:
         close_world(world, synchronize=finished_cleanly)
     return 0
+
+
+def _check_models_named(args, config: GuidanceConfig) -> None:
+    """What fails before any model loads: a missing reward, or a model folder that does not exist."""
+    from entrgi.model_source import model_source
+
+    if config.needs_reward and not args.reward_model:
+        raise ValueError(f"method {config.method!r} needs a reward: give --reward-model")
+    model_source(args.model, "denoiser")
+    if args.reward_model:
+        model_source(args.reward_model, "reward model")
 
 
 def _report(args, config: GuidanceConfig, log, collected) -> None:
@@ -238,19 +266,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--suite", choices=("op", "step"), default="op",
                        help="op: guided_embedding backends; step: denoising steps of random-weight paper-shape models")  # fmt: skip
     bench.add_argument("--profile", action="store_true", help="profile guided steps (per-component table + trace)")
-    bench.add_argument("--steps", type=int, default=4, help="steps to profile (the first is warm-up)")
+    bench.add_argument("--steps", type=_at_least(2), default=4, help="steps to profile (the first is warm-up)")
     bench.add_argument("--backends", nargs="+", choices=("torch", "compile", "triton"))
-    bench.add_argument("--n", type=int, nargs="+", help="rows (default GPU: 128 512 2048; CPU: 16 64)")
-    bench.add_argument("--d", type=int, nargs="+", help="embedding width (default GPU: 1024 2048; CPU: 64)")
-    bench.add_argument("--vocab", type=int, help="vocabulary (default GPU: 152064; CPU: 4096)")
+    bench.add_argument("--n", type=_at_least(1), nargs="+", help="rows (default GPU: 128 512 2048; CPU: 16 64)")
+    bench.add_argument("--d", type=_at_least(1), nargs="+", help="embedding width (default GPU: 1024 2048; CPU: 64)")
+    bench.add_argument("--vocab", type=_at_least(2), help="vocabulary (default GPU: 152064; CPU: 4096)")
     bench.add_argument("--dtype", nargs="+", choices=tuple(DTYPES))
-    bench.add_argument("--repeats", type=int, default=10, help="timed calls (op) or timed steps (step)")
+    bench.add_argument("--repeats", type=_at_least(1), default=10, help="timed calls (op) or timed steps (step)")
     bench.add_argument("--preset", nargs="+", choices=("1xK4-0.6b", "4xK4-1.7b", "tiny"),
                        help="step suite models x batch (default GPU: 1xK4-0.6b 4xK4-1.7b; CPU: tiny)")  # fmt: skip
     bench.add_argument("--methods", nargs="+", default=["none", "entrgi", "aps", "expectation"],
                        choices=("none", "entrgi", "aps", "expectation"), help="step suite methods")  # fmt: skip
-    bench.add_argument("--new-tokens", type=int, default=128, help="step suite response length G (= steps T)")
-    bench.add_argument("--guidance-steps", type=int, default=3, help="step suite Adam steps M per guided step")
+    bench.add_argument("--new-tokens", type=_at_least(3), default=128, help="step suite response length G (= steps T)")
+    bench.add_argument("--guidance-steps", type=_at_least(1), default=3, help="step suite Adam steps M per guided step")
     bench.add_argument("--masked-fraction", type=float, default=0.5,
                        help="step suite / preset profile: share of response positions still masked when timing "
                             "starts (0.5: a run's average step; 1.0: its first steps)")  # fmt: skip

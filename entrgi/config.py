@@ -152,6 +152,11 @@ class GuidanceConfig:
         is a one-hot argmax with no gradient, so greedy runs are unguided."""
         return self.method in GUIDED_METHODS and self.guidance_steps > 0 and self.temperature > 0
 
+    @property
+    def needs_reward(self) -> bool:
+        """Whether the method reads a reward: every guided method, and best-of-K's ranking."""
+        return self.method in GUIDED_METHODS or self.method == "bon"
+
     def use_cuda_graphs(self, device: torch.device) -> bool:
         """Whether denoising steps replay CUDA graphs on ``device`` (``auto``: on CUDA)."""
         if self.cuda_graphs is True and device.type != "cuda":

@@ -10,6 +10,7 @@ import torch
 
 from entrgi.attention import attention_mask_4d
 from entrgi.layers import LayerRunner
+from entrgi.model_source import model_source
 from entrgi.run_cache import RunCache
 
 DENOISER_KINDS = ("dream", "llada", "mlm")
@@ -220,6 +221,7 @@ def load_denoiser(
     ``compile_layers``, ``fused_layers``: see :class:`Denoiser`."""
     from transformers import AutoConfig, AutoTokenizer
 
+    name_or_path = model_source(name_or_path, "denoiser")
     config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     kind = kind or detect_kind(config)
     if kind not in DENOISER_KINDS:

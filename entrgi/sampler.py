@@ -35,7 +35,7 @@ import torch
 from torch.profiler import record_function
 
 from entrgi.attention import CAPTURABLE_ATTENTION, attention_implementation
-from entrgi.config import GUIDED_METHODS, GuidanceConfig
+from entrgi.config import GuidanceConfig
 from entrgi.denoisers import Denoiser
 from entrgi.guidance import GuidanceStep, optimize_logits
 from entrgi.ops import entropy_confidence, sample_step
@@ -341,7 +341,7 @@ def _check_inputs(prompts, denoiser, reward, config: GuidanceConfig) -> list[str
             raise TypeError(f"prompts[{i}] must be a str, got {type(prompt).__name__}")
     if not isinstance(denoiser, Denoiser):
         raise TypeError(f"denoiser must be an entrgi.Denoiser, got {type(denoiser).__name__}")
-    if (config.method in GUIDED_METHODS or config.method == "bon") and reward is None:
+    if config.needs_reward and reward is None:
         raise ValueError(f"method {config.method!r} needs a reward (reward=, on the command line --reward-model)")
     use_cuda_graphs(config, denoiser, reward)  # raises for cuda_graphs=True where no graph can be captured
     return prompts

@@ -9,7 +9,9 @@ import re
 import pytest
 import torch
 
+import entrgi
 from entrgi.cli import main
+from entrgi.model_source import model_source
 from entrgi.results import read_prompts
 from helpers import CAN_COMPILE, COMPILE_FLAGS
 
@@ -109,6 +111,52 @@ def test_bad_input_ends_in_one_line_without_a_traceback(tmp_path, mlm_path, caps
         assert main(["generate", "--model", mlm_path, *flags]) == 2
         err = capsys.readouterr().err  # the last line; model loading may draw a progress bar above it
         assert "Traceback" not in err and re.fullmatch(f"entrgi generate: error: .*{message}.*", err.splitlines()[-1])
+
+
+def test_generate_refuses_a_missing_model_folder_or_reward_before_loading_a_model(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(entrgi, "load_denoiser", lambda *a, **k: pytest.fail("loaded the denoiser"))
+    missing = tmp_path / "missing"
+    cases = [
+        (["--model", str(missing), "--method", "none"], f"denoiser '{missing}': no such folder"),
+        (["--model", "org/name", "--reward-model", "./missing"], "reward model './missing': no such folder"),
+        (["--model", "org/name", "--reward-model", "a/b/c"], "reward model 'a/b/c': no such folder"),
+        (["--model", "org/name", "--method", "bon"], "method 'bon' needs a reward: give --reward-model"),
+    ]
+    for flags, message in cases:
+        assert main(["generate", "--prompt", "hi", *flags]) == 2
+        assert capsys.readouterr().err.splitlines()[-1].startswith(f"entrgi generate: error: {message}")
+
+
+def test_model_source_passes_folders_and_hub_ids(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "model").mkdir()
+    assert model_source("~/model", "denoiser") == str(tmp_path / "model")
+    assert model_source(str(tmp_path / "model"), "denoiser") == str(tmp_path / "model")
+    assert model_source("Dream-org/Dream-v0-Instruct-7B", "denoiser") == "Dream-org/Dream-v0-Instruct-7B"
+    assert model_source("gpt2", "reward model") == "gpt2"
+    (tmp_path / "weights.bin").write_text("")
+    with pytest.raises(FileNotFoundError, match="reward model .*weights.bin': no such folder"):
+        model_source(str(tmp_path / "weights.bin"), "reward model")  # a file is no model folder
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--n", "0"], "argument --n: must be at least 1, got 0"),
+        (["--d", "64", "-3"], "argument --d: must be at least 1, got -3"),
+        (["--vocab", "1"], "argument --vocab: must be at least 2, got 1"),
+        (["--repeats", "0"], "argument --repeats: must be at least 1, got 0"),
+        (["--n", "x"], "argument --n: 'x' is not an integer"),
+        (["--suite", "step", "--new-tokens", "2"], "argument --new-tokens: must be at least 3, got 2"),
+        (["--suite", "step", "--guidance-steps", "0"], "argument --guidance-steps: must be at least 1, got 0"),
+        (["--profile", "--steps", "1"], "argument --steps: must be at least 2, got 1"),
+    ],
+)
+def test_bench_refuses_sizes_out_of_range_before_running(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", *flags, "--out", str(tmp_path)])
+    assert exit_info.value.code == 2 and capsys.readouterr().err.splitlines()[-1] == f"entrgi bench: error: {message}"
+    assert not list(tmp_path.iterdir())  # nothing ran, nothing written
 
 
 def test_generate_help_lists_each_settings_choices_default_and_meaning(capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from entrgi.model_source import model_source
 from entrgi.rewards.base import EmbeddingInputReward, Reward, RewardContext
 from entrgi.rewards.classifier import ClassifierReward
 from entrgi.rewards.likelihood import LikelihoodReward
@@ -49,6 +50,7 @@ def load_reward(
 
     if kind not in REWARD_KINDS:
         raise ValueError(f"unknown reward kind {kind!r}; expected one of {REWARD_KINDS}")
+    name_or_path = model_source(name_or_path, "reward model")
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     if dtype is not None:
         from_pretrained_kwargs["dtype"] = dtype
