@@ -272,7 +272,8 @@ class DiffusionRun:
         the commit confidence when the caller computed it before phi was optimised
         (``alg`` entropy scores the un-steered logits); None computes it from phi."""
         cfg, rule = self.config, self.config.commit_rule
-        self.non_finite |= torch.isnan(phi).any()
+        top = phi.amax()  # NaN if any entry is, else +inf if any is: one read of phi, no (N, V) mask
+        self.non_finite |= torch.isnan(top) | torch.isposinf(top)
         drawn = sample_step(
             phi, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
             alg="origin" if confidence is not None or rule in ("origin", "random") else rule,
@@ -323,7 +324,9 @@ class DiffusionRun:
             if until_done and (step + 1) % DONE_CHECK_EVERY == 0 and self.finished():
                 break
         if self.non_finite.item():
-            raise ValueError("non-finite (NaN) logits appeared during denoising; check the models' dtype and inputs")
+            raise ValueError(
+                "non-finite (NaN or +inf) logits appeared during denoising; check the models' dtype and inputs"
+            )
 
     def finished(self) -> bool:
         """Whether every response position is committed (a host sync)."""

@@ -175,6 +175,14 @@ def test_bad_tensors_raise():
         guided_embedding(nan_phi, table)
     with pytest.raises(ValueError, match="no finite logit"):
         guided_embedding(torch.full((2, 5), -math.inf), table)
+    inf_phi = torch.randn(2, 5)
+    inf_phi[0, 4] = math.inf
+    with pytest.raises(ValueError, match=r"phi contains \+inf: logits must be finite or -inf"):
+        guided_embedding(inf_phi, table)
+    with pytest.raises(ValueError, match=r"phi_init contains \+inf"):
+        sample_step(torch.randn(2, 5), inf_phi)
+    with pytest.raises(ValueError, match="phi_init contains NaN"):
+        sample_step(torch.randn(2, 5), nan_phi)
     with pytest.raises(ValueError, match="unknown alg 'best'"):
         sample_step(torch.randn(2, 5), alg="best")
     inf_table = table.clone()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import math
 
 import pytest
 import torch
@@ -192,6 +193,22 @@ def test_eos_is_deprioritised_and_cuts_the_response(denoisers, classifier_reward
     finally:
         denoiser.model.forward = original
     assert denoiser.decode([2000, 2001, end, 2002]) == denoiser.decode([2000, 2001])
+
+
+@pytest.mark.parametrize("method", ["none", "entrgi"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf], ids=["nan", "inf"])
+def test_non_finite_logits_raise_after_the_last_step(denoisers, classifier_reward, monkeypatch, method, bad):
+    denoiser = denoisers["mlm"]
+    original = denoiser.model.forward
+
+    def broken_forward(*args, **kwargs):
+        out = original(*args, **kwargs)
+        out.logits[0, -1, 7] = bad  # one logit of one response position
+        return out
+
+    monkeypatch.setattr(denoiser.model, "forward", broken_forward)
+    with pytest.raises(ValueError, match=r"non-finite \(NaN or \+inf\) logits appeared during denoising"):
+        generate(["hi"], denoiser=denoiser, reward=classifier_reward, method=method, **SMALL)
 
 
 def test_vocab_mapping_reports_coverage(denoisers, classifier_reward):

@@ -66,6 +66,8 @@ def sample_step(
     check_generator(generator, phi.device)
     if check_values:
         check_finite_rows("phi", phi)
+        if phi_init is not None and phi_init is not phi:
+            check_finite_rows("phi_init", phi_init)
     backend = resolve_backend(backend, phi.device)
     lead, vocab = phi.shape[:-1], phi.shape[-1]
     rows = phi.reshape(-1, vocab)

@@ -95,12 +95,15 @@ def check_active(active: torch.Tensor | None, phi: torch.Tensor, name: str = "ph
 
 
 def check_finite_rows(name: str, phi: torch.Tensor) -> None:
-    """Reject NaN and rows without any finite logit. Reads values back (host sync):
-    call it at API boundaries, not inside a captured step."""
+    """Reject NaN, +inf (softmax is undefined there) and rows without any finite logit;
+    -inf entries are allowed (tokens with no mass). Reads values back (host sync): call
+    it at API boundaries, not inside a captured step."""
     if torch.isnan(phi).any():
         raise ValueError(f"{name} contains NaN")
+    if torch.isposinf(phi).any():
+        raise ValueError(f"{name} contains +inf: logits must be finite or -inf")
     if phi.numel() and not torch.isfinite(phi).any(dim=-1).all():
-        raise ValueError(f"{name} has a row with no finite logit (all -inf/inf): no valid mass to sample")
+        raise ValueError(f"{name} has a row with no finite logit (all -inf): no valid mass to sample")
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
