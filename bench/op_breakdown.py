@@ -222,14 +222,18 @@ def sweep(n: int, vocab: int, d: int, dtype: torch.dtype) -> list[tuple[str, Til
     return results
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, nargs="+", default=[512, 2048])
     parser.add_argument("--d", type=int, nargs="+", default=[1024, 2048])
     parser.add_argument("--vocab", type=int, default=152064)
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     parser.add_argument("--sweep", action="store_true", help="also time tile configs of the GEMM kernels")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     dtype = getattr(torch, args.dtype)
     print(f"{torch.cuda.get_device_name()}  V={args.vocab} phi {args.dtype}  defaults: fwd {FORWARD_GPU} "
           f"bwd {BACKWARD_GPU}, fp32 phi or Adam {BACKWARD_GPU_HALF_TILE}")  # fmt: skip

@@ -44,6 +44,11 @@ PRESETS = {  # name: (denoiser, reward, prompts, K)
 PROMPT_TOKENS, REWARD_PREFIX_TOKENS, REWARD_SUFFIX_TOKENS = 64, 64, 8
 
 
+def check_masked_fraction(masked_fraction: float) -> None:
+    if not 0 < masked_fraction <= 1:
+        raise ValueError(f"masked_fraction must be in (0, 1], got {masked_fraction}")
+
+
 @dataclass(frozen=True)
 class StepOptions:
     """How a benchmarked step runs, besides its preset, method and graphs."""
@@ -57,6 +62,9 @@ class StepOptions:
     denoiser_fused: bool = True  # the denoiser's norms and MLPs fused on CUDA
     compile_layers: bool = False  # both models' layers through one compiled layer
     adam_moments: str = "float32"  # the logits' Adam moments: float32, bfloat16 or recompute
+
+    def __post_init__(self):
+        check_masked_fraction(self.masked_fraction)
 
     @classmethod
     def from_args(cls, args) -> StepOptions:
@@ -144,8 +152,7 @@ def new_run(denoiser, reward, config: GuidanceConfig, seed: int = 0, masked_frac
     """A run over random prompt ids with a random reward context (no tokenizers), with
     ``masked_fraction`` of its response positions masked and the rest random tokens;
     all drawn from ``seed``."""
-    if not 0 < masked_fraction <= 1:
-        raise ValueError(f"masked_fraction must be in (0, 1], got {masked_fraction}")
+    check_masked_fraction(masked_fraction)
     generator = torch.Generator(denoiser.device).manual_seed(seed)
     prompts = config.prompts_per_batch
     n = prompts * config.num_samples

@@ -115,8 +115,6 @@ def step_components(preset: str, options: StepOptions = StepOptions()) -> list[C
     replays one GEMM per step so far). Lean, fused and compiled layers change what the
     backward keeps and how many kernels run, not the FLOPs: the count runs stock layers
     (their swap checks and compilation need real tensors, not the meta device's)."""
-    if not 0 < options.masked_fraction <= 1:
-        raise ValueError(f"masked_fraction must be in (0, 1], got {options.masked_fraction}")
     stock_layers = replace(options, reward_lean=False, denoiser_fused=False, compile_layers=False)
     denoiser, reward = build_models(preset, META, DTYPE, stock_layers)
     new_tokens = options.new_tokens

@@ -159,6 +159,16 @@ def test_bench_refuses_sizes_out_of_range_before_running(tmp_path, capsys, flags
     assert not list(tmp_path.iterdir())  # nothing ran, nothing written
 
 
+@pytest.mark.parametrize("flags", [["--suite", "step", "--masked-fraction", "1.5"],
+                                   ["--profile", "--preset", "tiny", "--masked-fraction", "0"]])  # fmt: skip
+def test_bench_refuses_a_masked_fraction_out_of_range_before_building_models(tmp_path, capsys, monkeypatch, flags):
+    monkeypatch.setattr("entrgi.step_benchmark.build_models", lambda *a, **k: pytest.fail("built models"))
+    assert main(["bench", *flags, "--out", str(tmp_path)]) == 2
+    value = flags[-1]
+    assert capsys.readouterr().err == f"entrgi bench: error: masked_fraction must be in (0, 1], got {float(value)}\n"
+    assert not list(tmp_path.iterdir())
+
+
 def test_generate_help_lists_each_settings_choices_default_and_meaning(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["generate", "--help"])
