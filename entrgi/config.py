@@ -45,6 +45,8 @@ class GuidanceConfig:
         dtype, 2 bytes per logit for a bf16 denoiser) at one extra GEMM per earlier step;
         exact (Triton backend; ``torch`` stores float32 moments). See
         :class:`~entrgi.optim.LogitAdam`.
+    output_history : keep the response block after every step (``PromptResult.history``,
+        the results' ``history``), as Dream's ``output_history``.
 
     LLaDA-style semi-autoregressive decoding and Fast-dLLM parallel decoding:
 
@@ -85,6 +87,7 @@ class GuidanceConfig:
     chat_template: bool = True
     cuda_graphs: str | bool = "auto"
     adam_moments: str = "float32"
+    output_history: bool = False
     block_length: int | None = None
     guidance_scope: str = "block"
     remasking: str | None = None

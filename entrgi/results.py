@@ -29,8 +29,9 @@ def read_prompts(path: str, field: str = "prompt") -> list[str]:
 
 
 def result_record(result: PromptResult) -> dict:
-    """One prompt's results as the published layout writes them."""
-    return {
+    """One prompt's results as the published layout writes them (and, with
+    ``output_history``, ``history``: the K response ids after each step)."""
+    record = {
         "prompt": result.prompt,
         "responses": result.responses,
         "rewards": result.rewards,
@@ -39,6 +40,9 @@ def result_record(result: PromptResult) -> dict:
         "avg_reward": result.avg_reward,
         "forward_passes": result.forward_passes,
     }
+    if result.history is not None:
+        record["history"] = result.history
+    return record
 
 
 def metrics(records: Sequence[dict]) -> dict:

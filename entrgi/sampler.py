@@ -29,7 +29,7 @@ from __future__ import annotations
 import functools
 import warnings
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch.profiler import record_function
@@ -65,6 +65,8 @@ class PromptResult:
     method: str = "entrgi"
     response_ids: list[list[int]] = field(repr=False, default_factory=list)
     forward_passes: int = 0  # denoiser forward passes while this prompt still had masks
+    # with ``output_history``: (steps run, K, G) response ids after each step (the mask id where still masked)
+    history: list[list[list[int]]] | None = field(repr=False, default=None)
 
     @property
     def best_index(self) -> int:
@@ -123,12 +125,57 @@ class GuidanceTable:
         return cls(weight, rows, targets, mapping)
 
 
+@dataclass(frozen=True)
+class StepHooks:
+    """Python callbacks at every denoising step, as Dream's ``generation_logits_hook_func``
+    and ``generation_tokens_hook_func``. ``step`` is the step's index from 0 (an int).
+
+    logits : ``(step, canvas, logits) -> logits`` right after the denoiser: ``canvas``
+        (N, P + G) token ids, ``logits`` (N, G) x V float32 of the response block (Dream's
+        shifted; with ``cfg_scale``, mixed). What it returns (same shape and dtype) is what
+        guidance steers and the commit draws from, and what ``alg="entropy"`` scores.
+    tokens : ``(step, canvas, logits) -> canvas`` after the commit, ``logits`` the ones the
+        commit drew from; the canvas it returns (same shape and dtype) is the next step's
+        (a mask id written back re-masks that position).
+
+    Hooks run Python at every step, which a CUDA graph cannot replay: a hooked run
+    denoises eagerly (``cuda_graphs=True`` raises).
+    """
+
+    logits: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    tokens: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.logits is not None or self.tokens is not None
+
+    def hooked_logits(self, step: int, canvas: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        given = logits.float()
+        return _hook_output("logits_hook", self.logits(step, canvas, given), given)
+
+    def hooked_canvas(self, step: int, canvas: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return _hook_output("tokens_hook", self.tokens(step, canvas, logits), canvas)
+
+
+def _hook_output(name: str, output, given: torch.Tensor) -> torch.Tensor:
+    if isinstance(output, torch.Tensor) and (output.shape, output.dtype, output.device) == (
+        given.shape, given.dtype, given.device,
+    ):  # fmt: skip
+        return output
+    got = (f"shape {tuple(output.shape)}, {output.dtype} on {output.device}" if isinstance(output, torch.Tensor)
+           else type(output).__name__)  # fmt: skip
+    raise ValueError(f"{name} must return a tensor like the one it was given (shape {tuple(given.shape)}, "
+                     f"{given.dtype} on {given.device}), got {got}")  # fmt: skip
+
+
 class DiffusionRun:
     """One batch of prompts being denoised: static buffers plus the per-step update.
 
     ``canvas`` (N, P + G) holds left-padded prompts and the response block;
     ``attention`` (N, P + G) bool marks real tokens. Rows are K contiguous copies of
-    each prompt.
+    each prompt. ``history`` (steps, N, G), with ``output_history``: the response block
+    after each step, written on the device (row ``step_index``). ``hooks``: the
+    :class:`StepHooks` the next :meth:`run` calls (set per batch).
     """
 
     def __init__(
@@ -152,6 +199,11 @@ class DiffusionRun:
         self.schedule = timesteps(config.steps, device=device)
         self.step_index = torch.zeros(1, dtype=torch.long, device=device)
         self.non_finite = torch.zeros((), dtype=torch.bool, device=device)
+        self.history = None
+        if config.output_history:
+            most_steps = config.max_new_tokens if config.confidence_threshold is not None else config.steps
+            self.history = torch.empty((most_steps, *self.response.shape), dtype=torch.long, device=device)
+        self.hooks = StepHooks()
         self.use_graphs = use_cuda_graphs(config, denoiser, reward)
         self._graphs: dict[bool, torch.cuda.CUDAGraph] = {}
         self._warmed: set[bool] = set()
@@ -195,18 +247,18 @@ class DiffusionRun:
     def step(self, step: int) -> None:
         """Denoise once, eagerly: logits, optional guidance, sample, commit. No host
         syncs. ``step`` picks guided or not; the schedule reads ``step_index``."""
-        self._step(self.guided_at(step))
+        self._step(self.guided_at(step), step)
 
-    def _step(self, guided: bool) -> None:
+    def _step(self, guided: bool, step: int) -> None:
         cfg = self.config
         masked = self.response == self.denoiser.mask_token_id
         self.forward_passes += masked.any(-1)
         with torch.no_grad(), record_function("entrgi.denoiser_forward"):
             if guided and cfg.adam_moments == "recompute":  # Adam replays from the logits as the denoiser gave them
-                initial = self.denoiser_logits().contiguous()
+                initial = self.denoiser_logits(step).contiguous()
                 phi = initial.to(torch.float32, copy=True)
             else:
-                initial, phi = None, self.response_logits()
+                initial, phi = None, self.response_logits(step)
         in_block = masked if cfg.block_length is None else masked & current_block(masked, cfg.block_length)
         initial_confidence = None
         if guided:
@@ -219,14 +271,25 @@ class DiffusionRun:
             del initial
         with record_function("entrgi.commit"):
             self.commit(phi, in_block, initial_confidence)
+        if self.hooks.tokens is not None:
+            self.canvas.copy_(self.hooks.hooked_canvas(step, self.canvas, phi))
+        if self.history is not None:
+            self.history.index_copy_(0, self.step_index, self.response.unsqueeze(0))
         self.step_index += 1
 
-    def response_logits(self) -> torch.Tensor:
-        """(N, G, V) contiguous float32 logits of the response block (a fresh tensor)."""
-        logits = self.denoiser_logits()
-        return logits.to(torch.float32, copy=self.config.cfg_scale == 0, memory_format=torch.contiguous_format)
+    def response_logits(self, step: int = 0) -> torch.Tensor:
+        """(N, G, V) contiguous float32 logits of the response block at ``step`` (a fresh tensor)."""
+        logits = self.denoiser_logits(step)
+        fresh = self.config.cfg_scale != 0 and self.hooks.logits is None
+        return logits.to(torch.float32, copy=not fresh, memory_format=torch.contiguous_format)
 
-    def denoiser_logits(self) -> torch.Tensor:
+    def denoiser_logits(self, step: int = 0) -> torch.Tensor:
+        """(N, G, V) logits of the response block at ``step``: what the logits hook returns
+        (float32) when one is set, else the model's (:meth:`model_logits`)."""
+        logits = self.model_logits()
+        return logits if self.hooks.logits is None else self.hooks.hooked_logits(step, self.canvas, logits)
+
+    def model_logits(self) -> torch.Tensor:
         """(N, G, V) logits of the response block as the denoiser returns them (its
         dtype, possibly a strided view); with ``cfg_scale`` the float32 classifier-free
         mix ``un + (s + 1)(cond - un)``, ``un`` seeing the prompt masked (a fresh tensor)."""
@@ -247,7 +310,7 @@ class DiffusionRun:
             side = torch.cuda.Stream(self.canvas.device)
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                self._step(guided)
+                self._step(guided, step)
             torch.cuda.current_stream().wait_stream(side)
             return
         if graph is None:
@@ -255,7 +318,7 @@ class DiffusionRun:
             graph.register_generator_state(self.generator)
             try:
                 with torch.cuda.graph(graph, pool=_graph_pool(self.canvas.device)):
-                    self._step(guided)
+                    self._step(guided, step)
             except RuntimeError as error:  # CUDA's own message names neither the step nor a way out
                 raise RuntimeError(
                     f"capturing the {'guided' if guided else 'unguided'} denoising step in a CUDA graph failed: "
@@ -318,7 +381,7 @@ class DiffusionRun:
             from tqdm.auto import tqdm
 
             steps = tqdm(steps, desc=f"denoising ({cfg.method})", leave=False)
-        advance = self.graphed_step if self.use_graphs else self.step
+        advance = self.graphed_step if self.use_graphs and not self.hooks.active else self.step
         for step in steps:
             advance(step)
             if until_done and (step + 1) % DONE_CHECK_EVERY == 0 and self.finished():
@@ -421,9 +484,13 @@ class BatchedGeneration:
     graphs replay the new batch), else built and stored there.
     """
 
-    def __init__(self, prompts, denoiser: Denoiser, reward: Reward | None, config: GuidanceConfig):
+    def __init__(self, prompts, denoiser: Denoiser, reward: Reward | None, config: GuidanceConfig,
+                 hooks: StepHooks = StepHooks()):  # fmt: skip
         self.prompts = _check_inputs(prompts, denoiser, reward, config)
-        self.denoiser, self.reward, self.config = denoiser, reward, config
+        if hooks.active and config.cuda_graphs is True:
+            raise ValueError("cuda_graphs=True: step hooks run Python at every step, which a CUDA graph cannot "
+                             "replay; pass cuda_graphs='auto' (a hooked run denoises eagerly) or False")  # fmt: skip
+        self.denoiser, self.reward, self.config, self.hooks = denoiser, reward, config, hooks
         self.encoded = denoiser.encode_prompts(self.prompts, chat_template=config.chat_template)
         longest = max(len(ids) for ids in self.encoded)
         if denoiser.max_length is not None and longest + config.max_new_tokens > denoiser.max_length:
@@ -465,6 +532,7 @@ class BatchedGeneration:
         run, reused = self.denoiser.run_cache.get_or_build(key, new_run)
         if reused:
             run.load(prompt_ids, context, seed)
+        run.hooks = self.hooks
         run.run(progress=progress)
         return _collect(batch, run, self.denoiser, self.reward, config)
 
@@ -476,15 +544,18 @@ def generate(
     reward: Reward | None = None,
     config: GuidanceConfig | None = None,
     progress: bool = True,
+    logits_hook: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    tokens_hook: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     **overrides,
 ) -> list[PromptResult]:
     """Sample ``config.num_samples`` responses per prompt, guided by ``reward``.
 
-    Any :class:`GuidanceConfig` field can be overridden by keyword. Returns one
-    :class:`PromptResult` per prompt, in order; ``rewards`` is None without a reward.
+    Any :class:`GuidanceConfig` field can be overridden by keyword. ``logits_hook`` and
+    ``tokens_hook``: Dream-style callbacks at every step (:class:`StepHooks`). Returns
+    one :class:`PromptResult` per prompt, in order; ``rewards`` is None without a reward.
     """
     config = (config or GuidanceConfig()).replace(**overrides)
-    job = BatchedGeneration(prompts, denoiser, reward, config)
+    job = BatchedGeneration(prompts, denoiser, reward, config, StepHooks(logits_hook, tokens_hook))
     return [result for index in range(job.num_batches) for result in job.run_batch(index, progress)]
 
 
@@ -492,6 +563,10 @@ def _collect(prompts, run: DiffusionRun, denoiser, reward, config) -> list[Promp
     k = config.num_samples
     ids = run.response.tolist()
     passes = run.forward_passes.view(-1, k).amax(-1).tolist()
+    history = [None] * len(prompts)
+    if run.history is not None:
+        steps_run = int(run.step_index)  # threshold decoding may end before the last row
+        history = run.history[:steps_run].view(steps_run, len(prompts), k, -1).transpose(0, 1).tolist()
     texts = [denoiser.decode(row) for row in ids]
     rewards = None
     if reward is not None:
@@ -505,6 +580,7 @@ def _collect(prompts, run: DiffusionRun, denoiser, reward, config) -> list[Promp
             method=config.method,
             response_ids=ids[i * k : (i + 1) * k],
             forward_passes=passes[i],
+            history=history[i],
         )
         for i, p in enumerate(prompts)
     ]

@@ -162,6 +162,8 @@ def test_bench_refuses_sizes_out_of_range_before_running(tmp_path, capsys, flags
 @pytest.mark.parametrize("flags", [["--suite", "step", "--masked-fraction", "1.5"],
                                    ["--profile", "--preset", "tiny", "--masked-fraction", "0"]])  # fmt: skip
 def test_bench_refuses_a_masked_fraction_out_of_range_before_building_models(tmp_path, capsys, monkeypatch, flags):
+    import entrgi.step_floor  # noqa: F401  # binds the real build_models before it is patched
+
     monkeypatch.setattr("entrgi.step_benchmark.build_models", lambda *a, **k: pytest.fail("built models"))
     assert main(["bench", *flags, "--out", str(tmp_path)]) == 2
     value = flags[-1]

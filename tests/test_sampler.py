@@ -347,6 +347,7 @@ def _graphed_runs_match_eager(denoiser, reward, calls: int = 1, **common) -> lis
             patch.setattr(torch.cuda.CUDAGraph, "replay", lambda graph: replays.append(1) or replay(graph))
             graphed = generate(PROMPTS, denoiser=denoiser, reward=reward, progress=False, **common)  # "auto"
         assert [r.response_ids for r in graphed] == [r.response_ids for r in eager]
+        assert [r.history for r in graphed] == [r.history for r in eager]
         assert sum((r.rewards for r in graphed), []) == pytest.approx(sum((r.rewards for r in eager), []))
         counts.append(len(replays))
     return counts
@@ -360,10 +361,22 @@ def test_cuda_graph_replay_matches_eager(denoiser_paths, classifier_path, method
     denoiser = load_denoiser(denoiser_paths["dream"], kind="dream", device="cuda")
     reward = load_reward(classifier_path, device="cuda")
     replays = _graphed_runs_match_eager(denoiser, reward, calls=2, method=method, steps=7, max_new_tokens=8,
-                                        num_samples=2, guidance_steps=2, guide_every=2, alg_temp=0.3, seed=5)  # fmt: skip
+                                        num_samples=2, guidance_steps=2, guide_every=2, alg_temp=0.3, seed=5,
+                                        output_history=True)  # fmt: skip
     # guided steps 0, 2, 4, 6 and unguided 1, 3, 5: each kind runs eagerly once, then replays
     # ("none": one kind, warmed at step 0); the second call reuses the cached run: all 7 replay
     assert replays == [5 if method != "none" else 6, 7]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_hooked_run_on_cuda_denoises_eagerly(denoiser_paths, classifier_path):
+    from entrgi import load_reward
+
+    denoiser = load_denoiser(denoiser_paths["dream"], kind="dream", device="cuda")
+    reward = load_reward(classifier_path, device="cuda")
+    replays = _graphed_runs_match_eager(denoiser, reward, steps=4, max_new_tokens=6, num_samples=2, guidance_steps=2,
+                                        logits_hook=lambda step, canvas, logits: logits * 0.5)  # fmt: skip
+    assert replays == [0]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
