@@ -29,6 +29,7 @@ class GuidanceConfig:
     method : ``entrgi`` | ``aps`` (w = 1) | ``expectation`` (w = 0) | ``bon`` (best of K,
         unguided) | ``none`` (unguided; the first sample is reported as Top@1).
     num_samples : K trajectories per prompt. steps : T denoising steps.
+    eps : the last step's time: steps run from t = 1 to t = eps (``linspace(1, eps, T + 1)``, Dream's).
     guidance_steps : M Adam steps on phi per guided step; lr : their learning rate.
     reward_temperature : beta in loss = -sum R / beta. guide_every : guide every k-th step.
     temperature, top_p, top_k : sampling law ``softmax(filter(phi / tau))``; tau = 0 is greedy.
@@ -70,6 +71,7 @@ class GuidanceConfig:
     method: str = "entrgi"
     num_samples: int = 4
     steps: int = 128
+    eps: float = 1e-3
     max_new_tokens: int = 128
     guidance_steps: int = 3
     lr: float = 0.5
@@ -109,6 +111,8 @@ class GuidanceConfig:
             raise ValueError(f"guidance_steps must be an int >= 0, got {self.guidance_steps!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if not 0 < self.eps < 1:
+            raise ValueError(f"eps must be in (0, 1), got {self.eps}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not self.reward_temperature > 0:

@@ -196,7 +196,7 @@ class DiffusionRun:
         self.prompt_length = self.canvas.shape[1] - config.max_new_tokens
         self.forward_passes = torch.zeros(n, dtype=torch.long, device=device)
         self.end_ids = torch.tensor(denoiser.end_token_ids, dtype=torch.long, device=device)
-        self.schedule = timesteps(config.steps, device=device)
+        self.schedule = timesteps(config.steps, config.eps, device=device)
         self.step_index = torch.zeros(1, dtype=torch.long, device=device)
         self.non_finite = torch.zeros((), dtype=torch.bool, device=device)
         self.history = None

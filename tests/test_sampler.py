@@ -482,6 +482,7 @@ def test_cuda_graphs_need_capturable_attention(denoisers, classifier_path, monke
         (dict(top_k=-2), ValueError, "top_k must be an int >= 0"),
         (dict(max_new_tokens=500), ValueError, r"exceeds the denoiser's context of 128 positions"),
         (dict(lr=0.0), ValueError, "lr must be > 0"),
+        (dict(eps=1.0), ValueError, r"eps must be in \(0, 1\), got 1.0"),
         (dict(bogus=1), ValueError, r"unknown GuidanceConfig fields: \['bogus'\]"),
         (dict(cuda_graphs="yes"), ValueError, "cuda_graphs must be 'auto', True or False, got 'yes'"),
         (dict(cuda_graphs=True), ValueError, "cuda_graphs=True needs a CUDA denoiser, got device cpu"),

@@ -35,6 +35,15 @@ def test_history_holds_the_response_after_every_step(dream, classifier_reward, m
     assert all(r.history is None for r in generate(PROMPTS, denoiser=dream, reward=classifier_reward, **SMALL))
 
 
+@pytest.mark.parametrize("eps, masks", [(1e-3, [4, 0]), (0.5, [5, 0])])
+def test_eps_is_the_last_step_s_time(dream, classifier_reward, eps, masks):
+    # two steps, t = 1 -> s = (1 + eps) / 2 -> eps: int(6 (1 - s)) commits first (2; 1 at eps = 0.5), then the rest
+    results = generate(PROMPTS, denoiser=dream, reward=classifier_reward, method="none", steps=2, max_new_tokens=6,
+                       num_samples=2, eps=eps, output_history=True, progress=False)  # fmt: skip
+    for result in results:
+        assert (torch.tensor(result.history) == dream.mask_token_id).sum(-1).tolist() == [[m, m] for m in masks]
+
+
 def test_history_of_a_threshold_run_ends_at_its_last_step(denoiser_paths, classifier_reward):
     llada = load_denoiser(denoiser_paths["llada"], kind="llada")
     results = generate(PROMPTS, denoiser=llada, reward=classifier_reward, method="none", max_new_tokens=8,
@@ -97,7 +106,7 @@ def test_identity_hooks_leave_the_tokens_of_a_seed_unchanged(dream, classifier_r
         (dict(logits_hook=lambda s, c, x: x[..., :-1]), r"logits_hook must return a tensor like the one it was given "
                                                         r"\(shape \(4, 6, \d+\), torch.float32 on cpu\), got shape"),
         (dict(logits_hook=lambda s, c, x: None), "logits_hook must return .* got NoneType"),
-        (dict(tokens_hook=lambda s, c, x: c.int()), r"tokens_hook must return .* torch.int64 .* got shape .*torch.int32"),
+        (dict(tokens_hook=lambda s, c, x: c.int()), r"tokens_hook must return .*torch.int64.* got .*torch.int32"),
     ],
 )  # fmt: skip
 def test_a_hook_returning_something_else_raises(dream, classifier_reward, hooks, message):
