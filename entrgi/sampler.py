@@ -257,8 +257,10 @@ class DiffusionRun:
             if guided and cfg.adam_moments == "recompute":  # Adam replays from the logits as the denoiser gave them
                 initial = self.denoiser_logits(step).contiguous()
                 phi = initial.to(torch.float32, copy=True)
-            else:
+            elif guided:
                 initial, phi = None, self.response_logits(step)
+            else:  # only the commit reads them: the model's dtype, no float32 copy of (N, G, V)
+                initial, phi = None, self.denoiser_logits(step)
         in_block = masked if cfg.block_length is None else masked & current_block(masked, cfg.block_length)
         initial_confidence = None
         if guided:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import math
 
 import pytest
 import torch
 
-from entrgi import GuidanceConfig, generate, load_denoiser
+from entrgi import GuidanceConfig, generate, load_denoiser, sampler
 from entrgi.sampler import BatchedGeneration, DiffusionRun, GuidanceTable
 
 PROMPTS = ["hello there", "what is the weather like today in the big city"]
@@ -301,6 +302,23 @@ def test_bfloat16_adam_moments_steer_like_float32(denoisers, similarity_reward, 
     assert not torch.equal(end16, end32)
 
 
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))],
+)
+def test_unguided_steps_sample_the_denoisers_own_dtype(denoiser_paths, monkeypatch, device):
+    denoiser = load_denoiser(denoiser_paths["dream"], kind="dream", device=device, dtype=torch.bfloat16)
+    seen, sample_step = [], sampler.sample_step
+    monkeypatch.setattr(sampler, "sample_step", lambda phi, **kw: seen.append(phi.dtype) or sample_step(phi, **kw))
+    run = functools.partial(generate, PROMPTS, denoiser=denoiser, method="none", seed=2, cuda_graphs=False, **SMALL)
+    plain = run()
+    assert set(seen) == {torch.bfloat16}  # no float32 copy of the logits
+    seen.clear()
+    upcast = run(logits_hook=lambda step, canvas, logits: logits)  # a hook is handed float32 logits
+    assert set(seen) == {torch.float32}
+    assert [r.response_ids for r in upcast] == [r.response_ids for r in plain]
+
+
 def test_step_has_no_host_sync(denoisers, classifier_reward, monkeypatch):
     config = GuidanceConfig(steps=3, max_new_tokens=4, num_samples=2, guidance_steps=2, alg_temp=0.5)
     run = _run(denoisers["dream"], classifier_reward, config)
@@ -423,8 +441,6 @@ def test_cuda_graphs_with_the_likelihood_reward_and_a_cached_prefix(denoiser_pat
 def test_a_failed_capture_names_the_step_and_the_way_out(denoisers, classifier_reward, monkeypatch):
     import contextlib
 
-    from entrgi import sampler
-
     class FakeGraph:  # stands in for torch.cuda.CUDAGraph on a machine without CUDA
         def register_generator_state(self, generator):
             pass
@@ -435,7 +451,7 @@ def test_a_failed_capture_names_the_step_and_the_way_out(denoisers, classifier_r
     run = _run(denoisers["dream"], classifier_reward, GuidanceConfig(steps=3, max_new_tokens=4, num_samples=2))
     run._warmed.add(True)  # as after the eager warm-up step
 
-    def syncing_step(guided):
+    def syncing_step(guided, step):
         raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
 
     monkeypatch.setattr(run, "_step", syncing_step)
