@@ -148,31 +148,35 @@ class Denoiser:
             kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
         if head_rows is not None and self._keep_argument is not None:
             kwargs[self._keep_argument] = head_rows
-        # the hook trims the head's input for models without a keep argument; it passes
-        # through a head input the model already cut to head_rows
-        with self._head_on_last(head_rows, length):
+        # the hook gives the head the keep_last positions whose predictions are kept (Dream:
+        # each one's left neighbour), from the whole sequence or the head_rows the model cut
+        with self._head_on_last(None if head_rows is None else keep_last, length, shift):
             logits = self.model(input_ids=input_ids, **kwargs).logits
-        if head_rows is not None:  # (N, head_rows, V): the last positions' raw logits
-            logits = logits[:, -head_rows:]
+        if head_rows is not None:
+            if logits.shape[1] == keep_last:  # the head ran on exactly those rows: contiguous
+                return logits
+            logits = logits[:, -head_rows:]  # a head the hook cannot reach: slice its output
             return logits[:, :keep_last] if shift else logits
         if shift:
             logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
         return logits if keep_last is None else logits[:, -keep_last:]
 
     @contextlib.contextmanager
-    def _head_on_last(self, rows: int | None, length: int) -> Iterator[None]:
-        """Inside the block, the output head module sees only the last ``rows`` of an
-        (N, length, d) input. A head the model does not call as a module (a weight
-        tied through ``F.linear``) or calls on other shapes sees its input whole, and
-        the caller's slice of the logits does the rest."""
+    def _head_on_last(self, rows: int | None, length: int, shift: int = 0) -> Iterator[None]:
+        """Inside the block, the output head module sees only ``rows`` positions of its
+        (N, length, d) input, or of one the model already cut to its last ``rows + shift``:
+        the last ones, or with ``shift`` those before the last ``shift``. A head the model
+        does not call as a module (a weight tied through ``F.linear``) or calls on other
+        shapes sees its input whole, and the caller's slice of the logits does the rest."""
         if rows is None:
             yield
             return
 
         def last_rows(head, args):
             hidden = args[0]
-            if hidden.dim() == 3 and hidden.shape[1] == length:
-                return (hidden[:, -rows:], *args[1:])
+            if hidden.dim() == 3 and hidden.shape[1] in (length, rows + shift):
+                end = hidden.shape[1] - shift
+                return (hidden[:, end - rows : end], *args[1:])
             return None
 
         handle = self.model.get_output_embeddings().register_forward_pre_hook(last_rows)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import math
@@ -48,13 +49,32 @@ def test_logits_of_the_last_positions_match_the_full_logits(denoisers, kind):
         lambda head, args, out: head_rows.append(args[0].shape[1])
     )
     for keep in (1, 5, 8, 9):
-        torch.testing.assert_close(denoiser.logits(ids, mask, keep_last=keep), full[:, -keep:])
+        kept = denoiser.logits(ids, mask, keep_last=keep)
+        torch.testing.assert_close(kept, full[:, -keep:])
+        assert kept.is_contiguous()
     record.remove()
-    # the head runs on the kept positions only (Dream: and the one before, for the shift)
-    shift = int(kind == "dream")
-    assert head_rows == [min(keep + shift, 9) for keep in (1, 5, 8, 9)]
+    # the head runs on the kept positions only (Dream: on their left neighbours)
+    assert head_rows == [1, 5, 8, 9]
     with pytest.raises(ValueError, match="keep_last"):
         denoiser.logits(ids, mask, keep_last=10)
+
+
+@pytest.mark.parametrize("keep_argument", [True, False], ids=["keep-argument", "no-keep-argument"])
+@pytest.mark.parametrize("head_hook", [True, False], ids=["head-hook", "head-unreachable"])
+def test_dream_keeps_the_shifted_rows_however_its_head_is_reached(denoisers, monkeypatch, keep_argument, head_hook):
+    dream = denoisers["dream"]
+    assert dream._keep_argument is not None  # the tiny model takes logits_to_keep, as Qwen2 does
+    ids = torch.randint(1000, 2000, (3, 9))
+    mask = torch.ones(3, 9, dtype=torch.bool)
+    full = dream.logits(ids, mask)
+    if not keep_argument:
+        monkeypatch.setattr(dream, "_keep_argument", None)
+    if not head_hook:  # as for a head applied through F.linear: the slice of the output does the work
+        monkeypatch.setattr(dream, "_head_on_last", lambda *args: contextlib.nullcontext())
+    for keep in (1, 5, 8):
+        kept = dream.logits(ids, mask, keep_last=keep)
+        torch.testing.assert_close(kept, full[:, -keep:])
+        assert kept.is_contiguous() == head_hook
 
 
 @pytest.mark.parametrize("kind", ["mlm", "llada", "dream"])
@@ -439,8 +459,6 @@ def test_cuda_graphs_with_the_likelihood_reward_and_a_cached_prefix(denoiser_pat
 
 
 def test_a_failed_capture_names_the_step_and_the_way_out(denoisers, classifier_reward, monkeypatch):
-    import contextlib
-
     class FakeGraph:  # stands in for torch.cuda.CUDAGraph on a machine without CUDA
         def register_generator_state(self, generator):
             pass
