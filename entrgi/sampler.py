@@ -131,7 +131,7 @@ class StepHooks:
     and ``generation_tokens_hook_func``. ``step`` is the step's index from 0 (an int).
 
     logits : ``(step, canvas, logits) -> logits`` right after the denoiser: ``canvas``
-        (N, P + G) token ids, ``logits`` (N, G) x V float32 of the response block (Dream's
+        (N, P + G) token ids, ``logits`` (N, G, V) float32 of the response block (Dream's
         shifted; with ``cfg_scale``, mixed). What it returns (same shape and dtype) is what
         guidance steers and the commit draws from, and what ``alg="entropy"`` scores.
     tokens : ``(step, canvas, logits) -> canvas`` after the commit, ``logits`` the ones the
