@@ -27,7 +27,7 @@ def test_denoiser_head_is_counted_on_the_response_only():
     denoiser, _ = _tiny()
     total, head = floors.denoiser_flops(denoiser, rows=3, new_tokens=16)
     hidden, vocab = SHAPES["tiny-denoiser"][0], SHAPES["tiny-denoiser"][-1]
-    assert head == 2 * 3 * (16 + 1) * hidden * vocab  # Dream reads each position's logits one column back
+    assert head == 2 * 3 * 16 * hidden * vocab  # Dream's head runs on the 16 positions one column back
     assert total > 2 * head
 
 
