@@ -48,7 +48,9 @@ def run_stage(stage: str, tmp_path: Path) -> list[list[str]]:
 def op_breakdown_parser():
     """bench/op_breakdown.py's parser, imported when first needed: the script imports
     Triton, which must not load before another bench module sets TRITON_INTERPRET."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    bench = str(Path(__file__).resolve().parent)
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
     import op_breakdown
 
     return op_breakdown.build_parser()

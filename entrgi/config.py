@@ -149,6 +149,12 @@ class GuidanceConfig:
         return 1 if self.block_length is None else self.max_new_tokens // self.block_length
 
     @property
+    def most_steps(self) -> int:
+        """Steps a run takes at most: ``steps``, or ``max_new_tokens`` with a confidence
+        threshold (it commits at least one position a step and ends once all are)."""
+        return self.steps if self.confidence_threshold is None else self.max_new_tokens
+
+    @property
     def commit_rule(self) -> str:
         """How committed positions are ranked: ``remasking`` when set, else ``alg``."""
         return self.remasking or self.alg

@@ -201,8 +201,7 @@ class DiffusionRun:
         self.non_finite = torch.zeros((), dtype=torch.bool, device=device)
         self.history = None
         if config.output_history:
-            most_steps = config.max_new_tokens if config.confidence_threshold is not None else config.steps
-            self.history = torch.empty((most_steps, *self.response.shape), dtype=torch.long, device=device)
+            self.history = torch.empty((config.most_steps, *self.response.shape), dtype=torch.long, device=device)
         self.hooks = StepHooks()
         self.use_graphs = use_cuda_graphs(config, denoiser, reward)
         self._graphs: dict[bool, torch.cuda.CUDAGraph] = {}
@@ -378,7 +377,7 @@ class DiffusionRun:
         confidence threshold until no mask is left (at most ``max_new_tokens`` steps)."""
         cfg = self.config
         until_done = cfg.confidence_threshold is not None
-        steps = range(cfg.max_new_tokens if until_done else cfg.steps)
+        steps = range(cfg.most_steps)
         if progress:
             from tqdm.auto import tqdm
 
