@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from entrgi import step_floor as floors
-from entrgi.step_benchmark import SHAPES, StepOptions, build_models
+from entrgi.step_benchmark import PRESETS, SHAPES, StepOptions, build_models
 
 _spec = importlib.util.spec_from_file_location("step_floor_tool", Path(__file__).with_name("step_floor.py"))
 tool = importlib.util.module_from_spec(_spec)
@@ -44,14 +44,27 @@ def test_table_lists_every_component_and_both_floors(capsys):
     lines = capsys.readouterr().out.splitlines()
     cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines if line.startswith("| ")]
     names = [row[0] for row in cells]
-    assert names[1:] == ["denoiser forward", "of which output head", "entropy confidence", "guided op forward (x3)",
-                         "reward fwd+bwd (x3)", "op backward + Adam (x3)", "commit (sample + confidence)",
-                         "unguided step", "guided step"]  # fmt: skip
+    assert names[1:] == ["denoiser forward", "of which output head", "logits to float32", "entropy confidence",
+                         "guided op forward (x3)", "reward fwd+bwd (x3)", "op backward + Adam (x3)",
+                         "commit from float32 phi", "commit from the model's logits", "unguided step",
+                         "guided step"]  # fmt: skip
     components = floors.step_components("tiny", StepOptions(masked_fraction=0.25, new_tokens=16))
     unguided, guided = (floors.step_floor_ms(components, guided) for guided in (False, True))
-    unguided_parts = ("denoiser forward", "commit (sample + confidence)")
+    unguided_parts = ("denoiser forward", "commit from the model's logits")
     assert unguided == sum(c.floor_ms for c in components if c.name in unguided_parts)
-    assert guided > unguided
+    guided_parts = {c.name for c in components if not c.detail} - {"commit from the model's logits"}
+    assert guided == pytest.approx(sum(c.floor_ms for c in components if c.name in guided_parts))
+
+
+def test_logits_bytes_follow_their_dtype_in_each_step():
+    """The denoiser writes bf16 logits for every response row; a guided step copies them
+    to float32 and commits from that, an unguided one commits from the bf16 logits."""
+    by_name = {c.name: c for c in floors.step_components("tiny", StepOptions(masked_fraction=0.25, new_tokens=16))}
+    _, _, prompts, k = PRESETS["tiny"]
+    vocab, rows = SHAPES["tiny-denoiser"][-1], prompts * k * 16
+    assert by_name["logits to float32"].nbytes == rows * vocab * (2 + 4)
+    assert by_name["commit from float32 phi"].nbytes == 0.25 * rows * vocab * 4
+    assert by_name["commit from the model's logits"].nbytes == 0.25 * rows * vocab * 2
 
 
 def test_bfloat16_moments_halve_the_moments_bytes():
@@ -60,7 +73,7 @@ def test_bfloat16_moments_halve_the_moments_bytes():
         for dtype in ("float32", "bfloat16")
     )
     adam = "op backward + Adam (x3)"
-    phi = full["commit (sample + confidence)"]  # one read of the active rows' float32 logits
+    phi = full["commit from float32 phi"]  # one read of the active rows' float32 logits
     table = (full[adam] / 3) - 6 * phi
     # phi read and written, two half-size moments read and written
     assert half[adam] / 3 == pytest.approx(2 * phi + 2 * phi + table)
@@ -86,8 +99,9 @@ def test_tool_passes_the_moments_dtype_on(capsys):
     assert full != half
 
 
-def test_profile_ranges_cover_the_guided_step():
+@pytest.mark.parametrize("guided", [True, False])
+def test_profile_ranges_cover_the_step(guided):
     components = floors.step_components("tiny", StepOptions(new_tokens=16))
-    ranges = floors.range_floors(components)
-    assert all(ms > 0 for ms in ranges.values())
-    assert sum(ranges.values()) == pytest.approx(floors.step_floor_ms(components, guided=True))
+    ranges = floors.range_floors(components, guided)
+    assert all(ms > 0 for key, ms in ranges.items() if guided or key in ("entrgi.denoiser_forward", "entrgi.commit"))
+    assert sum(ranges.values()) == pytest.approx(floors.step_floor_ms(components, guided))

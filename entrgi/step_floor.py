@@ -7,8 +7,10 @@ denoiser and reward code on the meta device: the denoiser's forward as the step 
 (output head on the response only) and the reward's forward + backward as guidance calls
 it (gradients to the inputs only). The fused op, Adam and the commit are counted from
 shapes: two GEMMs over the active rows per guidance step (more with recomputed Adam
-moments), and the (rows, V) tensors each must read or write once. Bytes count weights and those tensors, not the
-models' activations, so the floor is a lower bound on a step's time.
+moments), and the (rows, V) tensors each must read or write once: the denoiser writes
+its logits in its own dtype, a guided step copies them to float32 for Adam, and the
+commit reads whichever of the two the step has. Bytes count weights and those tensors,
+not the models' activations, so the floor is a lower bound on a step's time.
 
 ``python bench/step_floor.py`` prints the table; ``entrgi bench --profile --preset P``
 puts each component's floor beside its measured device time.
@@ -40,14 +42,19 @@ PHI_BYTES = 4  # the guidance loop's logits and Adam moments are float32
 
 class Component(NamedTuple):
     """One part of a step; ``flops`` and ``nbytes`` cover its ``repeats`` (the guidance
-    steps). ``detail``: a share of the component above it, not added to the step."""
+    steps). ``runs_in``: the steps that run it ("both", "guided" or "unguided").
+    ``detail``: a share of the component above it, not added to the step."""
 
     name: str
     flops: float
     nbytes: float
-    guided_only: bool
+    runs_in: str = "both"
     repeats: int = 1
     detail: bool = False
+
+    def counts_in(self, guided: bool) -> bool:
+        """Whether the component adds to a guided (else unguided) step's floor."""
+        return not self.detail and self.runs_in in ("both", "guided" if guided else "unguided")
 
     @property
     def label(self) -> str:
@@ -108,8 +115,8 @@ def reward_flops(reward, rows: int, new_tokens: int) -> float:
 
 
 def step_components(preset: str, options: StepOptions = StepOptions()) -> list[Component]:
-    """The components of one guided step of ``preset`` run with ``options`` (``guided_only``
-    marks those an unguided step skips): ``masked_fraction`` of the response rows still
+    """The components of a guided and an unguided step of ``preset`` run with ``options``
+    (:attr:`Component.runs_in` says which): ``masked_fraction`` of the response rows still
     masked, the reward's prefix cache and checkpointing, and the logits' Adam moments
     (``recompute``: none stored; each backward reads the denoiser's bf16 logits and
     replays one GEMM per step so far). Lean, fused and compiled layers change what the
@@ -124,50 +131,57 @@ def step_components(preset: str, options: StepOptions = StepOptions()) -> list[C
     table = reward.input_embeddings()
     active = options.masked_fraction * rows * new_tokens  # (rows, V) logits rows the op and commit touch
     phi = active * vocab * PHI_BYTES
+    logits = rows * new_tokens * vocab  # the denoiser's response logits, every row
     table_bytes = table.numel() * table.element_size()
     gemm = 2.0 * active * vocab * table.shape[1]
     total, head = denoiser_flops(denoiser, rows, new_tokens)
-    denoiser_bytes = _weight_bytes(denoiser.model) + rows * new_tokens * vocab * PHI_BYTES  # weights, logits out
+    denoiser_bytes = _weight_bytes(denoiser.model) + logits * DTYPE.itemsize  # weights, logits out
     passes = 3 if options.reward_checkpoint else 2  # forward, backward (and the checkpoints' recompute)
     reward_bytes = passes * _weight_bytes(reward.model)
     m = options.guidance_steps
     if options.adam_moments == "recompute":  # step t reads the initial logits, writes phi, and replays t GEMMs
         replayed = m * (m + 1) / 2
         adam_bytes = m * (active * vocab * DTYPE.itemsize + phi) + replayed * table_bytes
-        backward = Component("op backward + Adam", replayed * gemm, adam_bytes, True, m)
+        backward = Component("op backward + Adam", replayed * gemm, adam_bytes, "guided", m)
     else:
         moment_bytes = getattr(torch, options.adam_moments).itemsize
         adam_bytes = 2 * phi + 4 * active * vocab * moment_bytes  # phi and both moments, read and written
-        backward = Component("op backward + Adam", m * gemm, m * (adam_bytes + table_bytes), True, m)
+        backward = Component("op backward + Adam", m * gemm, m * (adam_bytes + table_bytes), "guided", m)
     return [
-        Component("denoiser forward", total, denoiser_bytes, False),
-        Component("output head", head, 0.0, False, detail=True),
-        Component("entropy confidence", 0.0, phi, True),
-        Component("guided op forward", m * gemm, m * (phi + table_bytes), True, m),
-        Component("reward fwd+bwd", m * reward_flops(reward, rows, new_tokens), m * reward_bytes, True, m),
+        Component("denoiser forward", total, denoiser_bytes),
+        Component("output head", head, 0.0, detail=True),
+        Component("logits to float32", 0.0, logits * (DTYPE.itemsize + PHI_BYTES), "guided"),
+        Component("entropy confidence", 0.0, phi, "guided"),
+        Component("guided op forward", m * gemm, m * (phi + table_bytes), "guided", m),
+        Component("reward fwd+bwd", m * reward_flops(reward, rows, new_tokens), m * reward_bytes, "guided", m),
         backward,
-        Component("commit (sample + confidence)", 0.0, phi, False),
+        Component("commit from float32 phi", 0.0, phi, "guided"),
+        Component("commit from the model's logits", 0.0, active * vocab * DTYPE.itemsize, "unguided"),
     ]
 
 
 def step_floor_ms(components: list[Component], guided: bool) -> float:
-    """The step's floor: its components' floors added up (details excluded)."""
-    return sum(c.floor_ms for c in components if not c.detail and (guided or not c.guided_only))
+    """A guided (else unguided) step's floor: its components' floors added up."""
+    return sum(c.floor_ms for c in components if c.counts_in(guided))
 
 
 # The profiler's ranges (``entrgi bench --profile``) and the components each one times.
 RANGE_COMPONENTS = {
-    "entrgi.denoiser_forward": ("denoiser forward",),
+    "entrgi.denoiser_forward": ("denoiser forward", "logits to float32"),
     "entrgi.entropy_confidence": ("entropy confidence",),
     "entrgi.guided_embedding": ("guided op forward",),
     "entrgi.reward_forward_backward": ("reward fwd+bwd", "op backward + Adam"),  # the op's backward runs inside
-    "entrgi.commit": ("commit (sample + confidence)",),
+    "entrgi.commit": ("commit from float32 phi", "commit from the model's logits"),
 }
 
 
-def range_floors(components: list[Component]) -> dict[str, float]:
-    """Floor ms of each profiler range of :data:`RANGE_COMPONENTS`."""
-    return {key: sum(c.floor_ms for c in components if c.name in names) for key, names in RANGE_COMPONENTS.items()}
+def range_floors(components: list[Component], guided: bool = True) -> dict[str, float]:
+    """Floor ms of each profiler range of :data:`RANGE_COMPONENTS` in a guided (else
+    unguided) step."""
+    return {
+        key: sum(c.floor_ms for c in components if c.name in names and c.counts_in(guided))
+        for key, names in RANGE_COMPONENTS.items()
+    }
 
 
 def format_floor(preset: str, components: list[Component]) -> str:
