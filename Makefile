@@ -6,6 +6,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.entrgi-installed
+# pytest-xdist workers for `make test`: the interpreted kernel tests are single-threaded
+# Python; two workers on CI's 2 cores took 33 min where one process took 55 (2026-12-06).
+# 0 runs one process (what a GPU box wants: the CUDA tests would share one device).
+TEST_WORKERS ?= 2
 
 .PHONY: install demo test bench clean
 
@@ -22,7 +26,7 @@ demo: $(STAMP)
 	$(VENV)/bin/entrgi demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests bench --benchmark-disable  # bench/: runs and well-formed output, never speed
+	$(PY) -m pytest -q tests bench --benchmark-disable -n $(TEST_WORKERS) --dist worksteal  # bench/: runs and well-formed output, never speed
 
 bench: $(STAMP)
 	$(VENV)/bin/entrgi bench --suite op
