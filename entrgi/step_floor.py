@@ -131,6 +131,7 @@ def step_components(preset: str, options: StepOptions = StepOptions()) -> list[C
     table = reward.input_embeddings()
     active = options.masked_fraction * rows * new_tokens  # (rows, V) logits rows the op and commit touch
     phi = active * vocab * PHI_BYTES
+    active_logits = active * vocab * DTYPE.itemsize  # the same rows in the denoiser's dtype
     logits = rows * new_tokens * vocab  # the denoiser's response logits, every row
     table_bytes = table.numel() * table.element_size()
     gemm = 2.0 * active * vocab * table.shape[1]
@@ -141,7 +142,7 @@ def step_components(preset: str, options: StepOptions = StepOptions()) -> list[C
     m = options.guidance_steps
     if options.adam_moments == "recompute":  # step t reads the initial logits, writes phi, and replays t GEMMs
         replayed = m * (m + 1) / 2
-        adam_bytes = m * (active * vocab * DTYPE.itemsize + phi) + replayed * table_bytes
+        adam_bytes = m * (active_logits + phi) + replayed * table_bytes
         backward = Component("op backward + Adam", replayed * gemm, adam_bytes, "guided", m)
     else:
         moment_bytes = getattr(torch, options.adam_moments).itemsize
@@ -156,7 +157,7 @@ def step_components(preset: str, options: StepOptions = StepOptions()) -> list[C
         Component("reward fwd+bwd", m * reward_flops(reward, rows, new_tokens), m * reward_bytes, "guided", m),
         backward,
         Component("commit from float32 phi", 0.0, phi, "guided"),
-        Component("commit from the model's logits", 0.0, active * vocab * DTYPE.itemsize, "unguided"),
+        Component("commit from the model's logits", 0.0, active_logits, "unguided"),
     ]
 
 
