@@ -328,17 +328,18 @@ def _profile_table(averages, steps: int, wall_ms: float, trace: Path, floors: di
     the work each launched, nested ranges included, see :mod:`entrgi.trace_time`; with
     ``floors``, each range's floor ms beside it), then the step's wall time, the device
     time the kernels kept busy, the host gaps (wall minus busy: launch overhead and
-    waits) and the host syncs per step."""
-    from entrgi.trace_time import device_time_by_range
+    waits) and the host syncs per step; on CUDA, each component's kernels that took the
+    most device time (:func:`entrgi.trace_time.kernel_table`)."""
+    from entrgi.trace_time import device_time_by_range, kernel_table
 
     per_step = lambda us: us / 1e3 / steps  # noqa: E731
-    device_us, outside_us, busy_us = device_time_by_range(trace)
+    times = device_time_by_range(trace)
     cpu_side = [e for e in averages if getattr(e, "device_type", DeviceType.CPU) == DeviceType.CPU]
     components = sorted((e for e in cpu_side if e.key.startswith("entrgi.")), key=lambda e: -e.cpu_time_total)
     head = f"{'component':<34} {'calls':>6} {'CPU ms/step':>12} {'device ms/step':>15}"
     lines = [head + (f" {'floor ms':>9} {'x floor':>8}" if floors else "")]
     for e in components:
-        device_ms = per_step(device_us.get(e.key, 0.0))
+        device_ms = per_step(times.per_range.get(e.key, 0.0))
         line = f"{e.key:<34} {e.count:>6} {per_step(e.cpu_time_total):12.2f} {device_ms:15.2f}"
         if e.key in floors:
             line += f" {floors[e.key]:9.2f} {cell(device_ms / floors[e.key] if device_ms else None, '8.1f')}"
@@ -346,10 +347,13 @@ def _profile_table(averages, steps: int, wall_ms: float, trace: Path, floors: di
     syncs = sum(e.count for e in cpu_side if e.key in SYNC_EVENTS) / steps
     lines.append(f"{'step wall time':<34} {'':>6} {wall_ms:12.2f}")
     if torch.cuda.is_available():
-        lines.append(f"{'launched outside these ranges':<34} {'':>6} {'':>12} {per_step(outside_us):15.2f}")
-        lines.append(f"{'device busy (all kernels)':<34} {'':>6} {'':>12} {per_step(busy_us):15.2f}")
-        lines.append(f"{'host gaps (wall - device busy)':<34} {'':>6} {wall_ms - per_step(busy_us):12.2f}")
+        lines.append(f"{'launched outside these ranges':<34} {'':>6} {'':>12} {per_step(times.outside):15.2f}")
+        lines.append(f"{'device busy (all kernels)':<34} {'':>6} {'':>12} {per_step(times.total):15.2f}")
+        lines.append(f"{'host gaps (wall - device busy)':<34} {'':>6} {wall_ms - per_step(times.total):12.2f}")
     lines.append(f"{'host syncs per step':<34} {syncs:>6.1f}")
     lines.append(f"(a range's device time includes its nested ranges': reward_forward_backward holds the op's "
                  f"backward; trace: {trace})")  # fmt: skip
+    if times.kernels:
+        lines += ["", "kernels per component: device ms and launches per step, share of the component"]
+        lines += kernel_table(times, steps)
     return "\n".join(lines)
