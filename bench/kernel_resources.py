@@ -44,7 +44,7 @@ from triton.runtime.jit import JITFunction
 
 import entrgi
 from entrgi.ops import entropy_confidence
-from entrgi.ops.layer_ops import rms_norm, rotary_embedding, silu_gate
+from entrgi.ops.layer_ops import merged_silu_gate, rms_norm, rotary_embedding, silu_gate
 from entrgi.ops.step import STEP_ALGS
 from entrgi.optim import LogitAdam
 from entrgi_kernels import row_stats, soft_embedding
@@ -176,8 +176,9 @@ def exercise_ops() -> None:
     whole tiles, the backward with and without the fused Adam step, bf16 moments),
     sample_step (each alg, greedy too), entropy_confidence, LogitAdam (stored and
     recomputed moments), and the layer ops a reward's and a denoiser's layers run
-    (rms_norm at a Qwen head's, Qwen3-1.7B's and Qwen2-7B's widths, silu_gate,
-    rotary_embedding; forward and backward)."""
+    (rms_norm at a Qwen head's, Qwen3-1.7B's and Qwen2-7B's widths, silu_gate at
+    Qwen3-1.7B's width and merged_silu_gate at Qwen3-0.6B's (another block), rotary_embedding;
+    forward and backward)."""
     table = torch.randn(VOCAB, DIM, dtype=torch.bfloat16)
     table_rows = torch.arange(VOCAB)
     active = torch.arange(ROWS) % 3 > 0
@@ -220,6 +221,8 @@ def exercise_ops() -> None:
             rms_norm(x, torch.randn(width).to(dtype), 1e-6, backend="triton").backward(torch.randn_like(x))
         gate, up = (torch.randn(ROWS, 6144).to(dtype).requires_grad_(True) for _ in range(2))
         silu_gate(gate, up, backend="triton").backward(torch.randn_like(gate))
+        gate_up = torch.randn(ROWS, 2 * 3072).to(dtype).requires_grad_(True)
+        merged_silu_gate(gate_up, backend="triton").backward(torch.randn(ROWS, 3072).to(dtype))
         q, k = (torch.randn(2, ROWS, heads, 128).to(dtype).transpose(1, 2).requires_grad_(True) for heads in (16, 8))
         cos = torch.randn(2, ROWS, 128).to(dtype)
         torch.autograd.backward(

@@ -10,7 +10,8 @@ left out. The fused layer ops cannot run on the meta device: they
 are counted as the kernels they launch, each reading and writing its tensors once.
 Ops fall into three groups:
 
-- projections: ``mm`` / ``addmm`` (the linear layers' GEMMs; the same in every mode),
+- projections: ``mm`` / ``addmm`` (the linear layers' GEMMs; fused, a gated MLP's gate and
+  up projections run as one),
   and a ``bmm`` with a batch-broadcast operand (a shared weight: the output head on
   the response rows);
 - attention: ``scaled_dot_product_attention``, counted as the fused kernel CUDA runs
@@ -137,14 +138,12 @@ def fused_kernels_counted(traffic: Traffic) -> Iterator[None]:
         return grad_x
 
     def gate_forward(gate, up):
-        out = torch.empty_like(gate)
+        out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
         traffic.add("triton silu_gate forward", [gate, up, out])
         return out
 
-    def gate_backward(grad, gate, up):
-        grads = torch.empty_like(gate), torch.empty_like(up)
-        traffic.add("triton silu_gate backward", [grad, gate, up, *grads])
-        return grads
+    def gate_backward(grad, gate, up, grad_gate, grad_up):
+        traffic.add("triton silu_gate backward", [grad, gate, up, grad_gate, grad_up])
 
     def rotate(x, cos, sin, backward=False):
         out = torch.empty_like(x)

@@ -1,5 +1,6 @@
 """bench/layer_traffic.py counts the models' traffic per group of ops on the meta device:
-fusing the norms and gates changes only the elementwise group, and shrinks it."""
+fusing the norms and gates shrinks the elementwise group, and stacking each MLP's gate
+and up projections takes one GEMM per layer off its forward and one off its backward."""
 
 from __future__ import annotations
 
@@ -10,16 +11,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import layer_traffic  # noqa: E402
 
+import entrgi.lean  # noqa: E402
 
-def test_fused_layers_move_less_than_lean_and_stock_ones():
+
+def test_fused_layers_move_less_than_lean_and_stock_ones(monkeypatch):
     counts = {mode: layer_traffic.count("tiny", mode) for mode in layer_traffic.MODES}
     for part in ("reward fwd+bwd", "denoiser forward"):
         groups = {mode: counts[mode][part].by_group() for mode in layer_traffic.MODES}
-        for name in ("projections", "attention"):
-            assert groups["stock"][name] == groups["lean"][name] == groups["fused"][name]
-            assert groups["stock"][name][0] > 0
+        assert groups["stock"]["attention"] == groups["lean"]["attention"] == groups["fused"]["attention"]
+        assert groups["stock"]["projections"] == groups["lean"]["projections"]
+        lean_gemms, lean_bytes = groups["lean"]["projections"]
+        fused_gemms, fused_bytes = groups["fused"]["projections"]
+        layers = 2  # the tiny preset's models, each with one gated MLP per layer
+        assert fused_gemms == lean_gemms - layers * (2 if part == "reward fwd+bwd" else 1)
+        assert fused_bytes < lean_bytes  # the stacked GEMM reads its input once
         launches, nbytes = zip(*(groups[mode]["elementwise"] for mode in layer_traffic.MODES))
         assert nbytes[2] < nbytes[1] <= nbytes[0] and launches[2] < launches[0]
+    # the stacked backward needs no add of the two projections' input gradients
+    monkeypatch.setattr(entrgi.lean.StackedLinear, "fits", staticmethod(lambda linears: False))
+    unstacked = layer_traffic.count("tiny", "fused")["reward fwd+bwd"].launches
+    assert counts["fused"]["reward fwd+bwd"].launches["add"] == unstacked["add"] - 2
+    assert counts["fused"]["reward fwd+bwd"].launches["mm"] == unstacked["mm"] - 4
     fused = counts["fused"]["reward fwd+bwd"].launches
     # every norm runs one kernel forward and one backward (the final norm's too)
     assert fused["triton rms_norm forward"] == fused["triton rms_norm backward"] > 0

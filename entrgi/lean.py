@@ -12,7 +12,9 @@ over 16 x 200 bfloat16 tokens that is 172 MiB kept instead of 253 MiB (counted w
 saved-tensor hooks on CPU, :func:`kept_bytes`; ``bench/reward_memory.py``; attention's
 own tensors unchanged). On CUDA the swapped forwards also run fused: one Triton kernel
 per norm or gate, forward and backward (:mod:`entrgi.ops.layer_ops`), instead of the
-stock code's chains of elementwise launches; and the modelling module's
+stock code's chains of elementwise launches, the gate and up projections as one GEMM
+each way (:class:`StackedLinear`, :func:`entrgi.ops.layer_ops.merged_silu_gate`); and
+the modelling module's
 ``apply_rotary_pos_emb`` is swapped for one kernel per query / key tensor
 (:func:`rotary_swaps`; a module-level function, so the swap holds for every model of
 that family while :meth:`entrgi.layers.LayerRunner.active` runs).
@@ -35,8 +37,9 @@ from types import ModuleType
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
-from entrgi.ops.layer_ops import fits_fused_rotary, rms_norm, rotary_embedding, silu_gate
+from entrgi.ops.layer_ops import fits_fused_rotary, merged_silu_gate, rms_norm, rotary_embedding, silu_gate
 from entrgi.ops.validation import resolve_backend
 
 ROTARY = "apply_rotary_pos_emb"  # the modelling modules' rotary function (Llama / Qwen / Mistral / Dream)
@@ -53,12 +56,69 @@ def _lean_rms_norm(module: torch.nn.Module, backend: str) -> Callable | None:
     return lambda hidden_states: rms_norm(hidden_states, module.weight, eps, backend)
 
 
+class StackedLinear:
+    """Linear layers reading one input, run as one GEMM: their weights (and biases)
+    stacked along the output rows into one tensor, and each layer's own parameter
+    re-pointed to its slice of it, so the stack costs no memory and the layers' values
+    are unchanged. ``current()`` checks, on the host, that every layer still reads
+    its slice (a later ``model.to(...)`` or ``load_state_dict(assign=True)`` gives them
+    new storage, and the caller then runs the layers one by one)."""
+
+    def __init__(self, linears: list[torch.nn.Linear]):
+        self.linears = linears
+        self.weight = torch.cat([linear.weight.detach() for linear in linears])
+        has_bias = linears[0].bias is not None
+        self.bias = torch.cat([linear.bias.detach() for linear in linears]) if has_bias else None
+        start = 0
+        for linear in linears:
+            rows = linear.out_features
+            linear.weight.data = self.weight[start : start + rows]
+            if has_bias:
+                linear.bias.data = self.bias[start : start + rows]
+            start += rows
+        self._storages = self._storage_ptrs()
+
+    @staticmethod
+    def fits(linears: list[torch.nn.Linear]) -> bool:
+        """Frozen plain parameters of one dtype and device, one input width, biases on
+        all or none."""
+        params = [p for linear in linears for p in (linear.weight, linear.bias) if p is not None]
+        if any(type(p) is not torch.nn.Parameter or p.requires_grad for p in params):
+            return False  # a quantised or trained layer keeps its own weights
+        one_kind = len({(p.dtype, p.device) for p in params}) == 1
+        one_input = len({linear.in_features for linear in linears}) == 1
+        return one_kind and one_input and len({linear.bias is None for linear in linears}) == 1
+
+    def _storage_ptrs(self) -> list[int]:
+        return [p.untyped_storage().data_ptr() for linear in self.linears for p in (linear.weight, linear.bias)
+                if p is not None]  # fmt: skip
+
+    def current(self) -> bool:
+        return self._storage_ptrs() == self._storages
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
 def _lean_gated_mlp(module: torch.nn.Module, backend: str) -> Callable | None:
     projections = [getattr(module, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
     if not all(isinstance(p, torch.nn.Linear) for p in projections) or not hasattr(module, "act_fn"):
         return None
     gate_proj, up_proj, down_proj = projections
-    return lambda x: down_proj(silu_gate(gate_proj(x), up_proj(x), backend))
+
+    def separate(x):
+        return down_proj(silu_gate(gate_proj(x), up_proj(x), backend))
+
+    if backend != "triton" or not StackedLinear.fits([gate_proj, up_proj]):
+        return separate
+    stacked = StackedLinear([gate_proj, up_proj])
+
+    def merged(x):  # one GEMM for gate and up, and one for their backward
+        if not stacked.current():
+            return separate(x)
+        return down_proj(merged_silu_gate(stacked(x), backend))
+
+    return merged
 
 
 def _agree(want, got, exact: bool) -> bool:
@@ -134,7 +194,9 @@ def lean_forwards(model: torch.nn.Module, backend: str = "auto") -> list[tuple[t
     | ``triton``) runs the lean forwards; see the module docstring for what reproduces
     means for each. Other modules are left out, and so is one whose forward a hook
     library replaced on the instance (e.g. accelerate's offloading, which loads the
-    weights inside that forward)."""
+    weights inside that forward). With the triton backend a gated MLP's gate and up
+    weights are stacked here, once (:class:`StackedLinear`: the layers' parameters are
+    re-pointed into the stack, their values unchanged)."""
     parameter = next(model.parameters(), None)
     if parameter is None:
         return []

@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from entrgi.ops.layer_ops import rms_norm, rotary_embedding, silu_gate  # noqa: E402
+from entrgi.ops.layer_ops import merged_silu_gate, rms_norm, rotary_embedding, silu_gate  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -117,6 +117,28 @@ def test_silu_gate_matches_the_stock_arithmetic(dtype, shape):
     for got_grad, want_grad, truth_grad in zip(got_grads, want_grads, truth_grads):
         assert torch.isfinite(got_grad).all()
         assert _max_relative(got_grad, truth_grad) <= _max_relative(want_grad, truth_grad) + 2 * _eps(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 2), (3, 7, 154), (2, 6000), (5, 6144)])  # widths 1, 77, 3000 (3 x 1,024), 3072
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")
+def test_merged_silu_gate_is_the_gate_of_its_two_halves_with_one_gradient(dtype, shape):
+    """The (..., 2 I) output of stacked gate and up projections: the same values as
+    silu_gate of its halves, each backend, and one (..., 2 I) gradient holding the two."""
+    generator = torch.Generator().manual_seed(shape[-1])
+    gate_up = _leaf(shape, dtype, generator, scale=3.0)
+    with torch.no_grad():
+        gate_up.view(-1)[:2] = torch.tensor([-100.0, 100.0], dtype=dtype)
+    width = shape[-1] // 2
+    grad = torch.randn(*shape[:-1], width, generator=generator).to(dtype).to(DEVICE)
+    for backend in ("torch", "triton"):
+        gate, up = (half.detach().requires_grad_(True) for half in gate_up.detach().split(width, -1))
+        want, want_grads = _values_and_grads(lambda g, u: silu_gate(g, u, backend=backend), [gate, up], grad)
+        got, (got_grad,) = _values_and_grads(lambda gu: merged_silu_gate(gu, backend=backend), [gate_up], grad)
+        assert got.shape == want.shape and torch.equal(got, want)
+        assert got_grad.shape == gate_up.shape and torch.equal(got_grad, torch.cat(want_grads, -1))
+    with pytest.raises(ValueError, match=r"merged_silu_gate needs gate_up \(..., 2 I\), got \(2, 3\)"):
+        merged_silu_gate(torch.randn(2, 3, device=DEVICE))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -10,8 +10,8 @@ import torch
 from entrgi import load_reward
 import entrgi.lean
 from entrgi.layers import swapped_attributes
-from entrgi.lean import ROTARY, _fused_rotary, lean_forwards, rotary_swaps
-from entrgi.ops.layer_ops import rotary_embedding
+from entrgi.lean import ROTARY, StackedLinear, _fused_rotary, lean_forwards, rotary_swaps
+from entrgi.ops.layer_ops import merged_silu_gate, rotary_embedding
 from helpers import assert_same_rewards, guided_reward_inputs, reward_scores_and_grads, saved_activation_bytes
 
 PROMPTS = ["hi", "tell me a long story about the sea and the wind"]
@@ -112,13 +112,15 @@ def test_fused_lean_layers_give_the_stock_rewards_and_gradients(family, monkeypa
     rotary = rotary_swaps(model, backend="triton")
     assert [module.__name__.rsplit(".", 1)[-1] for module, _ in rotary] == [f"modeling_{family.lower()}"]
     assert rotary_swaps(model, backend="torch") == []  # the stock function is the torch backend
-    calls = []
+    calls, gates = [], []
     monkeypatch.setattr(entrgi.lean, "rotary_embedding", lambda *args: calls.append(args) or rotary_embedding(*args))
+    monkeypatch.setattr(entrgi.lean, "merged_silu_gate", lambda *args: gates.append(args) or merged_silu_gate(*args))
     embeds = torch.randn(3, 6, 32, dtype=torch.bfloat16, device=DEVICE, requires_grad=True)
     want, want_grad = _score_and_grad(model, embeds)
     with swapped_attributes([(module, ROTARY, fused) for module, fused in rotary]):
         got, got_grad = _score_and_grad(model, embeds, found)
     assert len(calls) == 2  # one per layer: the fused rotary ran
+    assert len(gates) == 2  # and the gate and up projections as one GEMM
     # bfloat16 layers whose norms sum in another order: a rounding flip here and there,
     # carried through two layers
     torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2 * want.abs().item())
@@ -155,3 +157,34 @@ def test_fused_rotary_hands_calls_it_does_not_fit_to_the_stock_function():
         fused(odd, odd, cos[..., :6], sin[..., :6]), apply_rotary_pos_emb(odd, odd, cos[..., :6], sin[..., :6])
     ):
         assert torch.equal(got, want)
+
+
+def test_stacked_linears_share_one_weight_and_fall_back_once_moved(monkeypatch):
+    from transformers import Qwen3Config
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP
+
+    torch.manual_seed(0)
+    mlp = Qwen3MLP(Qwen3Config(hidden_size=16, intermediate_size=24)).to(DEVICE).requires_grad_(False)
+    x = torch.randn(2, 5, 16, device=DEVICE, requires_grad=True)
+    want = mlp(x)
+    want_grad = torch.autograd.grad(want.sum(), x)[0]
+    ((module, lean),) = lean_forwards(torch.nn.ModuleList([mlp]), backend="triton")
+    # the layers read slices of one stacked weight: the same values, no second copy
+    stacked = mlp.gate_proj.weight.untyped_storage().data_ptr()
+    assert mlp.up_proj.weight.untyped_storage().data_ptr() == stacked
+    assert mlp.up_proj.weight.data_ptr() == stacked + 24 * 16 * mlp.up_proj.weight.element_size()
+    assert torch.equal(mlp(x), want)
+    got = lean(x)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.autograd.grad(got.sum(), x)[0], want_grad)
+    mlp.half()  # new storage for every parameter: the stack is stale, the layers run one by one
+    monkeypatch.setattr(entrgi.lean, "merged_silu_gate", None)
+    x16 = x.detach().half()
+    with torch.no_grad():
+        torch.testing.assert_close(lean(x16), mlp(x16))
+    linear = torch.nn.Linear(4, 3).requires_grad_(False)
+    assert StackedLinear.fits([linear, torch.nn.Linear(4, 2).requires_grad_(False)])
+    assert not StackedLinear.fits([linear, torch.nn.Linear(4, 2, bias=False).requires_grad_(False)])  # bias on one
+    assert not StackedLinear.fits([linear, torch.nn.Linear(5, 2).requires_grad_(False)])  # another input width
+    assert not StackedLinear.fits([linear, torch.nn.Linear(4, 2)])  # a trained layer
+    assert not StackedLinear.fits([linear, torch.nn.Linear(4, 2).requires_grad_(False).half()])
