@@ -11,8 +11,8 @@
 #   bash bench/gpu_session.sh tests-rest  # the rest of the test suite on CUDA
 #   bash bench/gpu_session.sh step      # step suite: 2 presets x reward memory options (lean layers on / off)
 #   bash bench/gpu_session.sh moments   # step suite: Adam moments in bfloat16 / recomputed (memory options on)
-#   bash bench/gpu_session.sh profile   # eager guided step per component, device ms against each floor
-#                                       # (defaults, then the reward prefix cache)
+#   bash bench/gpu_session.sh profile   # eager guided step per component, device ms against each floor, and
+#                                       # each component's top kernels (the reward prefix cache, then defaults)
 #   bash bench/gpu_session.sh compile   # step suite with compiled layers (compiles first)
 #   bash bench/gpu_session.sh fused     # step suite, prefix cache: fused norms and gates (default) vs stock layers
 #   bash bench/gpu_session.sh op        # op suite (triton vs eager, N 128/512/2048 x d 1024/2048 x bf16/fp32)
@@ -110,7 +110,7 @@ moments)
         "--reward-cache-prefix --reward-checkpoint --adam-moments recompute" "--adam-moments recompute"
     ;;
 profile)
-    for options in "" "--reward-cache-prefix"; do
+    for options in "--reward-cache-prefix" ""; do # the fastest options first: a call that runs out keeps them
         for preset in 1xK4-0.6b 4xK4-1.7b; do
             # shellcheck disable=SC2086  # options are separate flags
             entrgi bench --profile --preset $preset $options --steps 4 --out "$OUT/profile_$preset" 2>&1 |
