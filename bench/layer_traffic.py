@@ -54,7 +54,7 @@ PROJECTIONS = {"mm", "addmm", "bmm (shared weight)"}
 ATTENTION = {"attention forward", "attention backward"}
 NOT_LAUNCHES = {
     "view", "_unsafe_view", "t", "transpose", "expand", "slice", "unsqueeze", "squeeze", "as_strided", "detach",
-    "alias", "permute", "select", "split", "unbind", "lift_fresh", "empty", "empty_strided", "new_empty",
+    "alias", "permute", "select", "split", "split_with_sizes", "unbind", "lift_fresh", "empty", "empty_strided", "new_empty",
     "new_empty_strided", "empty_like", "zeros", "ones", "full", "arange", "scalar_tensor",
 }  # fmt: skip
 
@@ -126,14 +126,15 @@ def fused_kernels_counted(traffic: Traffic) -> Iterator[None]:
     """The fused layer ops' kernels as meta stand-ins that allocate their outputs and
     count what they read and write."""
 
-    def norm_forward(x, weight, eps):
-        y = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
-        inv_rms = torch.empty(x.shape[0], device=x.device)
+    def norm_forward(x, weight, eps):  # x: (outer, inner, width) rows
+        y = torch.empty(inv_rms_shape := x.shape[0] * x.shape[1], x.shape[-1], device=x.device,
+                        dtype=torch.promote_types(weight.dtype, x.dtype))  # fmt: skip
+        inv_rms = torch.empty(inv_rms_shape, device=x.device)
         traffic.add("triton rms_norm forward", [x, weight, y, inv_rms])
         return y, inv_rms
 
     def norm_backward(grad, x, weight, inv_rms):
-        grad_x = torch.empty_like(x)
+        grad_x = torch.empty(grad.shape, dtype=x.dtype, device=x.device)
         traffic.add("triton rms_norm backward", [grad, x, weight, inv_rms, grad_x])
         return grad_x
 

@@ -1,6 +1,8 @@
 """bench/layer_traffic.py counts the models' traffic per group of ops on the meta device:
 fusing the norms and gates shrinks the elementwise group, and stacking each MLP's gate
-and up projections takes one GEMM per layer off its forward and one off its backward."""
+and up projections and each attention's q, k and v projections takes three GEMMs per
+layer off the forward and three off the backward (with the adds of their input
+gradients, for one concatenation)."""
 
 from __future__ import annotations
 
@@ -22,16 +24,18 @@ def test_fused_layers_move_less_than_lean_and_stock_ones(monkeypatch):
         assert groups["stock"]["projections"] == groups["lean"]["projections"]
         lean_gemms, lean_bytes = groups["lean"]["projections"]
         fused_gemms, fused_bytes = groups["fused"]["projections"]
-        layers = 2  # the tiny preset's models, each with one gated MLP per layer
-        assert fused_gemms == lean_gemms - layers * (2 if part == "reward fwd+bwd" else 1)
+        layers = 2  # the tiny preset's models
+        assert fused_gemms == lean_gemms - layers * (6 if part == "reward fwd+bwd" else 3)
         assert fused_bytes < lean_bytes  # the stacked GEMM reads its input once
         launches, nbytes = zip(*(groups[mode]["elementwise"] for mode in layer_traffic.MODES))
         assert nbytes[2] < nbytes[1] <= nbytes[0] and launches[2] < launches[0]
-    # the stacked backward needs no add of the two projections' input gradients
+    # stacked, the backward adds no input gradients of the projections: per layer one add
+    # fewer for gate and up, and for q, k and v two fewer and one concatenation more
     monkeypatch.setattr(entrgi.lean.StackedLinear, "fits", staticmethod(lambda linears: False))
     unstacked = layer_traffic.count("tiny", "fused")["reward fwd+bwd"].launches
-    assert counts["fused"]["reward fwd+bwd"].launches["add"] == unstacked["add"] - 2
-    assert counts["fused"]["reward fwd+bwd"].launches["mm"] == unstacked["mm"] - 4
+    stacked = counts["fused"]["reward fwd+bwd"].launches
+    assert stacked["add"] == unstacked["add"] - 2 * 3 and stacked["cat"] == unstacked["cat"] + 2
+    assert stacked["mm"] == unstacked["mm"] - 2 * 6
     fused = counts["fused"]["reward fwd+bwd"].launches
     # every norm runs one kernel forward and one backward (the final norm's too)
     assert fused["triton rms_norm forward"] == fused["triton rms_norm backward"] > 0

@@ -12,9 +12,10 @@ over 16 x 200 bfloat16 tokens that is 172 MiB kept instead of 253 MiB (counted w
 saved-tensor hooks on CPU, :func:`kept_bytes`; ``bench/reward_memory.py``; attention's
 own tensors unchanged). On CUDA the swapped forwards also run fused: one Triton kernel
 per norm or gate, forward and backward (:mod:`entrgi.ops.layer_ops`), instead of the
-stock code's chains of elementwise launches, the gate and up projections as one GEMM
-each way (:class:`StackedLinear`, :func:`entrgi.ops.layer_ops.merged_silu_gate`); and
-the modelling module's
+stock code's chains of elementwise launches, the gate and up projections, and an
+attention's q, k and v projections, as one GEMM each way (:class:`StackedLinear`,
+:class:`_StackedProjections`, :func:`entrgi.ops.layer_ops.merged_silu_gate`); and the
+modelling module's
 ``apply_rotary_pos_emb`` is swapped for one kernel per query / key tensor
 (:func:`rotary_swaps`; a module-level function, so the swap holds for every model of
 that family while :meth:`entrgi.layers.LayerRunner.active` runs).
@@ -121,6 +122,59 @@ def _lean_gated_mlp(module: torch.nn.Module, backend: str) -> Callable | None:
     return merged
 
 
+QKV = ("q_proj", "k_proj", "v_proj")  # a Llama-family attention's projections, called in this order on one input
+
+
+class _StackedProjections:
+    """Forwards for an attention's q, k and v projections that run them as one GEMM:
+    q's call computes all three on its input and keeps k's and v's slices for the k and
+    v calls on that same tensor (the models' attention computes q, k then v from one
+    hidden state); a call on another tensor, or once the layers' storage moved
+    (:meth:`StackedLinear.current`), runs its own layer. The slices are views, so their
+    gradients meet in one buffer (the split's backward) before one GEMM."""
+
+    def __init__(self, linears: list[torch.nn.Linear]):
+        self.stacked = StackedLinear(linears)
+        self.sizes = [linear.out_features for linear in linears]
+        self.pending: tuple[torch.Tensor, dict[int, torch.Tensor]] | None = None
+
+    def forward(self, index: int) -> Callable:
+        linear = self.stacked.linears[index]
+
+        def run(x):
+            if index == 0:
+                self.pending = None
+                if self.stacked.current():
+                    query, *rest = self.stacked(x).split(self.sizes, dim=-1)
+                    self.pending = (x, dict(enumerate(rest, start=1)))
+                    return query
+            elif self.pending is not None and self.pending[0] is x and index in self.pending[1]:
+                part = self.pending[1].pop(index)
+                if not self.pending[1]:
+                    self.pending = None
+                return part
+            return type(linear).forward(linear, x)
+
+        return run
+
+
+def _stacked_attention(module: torch.nn.Module, backend: str) -> list[tuple[torch.nn.Module, Callable]]:
+    """(projection, forward) for the q, k and v projections of a Llama-family attention
+    (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` and ``head_dim``) with the triton
+    backend, run as one GEMM (:class:`_StackedProjections`); [] otherwise."""
+    linears = [getattr(module, name, None) for name in QKV]
+    if backend != "triton" or not all(isinstance(linear, torch.nn.Linear) for linear in linears):
+        return []
+    if not isinstance(getattr(module, "o_proj", None), torch.nn.Linear) or not isinstance(
+        getattr(module, "head_dim", None), int
+    ):
+        return []
+    if any("forward" in linear.__dict__ for linear in linears) or not StackedLinear.fits(linears):
+        return []
+    stacked = _StackedProjections(linears)
+    return [(linear, stacked.forward(index)) for index, linear in enumerate(linears)]
+
+
 def _agree(want, got, exact: bool) -> bool:
     """Tensors (or tuples of them) equal bit for bit, or (not ``exact``) to within
     ``FUSED_ULPS`` eps of each one's largest value."""
@@ -188,7 +242,8 @@ def rotary_swaps(model: torch.nn.Module, backend: str = "auto") -> list[tuple[Mo
 
 
 def lean_forwards(model: torch.nn.Module, backend: str = "auto") -> list[tuple[torch.nn.Module, Callable]]:
-    """(module, lean forward) for each of ``model``'s RMSNorms and SiLU-gated MLPs whose
+    """(module, lean forward) for each of ``model``'s RMSNorms and SiLU-gated MLPs (and,
+    triton, attention projections) whose
     lean forward reproduces the module's own on a random input (a host sync per
     module: call once, at load time). ``backend`` (``auto``: Triton on CUDA | ``torch``
     | ``triton``) runs the lean forwards; see the module docstring for what reproduces
@@ -196,7 +251,9 @@ def lean_forwards(model: torch.nn.Module, backend: str = "auto") -> list[tuple[t
     library replaced on the instance (e.g. accelerate's offloading, which loads the
     weights inside that forward). With the triton backend a gated MLP's gate and up
     weights are stacked here, once (:class:`StackedLinear`: the layers' parameters are
-    re-pointed into the stack, their values unchanged)."""
+    re-pointed into the stack, their values unchanged), and so are a Llama-family
+    attention's q, k and v weights, whose three projections then each get a forward
+    (:class:`_StackedProjections`)."""
     parameter = next(model.parameters(), None)
     if parameter is None:
         return []
@@ -204,6 +261,11 @@ def lean_forwards(model: torch.nn.Module, backend: str = "auto") -> list[tuple[t
     found = []
     for module in model.modules():
         if "forward" in module.__dict__:
+            continue
+        if projections := _stacked_attention(module, backend):
+            query, forward = projections[0]  # k and v reproduce by construction: their own layer on other inputs
+            if _reproduces(query, forward, query.in_features, query.weight.dtype, exact=False):
+                found += projections
             continue
         if (lean := _lean_rms_norm(module, backend)) is not None:
             width, dtype = module.weight.shape[0], module.weight.dtype

@@ -8,6 +8,10 @@ and x). Eager PyTorch runs this as 22 kernels forward and backward together, mos
 of them over fp32 copies of x: about 110 bytes moved per element against the 10 here
 (read x, write y; read x and the gradient, write dx). Each program holds ``BLOCK_R``
 whole rows in registers; the forward keeps 1 / rms per row (fp32) for the backward.
+``x`` is read as (outer, inner, width) with a stride for each of the first two
+dimensions, so a per-head norm reads the heads of a projection's output where they lie
+(e.g. the query slice of stacked q / k / v projections) without a copy; outputs and
+gradients are contiguous.
 Rounding follows the eager code's: the normalised row is rounded to x's dtype before
 the weight multiplies it, and the backward rounds the gradient reaching it likewise,
 so results differ from eager only by the order of the row sum.
@@ -26,31 +30,37 @@ TILE_ELEMENTS = 4096  # rows per program: as many as fill this many elements
 
 
 @triton.jit
-def _load_rows(x_ptr, weight_ptr, rows, width, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
-    """This program's rows: (offsets (BLOCK_R, BLOCK_H) int64, in-range mask, row
-    indices (BLOCK_R,), x (BLOCK_R, BLOCK_H) fp32, weight (1, BLOCK_H) fp32)."""
+def _load_rows(x_ptr, weight_ptr, rows, inner, stride_outer, stride_inner, width, BLOCK_R: tl.constexpr,
+               BLOCK_H: tl.constexpr):  # fmt: skip
+    """This program's rows: (offsets (BLOCK_R, BLOCK_H) int64 of the contiguous outputs,
+    in-range mask, row indices (BLOCK_R,), x (BLOCK_R, BLOCK_H) fp32, weight (1, BLOCK_H)
+    fp32). Row r of x lies at (r // inner, r % inner)."""
     row = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     col = tl.arange(0, BLOCK_H)
     ok = (row[:, None] < rows) & (col[None, :] < width)
-    offsets = row[:, None] * width + col[None, :]
-    x = tl.load(x_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+    x_rows = (row // inner) * stride_outer + (row % inner) * stride_inner
+    x = tl.load(x_ptr + x_rows[:, None] + col[None, :], mask=ok, other=0.0).to(tl.float32)
     weight = tl.load(weight_ptr + col, mask=col < width, other=0.0).to(tl.float32)
-    return offsets, ok, row, x, weight[None, :]
+    return row[:, None] * width + col[None, :], ok, row, x, weight[None, :]
 
 
 @triton.jit
 def _rms_norm_forward_kernel(
-    x_ptr,  # (rows, width) bf16 / fp16 / fp32
+    x_ptr,  # (outer, inner, width) bf16 / fp16 / fp32, strided rows
     weight_ptr,  # (width,)
     y_ptr,  # (rows, width) in the promoted dtype of weight and x
     inv_rms_ptr,  # (rows,) fp32 out: 1 / rms
-    rows,
+    rows,  # outer * inner
+    inner,
+    stride_outer,
+    stride_inner,
     width,
     eps,
     BLOCK_R: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    offsets, ok, row, x, weight = _load_rows(x_ptr, weight_ptr, rows, width, BLOCK_R, BLOCK_H)
+    offsets, ok, row, x, weight = _load_rows(x_ptr, weight_ptr, rows, inner, stride_outer, stride_inner, width,
+                                             BLOCK_R, BLOCK_H)  # fmt: skip
     inv_rms = tl.rsqrt(tl.sum(x * x, axis=1) / width + eps)
     normed = round_to(x * inv_rms[:, None], x_ptr.dtype.element_ty).to(tl.float32)
     tl.store(y_ptr + offsets, round_to(weight * normed, y_ptr.dtype.element_ty), mask=ok)
@@ -60,16 +70,20 @@ def _rms_norm_forward_kernel(
 @triton.jit
 def _rms_norm_backward_kernel(
     grad_ptr,  # (rows, width) dL/dy
-    x_ptr,  # (rows, width)
+    x_ptr,  # (outer, inner, width), strided rows
     weight_ptr,  # (width,)
     inv_rms_ptr,  # (rows,) fp32, from the forward
     grad_x_ptr,  # (rows, width) out, x's dtype
     rows,
+    inner,
+    stride_outer,
+    stride_inner,
     width,
     BLOCK_R: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    offsets, ok, row, x, weight = _load_rows(x_ptr, weight_ptr, rows, width, BLOCK_R, BLOCK_H)
+    offsets, ok, row, x, weight = _load_rows(x_ptr, weight_ptr, rows, inner, stride_outer, stride_inner, width,
+                                             BLOCK_R, BLOCK_H)  # fmt: skip
     grad = tl.load(grad_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
     inv_rms = tl.load(inv_rms_ptr + row, mask=row < rows, other=0.0)[:, None]
     # the gradient reaching the normalised row arrives in its dtype, x's (autograd's cast)
@@ -89,30 +103,44 @@ def _geometry(width: int) -> tuple[int, int, int]:
     return block_r, block_h, min(16, max(4, block_r * block_h // 512))
 
 
+def _strided_rows(x: torch.Tensor) -> tuple[int, int, int, int]:
+    """(rows, inner, stride_outer, stride_inner) of an (outer, inner, width) ``x`` whose
+    last dimension is contiguous."""
+    if x.dim() != 3 or x.stride(2) != 1:
+        raise ValueError(f"rms_norm kernels read x as (outer, inner, width) with contiguous rows, got shape "
+                         f"{tuple(x.shape)} strides {x.stride()}")  # fmt: skip
+    return x.shape[0] * x.shape[1], x.shape[1], x.stride(0), x.stride(1)
+
+
 def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Contiguous (rows, width) ``x``, (width,) ``weight`` -> (y (rows, width) in the
-    promoted dtype of weight and x, 1 / rms (rows,) fp32)."""
-    rows, width = x.shape
+    """(outer, inner, width) ``x`` (strided, rows contiguous), (width,) ``weight`` ->
+    (y (outer * inner, width) contiguous in the promoted dtype of weight and x, 1 / rms
+    (outer * inner,) fp32)."""
+    width = x.shape[-1]
     block_r, block_h, warps = _geometry(width)
-    y = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    rows = x.shape[0] * x.shape[1]
+    y = torch.empty(rows, width, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
     inv_rms = torch.empty(rows, dtype=torch.float32, device=x.device)
     if rows == 0:  # no grid to launch
         return y, inv_rms
     _rms_norm_forward_kernel[(triton.cdiv(rows, block_r),)](
-        x, weight, y, inv_rms, rows, width, eps, BLOCK_R=block_r, BLOCK_H=block_h, num_warps=warps
-    )
+        x, weight, y, inv_rms, *_strided_rows(x), width, eps, BLOCK_R=block_r, BLOCK_H=block_h, num_warps=warps,
+    )  # fmt: skip
     return y, inv_rms
 
 
 def rms_norm_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, inv_rms: torch.Tensor) -> torch.Tensor:
-    """dL/dx (rows, width) in x's dtype from contiguous dL/dy ``grad`` and the
-    forward's ``x``, ``weight`` and ``inv_rms``."""
-    rows, width = x.shape
+    """dL/dx (outer * inner, width) contiguous in x's dtype, from contiguous dL/dy
+    ``grad`` (outer * inner, width) and the forward's ``x`` (outer, inner, width),
+    ``weight`` and ``inv_rms``."""
+    width = x.shape[-1]
     block_r, block_h, warps = _geometry(width)
-    grad_x = torch.empty_like(x)
+    rows = x.shape[0] * x.shape[1]
+    grad_x = torch.empty(rows, width, dtype=x.dtype, device=x.device)
     if rows == 0:
         return grad_x
     _rms_norm_backward_kernel[(triton.cdiv(rows, block_r),)](
-        grad, x, weight, inv_rms, grad_x, rows, width, BLOCK_R=block_r, BLOCK_H=block_h, num_warps=warps
-    )
+        grad, x, weight, inv_rms, grad_x, *_strided_rows(x), width, BLOCK_R=block_r, BLOCK_H=block_h,
+        num_warps=warps,
+    )  # fmt: skip
     return grad_x

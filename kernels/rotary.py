@@ -6,8 +6,9 @@ backward in one pass each:
 with cos, sin (B, T, D) broadcast over the heads, as Llama / Qwen / Mistral code computes
 it (eager PyTorch: about ten kernels forward and ten backward, with slices, a
 negation and a concatenation). ``x`` may be any strided view whose last dimension is
-contiguous (the models hand over a transpose of the projection's output); the output
-takes x's strides. Rounding follows the eager code's: both products are rounded to
+contiguous (the models hand over a transpose of the projection's output, or of a slice
+of stacked q / k / v projections); the output has x's strides where x is dense
+(``torch.empty_like``), else it is contiguous. Rounding follows the eager code's: both products are rounded to
 x's dtype before their sum, and the backward rounds each of its two products likewise.
 """
 
@@ -27,13 +28,16 @@ def _rotary_kernel(
     x_ptr,  # (B, H, T, D) strided, last dimension contiguous: x, or dL/dout (BACKWARD)
     cos_ptr,  # (B or 1, T, D) strided, last dimension contiguous
     sin_ptr,
-    out_ptr,  # x's strides: out, or dL/dx (BACKWARD)
+    out_ptr,  # (B, H, T, D) strided, last dimension contiguous: out, or dL/dx (BACKWARD)
     rows,  # B * H * T
     heads,
     length,  # T
     x_stride_b,
     x_stride_h,
     x_stride_t,
+    out_stride_b,
+    out_stride_h,
+    out_stride_t,
     cs_stride_b,
     cs_stride_t,
     D: tl.constexpr,
@@ -45,6 +49,7 @@ def _rotary_kernel(
     b = row // (length * heads)
     h = (row // length) % heads
     x_rows = (b * x_stride_b + h * x_stride_h + t * x_stride_t)[:, None]
+    out_rows = (b * out_stride_b + h * out_stride_h + t * out_stride_t)[:, None]
     cs_rows = (b * cs_stride_b + t * cs_stride_t)[:, None]
     col = tl.arange(0, D)[None, :]
     partner = (col + D // 2) % D  # the column rotate_half moves here
@@ -62,13 +67,14 @@ def _rotary_kernel(
         sin = tl.load(sin_ptr + cs_rows + col, mask=ok, other=0.0).to(tl.float32)
         moved = round_to(tl.where(first_half, -x_partner, x_partner) * sin, dtype).to(tl.float32)
     own = round_to(x * cos, dtype).to(tl.float32)
-    tl.store(out_ptr + x_rows + col, round_to(own + moved, dtype), mask=ok)
+    tl.store(out_ptr + out_rows + col, round_to(own + moved, dtype), mask=ok)
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool = False) -> torch.Tensor:
     """Rotary embedding of (B, H, T, D) ``x`` with (B or 1, T, D) ``cos`` / ``sin``
     (last dimensions contiguous, D even, a power of two); ``backward``: ``x`` is dL/dout
-    and the result dL/dx. The result has x's strides."""
+    and the result dL/dx. The result has x's strides where x is dense, else it is
+    contiguous (``torch.empty_like``)."""
     batch, heads, length, dim = x.shape
     out = torch.empty_like(x)
     rows = batch * heads * length
@@ -77,7 +83,7 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool
     block_r = max(1, TILE_ELEMENTS // dim)
     cs_stride_b = cos.stride(0) if cos.shape[0] == batch else 0
     _rotary_kernel[(triton.cdiv(rows, block_r),)](
-        x, cos, sin, out, rows, heads, length, *x.stride()[:3], cs_stride_b, cos.stride(1),
+        x, cos, sin, out, rows, heads, length, *x.stride()[:3], *out.stride()[:3], cs_stride_b, cos.stride(1),
         D=dim, BLOCK_R=block_r, BACKWARD=backward, num_warps=4,
     )  # fmt: skip
     return out

@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from entrgi.ops.layer_ops import merged_silu_gate, rms_norm, rotary_embedding, silu_gate  # noqa: E402
+from entrgi.ops.layer_ops import _norm_rows, merged_silu_gate, rms_norm, rotary_embedding, silu_gate  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -75,6 +75,30 @@ def test_rms_norm_matches_the_stock_arithmetic(dtype, shape):
     torch_error = _max_relative(want_grad, truth_grad)
     assert _max_relative(got_grad, truth_grad) <= torch_error + 4 * _eps(dtype)
     assert truth_grad.abs().max() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rms_norm_reads_per_head_rows_where_they_lie(dtype):
+    """A per-head norm of the query slice of a stacked (B, S, q + k + v) projection
+    output: the kernel reads the strided rows in place and gives what it gives on a
+    contiguous copy, values and gradient (into the stacked tensor, zero outside the slice)."""
+    generator = torch.Generator().manual_seed(7)
+    batch, length, heads, dim = 2, 5, 3, 16
+    stacked = _leaf((batch, length, (heads + 2) * dim), dtype, generator, scale=2.0)
+    weight = (torch.rand(dim, generator=generator) + 0.5).to(dtype).to(DEVICE)
+    grad = torch.randn(batch, length, heads, dim, generator=generator).to(dtype).to(DEVICE)
+    query = stacked[..., : heads * dim].view(batch, length, heads, dim)
+    assert _norm_rows(query).data_ptr() == query.data_ptr()  # a view: no copy
+    got = rms_norm(query, weight, 1e-6, backend="triton")
+    (got_grad,) = torch.autograd.grad(got, [stacked], grad)
+    copy = query.detach().contiguous().requires_grad_(True)
+    want, (want_grad,) = _values_and_grads(lambda t: rms_norm(t, weight, 1e-6, backend="triton"), [copy], grad)
+    assert torch.equal(got, want) and got.is_contiguous()
+    assert torch.equal(got_grad[..., : heads * dim], want_grad.view(batch, length, -1))
+    assert not got_grad[..., heads * dim :].any() and want_grad.abs().max() > 0
+    transposed = query.transpose(1, 2)  # (B, H, S, D) rows do not merge into (outer, inner): copied
+    assert _norm_rows(transposed).data_ptr() != transposed.data_ptr()
+    torch.testing.assert_close(rms_norm(transposed, weight, 1e-6, backend="triton"), want.transpose(1, 2))
 
 
 def test_rms_norm_in_the_weights_dtype_when_it_is_wider():
@@ -145,12 +169,22 @@ def test_merged_silu_gate_is_the_gate_of_its_two_halves_with_one_gradient(dtype,
 @pytest.mark.parametrize(
     "batch, heads, kv_heads, length, dim, shared_positions", [(2, 4, 2, 7, 16, False), (1, 3, 1, 5, 64, True)]
 )
-def test_rotary_embedding_matches_the_stock_arithmetic(dtype, batch, heads, kv_heads, length, dim, shared_positions):
+@pytest.mark.parametrize("stacked", [False, True])
+def test_rotary_embedding_matches_the_stock_arithmetic(
+    dtype, batch, heads, kv_heads, length, dim, shared_positions, stacked
+):  # fmt: skip
     generator = torch.Generator().manual_seed(dim)
-    # as the models hand them over: the projections' (B, T, H, D) outputs transposed
-    q = (torch.randn(batch, length, heads, dim, generator=generator) * 2).to(dtype).to(DEVICE).transpose(1, 2)
-    k = (torch.randn(batch, length, kv_heads, dim, generator=generator) * 2).to(dtype).to(DEVICE).transpose(1, 2)
-    q, k = q.requires_grad_(True), k.requires_grad_(True)
+    # as the models hand them over: the projections' (B, T, H, D) outputs transposed; stacked,
+    # slices of one (B, T, q + k + v) output (not dense: the output cannot take their strides)
+    if stacked:
+        widths = [heads * dim, kv_heads * dim, kv_heads * dim]
+        qkv = (torch.randn(batch, length, sum(widths), generator=generator) * 2).to(dtype).to(DEVICE)
+        q, k, _ = qkv.requires_grad_(True).split(widths, -1)
+        q, k = (t.view(batch, length, -1, dim).transpose(1, 2) for t in (q, k))
+    else:
+        q = (torch.randn(batch, length, heads, dim, generator=generator) * 2).to(dtype).to(DEVICE).transpose(1, 2)
+        k = (torch.randn(batch, length, kv_heads, dim, generator=generator) * 2).to(dtype).to(DEVICE).transpose(1, 2)
+        q, k = q.requires_grad_(True), k.requires_grad_(True)
     angles = torch.rand(1 if shared_positions else batch, length, dim // 2, generator=generator) * 6
     cos, sin = (f(torch.cat([angles, angles], -1)).to(dtype).to(DEVICE) for f in (torch.cos, torch.sin))
     grads = [torch.randn(t.shape, generator=generator).to(dtype).to(DEVICE) for t in (q, k)]

@@ -10,7 +10,7 @@ import torch
 from entrgi import load_reward
 import entrgi.lean
 from entrgi.layers import swapped_attributes
-from entrgi.lean import ROTARY, StackedLinear, _fused_rotary, lean_forwards, rotary_swaps
+from entrgi.lean import QKV, ROTARY, StackedLinear, _fused_rotary, lean_forwards, rotary_swaps
 from entrgi.ops.layer_ops import merged_silu_gate, rotary_embedding
 from helpers import assert_same_rewards, guided_reward_inputs, reward_scores_and_grads, saved_activation_bytes
 
@@ -108,19 +108,27 @@ def test_other_reward_families_get_lean_layers_with_identical_gradients(family):
 def test_fused_lean_layers_give_the_stock_rewards_and_gradients(family, monkeypatch):
     model = _family_classifier(family, DEVICE)
     found = lean_forwards(model, backend="triton")
-    assert [module for module, _ in found] == [module for module, _ in lean_forwards(model, backend="torch")]
+    # the torch backend's modules, and (triton) each attention's q, k and v projections
+    projections = [module for module, _ in found if isinstance(module, torch.nn.Linear)]
+    assert projections == [getattr(layer.self_attn, name) for layer in model.model.layers for name in QKV]
+    assert [module for module, _ in found if module not in projections] == [
+        module for module, _ in lean_forwards(model, backend="torch")
+    ]
     rotary = rotary_swaps(model, backend="triton")
     assert [module.__name__.rsplit(".", 1)[-1] for module, _ in rotary] == [f"modeling_{family.lower()}"]
     assert rotary_swaps(model, backend="torch") == []  # the stock function is the torch backend
     calls, gates = [], []
     monkeypatch.setattr(entrgi.lean, "rotary_embedding", lambda *args: calls.append(args) or rotary_embedding(*args))
     monkeypatch.setattr(entrgi.lean, "merged_silu_gate", lambda *args: gates.append(args) or merged_silu_gate(*args))
+    stacked_call, stacked = StackedLinear.__call__, []
+    monkeypatch.setattr(StackedLinear, "__call__", lambda self, x: stacked.append(self) or stacked_call(self, x))
     embeds = torch.randn(3, 6, 32, dtype=torch.bfloat16, device=DEVICE, requires_grad=True)
     want, want_grad = _score_and_grad(model, embeds)
     with swapped_attributes([(module, ROTARY, fused) for module, fused in rotary]):
         got, got_grad = _score_and_grad(model, embeds, found)
     assert len(calls) == 2  # one per layer: the fused rotary ran
     assert len(gates) == 2  # and the gate and up projections as one GEMM
+    assert len(stacked) == 4  # per layer that one and the q, k, v projections
     # bfloat16 layers whose norms sum in another order: a rounding flip here and there,
     # carried through two layers
     torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2 * want.abs().item())

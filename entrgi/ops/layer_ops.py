@@ -13,10 +13,12 @@ and gradients match it bit for bit. ``triton``: one kernel per forward and backw
 roundings in the same places; only the order of an RMSNorm's row sum and the exp's
 implementation differ (16-bit results equal or one unit in the last place apart). One
 guidance call of a Qwen3-1.7B reward over 16 x 137 tokens moves 79.6 GB in 3,819
-elementwise launches with the ``torch`` backend and 20.2 GB in 831 with ``triton``
-(whose gate and up projections run as one GEMM, :func:`merged_silu_gate`), against
-14.7 GB for all its GEMMs (counted on the meta device by ``bench/layer_traffic.py``;
-not a timing).
+elementwise launches with the ``torch`` backend and 19.7 GB in 803 with ``triton``
+(whose gate and up projections, and q, k and v projections, run as one GEMM each,
+:func:`merged_silu_gate`), against 13.7 GB for all its GEMMs (counted on the meta
+device by ``bench/layer_traffic.py``; not a timing). The triton RMSNorm reads rows
+where they lie, (outer, inner) strided: a per-head norm of a slice of stacked
+projections copies nothing.
 """
 
 from __future__ import annotations
@@ -50,12 +52,26 @@ class _TorchRMSNorm(torch.autograd.Function):
         return grad_x32.to(x.dtype), None, None
 
 
+def _norm_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (..., W) as the (outer, inner, W) rows the norm kernels read, a view where
+    one exists: (rows, 1, W) where the rows are evenly strided, (rows / H, H, W) where
+    all but the last two dimensions merge (a per-head view into a projection's output,
+    e.g. the query slice of stacked q / k / v projections); else a contiguous copy."""
+    if x.stride(-1) == 1:
+        for inner in (1, x.shape[-2] if x.dim() > 1 else 1):
+            try:
+                return x.view(-1, inner, x.shape[-1])
+            except RuntimeError:  # the leading dimensions do not merge into one stride
+                continue
+    return x.contiguous().view(-1, 1, x.shape[-1])
+
+
 class _TritonRMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
         from entrgi_kernels.rms_norm import rms_norm_forward
 
-        rows = x.reshape(-1, x.shape[-1])
+        rows = _norm_rows(x)
         y, inv_rms = rms_norm_forward(rows, weight, eps)
         ctx.save_for_backward(rows, weight, inv_rms)
         return y.view(x.shape)
@@ -65,7 +81,7 @@ class _TritonRMSNorm(torch.autograd.Function):
         from entrgi_kernels.rms_norm import rms_norm_backward
 
         rows, weight, inv_rms = ctx.saved_tensors
-        grad_rows = grad.reshape(rows.shape).contiguous()
+        grad_rows = grad.reshape(-1, grad.shape[-1]).contiguous()
         return rms_norm_backward(grad_rows, rows, weight, inv_rms).view(grad.shape), None, None
 
 
@@ -185,7 +201,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     if resolve_backend(backend, x.device) == "triton":
-        return _TritonRMSNorm.apply(x.contiguous(), weight.contiguous(), float(eps))
+        return _TritonRMSNorm.apply(x, weight.contiguous(), float(eps))
     return _TorchRMSNorm.apply(x, weight, eps)
 
 
