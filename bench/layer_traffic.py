@@ -146,8 +146,8 @@ def fused_kernels_counted(traffic: Traffic) -> Iterator[None]:
     def gate_backward(grad, gate, up, grad_gate, grad_up):
         traffic.add("triton silu_gate backward", [grad, gate, up, grad_gate, grad_up])
 
-    def rotate(x, cos, sin, backward=False):
-        out = torch.empty_like(x)
+    def rotate(x, cos, sin, backward=False, out=None):
+        out = torch.empty_like(x) if out is None else out
         traffic.add(f"triton rotary {'backward' if backward else 'forward'}", [x, cos, sin, out])
         return out
 

@@ -7,8 +7,7 @@ with cos, sin (B, T, D) broadcast over the heads, as Llama / Qwen / Mistral code
 it (eager PyTorch: about ten kernels forward and ten backward, with slices, a
 negation and a concatenation). ``x`` may be any strided view whose last dimension is
 contiguous (the models hand over a transpose of the projection's output, or of a slice
-of stacked q / k / v projections); the output has x's strides where x is dense
-(``torch.empty_like``), else it is contiguous. Rounding follows the eager code's: both products are rounded to
+of stacked q / k / v projections); the output may have strides of its own. Rounding follows the eager code's: both products are rounded to
 x's dtype before their sum, and the backward rounds each of its two products likewise.
 """
 
@@ -70,13 +69,15 @@ def _rotary_kernel(
     tl.store(out_ptr + out_rows + col, round_to(own + moved, dtype), mask=ok)
 
 
-def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool = False) -> torch.Tensor:
+def rotary(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool = False, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Rotary embedding of (B, H, T, D) ``x`` with (B or 1, T, D) ``cos`` / ``sin``
     (last dimensions contiguous, D even, a power of two); ``backward``: ``x`` is dL/dout
-    and the result dL/dx. The result has x's strides where x is dense, else it is
-    contiguous (``torch.empty_like``)."""
+    and the result dL/dx. Written into ``out`` (x's shape, any strides with a contiguous
+    last dimension) when given, else into ``torch.empty_like(x)``."""
     batch, heads, length, dim = x.shape
-    out = torch.empty_like(x)
+    out = torch.empty_like(x) if out is None else out
     rows = batch * heads * length
     if rows == 0:  # no grid to launch
         return out
