@@ -242,10 +242,9 @@ def rotary_swaps(model: torch.nn.Module, backend: str = "auto") -> list[tuple[Mo
 
 
 def lean_forwards(model: torch.nn.Module, backend: str = "auto") -> list[tuple[torch.nn.Module, Callable]]:
-    """(module, lean forward) for each of ``model``'s RMSNorms and SiLU-gated MLPs (and,
-    triton, attention projections) whose
-    lean forward reproduces the module's own on a random input (a host sync per
-    module: call once, at load time). ``backend`` (``auto``: Triton on CUDA | ``torch``
+    """(module, lean forward) for each of ``model``'s RMSNorms, SiLU-gated MLPs and (triton)
+    attention projections whose lean forward reproduces the module's own on a random
+    input (a host sync per module: call once, at load time). ``backend`` (``auto``: Triton on CUDA | ``torch``
     | ``triton``) runs the lean forwards; see the module docstring for what reproduces
     means for each. Other modules are left out, and so is one whose forward a hook
     library replaced on the instance (e.g. accelerate's offloading, which loads the
