@@ -186,13 +186,28 @@ def _agree(want, got, exact: bool) -> bool:
     return bool((got - want).abs().max() <= tolerance)
 
 
-def _reproduces(module: torch.nn.Module, lean: Callable, width: int, dtype: torch.dtype, exact: bool) -> bool:
-    """Whether ``lean`` gives ``module``'s own output on a random (2, 3, width) input."""
+def _random_input(module: torch.nn.Module, width: int, dtype: torch.dtype) -> torch.Tensor:
     device = next(module.parameters()).device
     generator = torch.Generator(device).manual_seed(0)
-    x = torch.randn(2, 3, width, generator=generator, device=device).to(dtype)
+    return torch.randn(2, 3, width, generator=generator, device=device).to(dtype)
+
+
+def _reproduces(module: torch.nn.Module, lean: Callable, width: int, dtype: torch.dtype, exact: bool) -> bool:
+    """Whether ``lean`` gives ``module``'s own output on a random (2, 3, width) input."""
+    x = _random_input(module, width, dtype)
     with torch.no_grad():
         return _agree(module.forward(x), lean(x), exact)
+
+
+def _projections_reproduce(projections: list[tuple[torch.nn.Linear, Callable]]) -> bool:
+    """Whether stacked projection forwards, called in order on one random input as the
+    attention calls them, give each projection's own output (within ``FUSED_ULPS``)."""
+    first = projections[0][0]
+    x = _random_input(first, first.in_features, first.weight.dtype)
+    with torch.no_grad():
+        stacked = [forward(x) for _, forward in projections]
+        return all(_agree(type(linear).forward(linear, x), got, exact=False)
+                   for (linear, _), got in zip(projections, stacked))  # fmt: skip
 
 
 def _fused_rotary(original: Callable) -> Callable:
@@ -262,8 +277,7 @@ def lean_forwards(model: torch.nn.Module, backend: str = "auto") -> list[tuple[t
         if "forward" in module.__dict__:
             continue
         if projections := _stacked_attention(module, backend):
-            query, forward = projections[0]  # k and v reproduce by construction: their own layer on other inputs
-            if _reproduces(query, forward, query.in_features, query.weight.dtype, exact=False):
+            if _projections_reproduce(projections):
                 found += projections
             continue
         if (lean := _lean_rms_norm(module, backend)) is not None:

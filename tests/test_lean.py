@@ -10,7 +10,9 @@ import torch
 from entrgi import load_reward
 import entrgi.lean
 from entrgi.layers import swapped_attributes
-from entrgi.lean import QKV, ROTARY, StackedLinear, _fused_rotary, lean_forwards, rotary_swaps
+from entrgi.lean import (
+    QKV, ROTARY, StackedLinear, _fused_rotary, _projections_reproduce, _stacked_attention, lean_forwards, rotary_swaps,
+)  # fmt: skip
 from entrgi.ops.layer_ops import merged_silu_gate, rotary_embedding
 from helpers import assert_same_rewards, guided_reward_inputs, reward_scores_and_grads, saved_activation_bytes
 
@@ -196,3 +198,45 @@ def test_stacked_linears_share_one_weight_and_fall_back_once_moved(monkeypatch):
     assert not StackedLinear.fits([linear, torch.nn.Linear(5, 2).requires_grad_(False)])  # another input width
     assert not StackedLinear.fits([linear, torch.nn.Linear(4, 2)])  # a trained layer
     assert not StackedLinear.fits([linear, torch.nn.Linear(4, 2).requires_grad_(False).half()])
+
+
+@pytest.mark.parametrize("cache_prefix", [False, True])
+def test_fused_classifier_with_stacked_projections_gives_the_stock_rewards_and_gradients(
+    classifier_path, cache_prefix, monkeypatch
+):  # fmt: skip
+    """The fused layers as CUDA runs them (forced here: the interpreter on CPU), through
+    the reward's own path: packed inputs, and the prompt prefix cached by a no-grad pass
+    the later calls attend to."""
+    plain = load_reward(classifier_path, cache_prefix=cache_prefix, lean_activations=False)
+    monkeypatch.setattr(entrgi.lean, "resolve_backend", lambda backend, device: "triton")
+    fused = load_reward(classifier_path, cache_prefix=cache_prefix)
+    # per layer four norms, the MLP and the q, k and v projections; and the final norm
+    assert len(fused.guidance_layers.lean) == 2 * 8 + 1
+    assert sum(isinstance(module, torch.nn.Linear) for module, _ in fused.guidance_layers.lean) == 2 * 3
+    context = plain.prepare(PROMPTS, 3)
+    embeds, valid = guided_reward_inputs(plain, 6, 7, seed=8)
+    assert_same_rewards((plain, context), (fused, fused.prepare(PROMPTS, 3)), embeds, valid, tol=1e-4)
+
+
+def test_stacked_projections_are_checked_call_by_call_and_hand_out_slices_of_one_input_only():
+    from transformers import Qwen3Config
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention
+
+    config = Qwen3Config(hidden_size=32, num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    torch.manual_seed(0)
+    attention = Qwen3Attention(config, layer_idx=0).to(DEVICE).requires_grad_(False)
+    projections = _stacked_attention(attention, "triton")
+    assert [linear for linear, _ in projections] == [getattr(attention, name) for name in QKV]
+    assert _projections_reproduce(projections)
+    (query, query_forward), (key, key_forward), (value, value_forward) = projections
+    assert not _projections_reproduce([(query, query_forward), (key, value_forward), (value, key_forward)])
+    x, other = torch.randn(2, 4, 32, device=DEVICE), torch.randn(2, 4, 32, device=DEVICE)
+    stacked_query = query_forward(x)
+    torch.testing.assert_close(stacked_query, torch.nn.functional.linear(x, query.weight))
+    # a call on another tensor runs its own layer; the slice for x is still there after it
+    torch.testing.assert_close(key_forward(other), torch.nn.functional.linear(other, key.weight))
+    key_slice = key_forward(x)  # a slice of the query call's output: one GEMM for the three
+    assert key_slice.untyped_storage().data_ptr() == stacked_query.untyped_storage().data_ptr()
+    torch.testing.assert_close(key_slice, torch.nn.functional.linear(x, key.weight))
+    torch.testing.assert_close(value_forward(x), torch.nn.functional.linear(x, value.weight))
+    assert _stacked_attention(attention, "torch") == []  # the torch backend keeps the stock layers
