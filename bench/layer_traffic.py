@@ -206,7 +206,8 @@ def _accept(*args, **kwargs) -> bool:
 def _lean_swaps(model: torch.nn.Module, backend: str) -> list[tuple[object, str, object]]:
     """``model``'s lean forwards and (triton) fused rotary functions as attribute swaps,
     accepted unchecked (meta tensors hold no numbers)."""
-    unchecked = [(entrgi.lean, check, _accept) for check in ("_reproduces", "_rotary_reproduces")]
+    checks = ("_reproduces", "_projections_reproduce", "_rotary_reproduces")
+    unchecked = [(entrgi.lean, check, _accept) for check in checks]
     with swapped_attributes(unchecked):
         forwards = [(module, "forward", forward) for module, forward in entrgi.lean.lean_forwards(model, backend)]
         return forwards + [(module, ROTARY, fused) for module, fused in entrgi.lean.rotary_swaps(model, backend)]
