@@ -11,7 +11,7 @@ are counted as the kernels they launch, each reading and writing its tensors onc
 Ops fall into three groups:
 
 - projections: ``mm`` / ``addmm`` (the linear layers' GEMMs; fused, a gated MLP's gate and
-  up projections run as one),
+  up projections run as one, and so do an attention's q, k and v projections),
   and a ``bmm`` with a batch-broadcast operand (a shared weight: the output head on
   the response rows);
 - attention: ``scaled_dot_product_attention``, counted as the fused kernel CUDA runs
@@ -127,9 +127,9 @@ def fused_kernels_counted(traffic: Traffic) -> Iterator[None]:
     count what they read and write."""
 
     def norm_forward(x, weight, eps):  # x: (outer, inner, width) rows
-        y = torch.empty(inv_rms_shape := x.shape[0] * x.shape[1], x.shape[-1], device=x.device,
-                        dtype=torch.promote_types(weight.dtype, x.dtype))  # fmt: skip
-        inv_rms = torch.empty(inv_rms_shape, device=x.device)
+        rows = x.shape[0] * x.shape[1]
+        y = torch.empty(rows, x.shape[-1], dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+        inv_rms = torch.empty(rows, device=x.device)
         traffic.add("triton rms_norm forward", [x, weight, y, inv_rms])
         return y, inv_rms
 

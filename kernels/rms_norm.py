@@ -103,13 +103,13 @@ def _geometry(width: int) -> tuple[int, int, int]:
     return block_r, block_h, min(16, max(4, block_r * block_h // 512))
 
 
-def _strided_rows(x: torch.Tensor) -> tuple[int, int, int, int]:
-    """(rows, inner, stride_outer, stride_inner) of an (outer, inner, width) ``x`` whose
-    last dimension is contiguous."""
+def _strided_rows(x: torch.Tensor) -> tuple[int, int, int]:
+    """(inner, stride_outer, stride_inner) of an (outer, inner, width) ``x`` whose last
+    dimension is contiguous."""
     if x.dim() != 3 or x.stride(2) != 1:
         raise ValueError(f"rms_norm kernels read x as (outer, inner, width) with contiguous rows, got shape "
                          f"{tuple(x.shape)} strides {x.stride()}")  # fmt: skip
-    return x.shape[0] * x.shape[1], x.shape[1], x.stride(0), x.stride(1)
+    return x.shape[1], x.stride(0), x.stride(1)
 
 
 def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,7 +124,7 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple
     if rows == 0:  # no grid to launch
         return y, inv_rms
     _rms_norm_forward_kernel[(triton.cdiv(rows, block_r),)](
-        x, weight, y, inv_rms, *_strided_rows(x), width, eps, BLOCK_R=block_r, BLOCK_H=block_h, num_warps=warps,
+        x, weight, y, inv_rms, rows, *_strided_rows(x), width, eps, BLOCK_R=block_r, BLOCK_H=block_h, num_warps=warps,
     )  # fmt: skip
     return y, inv_rms
 
@@ -140,7 +140,7 @@ def rms_norm_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     if rows == 0:
         return grad_x
     _rms_norm_backward_kernel[(triton.cdiv(rows, block_r),)](
-        grad, x, weight, inv_rms, grad_x, *_strided_rows(x), width, BLOCK_R=block_r, BLOCK_H=block_h,
+        grad, x, weight, inv_rms, grad_x, rows, *_strided_rows(x), width, BLOCK_R=block_r, BLOCK_H=block_h,
         num_warps=warps,
     )  # fmt: skip
     return grad_x

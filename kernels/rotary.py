@@ -7,8 +7,9 @@ with cos, sin (B, T, D) broadcast over the heads, as Llama / Qwen / Mistral code
 it (eager PyTorch: about ten kernels forward and ten backward, with slices, a
 negation and a concatenation). ``x`` may be any strided view whose last dimension is
 contiguous (the models hand over a transpose of the projection's output, or of a slice
-of stacked q / k / v projections); the output may have strides of its own. Rounding follows the eager code's: both products are rounded to
-x's dtype before their sum, and the backward rounds each of its two products likewise.
+of stacked q / k / v projections); the output may have strides of its own. Rounding
+follows the eager code's: both products are rounded to x's dtype before their sum, and
+the backward rounds each of its two products likewise.
 """
 
 from __future__ import annotations

@@ -157,7 +157,7 @@ class _TritonRotary(torch.autograd.Function):
 
         ctx.save_for_backward(cos, sin)
         ctx.orders = _memory_order(q), _memory_order(k)
-        return tuple(rotary(x, cos, sin, out=_empty_in_order(x, _memory_order(x))) for x in (q, k))
+        return tuple(rotary(x, cos, sin, out=_empty_in_order(x, order)) for x, order in zip((q, k), ctx.orders))
 
     @staticmethod
     def backward(ctx, grad_q, grad_k):
