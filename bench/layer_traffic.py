@@ -146,10 +146,9 @@ def fused_kernels_counted(traffic: Traffic) -> Iterator[None]:
     def gate_backward(grad, gate, up, grad_gate, grad_up):
         traffic.add("triton silu_gate backward", [grad, gate, up, grad_gate, grad_up])
 
-    def rotate(x, cos, sin, backward=False, out=None):
-        out = torch.empty_like(x) if out is None else out
-        traffic.add(f"triton rotary {'backward' if backward else 'forward'}", [x, cos, sin, out])
-        return out
+    def rotate(q, k, cos, sin, q_out, k_out, backward=False):
+        traffic.add(f"triton rotary {'backward' if backward else 'forward'}", [q, k, cos, sin, q_out, k_out])
+        return q_out, k_out
 
     patches = [
         (rms_norm, "rms_norm_forward", norm_forward),

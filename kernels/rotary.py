@@ -1,13 +1,14 @@
-"""Rotary position embedding of one (B, H, T, D) query or key tensor, forward and
-backward in one pass each:
+"""Rotary position embedding of a (B, H, T, D) query and a (B, H_kv, T, D) key tensor,
+forward and backward in one launch each (programs split between the two):
 
     out = x * cos + rotate_half(x) * sin,   rotate_half(x) = cat(-x[..., D/2:], x[..., :D/2])
 
 with cos, sin (B, T, D) broadcast over the heads, as Llama / Qwen / Mistral code computes
-it (eager PyTorch: about ten kernels forward and ten backward, with slices, a
-negation and a concatenation). ``x`` may be any strided view whose last dimension is
-contiguous (the models hand over a transpose of the projection's output, or of a slice
-of stacked q / k / v projections); the output may have strides of its own. Rounding
+it (eager PyTorch: about ten kernels per tensor forward and ten backward, with slices,
+a negation and a concatenation). The inputs may be any strided views whose last
+dimension is contiguous (the models hand over transposes of the projections' outputs,
+or of slices of stacked q / k / v projections); the outputs may have strides of their
+own. Rounding
 follows the eager code's: both products are rounded to x's dtype before their sum, and
 the backward rounds each of its two products likewise.
 """
@@ -24,11 +25,12 @@ TILE_ELEMENTS = 2048  # rows per program: as many as fill this many elements (16
 
 
 @triton.jit
-def _rotary_kernel(
+def _rotate_rows(
     x_ptr,  # (B, H, T, D) strided, last dimension contiguous: x, or dL/dout (BACKWARD)
     cos_ptr,  # (B or 1, T, D) strided, last dimension contiguous
     sin_ptr,
     out_ptr,  # (B, H, T, D) strided, last dimension contiguous: out, or dL/dx (BACKWARD)
+    block,  # which BLOCK_R rows of x this program rotates
     rows,  # B * H * T
     heads,
     length,  # T
@@ -44,7 +46,7 @@ def _rotary_kernel(
     BLOCK_R: tl.constexpr,
     BACKWARD: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row = block.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     t = row % length
     b = row // (length * heads)
     h = (row // length) % heads
@@ -70,22 +72,72 @@ def _rotary_kernel(
     tl.store(out_ptr + out_rows + col, round_to(own + moved, dtype), mask=ok)
 
 
+@triton.jit
+def _rotary_kernel(
+    q_ptr,  # (B, H, T, D) strided: the queries, or their gradient (BACKWARD)
+    k_ptr,  # (B, H_kv, T, D) strided: the keys, or their gradient
+    cos_ptr,
+    sin_ptr,
+    q_out_ptr,
+    k_out_ptr,
+    q_programs,  # programs below this rotate q's rows, the others k's
+    q_heads,
+    k_heads,
+    length,
+    q_stride_b,
+    q_stride_h,
+    q_stride_t,
+    k_stride_b,
+    k_stride_h,
+    k_stride_t,
+    q_out_stride_b,
+    q_out_stride_h,
+    q_out_stride_t,
+    k_out_stride_b,
+    k_out_stride_h,
+    k_out_stride_t,
+    cs_stride_b,
+    cs_stride_t,
+    batch,
+    D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BACKWARD: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    if pid < q_programs:
+        _rotate_rows(q_ptr, cos_ptr, sin_ptr, q_out_ptr, pid, batch * q_heads * length, q_heads, length, q_stride_b,
+                     q_stride_h, q_stride_t, q_out_stride_b, q_out_stride_h, q_out_stride_t, cs_stride_b, cs_stride_t,
+                     D, BLOCK_R, BACKWARD)  # fmt: skip
+    else:
+        _rotate_rows(k_ptr, cos_ptr, sin_ptr, k_out_ptr, pid - q_programs, batch * k_heads * length, k_heads, length,
+                     k_stride_b, k_stride_h, k_stride_t, k_out_stride_b, k_out_stride_h, k_out_stride_t, cs_stride_b,
+                     cs_stride_t, D, BLOCK_R, BACKWARD)  # fmt: skip
+
+
 def rotary(
-    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool = False, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Rotary embedding of (B, H, T, D) ``x`` with (B or 1, T, D) ``cos`` / ``sin``
-    (last dimensions contiguous, D even, a power of two); ``backward``: ``x`` is dL/dout
-    and the result dL/dx. Written into ``out`` (x's shape, any strides with a contiguous
-    last dimension) when given, else into ``torch.empty_like(x)``."""
-    batch, heads, length, dim = x.shape
-    out = torch.empty_like(x) if out is None else out
-    rows = batch * heads * length
-    if rows == 0:  # no grid to launch
-        return out
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    q_out: torch.Tensor,
+    k_out: torch.Tensor,
+    backward: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding of (B, H, T, D) ``q`` and (B, H_kv, T, D) ``k`` with (B or 1, T,
+    D) ``cos`` / ``sin`` (last dimensions contiguous, D even, a power of two), in one
+    launch, written into ``q_out`` and ``k_out`` (q's and k's shapes, any strides with a
+    contiguous last dimension), which are returned; ``backward``: ``q`` and ``k`` are
+    dL/dout and the results dL/dq and dL/dk."""
+    batch, q_heads, length, dim = q.shape
     block_r = max(1, TILE_ELEMENTS // dim)
+    q_programs = triton.cdiv(q.numel() // dim, block_r)
+    programs = q_programs + triton.cdiv(k.numel() // dim, block_r)
+    if programs == 0:  # no grid to launch
+        return q_out, k_out
     cs_stride_b = cos.stride(0) if cos.shape[0] == batch else 0
-    _rotary_kernel[(triton.cdiv(rows, block_r),)](
-        x, cos, sin, out, rows, heads, length, *x.stride()[:3], *out.stride()[:3], cs_stride_b, cos.stride(1),
+    _rotary_kernel[(programs,)](
+        q, k, cos, sin, q_out, k_out, q_programs, q_heads, k.shape[1], length, *q.stride()[:3], *k.stride()[:3],
+        *q_out.stride()[:3], *k_out.stride()[:3], cs_stride_b, cos.stride(1), batch,
         D=dim, BLOCK_R=block_r, BACKWARD=backward, num_warps=4,
     )  # fmt: skip
-    return out
+    return q_out, k_out

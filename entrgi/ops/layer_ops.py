@@ -157,19 +157,16 @@ class _TritonRotary(torch.autograd.Function):
 
         ctx.save_for_backward(cos, sin)
         ctx.orders = _memory_order(q), _memory_order(k)
-        return tuple(rotary(x, cos, sin, out=_empty_in_order(x, order)) for x, order in zip((q, k), ctx.orders))
+        return rotary(q, k, cos, sin, *(_empty_in_order(x, order) for x, order in zip((q, k), ctx.orders)))
 
     @staticmethod
     def backward(ctx, grad_q, grad_k):
         from entrgi_kernels.rotary import rotary
 
         cos, sin = ctx.saved_tensors
-        grads = (_last_contiguous(grad) for grad in (grad_q, grad_k))
-        return (
-            *(rotary(grad, cos, sin, True, out=_empty_in_order(grad, order)) for grad, order in zip(grads, ctx.orders)),
-            None,
-            None,
-        )
+        grad_q, grad_k = _last_contiguous(grad_q), _last_contiguous(grad_k)
+        outs = (_empty_in_order(grad, order) for grad, order in zip((grad_q, grad_k), ctx.orders))
+        return *rotary(grad_q, grad_k, cos, sin, *outs, backward=True), None, None
 
 
 def _memory_order(t: torch.Tensor) -> list[int]:
