@@ -17,6 +17,8 @@ Ops fall into three groups:
 - attention: ``scaled_dot_product_attention``, counted as the fused kernel CUDA runs
   (forward: reads q, k, v and the mask, writes the output; backward: reads those and
   the output's gradient, writes dq, dk, dv), not as the math path the meta device has;
+  what sdpa does to a mask before that kernel on every call (a bool mask made additive,
+  rows padded to a stride of 8) counts as elementwise;
 - elementwise: everything else (norms, rotary embedding, gated activation, residual
   adds, casts, copies), and the fused kernels.
 
@@ -42,6 +44,7 @@ from torch.utils._pytree import tree_flatten
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import entrgi.lean  # noqa: E402
+import entrgi.sdpa  # noqa: E402
 from entrgi.layers import swapped_attributes  # noqa: E402
 from entrgi.lean import ROTARY  # noqa: E402
 from entrgi.benchmark import PEAK_BYTES_PER_S  # noqa: E402
@@ -167,7 +170,8 @@ class _Attention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, traffic, query, key, value, mask):
-        out = torch.empty_like(query)
+        batch, heads, length, _ = query.shape  # laid out (B, T, H, D_v), as the memory-efficient kernel writes it
+        out = query.new_empty(batch, length, heads, value.shape[-1]).transpose(1, 2)
         traffic.add("attention forward", [query, key, value, *([] if mask is None else [mask]), out])
         ctx.traffic, ctx.mask = traffic, mask
         ctx.save_for_backward(query, key, value, out)
@@ -195,6 +199,15 @@ class _FusedAttention(torch.overrides.TorchFunctionMode):
         mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
         if kwargs.get("enable_gqa"):  # the kernel reads the shared heads; the output has the query's
             key, value = (t.repeat_interleave(query.shape[-3] // t.shape[-3], dim=-3) for t in (key, value))
+        if mask is not None and mask.dtype == torch.bool:  # sdpa makes it additive on every call
+            additive = torch.empty(mask.shape, dtype=query.dtype, device=mask.device)
+            self.traffic.add("attention mask to additive", [mask, additive])
+            mask = additive
+        if mask is not None and any(stride % 8 for stride in mask.stride()[:-1]):  # and pads rows to an aligned stride
+            keys = mask.shape[-1]
+            padded = mask.new_empty(*mask.shape[:-1], -(-keys // 8) * 8)[..., :keys]
+            self.traffic.add("attention mask padding", [mask, padded])
+            mask = padded
         return _Attention.apply(self.traffic, query, key, value, mask)
 
 
@@ -203,13 +216,15 @@ def _accept(*args, **kwargs) -> bool:
 
 
 def _lean_swaps(model: torch.nn.Module, backend: str) -> list[tuple[object, str, object]]:
-    """``model``'s lean forwards and (triton) fused rotary functions as attribute swaps,
-    accepted unchecked (meta tensors hold no numbers)."""
+    """``model``'s lean forwards and (triton) fused rotary functions and folded sdpa
+    attention as attribute swaps, accepted unchecked (meta tensors hold no numbers)."""
     checks = ("_reproduces", "_projections_reproduce", "_rotary_reproduces")
-    unchecked = [(entrgi.lean, check, _accept) for check in checks]
+    unchecked = [(entrgi.lean, check, _accept) for check in checks] + [(entrgi.sdpa, "folded_sdpa_reproduces", _accept)]
     with swapped_attributes(unchecked):
         forwards = [(module, "forward", forward) for module, forward in entrgi.lean.lean_forwards(model, backend)]
-        return forwards + [(module, ROTARY, fused) for module, fused in entrgi.lean.rotary_swaps(model, backend)]
+        rotary = [(module, ROTARY, fused) for module, fused in entrgi.lean.rotary_swaps(model, backend)]
+        folded = [entrgi.sdpa.folded_sdpa_swap()] if entrgi.sdpa.folded_sdpa_fits(model, backend) else []
+        return forwards + rotary + folded
 
 
 def count(preset: str, mode: str, new_tokens: int = 128) -> dict[str, Traffic]:

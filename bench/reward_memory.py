@@ -1,6 +1,6 @@
 """What autograd keeps for the guidance backward of one reward layer, stock transformers
-layers against lean ones (``entrgi.lean``), counted with saved-tensor hooks: no GPU
-needed. A Qwen3 classifier layer of a step-suite shape, random weights, a batch of
+layers against lean ones (``entrgi.lean``), and lean ones whose attention runs folded
+(``entrgi.sdpa``, as CUDA runs it), counted with saved-tensor hooks: no GPU needed. A Qwen3 classifier layer of a step-suite shape, random weights, a batch of
 ``rows`` x ``tokens`` embeddings, sdpa with a 4-D bool mask (as the reward runs).
 
     python bench/reward_memory.py [--shape qwen3-1.7b] [--rows 16] [--tokens 200] [--dtype bfloat16]
@@ -12,14 +12,17 @@ import argparse
 
 import torch
 
+from entrgi.layers import swapped_attributes
 from entrgi.lean import kept_bytes, lean_forwards
+from entrgi.sdpa import folded_sdpa_swap
 from entrgi.step_benchmark import SHAPES
 
 MIB = 2**20
 
 
-def layer_kept_bytes(shape: str, rows: int, tokens: int, dtype: torch.dtype, lean: bool) -> int:
-    """Bytes one ``shape`` reward layer keeps for the backward over (rows, tokens)."""
+def layer_kept_bytes(shape: str, rows: int, tokens: int, dtype: torch.dtype, lean: bool, folded: bool = False) -> int:
+    """Bytes one ``shape`` reward layer keeps for the backward over (rows, tokens);
+    ``folded``: its attention runs as :class:`entrgi.sdpa.FoldedSdpa`."""
     from transformers import Qwen3Config, Qwen3ForSequenceClassification
 
     hidden, inter, _, heads, kv, head_dim, _ = SHAPES[shape]
@@ -36,8 +39,9 @@ def layer_kept_bytes(shape: str, rows: int, tokens: int, dtype: torch.dtype, lea
     mask = torch.ones(rows, 1, tokens, tokens, dtype=torch.bool)
     rotary = model.model.rotary_emb(embeds, positions)
     layer = model.model.layers[0]
-    return kept_bytes(lambda: layer(embeds, attention_mask=mask, position_ids=positions, position_embeddings=rotary),
-                      model)  # fmt: skip
+    with swapped_attributes([folded_sdpa_swap()] if folded else []):
+        return kept_bytes(lambda: layer(embeds, attention_mask=mask, position_ids=positions, position_embeddings=rotary),
+                          model)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -49,12 +53,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     args = parser.parse_args(argv)
     dtype, layers = getattr(torch, args.dtype), SHAPES[args.shape][2]
-    stock, lean = (layer_kept_bytes(args.shape, args.rows, args.tokens, dtype, lean) for lean in (False, True))
+    kept = [layer_kept_bytes(args.shape, args.rows, args.tokens, dtype, lean, folded)
+            for lean, folded in ((False, False), (True, False), (True, True))]  # fmt: skip
     print(f"{args.shape}, {args.rows} rows x {args.tokens} tokens, {args.dtype}, torch {torch.__version__}")
-    print("| kept for the backward | stock | lean |")
-    print("|---|---|---|")
-    print(f"| per layer (MiB) | {stock / MIB:.1f} | {lean / MIB:.1f} |")
-    print(f"| x {layers} layers (GiB) | {stock * layers / 2**30:.2f} | {lean * layers / 2**30:.2f} |")
+    print("| kept for the backward | stock | lean | lean, folded sdpa |")
+    print("|---|---|---|---|")
+    print("| per layer (MiB) | " + " | ".join(f"{k / MIB:.1f}" for k in kept) + " |")
+    print(f"| x {layers} layers (GiB) | " + " | ".join(f"{k * layers / 2**30:.2f}" for k in kept) + " |")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 fusing the norms and gates shrinks the elementwise group, and stacking each MLP's gate
 and up projections and each attention's q, k and v projections takes three GEMMs per
 layer off the forward and three off the backward (with the adds of their input
-gradients, for one concatenation)."""
+gradients, for one concatenation); folded sdpa attention reads the key / value heads
+unrepeated and prepares the mask once."""
 
 from __future__ import annotations
 
@@ -20,7 +21,10 @@ def test_fused_layers_move_less_than_lean_and_stock_ones(monkeypatch):
     counts = {mode: layer_traffic.count("tiny", mode) for mode in layer_traffic.MODES}
     for part in ("reward fwd+bwd", "denoiser forward"):
         groups = {mode: counts[mode][part].by_group() for mode in layer_traffic.MODES}
-        assert groups["stock"]["attention"] == groups["lean"]["attention"] == groups["fused"]["attention"]
+        assert groups["stock"]["attention"] == groups["lean"]["attention"]
+        # folded: one kernel each way still (it reads the key / value heads unrepeated and
+        # the mask once per query head: fewer bytes at the presets' sizes, not at these)
+        assert groups["fused"]["attention"][0] == groups["lean"]["attention"][0]
         assert groups["stock"]["projections"] == groups["lean"]["projections"]
         lean_gemms, lean_bytes = groups["lean"]["projections"]
         fused_gemms, fused_bytes = groups["fused"]["projections"]
@@ -45,6 +49,17 @@ def test_fused_layers_move_less_than_lean_and_stock_ones(monkeypatch):
     assert "neg" not in fused and "neg" in counts["lean"]["reward fwd+bwd"].launches
     # ops on scalars and dtypes alone run on the host: no launch (the norm's output dtype)
     assert "promote_types" not in fused
+    # the folded attention makes the bool mask additive once per forward (two launches), not
+    # sdpa once per layer, and sums no gradients of repeated key / value heads (two per
+    # layer); it copies its output, and that copy's gradient, once per layer (where a model
+    # has several key / value heads, instead of the repeats' two copies; the tiny reward's
+    # single head repeats as a view)
+    monkeypatch.undo()  # stacked again
+    monkeypatch.setattr(entrgi.sdpa, "folded_sdpa_fits", lambda model, backend: False)
+    unfolded = layer_traffic.count("tiny", "fused")["reward fwd+bwd"].launches
+    assert unfolded["attention mask to additive"] == unfolded["attention forward"] == 2
+    assert "attention mask to additive" not in fused and fused["fill_"] == fused["masked_fill_"] == 1
+    assert fused["sum"] == unfolded["sum"] - 2 * 2 and fused["clone"] == unfolded["clone"] + 2 * 2
 
 
 def test_broadcast_operands_count_once():

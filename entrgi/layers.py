@@ -18,7 +18,9 @@ capturable. About one extra forward for most of the activation memory.
 ``lean``: the layers' RMSNorms and gated MLPs keep less for the backward and, on
 CUDA, run as one fused Triton kernel each way, as does the rotary embedding (see
 :mod:`entrgi.lean`; the same values, up to rounding when fused; about a third less
-activation memory for Qwen-family layers, nothing recomputed but one elementwise op). Only for layers neither compiled
+activation memory for Qwen-family layers, nothing recomputed but one elementwise op),
+and transformers' sdpa attention runs grouped query heads folded, with the mask
+prepared once per forward (:mod:`entrgi.sdpa`). Only for layers neither compiled
 (inductor fuses and chooses what to keep) nor checkpointed (they keep their inputs
 alone).
 
@@ -39,6 +41,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from entrgi.lean import ROTARY, lean_forwards, rotary_swaps
+from entrgi.sdpa import folded_sdpa_fits, folded_sdpa_swap
 
 
 def model_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -83,6 +86,7 @@ class LayerRunner:
         lean = lean and not (compiled or checkpointed)
         self.lean = lean_forwards(model) if lean else []
         self.rotary = rotary_swaps(model) if lean else []
+        self.folded_sdpa = lean and folded_sdpa_fits(model)
 
     def _layer_forward(self, index: int, forward):
         def run(*args, **kwargs):
@@ -97,9 +101,13 @@ class LayerRunner:
         return run
 
     def _lean_swaps(self) -> list[tuple[object, str, object]]:
-        return [(module, "forward", forward) for module, forward in self.lean] + [
-            (module, ROTARY, fused) for module, fused in self.rotary
-        ]
+        """The lean forwards, fused rotary functions and (fresh: it keeps the masks it
+        prepared) folded sdpa attention, as attribute swaps."""
+        return (
+            [(module, "forward", forward) for module, forward in self.lean]
+            + [(module, ROTARY, fused) for module, fused in self.rotary]
+            + ([folded_sdpa_swap()] if self.folded_sdpa else [])
+        )
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:

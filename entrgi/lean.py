@@ -175,11 +175,11 @@ def _stacked_attention(module: torch.nn.Module, backend: str) -> list[tuple[torc
     return [(linear, stacked.forward(index)) for index, linear in enumerate(linears)]
 
 
-def _agree(want, got, exact: bool) -> bool:
+def agree(want, got, exact: bool) -> bool:
     """Tensors (or tuples of them) equal bit for bit, or (not ``exact``) to within
     ``FUSED_ULPS`` eps of each one's largest value."""
     if isinstance(want, tuple):
-        return all(_agree(w, g, exact) for w, g in zip(want, got, strict=True))
+        return all(agree(w, g, exact) for w, g in zip(want, got, strict=True))
     if exact or want.dtype != got.dtype or want.shape != got.shape:
         return torch.equal(got, want)
     tolerance = FUSED_ULPS * torch.finfo(want.dtype).eps * want.abs().max()
@@ -196,7 +196,7 @@ def _reproduces(module: torch.nn.Module, lean: Callable, width: int, dtype: torc
     """Whether ``lean`` gives ``module``'s own output on a random (2, 3, width) input."""
     x = _random_input(module, width, dtype)
     with torch.no_grad():
-        return _agree(module.forward(x), lean(x), exact)
+        return agree(module.forward(x), lean(x), exact)
 
 
 def _projections_reproduce(projections: list[tuple[torch.nn.Linear, Callable]]) -> bool:
@@ -206,7 +206,7 @@ def _projections_reproduce(projections: list[tuple[torch.nn.Linear, Callable]]) 
     x = _random_input(first, first.in_features, first.weight.dtype)
     with torch.no_grad():
         stacked = [forward(x) for _, forward in projections]
-        return all(_agree(type(linear).forward(linear, x), got, exact=False)
+        return all(agree(type(linear).forward(linear, x), got, exact=False)
                    for (linear, _), got in zip(projections, stacked))  # fmt: skip
 
 
@@ -230,7 +230,7 @@ def _rotary_reproduces(original: Callable, fused: Callable, head_dim: int, dtype
     angles = torch.randn(2, 3, head_dim // 2, generator=generator, device=device)
     cos, sin = (f(torch.cat([angles, angles], -1)).to(dtype) for f in (torch.cos, torch.sin))
     with torch.no_grad():
-        return _agree(original(q, k, cos, sin), fused(q, k, cos, sin), exact=False)
+        return agree(original(q, k, cos, sin), fused(q, k, cos, sin), exact=False)
 
 
 def rotary_swaps(model: torch.nn.Module, backend: str = "auto") -> list[tuple[ModuleType, Callable]]:

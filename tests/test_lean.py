@@ -9,6 +9,7 @@ import torch
 
 from entrgi import load_reward
 import entrgi.lean
+import entrgi.sdpa
 from entrgi.layers import swapped_attributes
 from entrgi.lean import (
     QKV, ROTARY, StackedLinear, _fused_rotary, _projections_reproduce, _stacked_attention, lean_forwards, rotary_swaps,
@@ -154,6 +155,22 @@ def test_denoiser_fused_layers_give_the_stock_logits(dream_like_path):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-2 * want.abs().max().item())
 
 
+def test_forced_fused_denoiser_gives_the_stock_logits_under_a_padding_mask(dream_like_path, monkeypatch):
+    """The denoiser's fused layers and folded attention as CUDA runs them (forced here:
+    the interpreter on CPU), with rows padded on the left as a batch of prompts is."""
+    from entrgi import load_denoiser
+
+    stock = load_denoiser(dream_like_path, kind="dream", fused_layers=False)
+    for module in (entrgi.lean, entrgi.sdpa):
+        monkeypatch.setattr(module, "resolve_backend", lambda backend, device: "triton")
+    fused = load_denoiser(dream_like_path, kind="dream")
+    assert fused.layers.folded_sdpa and not stock.layers.folded_sdpa
+    ids = torch.randint(0, fused.vocab_size, (3, 9), generator=torch.Generator().manual_seed(2))
+    mask = torch.arange(9) >= torch.tensor([[0], [3], [5]])  # padded on the left
+    want, got = stock.logits(ids, mask), fused.logits(ids, mask)
+    torch.testing.assert_close(got[mask], want[mask], rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
 def test_fused_rotary_hands_calls_it_does_not_fit_to_the_stock_function():
     from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
 
@@ -208,14 +225,21 @@ def test_fused_classifier_with_stacked_projections_gives_the_stock_rewards_and_g
     the reward's own path: packed inputs, and the prompt prefix cached by a no-grad pass
     the later calls attend to."""
     plain = load_reward(classifier_path, cache_prefix=cache_prefix, lean_activations=False)
-    monkeypatch.setattr(entrgi.lean, "resolve_backend", lambda backend, device: "triton")
+    for module in (entrgi.lean, entrgi.sdpa):
+        monkeypatch.setattr(module, "resolve_backend", lambda backend, device: "triton")
     fused = load_reward(classifier_path, cache_prefix=cache_prefix)
     # per layer four norms, the MLP and the q, k and v projections; and the final norm
     assert len(fused.guidance_layers.lean) == 2 * 8 + 1
     assert sum(isinstance(module, torch.nn.Linear) for module, _ in fused.guidance_layers.lean) == 2 * 3
+    assert fused.guidance_layers.folded_sdpa and not plain.guidance_layers.folded_sdpa
+    groups, folded_call = [], entrgi.sdpa.FoldedSdpa.__call__
+    monkeypatch.setattr(entrgi.sdpa.FoldedSdpa, "__call__", lambda self, module, query, key, *args, **kwargs:
+                        groups.append(query.shape[1] // key.shape[1]) or folded_call(self, module, query, key, *args,
+                                                                                       **kwargs))  # fmt: skip
     context = plain.prepare(PROMPTS, 3)
     embeds, valid = guided_reward_inputs(plain, 6, 7, seed=8)
     assert_same_rewards((plain, context), (fused, fused.prepare(PROMPTS, 3)), embeds, valid, tol=1e-4)
+    assert set(groups) == {2}  # the layers' attention ran folded: two query heads per key / value head
 
 
 def test_stacked_projections_are_checked_call_by_call_and_hand_out_slices_of_one_input_only():

@@ -147,9 +147,11 @@ class _TritonMergedSiluGate(torch.autograd.Function):
 
 
 class _TritonRotary(torch.autograd.Function):
-    """Rotary embedding of q and k; cos and sin get no gradient. Outputs and gradients
-    are laid out in the inputs' memory order (the models' (B, T, H, D), transposed), so
-    the transposes the models take back need no copy."""
+    """Rotary embedding of q and k; cos and sin get no gradient. Outputs are dense in
+    (B, H, T, D), so that grouped query heads fold into one sequence per key / value
+    head as a view (:class:`entrgi.sdpa.FoldedSdpa`); gradients are laid out in the
+    inputs' memory order (the models' (B, T, H, D), transposed), so the transposes the
+    models take back need no copy."""
 
     @staticmethod
     def forward(ctx, q, k, cos, sin):
@@ -157,7 +159,8 @@ class _TritonRotary(torch.autograd.Function):
 
         ctx.save_for_backward(cos, sin)
         ctx.orders = _memory_order(q), _memory_order(k)
-        return rotary(q, k, cos, sin, *(_empty_in_order(x, order) for x, order in zip((q, k), ctx.orders)))
+        dense = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k))
+        return rotary(q, k, cos, sin, *dense)
 
     @staticmethod
     def backward(ctx, grad_q, grad_k):

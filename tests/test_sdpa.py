@@ -1,0 +1,130 @@
+"""Folded sdpa attention (``entrgi.sdpa``): grouped query heads run as one longer
+sequence per key / value head, with the mask prepared once, give transformers' stock
+``sdpa`` outputs (bit for bit here) and gradients as close to a float64 ground truth as
+the stock ones; calls it does not cover go to the stock function."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+import entrgi.sdpa
+from entrgi.layers import swapped_attributes
+from entrgi.sdpa import MASK_ALIGNMENT, FoldedSdpa, folded_sdpa_fits, folded_sdpa_swap
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class _Attention(torch.nn.Module):
+    """What the attention functions read from the calling module."""
+
+    def __init__(self, groups: int):
+        super().__init__()
+        self.num_key_value_groups, self.is_causal = groups, True
+
+
+def _inputs(batch, heads, kv_heads, length, keys, dtype, seed, mask_batch=None, dense_query=True):
+    generator = torch.Generator().manual_seed(seed)
+
+    def leaf(*shape):
+        return torch.randn(*shape, generator=generator).to(dtype).to(DEVICE)
+
+    # the fused rotary kernel's queries are dense in (B, H, T, D); the stock ones a transpose
+    query = leaf(batch, heads, length, 16) if dense_query else leaf(batch, length, heads, 16).transpose(1, 2)
+    key, value = leaf(batch, kv_heads, keys, 16), leaf(batch, kv_heads, keys, 16)
+    mask = torch.rand(mask_batch or batch, 1, length, keys, generator=generator) < 0.6
+    mask[..., 0] = True  # no row fully masked
+    return [t.requires_grad_(True) for t in (query, key, value)], mask.to(DEVICE)
+
+
+def _run(attention, module, inputs, mask, grad):
+    out = attention(module, *inputs, mask, scaling=0.25)[0]
+    return out, torch.autograd.grad(out, inputs, grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(
+    "batch, heads, kv_heads, length, keys, mask_batch, dense_query",
+    [
+        (2, 4, 2, 5, 7, None, True),
+        (3, 6, 2, 3, 20, 1, True),
+        (2, 8, 1, 6, 11, None, False),
+        (2, 3, 3, 4, 4, None, True),
+    ],
+)
+def test_folded_attention_gives_the_stock_outputs_and_gradients(
+    dtype, batch, heads, kv_heads, length, keys, mask_batch, dense_query
+):  # fmt: skip
+    inputs, mask = _inputs(batch, heads, kv_heads, length, keys, dtype, heads + keys, mask_batch, dense_query)
+    module = _Attention(heads // kv_heads)
+    grad = torch.randn(batch, length, heads, 16, generator=torch.Generator().manual_seed(1)).to(dtype).to(DEVICE)
+    want, want_grads = _run(sdpa_attention_forward, module, inputs, mask, grad)
+    got, got_grads = _run(FoldedSdpa(), module, inputs, mask, grad)
+    assert got.shape == want.shape and got.is_contiguous()
+    assert torch.equal(got, want)  # per query row the same attention over the same keys
+    assert torch.equal(got_grads[0], want_grads[0])
+    # keys' and values' gradients are summed over a group inside the kernel, not after it
+    inputs64 = [t.detach().double().requires_grad_(True) for t in inputs]
+    _, truths = _run(sdpa_attention_forward, module, inputs64, mask, grad.double())
+    eps = torch.finfo(dtype).eps
+    for got_t, want_t, truth in zip(got_grads[1:], want_grads[1:], truths[1:]):
+        scale = truth.abs().max()
+        assert (got_t.double() - truth).abs().max() <= (want_t.double() - truth).abs().max() + 2 * eps * scale
+
+
+def test_the_mask_is_prepared_once_additive_folded_and_aligned():
+    folded = FoldedSdpa()
+    mask = torch.rand(2, 1, 3, 5, device=DEVICE) < 0.5
+    prepared = folded.prepared_mask(mask, torch.bfloat16, 2)
+    assert prepared.shape == (2, 1, 6, 5) and prepared.dtype == torch.bfloat16
+    assert prepared.stride(2) % MASK_ALIGNMENT == 0  # the kernel pads nothing
+    additive = torch.zeros(mask.shape, dtype=torch.bfloat16, device=DEVICE).masked_fill(~mask, float("-inf"))
+    assert torch.equal(prepared, additive.repeat(1, 1, 2, 1))  # each group's rows after one another
+    assert folded.prepared_mask(mask, torch.bfloat16, 2) is prepared  # once per mask tensor
+    assert folded.prepared_mask(mask.clone(), torch.bfloat16, 2) is not prepared
+    assert folded.prepared_mask(mask, torch.float32, 2).dtype == torch.float32
+    bias = torch.randn(1, 1, 3, 5, device=DEVICE)  # an additive mask is copied as it is
+    assert torch.equal(folded.prepared_mask(bias, torch.float32, 3), bias.repeat(1, 1, 3, 1))
+
+
+@pytest.mark.parametrize(
+    "case", ["covered", "dropout", "softcap", "output_attentions", "no mask", "a mask per head", "a 3-D mask"]
+)
+def test_calls_it_does_not_cover_go_to_the_stock_function(case, monkeypatch):
+    (query, key, value), mask = _inputs(2, 4, 2, 3, 5, torch.float32, 0)
+    flags = {
+        "dropout": {"dropout": 0.1},
+        "softcap": {"softcap": 30.0},
+        "output_attentions": {"output_attentions": True},
+    }
+    kwargs = flags.get(case, {})
+    mask = {"no mask": None, "a mask per head": mask.expand(2, 4, 3, 5), "a 3-D mask": mask[:, 0]}.get(case, mask)
+    folded, calls = FoldedSdpa(), []
+    monkeypatch.setattr(folded, "stock", lambda *args, **passed: calls.append((args, passed)) or (None, None))
+    folded(_Attention(2), query, key, value, mask, **kwargs)
+    if case == "covered":
+        assert calls == []
+        return
+    ((args, passed),) = calls
+    assert args[4] is mask and all(passed[name] == flag for name, flag in kwargs.items())
+
+
+def test_models_get_the_folded_attention_on_the_triton_backend_only(classifier_path, monkeypatch):
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(classifier_path, attn_implementation="sdpa")
+    assert folded_sdpa_fits(model, backend="triton") and not folded_sdpa_fits(model, backend="torch")
+    eager = AutoModelForSequenceClassification.from_pretrained(classifier_path, attn_implementation="eager")
+    assert not folded_sdpa_fits(eager, backend="triton")  # eager attention is not the sdpa function
+    monkeypatch.setattr(entrgi.sdpa, "folded_sdpa_reproduces", lambda model: False)
+    assert not folded_sdpa_fits(model, backend="triton")  # a swap is made only where it reproduces
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    before = dict(ALL_ATTENTION_FUNCTIONS._local_mapping)
+    with swapped_attributes([folded_sdpa_swap()]):
+        assert isinstance(ALL_ATTENTION_FUNCTIONS["sdpa"], FoldedSdpa)
+        assert ALL_ATTENTION_FUNCTIONS.get("sdpa") is ALL_ATTENTION_FUNCTIONS["sdpa"]
+    assert (
+        ALL_ATTENTION_FUNCTIONS._local_mapping == before and ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa_attention_forward
+    )
