@@ -62,8 +62,13 @@ def test_folded_attention_gives_the_stock_outputs_and_gradients(
     want, want_grads = _run(sdpa_attention_forward, module, inputs, mask, grad)
     got, got_grads = _run(FoldedSdpa(), module, inputs, mask, grad)
     assert got.shape == want.shape and got.is_contiguous()
-    assert torch.equal(got, want)  # per query row the same attention over the same keys
-    assert torch.equal(got_grads[0], want_grads[0])
+    # per query row the same attention over the same keys: equal on CPU; CUDA's kernel
+    # may tile the longer folded sequence otherwise
+    for got_t, want_t in ((got, want), (got_grads[0], want_grads[0])):
+        if DEVICE == "cpu":
+            assert torch.equal(got_t, want_t)
+        else:
+            torch.testing.assert_close(got_t, want_t, rtol=0, atol=2 * torch.finfo(dtype).eps * want_t.abs().max())
     # keys' and values' gradients are summed over a group inside the kernel, not after it
     inputs64 = [t.detach().double().requires_grad_(True) for t in inputs]
     _, truths = _run(sdpa_attention_forward, module, inputs64, mask, grad.double())
