@@ -118,9 +118,9 @@ def test_calls_it_does_not_cover_go_to_the_stock_function(case, monkeypatch):
 def test_models_get_the_folded_attention_on_the_triton_backend_only(classifier_path, monkeypatch):
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(classifier_path, attn_implementation="sdpa")
+    model = AutoModelForSequenceClassification.from_pretrained(classifier_path, attn_implementation="sdpa").to(DEVICE)
     assert folded_sdpa_fits(model, backend="triton") and not folded_sdpa_fits(model, backend="torch")
-    eager = AutoModelForSequenceClassification.from_pretrained(classifier_path, attn_implementation="eager")
+    eager = AutoModelForSequenceClassification.from_pretrained(classifier_path, attn_implementation="eager").to(DEVICE)
     assert not folded_sdpa_fits(eager, backend="triton")  # eager attention is not the sdpa function
     monkeypatch.setattr(entrgi.sdpa, "folded_sdpa_reproduces", lambda model: False)
     assert not folded_sdpa_fits(model, backend="triton")  # a swap is made only where it reproduces
