@@ -44,7 +44,9 @@ from triton.runtime.jit import JITFunction
 
 import entrgi
 from entrgi.ops import entropy_confidence
-from entrgi.ops.layer_ops import merged_silu_gate, rms_norm, rotary_embedding, silu_gate
+from entrgi.ops.layer_ops import (
+    add_rms_norm, merged_silu_gate, rms_norm, rms_norm_with_residual, rotary_embedding, silu_gate,
+)  # fmt: skip
 from entrgi.ops.step import STEP_ALGS
 from entrgi.optim import LogitAdam
 from entrgi_kernels import row_stats, soft_embedding
@@ -177,7 +179,8 @@ def exercise_ops() -> None:
     sample_step (each alg, greedy too), entropy_confidence, LogitAdam (stored and
     recomputed moments), and the layer ops a reward's and a denoiser's layers run
     (rms_norm at a Qwen head's, Qwen3-1.7B's and Qwen2-7B's widths, silu_gate at
-    Qwen3-1.7B's width and merged_silu_gate at Qwen3-0.6B's (another block), rotary_embedding;
+    Qwen3-1.7B's width and merged_silu_gate at Qwen3-0.6B's (another block), add_rms_norm and
+    rms_norm_with_residual (the residual-add variants), rotary_embedding;
     forward and backward)."""
     table = torch.randn(VOCAB, DIM, dtype=torch.bfloat16)
     table_rows = torch.arange(VOCAB)
@@ -219,6 +222,12 @@ def exercise_ops() -> None:
         for width in (128, 2048, 3584):
             x = torch.randn(ROWS, width).to(dtype).requires_grad_(True)
             rms_norm(x, torch.randn(width).to(dtype), 1e-6, backend="triton").backward(torch.randn_like(x))
+        residual, branch = (torch.randn(ROWS, 2048).to(dtype).requires_grad_(True) for _ in range(2))
+        torch.autograd.backward(  # the norm kernels' residual-add variants
+            [*add_rms_norm(residual, branch, torch.randn(2048).to(dtype), 1e-6, backend="triton"),
+             *rms_norm_with_residual(residual, torch.randn(2048).to(dtype), 1e-6, backend="triton")],
+            [torch.randn_like(residual) for _ in range(4)],
+        )  # fmt: skip
         gate, up = (torch.randn(ROWS, 6144).to(dtype).requires_grad_(True) for _ in range(2))
         silu_gate(gate, up, backend="triton").backward(torch.randn_like(gate))
         gate_up = torch.randn(ROWS, 2 * 3072).to(dtype).requires_grad_(True)

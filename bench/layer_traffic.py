@@ -129,16 +129,19 @@ def fused_kernels_counted(traffic: Traffic) -> Iterator[None]:
     """The fused layer ops' kernels as meta stand-ins that allocate their outputs and
     count what they read and write."""
 
-    def norm_forward(x, weight, eps):  # x: (outer, inner, width) rows
+    def norm_forward(x, weight, eps, branch=None):  # x: (outer, inner, width) rows
         rows = x.shape[0] * x.shape[1]
         y = torch.empty(rows, x.shape[-1], dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
         inv_rms = torch.empty(rows, device=x.device)
-        traffic.add("triton rms_norm forward", [x, weight, y, inv_rms])
-        return y, inv_rms
+        total = None if branch is None else torch.empty(rows, x.shape[-1], dtype=x.dtype, device=x.device)
+        added = [] if branch is None else [branch, total]
+        traffic.add("triton rms_norm forward", [x, weight, y, inv_rms, *added])
+        return y, inv_rms, total
 
-    def norm_backward(grad, x, weight, inv_rms):
+    def norm_backward(grad, x, weight, inv_rms, residual_grad=None):
         grad_x = torch.empty(grad.shape, dtype=x.dtype, device=x.device)
-        traffic.add("triton rms_norm backward", [grad, x, weight, inv_rms, grad_x])
+        added = [] if residual_grad is None else [residual_grad]
+        traffic.add("triton rms_norm backward", [grad, x, weight, inv_rms, grad_x, *added])
         return grad_x
 
     def gate_forward(gate, up):
@@ -218,7 +221,7 @@ def _accept(*args, **kwargs) -> bool:
 def _lean_swaps(model: torch.nn.Module, backend: str) -> list[tuple[object, str, object]]:
     """``model``'s lean forwards and (triton) fused rotary functions and folded sdpa
     attention as attribute swaps, accepted unchecked (meta tensors hold no numbers)."""
-    checks = ("_reproduces", "_projections_reproduce", "_rotary_reproduces")
+    checks = ("_reproduces", "_projections_reproduce", "_layer_reproduces", "_rotary_reproduces")
     unchecked = [(entrgi.lean, check, _accept) for check in checks] + [(entrgi.sdpa, "folded_sdpa_reproduces", _accept)]
     with swapped_attributes(unchecked):
         forwards = [(module, "forward", forward) for module, forward in entrgi.lean.lean_forwards(model, backend)]

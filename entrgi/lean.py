@@ -14,9 +14,10 @@ own tensors unchanged). On CUDA the swapped forwards also run fused: one Triton 
 per norm or gate, forward and backward (:mod:`entrgi.ops.layer_ops`), instead of the
 stock code's chains of elementwise launches, the gate and up projections, and an
 attention's q, k and v projections, as one GEMM each way (:class:`StackedLinear`,
-:class:`_StackedProjections`, :func:`entrgi.ops.layer_ops.merged_silu_gate`); and the
-modelling module's
-``apply_rotary_pos_emb`` is swapped for one kernel for queries and keys together
+:class:`_StackedProjections`, :func:`entrgi.ops.layer_ops.merged_silu_gate`); a
+pre-norm decoder layer's residual adds run inside its norms' kernels
+(:func:`_lean_decoder_layer`); and the modelling module's ``apply_rotary_pos_emb`` is
+swapped for one kernel for queries and keys together
 (:func:`rotary_swaps`; a module-level function, so the swap holds for every model of
 that family while :meth:`entrgi.layers.LayerRunner.active` runs).
 
@@ -40,7 +41,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from entrgi.ops.layer_ops import fits_fused_rotary, merged_silu_gate, rms_norm, rotary_embedding, silu_gate
+from entrgi.ops.layer_ops import (
+    add_rms_norm, fits_fused_rotary, merged_silu_gate, rms_norm, rms_norm_with_residual, rotary_embedding, silu_gate,
+)  # fmt: skip
 from entrgi.ops.validation import resolve_backend
 
 ROTARY = "apply_rotary_pos_emb"  # the modelling modules' rotary function (Llama / Qwen / Mistral / Dream)
@@ -175,6 +178,68 @@ def _stacked_attention(module: torch.nn.Module, backend: str) -> list[tuple[torc
     return [(linear, stacked.forward(index)) for index, linear in enumerate(linears)]
 
 
+LAYER_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")  # a pre-norm decoder layer's
+
+
+def _lean_decoder_layer(module: torch.nn.Module, backend: str) -> Callable | None:
+    """A forward for a pre-norm decoder layer (``LAYER_PARTS``: x + attn(norm(x)), then
+    h + mlp(norm(h)), as Llama / Qwen / Mistral layers compute it) whose residual adds
+    run inside the norms' kernels: the first norm hands x back as the residual, whose
+    gradient its backward kernel adds (:func:`rms_norm_with_residual`), and the second
+    norm takes the attention's output and the residual and writes their sum
+    (:func:`add_rms_norm`); the triton backend only. None where the layer lacks the
+    parts or its norms are not lean ones. Keyword arguments reach the attention as the
+    stock layer hands them over; a call with other positional ones runs the stock
+    forward."""
+    parts = [getattr(module, name, None) for name in LAYER_PARTS]
+    if backend != "triton" or any(not isinstance(part, torch.nn.Module) for part in parts):
+        return None
+    first_norm, attention, second_norm, mlp = parts
+    if _lean_rms_norm(first_norm, backend) is None or _lean_rms_norm(second_norm, backend) is None:
+        return None
+
+    def forward(hidden_states, *args, **kwargs):
+        if args:
+            return type(module).forward(module, hidden_states, *args, **kwargs)
+        normed, residual = rms_norm_with_residual(
+            hidden_states, first_norm.weight, first_norm.variance_epsilon, backend
+        )
+        attended = attention(hidden_states=normed, **kwargs)[0]
+        normed, hidden_states = add_rms_norm(
+            residual, attended, second_norm.weight, second_norm.variance_epsilon, backend
+        )
+        return hidden_states + mlp(normed)
+
+    return forward
+
+
+def _layer_reproduces(module: torch.nn.Module, lean: Callable) -> bool:
+    """Whether ``lean`` gives the layer's own output on a random (2, 3, width) input with
+    random rotary angles and no mask, its norms run by the same fused kernels in both (so
+    only the residual adds' placement differs). A layer the call does not fit (other
+    arguments it needs) is taken as not reproduced."""
+    first_norm, attention, second_norm, _ = (getattr(module, name) for name in LAYER_PARTS)
+    width, dtype = first_norm.weight.shape[0], first_norm.weight.dtype
+    head_dim = getattr(attention, "head_dim", None)
+    if not isinstance(head_dim, int) or head_dim % 2:
+        return False
+    x = _random_input(module, width, dtype)
+    generator = torch.Generator(x.device).manual_seed(1)
+    angles = torch.randn(2, 3, head_dim // 2, generator=generator, device=x.device)
+    rotary = tuple(f(torch.cat([angles, angles], -1)).to(dtype) for f in (torch.cos, torch.sin))
+    norms = [(norm, "forward", _lean_rms_norm(norm, "triton")) for norm in (first_norm, second_norm)]
+    from entrgi.layers import swapped_attributes
+
+    try:
+        with torch.no_grad():
+            with swapped_attributes(norms):
+                want = module(x, attention_mask=None, position_embeddings=rotary)
+            got = lean(x, attention_mask=None, position_embeddings=rotary)
+    except (TypeError, ValueError, RuntimeError, AttributeError, IndexError):  # the layer needs other arguments
+        return False
+    return type(want) is type(got) and agree(want, got, exact=False)
+
+
 def agree(want, got, exact: bool) -> bool:
     """Tensors (or tuples of them) equal bit for bit, or (not ``exact``) to within
     ``FUSED_ULPS`` eps of each one's largest value."""
@@ -258,9 +323,9 @@ def rotary_swaps(model: torch.nn.Module, backend: str = "auto") -> list[tuple[Mo
 
 def lean_forwards(model: torch.nn.Module, backend: str = "auto") -> list[tuple[torch.nn.Module, Callable]]:
     """(module, lean forward) for each of ``model``'s RMSNorms, SiLU-gated MLPs and (triton)
-    attention projections whose lean forward reproduces the module's own on a random
-    input (a host sync per module: call once, at load time). ``backend`` (``auto``: Triton on CUDA | ``torch``
-    | ``triton``) runs the lean forwards; see the module docstring for what reproduces
+    attention projections and pre-norm decoder layers whose lean forward reproduces the
+    module's own on a random input (a host sync per module: call once, at load time).
+    ``backend`` (``auto``: Triton on CUDA | ``torch`` | ``triton``) runs the lean forwards; see the module docstring for what reproduces
     means for each. Other modules are left out, and so is one whose forward a hook
     library replaced on the instance (e.g. accelerate's offloading, which loads the
     weights inside that forward). With the triton backend a gated MLP's gate and up
@@ -279,6 +344,10 @@ def lean_forwards(model: torch.nn.Module, backend: str = "auto") -> list[tuple[t
         if projections := _stacked_attention(module, backend):
             if _projections_reproduce(projections):
                 found += projections
+            continue
+        if (layer := _lean_decoder_layer(module, backend)) is not None:
+            if _layer_reproduces(module, layer):
+                found.append((module, layer))
             continue
         if (lean := _lean_rms_norm(module, backend)) is not None:
             width, dtype = module.weight.shape[0], module.weight.dtype

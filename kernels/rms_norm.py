@@ -15,6 +15,10 @@ gradients are contiguous.
 Rounding follows the eager code's: the normalised row is rounded to x's dtype before
 the weight multiplies it, and the backward rounds the gradient reaching it likewise,
 so results differ from eager only by the order of the row sum.
+
+A pre-norm decoder layer's residual adds fold in: the forward may normalise ``x +
+branch`` (storing the sum, the next residual), and the backward may add the gradient of
+x's residual use to its own, so neither add is a launch of its own.
 """
 
 from __future__ import annotations
@@ -47,8 +51,10 @@ def _load_rows(x_ptr, weight_ptr, rows, inner, stride_outer, stride_inner, width
 @triton.jit
 def _rms_norm_forward_kernel(
     x_ptr,  # (outer, inner, width) bf16 / fp16 / fp32, strided rows
+    branch_ptr,  # (rows, width) x's dtype (ADD): added to x before the norm
     weight_ptr,  # (width,)
     y_ptr,  # (rows, width) in the promoted dtype of weight and x
+    sum_ptr,  # (rows, width) x's dtype out (ADD): x + branch
     inv_rms_ptr,  # (rows,) fp32 out: 1 / rms
     rows,  # outer * inner
     inner,
@@ -56,11 +62,16 @@ def _rms_norm_forward_kernel(
     stride_inner,
     width,
     eps,
+    ADD: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
     offsets, ok, row, x, weight = _load_rows(x_ptr, weight_ptr, rows, inner, stride_outer, stride_inner, width,
                                              BLOCK_R, BLOCK_H)  # fmt: skip
+    if ADD:  # the row normalised is x + branch rounded as the stock residual add rounds it
+        branch = tl.load(branch_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+        x = round_to(x + branch, x_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(sum_ptr + offsets, x.to(sum_ptr.dtype.element_ty), mask=ok)
     inv_rms = tl.rsqrt(tl.sum(x * x, axis=1) / width + eps)
     normed = round_to(x * inv_rms[:, None], x_ptr.dtype.element_ty).to(tl.float32)
     tl.store(y_ptr + offsets, round_to(weight * normed, y_ptr.dtype.element_ty), mask=ok)
@@ -73,12 +84,14 @@ def _rms_norm_backward_kernel(
     x_ptr,  # (outer, inner, width), strided rows
     weight_ptr,  # (width,)
     inv_rms_ptr,  # (rows,) fp32, from the forward
+    residual_grad_ptr,  # (rows, width) x's dtype (ACCUMULATE): added to dL/dx
     grad_x_ptr,  # (rows, width) out, x's dtype
     rows,
     inner,
     stride_outer,
     stride_inner,
     width,
+    ACCUMULATE: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
@@ -91,6 +104,9 @@ def _rms_norm_backward_kernel(
     grad_inv_rms = tl.sum(grad_normed * x, axis=1)[:, None]
     grad_mean_square = -0.5 * grad_inv_rms * inv_rms * inv_rms * inv_rms  # rsqrt's backward
     grad_x = grad_normed * inv_rms + (grad_mean_square / width) * (2.0 * x)
+    if ACCUMULATE:  # x's other use (a residual path) adds its gradient, as autograd adds it: to the rounded one
+        residual_grad = tl.load(residual_grad_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+        grad_x = round_to(grad_x, grad_x_ptr.dtype.element_ty).to(tl.float32) + residual_grad
     tl.store(grad_x_ptr + offsets, round_to(grad_x, grad_x_ptr.dtype.element_ty), mask=ok)
 
 
@@ -112,27 +128,41 @@ def _strided_rows(x: torch.Tensor) -> tuple[int, int, int]:
     return x.shape[1], x.stride(0), x.stride(1)
 
 
-def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rms_norm_forward(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, branch: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(outer, inner, width) ``x`` (strided, rows contiguous), (width,) ``weight`` ->
     (y (outer * inner, width) contiguous in the promoted dtype of weight and x, 1 / rms
-    (outer * inner,) fp32)."""
+    (outer * inner,) fp32, None). With a contiguous (outer * inner, width) ``branch`` of
+    x's dtype, the row normalised is ``x + branch`` (rounded to x's dtype), returned as
+    the third value (contiguous)."""
     width = x.shape[-1]
     block_r, block_h, warps = _geometry(width)
     rows = x.shape[0] * x.shape[1]
     y = torch.empty(rows, width, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
     inv_rms = torch.empty(rows, dtype=torch.float32, device=x.device)
+    total = None if branch is None else torch.empty(rows, width, dtype=x.dtype, device=x.device)
     if rows == 0:  # no grid to launch
-        return y, inv_rms
+        return y, inv_rms, total
     _rms_norm_forward_kernel[(triton.cdiv(rows, block_r),)](
-        x, weight, y, inv_rms, rows, *_strided_rows(x), width, eps, BLOCK_R=block_r, BLOCK_H=block_h, num_warps=warps,
+        x, x if branch is None else branch, weight, y, y if total is None else total, inv_rms, rows, *_strided_rows(x),
+        width, eps, ADD=branch is not None, BLOCK_R=block_r, BLOCK_H=block_h, num_warps=warps,
     )  # fmt: skip
-    return y, inv_rms
+    return y, inv_rms, total
 
 
-def rms_norm_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, inv_rms: torch.Tensor) -> torch.Tensor:
+def rms_norm_backward(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    inv_rms: torch.Tensor,
+    residual_grad: torch.Tensor | None = None,
+) -> torch.Tensor:
     """dL/dx (outer * inner, width) contiguous in x's dtype, from contiguous dL/dy
-    ``grad`` (outer * inner, width) and the forward's ``x`` (outer, inner, width),
-    ``weight`` and ``inv_rms``."""
+    ``grad`` (outer * inner, width) and the forward's ``x`` (outer, inner, width; the sum,
+    when the forward added a branch), ``weight`` and ``inv_rms``; plus ``residual_grad``
+    (contiguous, (outer * inner, width), x's dtype) when given: the gradient of x's other
+    use, added in the same pass."""
     width = x.shape[-1]
     block_r, block_h, warps = _geometry(width)
     rows = x.shape[0] * x.shape[1]
@@ -140,7 +170,7 @@ def rms_norm_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     if rows == 0:
         return grad_x
     _rms_norm_backward_kernel[(triton.cdiv(rows, block_r),)](
-        grad, x, weight, inv_rms, grad_x, rows, *_strided_rows(x), width, BLOCK_R=block_r, BLOCK_H=block_h,
-        num_warps=warps,
+        grad, x, weight, inv_rms, grad if residual_grad is None else residual_grad, grad_x, rows, *_strided_rows(x),
+        width, ACCUMULATE=residual_grad is not None, BLOCK_R=block_r, BLOCK_H=block_h, num_warps=warps,
     )  # fmt: skip
     return grad_x

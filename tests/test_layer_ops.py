@@ -9,7 +9,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from entrgi.ops.layer_ops import _norm_rows, merged_silu_gate, rms_norm, rotary_embedding, silu_gate  # noqa: E402
+from entrgi.ops.layer_ops import (  # noqa: E402
+    _norm_rows, add_rms_norm, merged_silu_gate, rms_norm, rms_norm_with_residual, rotary_embedding, silu_gate,
+)  # fmt: skip
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -75,6 +77,50 @@ def test_rms_norm_matches_the_stock_arithmetic(dtype, shape):
     torch_error = _max_relative(want_grad, truth_grad)
     assert _max_relative(got_grad, truth_grad) <= torch_error + 4 * _eps(dtype)
     assert truth_grad.abs().max() > 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 7), (3, 5, 96), (9, 1000)])
+def test_residual_adds_inside_the_norm_match_the_stock_arithmetic(dtype, shape):
+    """A pre-norm layer's residual adds run inside the norm kernels: ``add_rms_norm``
+    normalises residual + branch and writes the sum; ``rms_norm_with_residual`` hands x
+    back. The backward adds the sum's (residual's) own gradient to the norm's. Against
+    the torch backend (stock add, then norm) and float64."""
+    generator = torch.Generator().manual_seed(shape[-1] + 1)
+    residual, branch = _leaf(shape, dtype, generator, scale=3.0), _leaf(shape, dtype, generator)
+    weight = (torch.rand(shape[-1], generator=generator) + 0.5).to(dtype).to(DEVICE)
+    grads = [torch.randn(shape, generator=generator).to(dtype).to(DEVICE) for _ in range(2)]
+
+    def run(backend):
+        normed, total = add_rms_norm(residual, branch, weight, 1e-6, backend)
+        add_grads = torch.autograd.grad([normed, total], [residual, branch], grads)
+        first, passed = rms_norm_with_residual(residual, weight, 1e-6, backend)
+        assert passed is residual or torch.equal(passed, residual)
+        (first_grad,) = torch.autograd.grad([first, passed], [residual], grads)
+        return [normed, total, first], [*add_grads, first_grad]
+
+    (want, want_grads), (got, got_grads) = run("torch"), run("triton")
+    assert torch.equal(got[1], want[1])  # the sum rounds as the stock add rounds it
+    for got_t, want_t in zip(got, want):
+        _assert_within_ulps(got_t, want_t, ULPS[dtype])
+        _assert_mostly_equal(got_t, want_t)
+    assert torch.equal(got_grads[0], got_grads[1])  # both addends get the sum's gradient
+    r64, b64 = (t.detach().double().requires_grad_(True) for t in (residual, branch))
+    truths = [
+        torch.autograd.grad([_rms_norm_64(r64 + b64, weight, 1e-6), r64 + b64], [r64], [g.double() for g in grads])[0],
+        torch.autograd.grad([_rms_norm_64(r64, weight, 1e-6), r64], [r64], [g.double() for g in grads])[0],
+    ]
+    for got_t, want_t, truth in zip(got_grads[1:], want_grads[1:], truths):
+        assert _max_relative(got_t, truth) <= _max_relative(want_t, truth) + 4 * _eps(dtype)
+    assert _max_relative(got[0], _rms_norm_64(r64.detach() + b64.detach(), weight, 1e-6)) <= 4 * _eps(dtype)
+
+
+def test_add_rms_norm_names_mismatched_addends():
+    x = torch.randn(2, 8, device=DEVICE)
+    with pytest.raises(ValueError, match=r"one shape, dtype and device, got \(2, 8\) torch.float32 .* \(2, 4\)"):
+        add_rms_norm(x, x[:, :4], torch.ones(8, device=DEVICE), 1e-6)
+    with pytest.raises(ValueError, match="weight requires one"):
+        add_rms_norm(x, x, torch.ones(8, device=DEVICE, requires_grad=True), 1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -14,7 +14,7 @@ from entrgi.layers import swapped_attributes
 from entrgi.lean import (
     QKV, ROTARY, StackedLinear, _fused_rotary, _projections_reproduce, _stacked_attention, lean_forwards, rotary_swaps,
 )  # fmt: skip
-from entrgi.ops.layer_ops import merged_silu_gate, rotary_embedding
+from entrgi.ops.layer_ops import add_rms_norm, merged_silu_gate, rotary_embedding
 from helpers import assert_same_rewards, guided_reward_inputs, reward_scores_and_grads, saved_activation_bytes
 
 PROMPTS = ["hi", "tell me a long story about the sea and the wind"]
@@ -77,6 +77,26 @@ def test_modules_the_lean_forward_does_not_reproduce_are_left_alone(backend):
     assert [module for module, _ in lean_forwards(model, backend)] == [norm, silu_mlp]
 
 
+def test_decoder_layers_the_lean_forward_does_not_reproduce_are_left_alone():
+    from transformers import Qwen3Config
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer
+
+    class HalfBranchLayer(Qwen3DecoderLayer):  # its residual branches scaled: not x + attn(norm(x))
+        def forward(self, hidden_states, **kwargs):
+            return hidden_states + 0.5 * (super().forward(hidden_states, **kwargs) - hidden_states)
+
+    config = Qwen3Config(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
+                         head_dim=16, attn_implementation="sdpa")  # fmt: skip
+    torch.manual_seed(0)
+    layers = torch.nn.ModuleList([HalfBranchLayer(config, 0), Qwen3DecoderLayer(config, 1)])
+    layers.to(DEVICE).requires_grad_(False)
+    for norm in (module for module in layers.modules() if hasattr(module, "variance_epsilon")):
+        torch.nn.init.normal_(norm.weight)
+    found = [module for module, _ in lean_forwards(layers, backend="triton")]
+    assert layers[1] in found and layers[0] not in found
+    assert not any(module in layers for module, _ in lean_forwards(layers, backend="torch"))
+
+
 def _family_classifier(family: str, device: str = "cpu") -> torch.nn.Module:
     import transformers
 
@@ -111,18 +131,22 @@ def test_other_reward_families_get_lean_layers_with_identical_gradients(family):
 def test_fused_lean_layers_give_the_stock_rewards_and_gradients(family, monkeypatch):
     model = _family_classifier(family, DEVICE)
     found = lean_forwards(model, backend="triton")
-    # the torch backend's modules, and (triton) each attention's q, k and v projections
+    # the torch backend's modules, and (triton) each attention's q, k and v projections and
+    # each decoder layer (its residual adds inside the norms' kernels)
+    layers = list(model.model.layers)
     projections = [module for module, _ in found if isinstance(module, torch.nn.Linear)]
-    assert projections == [getattr(layer.self_attn, name) for layer in model.model.layers for name in QKV]
-    assert [module for module, _ in found if module not in projections] == [
+    assert projections == [getattr(layer.self_attn, name) for layer in layers for name in QKV]
+    assert [module for module, _ in found if module in layers] == layers
+    assert [module for module, _ in found if module not in projections + layers] == [
         module for module, _ in lean_forwards(model, backend="torch")
     ]
     rotary = rotary_swaps(model, backend="triton")
     assert [module.__name__.rsplit(".", 1)[-1] for module, _ in rotary] == [f"modeling_{family.lower()}"]
     assert rotary_swaps(model, backend="torch") == []  # the stock function is the torch backend
-    calls, gates = [], []
+    calls, gates, adds = [], [], []
     monkeypatch.setattr(entrgi.lean, "rotary_embedding", lambda *args: calls.append(args) or rotary_embedding(*args))
     monkeypatch.setattr(entrgi.lean, "merged_silu_gate", lambda *args: gates.append(args) or merged_silu_gate(*args))
+    monkeypatch.setattr(entrgi.lean, "add_rms_norm", lambda *args: adds.append(args) or add_rms_norm(*args))
     stacked_call, stacked = StackedLinear.__call__, []
     monkeypatch.setattr(StackedLinear, "__call__", lambda self, x: stacked.append(self) or stacked_call(self, x))
     embeds = torch.randn(3, 6, 32, dtype=torch.bfloat16, device=DEVICE, requires_grad=True)
@@ -132,6 +156,7 @@ def test_fused_lean_layers_give_the_stock_rewards_and_gradients(family, monkeypa
     assert len(calls) == 2  # one per layer: the fused rotary ran
     assert len(gates) == 2  # and the gate and up projections as one GEMM
     assert len(stacked) == 4  # per layer that one and the q, k, v projections
+    assert len(adds) == 2  # and the residual add before the second norm inside its kernel
     # bfloat16 layers whose norms sum in another order: a rounding flip here and there,
     # carried through two layers
     torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2 * want.abs().item())
@@ -144,8 +169,12 @@ def test_denoiser_fused_layers_give_the_stock_logits(dream_like_path):
 
     fused = load_denoiser(dream_like_path, kind="dream", device=DEVICE, dtype=torch.bfloat16)
     stock = load_denoiser(dream_like_path, kind="dream", device=DEVICE, dtype=torch.bfloat16, fused_layers=False)
-    # two layers of (input norm, post-attention norm, MLP) and the final norm
-    assert len(fused.layers.lean) == 7 and not stock.layers.lean
+    # two layers of (input norm, post-attention norm, MLP) and the final norm; on CUDA also
+    # each layer and its q, k and v projections
+    modules = [module for module, _ in fused.layers.lean]
+    layers = list(fused.model.model.layers)
+    assert len([m for m in modules if not isinstance(m, torch.nn.Linear) and m not in layers]) == 7
+    assert len(modules) == (7 if DEVICE == "cpu" else 7 + 2 + 2 * 3) and not stock.layers.lean
     ids = torch.randint(0, fused.vocab_size, (3, 9), device=DEVICE)
     mask = torch.ones(3, 9, dtype=torch.bool, device=DEVICE)
     want, got = stock.logits(ids, mask), fused.logits(ids, mask)
@@ -228,8 +257,9 @@ def test_fused_classifier_with_stacked_projections_gives_the_stock_rewards_and_g
     for module in (entrgi.lean, entrgi.sdpa):
         monkeypatch.setattr(module, "resolve_backend", lambda backend, device: "triton")
     fused = load_reward(classifier_path, cache_prefix=cache_prefix)
-    # per layer four norms, the MLP and the q, k and v projections; and the final norm
-    assert len(fused.guidance_layers.lean) == 2 * 8 + 1
+    # per layer the layer itself, four norms, the MLP and the q, k and v projections; and
+    # the final norm
+    assert len(fused.guidance_layers.lean) == 2 * 9 + 1
     assert sum(isinstance(module, torch.nn.Linear) for module, _ in fused.guidance_layers.lean) == 2 * 3
     assert fused.guidance_layers.folded_sdpa and not plain.guidance_layers.folded_sdpa
     groups, folded_call = [], entrgi.sdpa.FoldedSdpa.__call__

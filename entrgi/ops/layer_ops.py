@@ -12,13 +12,15 @@ and gradients match it bit for bit. ``triton``: one kernel per forward and backw
 (``kernels/rms_norm.py``, ``kernels/silu_gate.py``, ``kernels/rotary.py``), the same
 roundings in the same places; only the order of an RMSNorm's row sum and the exp's
 implementation differ (16-bit results equal or one unit in the last place apart). One
-guidance call of a Qwen3-1.7B reward over 16 x 137 tokens moves 79.6 GB in 3,819
-elementwise launches with the ``torch`` backend and 19.5 GB in 775 with ``triton``
+guidance call of a Qwen3-1.7B reward over 16 x 137 tokens moves 79.6 GB in 3,847
+elementwise launches with the ``torch`` backend and 17.0 GB in 581 with ``triton``
 (whose gate and up projections, and q, k and v projections, run as one GEMM each,
-:func:`merged_silu_gate`), against 13.7 GB for all its GEMMs (counted on the meta
-device by ``bench/layer_traffic.py``; not a timing). The triton RMSNorm reads rows
-where they lie, (outer, inner) strided: a per-head norm of a slice of stacked
-projections copies nothing.
+:func:`merged_silu_gate`; whose residual adds run inside the norms' kernels,
+:func:`add_rms_norm`, :func:`rms_norm_with_residual`; and whose attention runs folded,
+:mod:`entrgi.sdpa`), against 13.7 GB for all its GEMMs (counted on the meta device by
+``bench/layer_traffic.py``; not a timing). The triton RMSNorm reads rows where they
+lie, (outer, inner) strided: a per-head norm of a slice of stacked projections copies
+nothing.
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ class _TritonRMSNorm(torch.autograd.Function):
         from entrgi_kernels.rms_norm import rms_norm_forward
 
         rows = _norm_rows(x)
-        y, inv_rms = rms_norm_forward(rows, weight, eps)
+        y, inv_rms, _ = rms_norm_forward(rows, weight, eps)
         ctx.save_for_backward(rows, weight, inv_rms)
         return y.view(x.shape)
 
@@ -81,8 +83,57 @@ class _TritonRMSNorm(torch.autograd.Function):
         from entrgi_kernels.rms_norm import rms_norm_backward
 
         rows, weight, inv_rms = ctx.saved_tensors
-        grad_rows = grad.reshape(-1, grad.shape[-1]).contiguous()
-        return rms_norm_backward(grad_rows, rows, weight, inv_rms).view(grad.shape), None, None
+        return rms_norm_backward(_dense_rows(grad), rows, weight, inv_rms).view(grad.shape), None, None
+
+
+def _dense_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (..., W) as contiguous (rows, W)."""
+    return t.reshape(-1, t.shape[-1]).contiguous()
+
+
+class _TritonRMSNormWithResidual(torch.autograd.Function):
+    """(x) -> (rms_norm(x), x): x handed back as a pre-norm layer's residual, so that the
+    backward kernel adds the residual path's gradient to the norm's (no add launched)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        from entrgi_kernels.rms_norm import rms_norm_forward
+
+        rows = _norm_rows(x)
+        y, inv_rms, _ = rms_norm_forward(rows, weight, eps)
+        ctx.save_for_backward(rows, weight, inv_rms)
+        return y.view(x.shape), x
+
+    @staticmethod
+    def backward(ctx, grad, residual_grad):
+        from entrgi_kernels.rms_norm import rms_norm_backward
+
+        rows, weight, inv_rms = ctx.saved_tensors
+        grad_x = rms_norm_backward(_dense_rows(grad), rows, weight, inv_rms, _dense_rows(residual_grad))
+        return grad_x.view(grad.shape), None, None
+
+
+class _TritonAddRMSNorm(torch.autograd.Function):
+    """(residual, branch) -> (rms_norm(residual + branch), residual + branch) in one
+    kernel; the backward adds the sum's own gradient (the next residual path's) to the
+    norm's in one kernel, and hands the result to both inputs."""
+
+    @staticmethod
+    def forward(ctx, residual, branch, weight, eps):
+        from entrgi_kernels.rms_norm import rms_norm_forward
+
+        y, inv_rms, total = rms_norm_forward(_norm_rows(residual), weight, eps, _dense_rows(branch))
+        rows = total.view(-1, 1, total.shape[-1])
+        ctx.save_for_backward(rows, weight, inv_rms)
+        return y.view(residual.shape), total.view(residual.shape)
+
+    @staticmethod
+    def backward(ctx, grad, total_grad):
+        from entrgi_kernels.rms_norm import rms_norm_backward
+
+        rows, weight, inv_rms = ctx.saved_tensors
+        grad_sum = rms_norm_backward(_dense_rows(grad), rows, weight, inv_rms, _dense_rows(total_grad)).view(grad.shape)
+        return grad_sum, grad_sum, None, None
 
 
 class _TorchSiluGate(torch.autograd.Function):
@@ -199,12 +250,18 @@ def _check_float(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "auto") -> torch.Tensor:
-    """RMSNorm of ``x`` (..., H) with a frozen ``weight`` (H,), as Llama / Qwen /
-    Mistral compute it: ``weight * (x32 * rsqrt(mean(x32²) + eps)).to(x.dtype)``, x32 =
-    x in float32; the result in the promoted dtype of weight and x. Differentiable in
-    ``x`` only (``weight`` must not require a gradient). ``backend``: ``auto`` (Triton
-    on CUDA) | ``torch`` | ``triton``."""
+def _check_alike(op: str, names: tuple[str, str], a: torch.Tensor, b: torch.Tensor) -> None:
+    """Two float tensors of one shape, dtype and device, else an error naming ``op``."""
+    for name, t in zip(names, (a, b)):
+        _check_float(name, t)
+    if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
+        raise ValueError(
+            f"{op} needs {names[0]} and {names[1]} of one shape, dtype and device, got {tuple(a.shape)} {a.dtype} "
+            f"{a.device} and {tuple(b.shape)} {b.dtype} {b.device}"
+        )
+
+
+def _check_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
     _check_float("x", x)
     _check_float("weight", weight)
     if weight.dim() != 1 or x.dim() < 1 or x.shape[-1] != weight.shape[0]:
@@ -215,22 +272,54 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "
         raise ValueError(f"x is on {x.device} but weight is on {weight.device}")
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "auto") -> torch.Tensor:
+    """RMSNorm of ``x`` (..., H) with a frozen ``weight`` (H,), as Llama / Qwen /
+    Mistral compute it: ``weight * (x32 * rsqrt(mean(x32²) + eps)).to(x.dtype)``, x32 =
+    x in float32; the result in the promoted dtype of weight and x. Differentiable in
+    ``x`` only (``weight`` must not require a gradient). ``backend``: ``auto`` (Triton
+    on CUDA) | ``torch`` | ``triton``."""
+    _check_norm(x, weight, eps)
     if resolve_backend(backend, x.device) == "triton":
         return _TritonRMSNorm.apply(x, weight.contiguous(), float(eps))
     return _TorchRMSNorm.apply(x, weight, eps)
+
+
+def rms_norm_with_residual(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(:func:`rms_norm` of ``x``, ``x``): a pre-norm layer's first norm and its residual.
+    The same values as the two uses of x; with the triton backend the gradient the
+    residual gets is added to the norm's inside the norm's backward kernel, not by a
+    separate add. ``backend``: ``auto`` (Triton on CUDA) | ``torch`` | ``triton``."""
+    _check_norm(x, weight, eps)
+    if resolve_backend(backend, x.device) == "triton":
+        return _TritonRMSNormWithResidual.apply(x, weight.contiguous(), float(eps))
+    return _TorchRMSNorm.apply(x, weight, eps), x
+
+
+def add_rms_norm(
+    residual: torch.Tensor, branch: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(:func:`rms_norm` of ``residual + branch``, ``residual + branch``): a pre-norm
+    layer's residual add and the norm after it, the sum rounded to the inputs' dtype as
+    the stock add rounds it. With the triton backend both are one kernel forward, and the
+    backward adds the sum's own gradient to the norm's in one kernel. ``backend``:
+    ``auto`` (Triton on CUDA) | ``torch`` | ``triton``."""
+    _check_alike("add_rms_norm", ("residual", "branch"), residual, branch)
+    _check_norm(residual, weight, eps)
+    if resolve_backend(backend, residual.device) == "triton":
+        return _TritonAddRMSNorm.apply(residual, branch, weight.contiguous(), float(eps))
+    total = residual + branch
+    return _TorchRMSNorm.apply(total, weight, eps), total
 
 
 def silu_gate(gate: torch.Tensor, up: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """``silu(gate) * up`` (a SwiGLU MLP's activation) of two tensors of one shape,
     dtype and device, keeping only gate and up for the backward. ``backend``: ``auto``
     (Triton on CUDA) | ``torch`` | ``triton``."""
-    _check_float("gate", gate)
-    _check_float("up", up)
-    if gate.shape != up.shape or gate.dtype != up.dtype or gate.device != up.device:
-        raise ValueError(
-            f"silu_gate needs gate and up of one shape, dtype and device, got {tuple(gate.shape)} {gate.dtype} "
-            f"{gate.device} and {tuple(up.shape)} {up.dtype} {up.device}"
-        )
+    _check_alike("silu_gate", ("gate", "up"), gate, up)
     if resolve_backend(backend, gate.device) == "triton":
         return _TritonSiluGate.apply(gate.contiguous(), up.contiguous())
     return _TorchSiluGate.apply(gate, up)
