@@ -129,7 +129,6 @@ def test_models_get_the_folded_attention_on_the_triton_backend_only(classifier_p
     before = dict(ALL_ATTENTION_FUNCTIONS._local_mapping)
     with swapped_attributes([folded_sdpa_swap()]):
         assert isinstance(ALL_ATTENTION_FUNCTIONS["sdpa"], FoldedSdpa)
-        assert ALL_ATTENTION_FUNCTIONS.get("sdpa") is ALL_ATTENTION_FUNCTIONS["sdpa"]
     assert (
         ALL_ATTENTION_FUNCTIONS._local_mapping == before and ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa_attention_forward
     )
