@@ -200,6 +200,27 @@ def test_forced_fused_denoiser_gives_the_stock_logits_under_a_padding_mask(dream
     torch.testing.assert_close(got[mask], want[mask], rtol=1e-4, atol=1e-4 * want.abs().max().item())
 
 
+@pytest.mark.parametrize("cache_prefix", [False, True])
+def test_forced_fused_layers_generate_the_stock_tokens(dream_like_path, classifier_path, cache_prefix, monkeypatch):
+    """A guided generate whose models run the fused layers, folded attention and lean
+    decoder layers as CUDA runs them (forced: the interpreter on CPU, float32) gives the
+    stock layers' tokens, and their rewards up to rounding."""
+    from entrgi import GuidanceConfig, generate, load_denoiser
+
+    config = GuidanceConfig(steps=3, max_new_tokens=5, num_samples=2, guidance_steps=2, seed=5)
+    prompts = ["red car", "a much longer prompt than the other"]
+    stock_denoiser = load_denoiser(dream_like_path, kind="dream", fused_layers=False)
+    stock_reward = load_reward(classifier_path, cache_prefix=cache_prefix, lean_activations=False)
+    for module in (entrgi.lean, entrgi.sdpa):
+        monkeypatch.setattr(module, "resolve_backend", lambda backend, device: "triton")
+    denoiser, reward = load_denoiser(dream_like_path, kind="dream"), load_reward(classifier_path, cache_prefix=cache_prefix)
+    assert denoiser.layers.folded_sdpa and reward.guidance_layers.folded_sdpa
+    want = generate(prompts, denoiser=stock_denoiser, reward=stock_reward, config=config, progress=False)
+    got = generate(prompts, denoiser=denoiser, reward=reward, config=config, progress=False)
+    assert [r.response_ids for r in got] == [r.response_ids for r in want]
+    torch.testing.assert_close([r.rewards for r in got], [r.rewards for r in want], rtol=1e-4, atol=1e-5)
+
+
 def test_fused_rotary_hands_calls_it_does_not_fit_to_the_stock_function():
     from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
 
