@@ -213,7 +213,10 @@ def test_forced_fused_layers_generate_the_stock_tokens(dream_like_path, classifi
     stock_reward = load_reward(classifier_path, cache_prefix=cache_prefix, lean_activations=False)
     for module in (entrgi.lean, entrgi.sdpa):
         monkeypatch.setattr(module, "resolve_backend", lambda backend, device: "triton")
-    denoiser, reward = load_denoiser(dream_like_path, kind="dream"), load_reward(classifier_path, cache_prefix=cache_prefix)
+    denoiser, reward = (
+        load_denoiser(dream_like_path, kind="dream"),
+        load_reward(classifier_path, cache_prefix=cache_prefix),
+    )
     assert denoiser.layers.folded_sdpa and reward.guidance_layers.folded_sdpa
     want = generate(prompts, denoiser=stock_denoiser, reward=stock_reward, config=config, progress=False)
     got = generate(prompts, denoiser=denoiser, reward=reward, config=config, progress=False)
