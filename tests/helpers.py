@@ -80,7 +80,7 @@ def guided_reward_inputs(reward, rows: int, length: int, seed: int):
     mixed one hard: the law's most likely token)."""
     g = torch.Generator().manual_seed(seed)
     table = reward.input_embeddings().detach()
-    weights = torch.softmax(torch.randn(rows, length, table.shape[0], generator=g) * 3, dim=-1)
+    weights = torch.softmax(torch.randn(rows, length, table.shape[0], generator=g) * 3, dim=-1).to(table.device)
     embeds = weights @ table.float()
     if hasattr(reward, "target_embeddings"):
         targets = reward.target_embeddings().detach().float()
@@ -88,7 +88,7 @@ def guided_reward_inputs(reward, rows: int, length: int, seed: int):
     embeds = embeds.to(table.dtype)
     ends = torch.randint(0, length + 1, (rows,), generator=g)
     valid = torch.arange(length)[None, :] < ends[:, None]
-    return embeds.requires_grad_(True), valid
+    return embeds.requires_grad_(True), valid.to(table.device)
 
 
 def reward_scores_and_grads(reward, context, embeds, valid):

@@ -189,13 +189,13 @@ def test_forced_fused_denoiser_gives_the_stock_logits_under_a_padding_mask(dream
     the interpreter on CPU), with rows padded on the left as a batch of prompts is."""
     from entrgi import load_denoiser
 
-    stock = load_denoiser(dream_like_path, kind="dream", fused_layers=False)
+    stock = load_denoiser(dream_like_path, kind="dream", fused_layers=False, device=DEVICE)
     for module in (entrgi.lean, entrgi.sdpa):
         monkeypatch.setattr(module, "resolve_backend", lambda backend, device: "triton")
-    fused = load_denoiser(dream_like_path, kind="dream")
+    fused = load_denoiser(dream_like_path, kind="dream", device=DEVICE)
     assert fused.layers.folded_sdpa and not stock.layers.folded_sdpa
-    ids = torch.randint(0, fused.vocab_size, (3, 9), generator=torch.Generator().manual_seed(2))
-    mask = torch.arange(9) >= torch.tensor([[0], [3], [5]])  # padded on the left
+    ids = torch.randint(0, fused.vocab_size, (3, 9), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    mask = (torch.arange(9) >= torch.tensor([[0], [3], [5]])).to(DEVICE)  # padded on the left
     want, got = stock.logits(ids, mask), fused.logits(ids, mask)
     torch.testing.assert_close(got[mask], want[mask], rtol=1e-4, atol=1e-4 * want.abs().max().item())
 
@@ -209,13 +209,13 @@ def test_forced_fused_layers_generate_the_stock_tokens(dream_like_path, classifi
 
     config = GuidanceConfig(steps=3, max_new_tokens=5, num_samples=2, guidance_steps=2, seed=5)
     prompts = ["red car", "a much longer prompt than the other"]
-    stock_denoiser = load_denoiser(dream_like_path, kind="dream", fused_layers=False)
-    stock_reward = load_reward(classifier_path, cache_prefix=cache_prefix, lean_activations=False)
+    stock_denoiser = load_denoiser(dream_like_path, kind="dream", fused_layers=False, device=DEVICE)
+    stock_reward = load_reward(classifier_path, cache_prefix=cache_prefix, lean_activations=False, device=DEVICE)
     for module in (entrgi.lean, entrgi.sdpa):
         monkeypatch.setattr(module, "resolve_backend", lambda backend, device: "triton")
     denoiser, reward = (
-        load_denoiser(dream_like_path, kind="dream"),
-        load_reward(classifier_path, cache_prefix=cache_prefix),
+        load_denoiser(dream_like_path, kind="dream", device=DEVICE),
+        load_reward(classifier_path, cache_prefix=cache_prefix, device=DEVICE),
     )
     assert denoiser.layers.folded_sdpa and reward.guidance_layers.folded_sdpa
     want = generate(prompts, denoiser=stock_denoiser, reward=stock_reward, config=config, progress=False)
@@ -277,10 +277,10 @@ def test_fused_classifier_with_stacked_projections_gives_the_stock_rewards_and_g
     """The fused layers as CUDA runs them (forced here: the interpreter on CPU), through
     the reward's own path: packed inputs, and the prompt prefix cached by a no-grad pass
     the later calls attend to."""
-    plain = load_reward(classifier_path, cache_prefix=cache_prefix, lean_activations=False)
+    plain = load_reward(classifier_path, cache_prefix=cache_prefix, lean_activations=False, device=DEVICE)
     for module in (entrgi.lean, entrgi.sdpa):
         monkeypatch.setattr(module, "resolve_backend", lambda backend, device: "triton")
-    fused = load_reward(classifier_path, cache_prefix=cache_prefix)
+    fused = load_reward(classifier_path, cache_prefix=cache_prefix, device=DEVICE)
     # per layer the layer itself, four norms, the MLP and the q, k and v projections; and
     # the final norm
     assert len(fused.guidance_layers.lean) == 2 * 9 + 1
