@@ -39,7 +39,8 @@ class PrefixKeysValues:
         self.keys, self.values = keys, values
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        return _after(self.keys[layer_idx], key_states), _after(self.values[layer_idx], value_states)
+        keys = torch.cat([self.keys[layer_idx], key_states], dim=-2)
+        return keys, torch.cat([self.values[layer_idx], value_states], dim=-2)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.keys[0].shape[-2]
@@ -48,15 +49,6 @@ class PrefixKeysValues:
         """Layer ``index``'s cache alone, whatever index its layer then passes to
         ``update`` (a compiled layer then does not depend on its index; see ``layers``)."""
         return _OneLayerKeysValues([self.keys[index]], [self.values[index]])
-
-
-def _after(cached: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-    """(N, heads, P + S, head_dim): ``cached`` (P positions) then ``new`` (S), laid out
-    (N, P + S, heads, head_dim) in memory, the layout sdpa's memory-efficient kernel
-    reads and writes its gradients in, so that the gradient's slice for the new
-    positions reaches the models' (N, S, heads * head_dim) view of their projection
-    without a copy."""
-    return torch.cat([cached.transpose(1, 2), new.transpose(1, 2)], dim=1).transpose(1, 2)
 
 
 class _OneLayerKeysValues(PrefixKeysValues):
