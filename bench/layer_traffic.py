@@ -183,7 +183,9 @@ class _Attention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         query, key, value, out = ctx.saved_tensors
-        grads = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+        # laid out (B, T, H, D), whatever the inputs' layout, as PyTorch's memory-efficient backward writes them
+        grads = tuple(torch.empty_permuted(t.shape, (0, 2, 1, 3), dtype=t.dtype, device=t.device)
+                      for t in (query, key, value))  # fmt: skip
         mask = [] if ctx.mask is None else [ctx.mask]
         ctx.traffic.add("attention backward", [query, key, value, *mask, out, grad, *grads])
         return None, *grads, None

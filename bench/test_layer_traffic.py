@@ -51,9 +51,9 @@ def test_fused_layers_move_less_than_lean_and_stock_ones(monkeypatch):
     assert "promote_types" not in fused
     # the folded attention makes the bool mask additive once per forward (two launches), not
     # sdpa once per layer, and sums no gradients of repeated key / value heads (two per
-    # layer); it copies its output, and that copy's gradient, once per layer (where a model
-    # has several key / value heads, instead of the repeats' two copies; the tiny reward's
-    # single head repeats as a view)
+    # layer); it copies its output, and that copy's gradient, once per layer (and, with
+    # several key / value heads, the folded query's gradient; there the repeats' two copies
+    # go: the tiny reward's single head repeats as a view)
     monkeypatch.undo()  # stacked again
     # the decoder layers' residual adds run inside the norms' kernels: per layer one add
     # fewer forward (before the second norm) and two backward (where each residual's

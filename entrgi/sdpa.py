@@ -11,7 +11,8 @@ of 8). :class:`FoldedSdpa` runs each key / value head's query heads as one seque
 D), the layout the fused rotary kernel writes), so keys and values are read as they
 are, and prepares the additive, aligned, folded mask once per mask tensor. The output
 comes back in the stock function's (B, T, H, D) layout (one copy; it is a view with no
-grouping). Per query row it is the same attention over the same keys: equal outputs;
+grouping), and the backward copies the output's and the folded query's gradients once
+each. Per query row it is the same attention over the same keys: equal outputs;
 the key / value gradients are summed over a group inside the kernel rather than after
 it. A call the folding does not cover (no 4-D mask shared by the heads, dropout, a
 soft cap, a position bias, attention weights asked for) goes to the stock function.
