@@ -1,7 +1,8 @@
 """What autograd keeps for the guidance backward of one reward layer, stock transformers
 layers against lean ones (``entrgi.lean``), and lean ones whose attention runs folded
-(``entrgi.sdpa``, as CUDA runs it), counted with saved-tensor hooks: no GPU needed. A Qwen3 classifier layer of a step-suite shape, random weights, a batch of
-``rows`` x ``tokens`` embeddings, sdpa with a 4-D bool mask (as the reward runs).
+(``entrgi.sdpa``, as CUDA runs it), counted with saved-tensor hooks: no GPU needed. A
+Qwen3 classifier layer of a step-suite shape, random weights, a batch of ``rows`` x
+``tokens`` embeddings, sdpa with a 4-D bool mask (as the reward runs).
 
     python bench/reward_memory.py [--shape qwen3-1.7b] [--rows 16] [--tokens 200] [--dtype bfloat16]
 """

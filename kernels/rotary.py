@@ -8,9 +8,8 @@ it (eager PyTorch: about ten kernels per tensor forward and ten backward, with s
 a negation and a concatenation). The inputs may be any strided views whose last
 dimension is contiguous (the models hand over transposes of the projections' outputs,
 or of slices of stacked q / k / v projections); the outputs may have strides of their
-own. Rounding
-follows the eager code's: both products are rounded to x's dtype before their sum, and
-the backward rounds each of its two products likewise.
+own. Rounding follows the eager code's: both products are rounded to x's dtype before
+their sum, and the backward rounds each of its two products likewise.
 """
 
 from __future__ import annotations

@@ -91,18 +91,13 @@ def _dense_rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1]).contiguous()
 
 
-class _TritonRMSNormWithResidual(torch.autograd.Function):
+class _TritonRMSNormWithResidual(_TritonRMSNorm):
     """(x) -> (rms_norm(x), x): x handed back as a pre-norm layer's residual, so that the
     backward kernel adds the residual path's gradient to the norm's (no add launched)."""
 
     @staticmethod
     def forward(ctx, x, weight, eps):
-        from entrgi_kernels.rms_norm import rms_norm_forward
-
-        rows = _norm_rows(x)
-        y, inv_rms, _ = rms_norm_forward(rows, weight, eps)
-        ctx.save_for_backward(rows, weight, inv_rms)
-        return y.view(x.shape), x
+        return _TritonRMSNorm.forward(ctx, x, weight, eps), x
 
     @staticmethod
     def backward(ctx, grad, residual_grad):
