@@ -5,9 +5,10 @@ denoiser's forward, at a step-suite preset's shapes, with the layers run stock, 
 
 Every ATen op the models run is counted with the bytes of its tensor inputs and
 outputs (a kernel reads and writes each at least once; a broadcast operand once, an
-embedding lookup the rows it gathers); views and allocations are not launches and are
-left out. The fused layer ops cannot run on the meta device: they
-are counted as the kernels they launch, each reading and writing its tensors once.
+embedding lookup the rows it gathers); views and uninitialised allocations are not
+launches and are left out (a filled one, ``zeros`` or ``arange``, is a launch). The
+fused layer ops cannot run on the meta device: they are counted as the kernels they
+launch, each reading and writing its tensors once.
 Ops fall into three groups:
 
 - projections: ``mm`` / ``addmm`` (the linear layers' GEMMs; fused, a gated MLP's gate and
@@ -58,7 +59,7 @@ ATTENTION = {"attention forward", "attention backward"}
 NOT_LAUNCHES = {
     "view", "_unsafe_view", "t", "transpose", "expand", "slice", "unsqueeze", "squeeze", "as_strided", "detach",
     "alias", "permute", "select", "split", "split_with_sizes", "unbind", "lift_fresh", "empty", "empty_strided", "new_empty",
-    "new_empty_strided", "empty_like", "zeros", "ones", "full", "arange", "scalar_tensor",
+    "new_empty_strided", "empty_like", "empty_permuted",
 }  # fmt: skip
 
 

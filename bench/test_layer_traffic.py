@@ -47,8 +47,10 @@ def test_fused_layers_move_less_than_lean_and_stock_ones(monkeypatch):
     # and the rotary embedding one kernel per layer each way, for its query and key
     assert fused["triton rotary forward"] == fused["triton rotary backward"] == 2  # the tiny reward's layers
     assert "neg" not in fused and "neg" in counts["lean"]["reward fwd+bwd"].launches
-    # ops on scalars and dtypes alone run on the host: no launch (the norm's output dtype)
+    # ops on scalars and dtypes alone run on the host, and allocations launch nothing: no
+    # launch (the norm's output dtype; the attention stand-in's gradients, made in (B, T, H, D) order)
     assert "promote_types" not in fused
+    assert not [op for mode in counts for part in counts[mode].values() for op in part.launches if "empty" in op]
     # the folded attention makes the bool mask additive once per forward (two launches), not
     # sdpa once per layer, and sums no gradients of repeated key / value heads (two per
     # layer); it copies its output, and that copy's gradient, once per layer (and, with

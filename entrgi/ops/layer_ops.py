@@ -12,8 +12,8 @@ and gradients match it bit for bit. ``triton``: one kernel per forward and backw
 (``kernels/rms_norm.py``, ``kernels/silu_gate.py``, ``kernels/rotary.py``), the same
 roundings in the same places; only the order of an RMSNorm's row sum and the exp's
 implementation differ (16-bit results equal or one unit in the last place apart). One
-guidance call of a Qwen3-1.7B reward over 16 x 137 tokens moves 80.6 GB in 3,931
-elementwise launches with the ``torch`` backend and 17.8 GB in 665 with ``triton``
+guidance call of a Qwen3-1.7B reward over 16 x 137 tokens moves 79.6 GB in 3,849
+elementwise launches with the ``torch`` backend and 17.2 GB in 583 with ``triton``
 (whose gate and up projections, and q, k and v projections, run as one GEMM each,
 :func:`merged_silu_gate`; whose residual adds run inside the norms' kernels,
 :func:`add_rms_norm`, :func:`rms_norm_with_residual`; and whose attention runs folded,
