@@ -12,7 +12,8 @@ launch, each reading and writing its tensors once.
 Ops fall into three groups:
 
 - projections: ``mm`` / ``addmm`` (the linear layers' GEMMs; fused, a gated MLP's gate and
-  up projections run as one, and so do an attention's q, k and v projections),
+  up projections run as one, and so do an attention's q, k and v projections, and the
+  down projection accumulates into the residual in place, ``addmm_``),
   and a ``bmm`` with a batch-broadcast operand (a shared weight: the output head on
   the response rows);
 - attention: ``scaled_dot_product_attention``, counted as the fused kernel CUDA runs
@@ -54,7 +55,7 @@ from entrgi.step_floor import DTYPE, META, denoiser_flops, reward_call  # noqa: 
 from entrgi_kernels import rms_norm, rotary, silu_gate  # noqa: E402
 
 MODES = ("stock", "lean", "fused")
-PROJECTIONS = {"mm", "addmm", "bmm (shared weight)"}
+PROJECTIONS = {"mm", "addmm", "addmm_", "bmm (shared weight)"}
 ATTENTION = {"attention forward", "attention backward"}
 NOT_LAUNCHES = {
     "view", "_unsafe_view", "t", "transpose", "expand", "slice", "unsqueeze", "squeeze", "as_strided", "detach",
@@ -130,12 +131,12 @@ def fused_kernels_counted(traffic: Traffic) -> Iterator[None]:
     """The fused layer ops' kernels as meta stand-ins that allocate their outputs and
     count what they read and write."""
 
-    def norm_forward(x, weight, eps, branch=None):  # x: (outer, inner, width) rows
+    def norm_forward(x, weight, eps, branch=None, sum_copy=None):  # x: (outer, inner, width) rows
         rows = x.shape[0] * x.shape[1]
         y = torch.empty(rows, x.shape[-1], dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
         inv_rms = torch.empty(rows, device=x.device)
         total = None if branch is None else torch.empty(rows, x.shape[-1], dtype=x.dtype, device=x.device)
-        added = [] if branch is None else [branch, total]
+        added = [t for t in (branch, total, sum_copy) if t is not None]
         traffic.add("triton rms_norm forward", [x, weight, y, inv_rms, *added])
         return y, inv_rms, total
 

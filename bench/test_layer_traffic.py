@@ -3,7 +3,7 @@ fusing the norms and gates shrinks the elementwise group, and stacking each MLP'
 and up projections and each attention's q, k and v projections takes three GEMMs per
 layer off the forward and three off the backward (with the adds of their input
 gradients, for one concatenation); folded sdpa attention reads the key / value heads
-unrepeated and prepares the mask once; the residual adds run inside the norms' kernels."""
+unrepeated and prepares the mask once; the residual adds run inside the norms' kernels and the down projection's GEMM."""
 
 from __future__ import annotations
 
@@ -57,12 +57,14 @@ def test_fused_layers_move_less_than_lean_and_stock_ones(monkeypatch):
     # several key / value heads, the folded query's gradient; there the repeats' two copies
     # go: the tiny reward's single head repeats as a view)
     monkeypatch.undo()  # stacked again
-    # the decoder layers' residual adds run inside the norms' kernels: per layer one add
-    # fewer forward (before the second norm) and two backward (where each residual's
-    # gradient meets its norm's)
-    monkeypatch.setattr(entrgi.lean, "_lean_decoder_layer", lambda module, backend: None)
+    # the decoder layers' residual adds run inside other kernels: per layer one add fewer
+    # forward before the second norm (inside it) and one after the MLP (its down
+    # projection accumulates into the sum in place), and two backward (where each
+    # residual's gradient meets its norm's)
+    monkeypatch.setattr(entrgi.lean, "_lean_decoder_layer", lambda module, backend, mlp_forward: None)
     separate_adds = layer_traffic.count("tiny", "fused")["reward fwd+bwd"].launches
-    assert fused["add"] == separate_adds["add"] - 2 * 3 == 2 + 1  # the layers' last adds, and one outside them
+    assert fused["add"] == separate_adds["add"] - 2 * 4 == 1  # one outside the layers
+    assert fused["addmm_"] == 2 and fused["mm"] == separate_adds["mm"] - 2  # the down projections, in place
     assert fused["triton rms_norm backward"] == separate_adds["triton rms_norm backward"]
     monkeypatch.undo()
     monkeypatch.setattr(entrgi.sdpa, "folded_sdpa_fits", lambda model, backend: False)

@@ -15,8 +15,8 @@ per norm or gate, forward and backward (:mod:`entrgi.ops.layer_ops`), instead of
 stock code's chains of elementwise launches, the gate and up projections, and an
 attention's q, k and v projections, as one GEMM each way (:class:`StackedLinear`,
 :class:`_StackedProjections`, :func:`entrgi.ops.layer_ops.merged_silu_gate`); a
-pre-norm decoder layer's residual adds run inside its norms' kernels
-(:func:`_lean_decoder_layer`); and the modelling module's ``apply_rotary_pos_emb`` is
+pre-norm decoder layer's residual adds run inside its norms' kernels and its MLP's
+down projection (:func:`_lean_decoder_layer`); and the modelling module's ``apply_rotary_pos_emb`` is
 swapped for one kernel for queries and keys together
 (:func:`rotary_swaps`; a module-level function, so the swap holds for every model of
 that family while :meth:`entrgi.layers.LayerRunner.active` runs).
@@ -42,7 +42,8 @@ import torch
 import torch.nn.functional as F
 
 from entrgi.ops.layer_ops import (
-    add_rms_norm, fits_fused_rotary, merged_silu_gate, rms_norm, rms_norm_with_residual, rotary_embedding, silu_gate,
+    add_rms_norm, add_rms_norm_writable, fits_fused_rotary, merged_silu_gate, rms_norm, rms_norm_with_residual,
+    rotary_embedding, silu_gate,
 )  # fmt: skip
 from entrgi.ops.validation import resolve_backend
 
@@ -104,25 +105,54 @@ class StackedLinear:
         return F.linear(x, self.weight, self.bias)
 
 
-def _lean_gated_mlp(module: torch.nn.Module, backend: str) -> Callable | None:
+class _LeanGatedMlp:
+    """The forward of a SiLU-gated MLP (``gate_proj``, ``up_proj``, ``down_proj``,
+    ``act_fn``: down(silu(gate(x)) * up(x))) with the lean gate; with the triton backend
+    its gate and up projections run as one GEMM (:class:`StackedLinear`, while the
+    layers still read their slices of it), and :meth:`add_into` adds its output to a
+    tensor inside the down projection's GEMM."""
+
+    def __init__(self, module: torch.nn.Module, backend: str):
+        self.module, self.backend = module, backend
+        gate_up = [module.gate_proj, module.up_proj]
+        self.stacked = StackedLinear(gate_up) if backend == "triton" and StackedLinear.fits(gate_up) else None
+
+    def _gated(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stacked is not None and self.stacked.current():
+            return merged_silu_gate(self.stacked(x), self.backend)
+        return silu_gate(self.module.gate_proj(x), self.module.up_proj(x), self.backend)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module.down_proj(self._gated(x))
+
+    def adds_into(self, dtype: torch.dtype) -> bool:
+        """Whether :meth:`add_into` computes what calling the module gives, for inputs
+        and output of ``dtype``: a plain bias-free down projection of that dtype, and
+        no hooks or other forward on the module or its down projection (host checks)."""
+        down = self.module.down_proj
+        plain = type(down) is torch.nn.Linear and down.bias is None and down.weight.dtype == dtype
+        return plain and _runs_as_built(down, None) and _runs_as_built(self.module, self)
+
+    def add_into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``out`` (rows, width) += this MLP of ``x`` (..., width), accumulated by the down
+        projection's GEMM in place (one rounding, where the stock code rounds the
+        projection and then the sum); returns ``out``."""
+        gated = self._gated(x)
+        return out.addmm_(gated.reshape(-1, gated.shape[-1]), self.module.down_proj.weight.t())
+
+
+def _runs_as_built(module: torch.nn.Module, forward: Callable | None) -> bool:
+    """No hooks on ``module``, and its forward is its class's or ``forward``."""
+    if module._forward_hooks or module._forward_pre_hooks:
+        return False
+    return module.__dict__.get("forward", forward) is forward
+
+
+def _lean_gated_mlp(module: torch.nn.Module, backend: str) -> _LeanGatedMlp | None:
     projections = [getattr(module, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
     if not all(isinstance(p, torch.nn.Linear) for p in projections) or not hasattr(module, "act_fn"):
         return None
-    gate_proj, up_proj, down_proj = projections
-
-    def separate(x):
-        return down_proj(silu_gate(gate_proj(x), up_proj(x), backend))
-
-    if backend != "triton" or not StackedLinear.fits([gate_proj, up_proj]):
-        return separate
-    stacked = StackedLinear([gate_proj, up_proj])
-
-    def merged(x):  # one GEMM for gate and up, and one for their backward
-        if not stacked.current():
-            return separate(x)
-        return down_proj(merged_silu_gate(stacked(x), backend))
-
-    return merged
+    return _LeanGatedMlp(module, backend)
 
 
 QKV = ("q_proj", "k_proj", "v_proj")  # a Llama-family attention's projections, called in this order on one input
@@ -181,22 +211,27 @@ def _stacked_attention(module: torch.nn.Module, backend: str) -> list[tuple[torc
 LAYER_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")  # a pre-norm decoder layer's
 
 
-def _lean_decoder_layer(module: torch.nn.Module, backend: str) -> Callable | None:
+def _lean_decoder_layer(
+    module: torch.nn.Module, backend: str, mlp_forward: _LeanGatedMlp | None = None
+) -> Callable | None:
     """A forward for a pre-norm decoder layer (``LAYER_PARTS``: x + attn(norm(x)), then
     h + mlp(norm(h)), as Llama / Qwen / Mistral layers compute it) whose residual adds
-    run inside the norms' kernels: the first norm hands x back as the residual, whose
-    gradient its backward kernel adds (:func:`rms_norm_with_residual`), and the second
-    norm takes the attention's output and the residual and writes their sum
-    (:func:`add_rms_norm`); the triton backend only. None where the layer lacks the
-    parts or its norms are not lean ones. Keyword arguments reach the attention as the
-    stock layer hands them over; a call with other positional ones runs the stock
-    forward."""
+    run inside other kernels: the first norm hands x back as the residual, whose
+    gradient its backward kernel adds (:func:`rms_norm_with_residual`); the second norm
+    takes the attention's output and the residual and writes their sum
+    (:func:`add_rms_norm`); and with ``mlp_forward``, the layer's gated MLP's lean
+    forward, the MLP's down projection accumulates into that sum in place
+    (:meth:`_LeanGatedMlp.add_into`, with :func:`add_rms_norm_writable`'s writable sum).
+    The triton backend only. None where the layer lacks the parts or its norms are not
+    lean ones. Keyword arguments reach the attention as the stock layer hands them over;
+    a call with other positional ones runs the stock forward."""
     parts = [getattr(module, name, None) for name in LAYER_PARTS]
     if backend != "triton" or any(not isinstance(part, torch.nn.Module) for part in parts):
         return None
     first_norm, attention, second_norm, mlp = parts
     if _lean_rms_norm(first_norm, backend) is None or _lean_rms_norm(second_norm, backend) is None:
         return None
+    second = (second_norm.weight, second_norm.variance_epsilon, backend)
 
     def forward(hidden_states, *args, **kwargs):
         if args:
@@ -205,10 +240,12 @@ def _lean_decoder_layer(module: torch.nn.Module, backend: str) -> Callable | Non
             hidden_states, first_norm.weight, first_norm.variance_epsilon, backend
         )
         attended = attention(hidden_states=normed, **kwargs)[0]
-        normed, hidden_states = add_rms_norm(
-            residual, attended, second_norm.weight, second_norm.variance_epsilon, backend
-        )
-        return hidden_states + mlp(normed)
+        dtype = residual.dtype
+        if mlp_forward is None or second_norm.weight.dtype != dtype or not mlp_forward.adds_into(dtype):
+            normed, hidden_states = add_rms_norm(residual, attended, *second)
+            return hidden_states + mlp(normed)
+        normed, total = add_rms_norm_writable(residual, attended, *second)
+        return mlp_forward.add_into(normed, total).view(residual.shape)
 
     return forward
 
@@ -216,8 +253,8 @@ def _lean_decoder_layer(module: torch.nn.Module, backend: str) -> Callable | Non
 def _layer_reproduces(module: torch.nn.Module, lean: Callable) -> bool:
     """Whether ``lean`` gives the layer's own output on a random (2, 3, width) input with
     random rotary angles and no mask, its norms run by the same fused kernels in both (so
-    only the residual adds' placement differs). A layer the call does not fit (other
-    arguments it needs) is taken as not reproduced."""
+    what differs is where the residual adds run, and the lean MLP's gate and GEMMs). A
+    layer the call does not fit (other arguments it needs) is taken as not reproduced."""
     first_norm, attention, second_norm, _ = (getattr(module, name) for name in LAYER_PARTS)
     width, dtype = first_norm.weight.shape[0], first_norm.weight.dtype
     head_dim = getattr(attention, "head_dim", None)
@@ -338,6 +375,7 @@ def lean_forwards(model: torch.nn.Module, backend: str = "auto") -> list[tuple[t
         return []
     backend = resolve_backend(backend, parameter.device)
     found = []
+    mlps: dict[torch.nn.Module, _LeanGatedMlp] = {}  # built with their decoder layer, which visits first
     for module in model.modules():
         if "forward" in module.__dict__:
             continue
@@ -345,13 +383,17 @@ def lean_forwards(model: torch.nn.Module, backend: str = "auto") -> list[tuple[t
             if _projections_reproduce(projections):
                 found += projections
             continue
-        if (layer := _lean_decoder_layer(module, backend)) is not None:
+        mlp = getattr(module, "mlp", None)
+        if isinstance(mlp, torch.nn.Module) and mlp not in mlps and "forward" not in mlp.__dict__:
+            if (gated := _lean_gated_mlp(mlp, backend)) is not None:
+                mlps[mlp] = gated
+        if (layer := _lean_decoder_layer(module, backend, mlps.get(mlp))) is not None:
             if _layer_reproduces(module, layer):
                 found.append((module, layer))
             continue
         if (lean := _lean_rms_norm(module, backend)) is not None:
             width, dtype = module.weight.shape[0], module.weight.dtype
-        elif (lean := _lean_gated_mlp(module, backend)) is not None:
+        elif (lean := mlps.pop(module, None) or _lean_gated_mlp(module, backend)) is not None:
             width, dtype = module.gate_proj.in_features, module.gate_proj.weight.dtype
         else:
             continue

@@ -17,8 +17,10 @@ the weight multiplies it, and the backward rounds the gradient reaching it likew
 so results differ from eager only by the order of the row sum.
 
 A pre-norm decoder layer's residual adds fold in: the forward may normalise ``x +
-branch`` (storing the sum, the next residual), and the backward may add the gradient of
-x's residual use to its own, so neither add is a launch of its own.
+branch`` (storing the sum, the next residual, and optionally a second copy of it that
+a GEMM may then accumulate into in place while the first stays for the backward), and
+the backward may add the gradient of x's residual use to its own, so no add is a
+launch of its own.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ def _rms_norm_forward_kernel(
     weight_ptr,  # (width,)
     y_ptr,  # (rows, width) in the promoted dtype of weight and x
     sum_ptr,  # (rows, width) x's dtype out (ADD): x + branch
+    sum_copy_ptr,  # (rows, width) x's dtype out (ADD and COPY_SUM): x + branch again
     inv_rms_ptr,  # (rows,) fp32 out: 1 / rms
     rows,  # outer * inner
     inner,
@@ -63,6 +66,7 @@ def _rms_norm_forward_kernel(
     width,
     eps,
     ADD: tl.constexpr,
+    COPY_SUM: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
@@ -72,6 +76,8 @@ def _rms_norm_forward_kernel(
         branch = tl.load(branch_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
         x = round_to(x + branch, x_ptr.dtype.element_ty).to(tl.float32)
         tl.store(sum_ptr + offsets, x.to(sum_ptr.dtype.element_ty), mask=ok)
+        if COPY_SUM:
+            tl.store(sum_copy_ptr + offsets, x.to(sum_copy_ptr.dtype.element_ty), mask=ok)
     inv_rms = tl.rsqrt(tl.sum(x * x, axis=1) / width + eps)
     normed = round_to(x * inv_rms[:, None], x_ptr.dtype.element_ty).to(tl.float32)
     tl.store(y_ptr + offsets, round_to(weight * normed, y_ptr.dtype.element_ty), mask=ok)
@@ -129,24 +135,36 @@ def _strided_rows(x: torch.Tensor) -> tuple[int, int, int]:
 
 
 def rms_norm_forward(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, branch: torch.Tensor | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    branch: torch.Tensor | None = None,
+    sum_copy: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(outer, inner, width) ``x`` (strided, rows contiguous), (width,) ``weight`` ->
     (y (outer * inner, width) contiguous in the promoted dtype of weight and x, 1 / rms
     (outer * inner,) fp32, None). With a contiguous (outer * inner, width) ``branch`` of
     x's dtype, the row normalised is ``x + branch`` (rounded to x's dtype), returned as
-    the third value (contiguous)."""
+    the third value (contiguous), and also written into ``sum_copy`` when given (a
+    contiguous tensor of that shape and dtype)."""
     width = x.shape[-1]
     block_r, block_h, warps = _geometry(width)
     rows = x.shape[0] * x.shape[1]
+    if sum_copy is not None and (
+        branch is None or sum_copy.shape != (rows, width) or sum_copy.dtype != x.dtype or not sum_copy.is_contiguous()
+    ):
+        given = "a branch" if branch is not None else "no branch"
+        raise ValueError(f"sum_copy: a contiguous ({rows}, {width}) {x.dtype} tensor, with a branch; got "
+                         f"{tuple(sum_copy.shape)} {sum_copy.dtype} and {given}")  # fmt: skip
     y = torch.empty(rows, width, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
     inv_rms = torch.empty(rows, dtype=torch.float32, device=x.device)
     total = None if branch is None else torch.empty(rows, width, dtype=x.dtype, device=x.device)
     if rows == 0:  # no grid to launch
         return y, inv_rms, total
     _rms_norm_forward_kernel[(triton.cdiv(rows, block_r),)](
-        x, x if branch is None else branch, weight, y, y if total is None else total, inv_rms, rows, *_strided_rows(x),
-        width, eps, ADD=branch is not None, BLOCK_R=block_r, BLOCK_H=block_h, num_warps=warps,
+        x, x if branch is None else branch, weight, y, y if total is None else total,
+        y if sum_copy is None else sum_copy, inv_rms, rows, *_strided_rows(x), width, eps, ADD=branch is not None,
+        COPY_SUM=sum_copy is not None, BLOCK_R=block_r, BLOCK_H=block_h, num_warps=warps,
     )  # fmt: skip
     return y, inv_rms, total
 

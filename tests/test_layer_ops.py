@@ -10,7 +10,8 @@ import torch
 pytest.importorskip("triton")
 
 from entrgi.ops.layer_ops import (  # noqa: E402
-    _norm_rows, add_rms_norm, merged_silu_gate, rms_norm, rms_norm_with_residual, rotary_embedding, silu_gate,
+    _norm_rows, add_rms_norm, add_rms_norm_writable, merged_silu_gate, rms_norm, rms_norm_with_residual,
+    rotary_embedding, silu_gate,
 )  # fmt: skip
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -113,6 +114,58 @@ def test_residual_adds_inside_the_norm_match_the_stock_arithmetic(dtype, shape):
     for got_t, want_t, truth in zip(got_grads[1:], want_grads[1:], truths):
         assert _max_relative(got_t, truth) <= _max_relative(want_t, truth) + 4 * _eps(dtype)
     assert _max_relative(got[0], _rms_norm_64(r64.detach() + b64.detach(), weight, 1e-6)) <= 4 * _eps(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 7), (3, 5, 96), (9, 130)])
+def test_a_gemm_accumulates_into_the_writable_sum_without_corrupting_the_backward(dtype, shape):
+    """``add_rms_norm_writable`` hands back the sum as a fresh (rows, width) tensor that a
+    layer's down projection accumulates into in place (``addmm_``): the same normed row
+    and sum as ``add_rms_norm``, and gradients as if the GEMM's output had been added to
+    a separate sum (the backward keeps its own copy, which the in-place GEMM leaves
+    alone); under no gradient the kernel writes one sum and no copy."""
+    generator = torch.Generator().manual_seed(shape[-1] + 2)
+    residual, branch = _leaf(shape, dtype, generator, scale=3.0), _leaf(shape, dtype, generator)
+    weight = (torch.rand(shape[-1], generator=generator) + 0.5).to(dtype).to(DEVICE)
+    inner = _leaf((*shape[:-1], 11), dtype, generator)
+    projection = (torch.randn(shape[-1], 11, generator=generator) / 4).to(dtype).to(DEVICE)
+    grads = [torch.randn(shape, generator=generator).to(dtype).to(DEVICE) for _ in range(2)]
+    width = shape[-1]
+
+    def accumulated(backend):
+        normed, total = add_rms_norm_writable(residual, branch, weight, 1e-6, backend)
+        assert total.shape == (residual.numel() // width, width) and total.is_contiguous()
+        out = total.addmm_(inner.reshape(-1, 11), projection.t()).view(shape)
+        return [normed, out], torch.autograd.grad([normed, out], [residual, branch, inner], grads)
+
+    def separate(backend):
+        normed, total = add_rms_norm(residual, branch, weight, 1e-6, backend)
+        out = total + (inner.reshape(-1, 11) @ projection.t()).view(shape)
+        return [normed, out], torch.autograd.grad([normed, out], [residual, branch, inner], grads)
+
+    for backend in ("torch", "triton"):
+        (got, got_grads), (want, want_grads) = accumulated(backend), separate(backend)
+        assert torch.equal(got[0], want[0])
+        # the GEMM rounds its product and the sum once, the separate add twice
+        torch.testing.assert_close(
+            got[1], want[1], rtol=2 * _eps(dtype), atol=2 * _eps(dtype) * want[1].abs().max().item()
+        )
+        for got_grad, want_grad in zip(got_grads, want_grads):
+            assert torch.equal(got_grad, want_grad)
+    with torch.no_grad():
+        normed, total = add_rms_norm_writable(residual, branch, weight, 1e-6, "triton")
+        want_normed, want_total = add_rms_norm(residual, branch, weight, 1e-6, "triton")
+    assert torch.equal(normed, want_normed) and torch.equal(total, want_total.reshape(-1, width))
+
+
+def test_the_norm_kernel_names_a_sum_copy_it_cannot_write():
+    from entrgi_kernels.rms_norm import rms_norm_forward
+
+    x, weight = torch.randn(2, 3, 8, device=DEVICE), torch.ones(8, device=DEVICE)
+    with pytest.raises(ValueError, match=r"contiguous \(6, 8\) torch.float32 tensor, with a branch; got \(6, 4\)"):
+        rms_norm_forward(x, weight, 1e-6, torch.randn(6, 8, device=DEVICE), torch.empty(6, 4, device=DEVICE))
+    with pytest.raises(ValueError, match=r"got \(6, 8\) torch.float32 and no branch"):
+        rms_norm_forward(x, weight, 1e-6, None, torch.empty(6, 8, device=DEVICE))
 
 
 def test_add_rms_norm_names_mismatched_addends():

@@ -14,7 +14,7 @@ from entrgi.layers import swapped_attributes
 from entrgi.lean import (
     QKV, ROTARY, StackedLinear, _fused_rotary, _projections_reproduce, _stacked_attention, lean_forwards, rotary_swaps,
 )  # fmt: skip
-from entrgi.ops.layer_ops import add_rms_norm, merged_silu_gate, rotary_embedding
+from entrgi.ops.layer_ops import add_rms_norm_writable, merged_silu_gate, rotary_embedding
 from helpers import assert_same_rewards, guided_reward_inputs, reward_scores_and_grads, saved_activation_bytes
 
 PROMPTS = ["hi", "tell me a long story about the sea and the wind"]
@@ -146,7 +146,13 @@ def test_fused_lean_layers_give_the_stock_rewards_and_gradients(family, monkeypa
     calls, gates, adds = [], [], []
     monkeypatch.setattr(entrgi.lean, "rotary_embedding", lambda *args: calls.append(args) or rotary_embedding(*args))
     monkeypatch.setattr(entrgi.lean, "merged_silu_gate", lambda *args: gates.append(args) or merged_silu_gate(*args))
-    monkeypatch.setattr(entrgi.lean, "add_rms_norm", lambda *args: adds.append(args) or add_rms_norm(*args))
+    monkeypatch.setattr(
+        entrgi.lean, "add_rms_norm_writable", lambda *args: adds.append(args) or add_rms_norm_writable(*args)
+    )
+    add_into, accumulated = entrgi.lean._LeanGatedMlp.add_into, []
+    monkeypatch.setattr(
+        entrgi.lean._LeanGatedMlp, "add_into", lambda self, x, out: accumulated.append(out) or add_into(self, x, out)
+    )
     stacked_call, stacked = StackedLinear.__call__, []
     monkeypatch.setattr(StackedLinear, "__call__", lambda self, x: stacked.append(self) or stacked_call(self, x))
     embeds = torch.randn(3, 6, 32, dtype=torch.bfloat16, device=DEVICE, requires_grad=True)
@@ -157,11 +163,34 @@ def test_fused_lean_layers_give_the_stock_rewards_and_gradients(family, monkeypa
     assert len(gates) == 2  # and the gate and up projections as one GEMM
     assert len(stacked) == 4  # per layer that one and the q, k, v projections
     assert len(adds) == 2  # and the residual add before the second norm inside its kernel
+    assert len(accumulated) == 2  # and the last one inside the down projection's GEMM
     # bfloat16 layers whose norms sum in another order: a rounding flip here and there,
     # carried through two layers
     torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2 * want.abs().item())
     torch.testing.assert_close(got_grad, want_grad, rtol=0, atol=1e-2 * want_grad.abs().max().item())
     assert want_grad.abs().max() > 0
+
+
+def test_a_hooked_mlp_runs_through_its_module_in_a_fused_layer():
+    """A fused layer adds its MLP's output inside the down projection's GEMM only while
+    the MLP runs as built: with a forward hook on it, the layer calls the module (the
+    hook sees every call) and adds the result; the same score either way."""
+    model = _family_classifier("Qwen3", DEVICE)
+    found = lean_forwards(model, backend="triton")
+    embeds = torch.randn(3, 6, 32, dtype=torch.bfloat16, device=DEVICE, requires_grad=True)
+    accumulated, add_into = [], entrgi.lean._LeanGatedMlp.add_into
+    with swapped_attributes(
+        [(entrgi.lean._LeanGatedMlp, "add_into", lambda *a: accumulated.append(a) or add_into(*a))]
+    ):
+        want, want_grad = _score_and_grad(model, embeds, found)
+        assert len(accumulated) == 2
+        seen = []
+        hook = model.model.layers[1].mlp.register_forward_hook(lambda module, args, out: seen.append(out))
+        got, got_grad = _score_and_grad(model, embeds)
+        hook.remove()
+    assert len(seen) == 1 and len(accumulated) == 2 + 1  # layer 1 called its module; layer 0 accumulated
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2 * want.abs().item())
+    torch.testing.assert_close(got_grad, want_grad, rtol=0, atol=1e-2 * want_grad.abs().max().item())
 
 
 def test_denoiser_fused_layers_give_the_stock_logits(dream_like_path):

@@ -13,11 +13,12 @@ and gradients match it bit for bit. ``triton``: one kernel per forward and backw
 roundings in the same places; only the order of an RMSNorm's row sum and the exp's
 implementation differ (16-bit results equal or one unit in the last place apart). One
 guidance call of a Qwen3-1.7B reward over 16 x 137 tokens moves 79.6 GB in 3,849
-elementwise launches with the ``torch`` backend and 17.2 GB in 583 with ``triton``
+elementwise launches with the ``torch`` backend and 16.7 GB in 555 with ``triton``
 (whose gate and up projections, and q, k and v projections, run as one GEMM each,
 :func:`merged_silu_gate`; whose residual adds run inside the norms' kernels,
-:func:`add_rms_norm`, :func:`rms_norm_with_residual`; and whose attention runs folded,
-:mod:`entrgi.sdpa`), against 13.7 GB for all its GEMMs (counted on the meta device by
+:func:`add_rms_norm`, :func:`rms_norm_with_residual`, and the down projection's GEMM,
+:func:`add_rms_norm_writable`; and whose attention runs folded, :mod:`entrgi.sdpa`),
+against 14.0 GB for all its GEMMs (counted on the meta device by
 ``bench/layer_traffic.py``; not a timing). The triton RMSNorm reads rows where they
 lie, (outer, inner) strided: a per-head norm of a slice of stacked projections copies
 nothing.
@@ -28,6 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from entrgi.ops.layout import dense_rows, last_dim_contiguous
 from entrgi.ops.validation import FLOAT_DTYPES, resolve_backend
 
 
@@ -83,12 +85,7 @@ class _TritonRMSNorm(torch.autograd.Function):
         from entrgi_kernels.rms_norm import rms_norm_backward
 
         rows, weight, inv_rms = ctx.saved_tensors
-        return rms_norm_backward(_dense_rows(grad), rows, weight, inv_rms).view(grad.shape), None, None
-
-
-def _dense_rows(t: torch.Tensor) -> torch.Tensor:
-    """``t`` (..., W) as contiguous (rows, W)."""
-    return t.reshape(-1, t.shape[-1]).contiguous()
+        return rms_norm_backward(dense_rows(grad), rows, weight, inv_rms).view(grad.shape), None, None
 
 
 class _TritonRMSNormWithResidual(_TritonRMSNorm):
@@ -104,7 +101,7 @@ class _TritonRMSNormWithResidual(_TritonRMSNorm):
         from entrgi_kernels.rms_norm import rms_norm_backward
 
         rows, weight, inv_rms = ctx.saved_tensors
-        grad_x = rms_norm_backward(_dense_rows(grad), rows, weight, inv_rms, _dense_rows(residual_grad))
+        grad_x = rms_norm_backward(dense_rows(grad), rows, weight, inv_rms, dense_rows(residual_grad))
         return grad_x.view(grad.shape), None, None
 
 
@@ -117,7 +114,7 @@ class _TritonAddRMSNorm(torch.autograd.Function):
     def forward(ctx, residual, branch, weight, eps):
         from entrgi_kernels.rms_norm import rms_norm_forward
 
-        y, inv_rms, total = rms_norm_forward(_norm_rows(residual), weight, eps, _dense_rows(branch))
+        y, inv_rms, total = rms_norm_forward(_norm_rows(residual), weight, eps, dense_rows(branch))
         rows = total.view(-1, 1, total.shape[-1])
         ctx.save_for_backward(rows, weight, inv_rms)
         return y.view(residual.shape), total.view(residual.shape)
@@ -127,8 +124,29 @@ class _TritonAddRMSNorm(torch.autograd.Function):
         from entrgi_kernels.rms_norm import rms_norm_backward
 
         rows, weight, inv_rms = ctx.saved_tensors
-        grad_sum = rms_norm_backward(_dense_rows(grad), rows, weight, inv_rms, _dense_rows(total_grad)).view(grad.shape)
+        grad_sum = rms_norm_backward(dense_rows(grad), rows, weight, inv_rms, dense_rows(total_grad)).view(grad.shape)
         return grad_sum, grad_sum, None, None
+
+
+class _TritonAddRMSNormWritableSum(_TritonAddRMSNorm):
+    """:class:`_TritonAddRMSNorm` whose sum output is a second copy, (rows, width), that
+    the kernel writes beside the one the backward keeps: free to be modified in place
+    (``copy``: False, under no gradient, returns the kept one, nothing being kept)."""
+
+    @staticmethod
+    def forward(ctx, residual, branch, weight, eps, copy):
+        from entrgi_kernels.rms_norm import rms_norm_forward
+
+        width = residual.shape[-1]
+        rows = residual.numel() // width
+        writable = torch.empty(rows, width, dtype=residual.dtype, device=residual.device) if copy else None
+        y, inv_rms, total = rms_norm_forward(_norm_rows(residual), weight, eps, dense_rows(branch), writable)
+        ctx.save_for_backward(total.view(rows, 1, width), weight, inv_rms)
+        return y.view(residual.shape), total if writable is None else writable
+
+    @staticmethod
+    def backward(ctx, grad, total_grad):
+        return *_TritonAddRMSNorm.backward(ctx, grad, total_grad), None
 
 
 class _TorchSiluGate(torch.autograd.Function):
@@ -164,7 +182,7 @@ class _TritonSiluGate(torch.autograd.Function):
 
         gate, up = ctx.saved_tensors
         grad_gate, grad_up = torch.empty_like(gate), torch.empty_like(up)
-        silu_gate_backward(*map(_row_view, (grad.contiguous(), gate, up, grad_gate, grad_up)))
+        silu_gate_backward(dense_rows(grad), *map(_row_view, (gate, up, grad_gate, grad_up)))
         return grad_gate, grad_up
 
 
@@ -187,7 +205,7 @@ class _TritonMergedSiluGate(torch.autograd.Function):
         (gate_up,) = ctx.saved_tensors
         rows, width = _row_view(gate_up), gate_up.shape[-1] // 2
         grad_gate_up = torch.empty_like(rows)
-        silu_gate_backward(_row_view(grad.contiguous()), rows[:, :width], rows[:, width:], grad_gate_up[:, :width],
+        silu_gate_backward(dense_rows(grad), rows[:, :width], rows[:, width:], grad_gate_up[:, :width],
                            grad_gate_up[:, width:])  # fmt: skip
         return grad_gate_up.view(gate_up.shape)
 
@@ -213,7 +231,7 @@ class _TritonRotary(torch.autograd.Function):
         from entrgi_kernels.rotary import rotary
 
         cos, sin = ctx.saved_tensors
-        grad_q, grad_k = _last_contiguous(grad_q), _last_contiguous(grad_k)
+        grad_q, grad_k = last_dim_contiguous(grad_q), last_dim_contiguous(grad_k)
         outs = (_empty_in_order(grad, order) for grad, order in zip((grad_q, grad_k), ctx.orders))
         return *rotary(grad_q, grad_k, cos, sin, *outs, backward=True), None, None
 
@@ -228,10 +246,6 @@ def _empty_in_order(like: torch.Tensor, order: list[int]) -> torch.Tensor:
     memory in ``order`` (outermost first)."""
     empty = torch.empty([like.shape[d] for d in order], dtype=like.dtype, device=like.device)
     return empty.permute([order.index(d) for d in range(like.dim())])
-
-
-def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -310,6 +324,23 @@ def add_rms_norm(
     return _TorchRMSNorm.apply(total, weight, eps), total
 
 
+def add_rms_norm_writable(
+    residual: torch.Tensor, branch: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`add_rms_norm` whose sum comes back as a fresh contiguous (rows, width) tensor
+    that the caller may modify in place: a pre-norm layer's last residual add done by its
+    MLP's down projection accumulating into it (``addmm_``), so that add is no launch. The
+    backward keeps its own copy of the sum (triton: written by the same kernel; none under
+    no gradient; torch: a clone)."""
+    _check_alike("add_rms_norm_writable", ("residual", "branch"), residual, branch)
+    _check_norm(residual, weight, eps)
+    if resolve_backend(backend, residual.device) == "triton":
+        copy = torch.is_grad_enabled() and (residual.requires_grad or branch.requires_grad)
+        return _TritonAddRMSNormWritableSum.apply(residual, branch, weight.contiguous(), float(eps), copy)
+    normed, total = add_rms_norm(residual, branch, weight, eps, backend)
+    return normed, total.reshape(-1, total.shape[-1]).clone()
+
+
 def silu_gate(gate: torch.Tensor, up: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """``silu(gate) * up`` (a SwiGLU MLP's activation) of two tensors of one shape,
     dtype and device, keeping only gate and up for the backward. ``backend``: ``auto``
@@ -375,6 +406,6 @@ def rotary_embedding(
                 f"{q.dtype}, {k.dtype}, {cos.dtype}, {sin.dtype}"
             )
         cos, sin = cos.contiguous(), sin.contiguous()
-        return _TritonRotary.apply(_last_contiguous(q), _last_contiguous(k), cos, sin)
+        return _TritonRotary.apply(last_dim_contiguous(q), last_dim_contiguous(k), cos, sin)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin

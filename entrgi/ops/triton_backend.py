@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch.profiler import record_function
 
+from entrgi.ops.layout import last_dim_contiguous
+
 
 def available() -> bool:
     try:
@@ -23,10 +25,6 @@ def available() -> bool:
 
 def _draw_seeds(generator: torch.Generator | None, device: torch.device, count: int = 1) -> torch.Tensor:
     return torch.randint(0, 2**62, (count,), generator=generator, device=device, dtype=torch.int64)
-
-
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def skip_flags(active: torch.Tensor | None) -> torch.Tensor | None:
@@ -102,7 +100,7 @@ def guided_embedding(
     returning dphi. ``table_rows`` (V,): token v's embedding is table[table_rows[v]]."""
     from entrgi_kernels.row_stats import row_stats
 
-    phi, table = _rows(phi), _rows(table)
+    phi, table = last_dim_contiguous(phi), last_dim_contiguous(table)
     skip = skip_flags(active)
     draws = temperature > 0 and mode != "expectation"
     stats = row_stats(phi.detach(), temperature if temperature > 0 else 1.0, skip, tiles=draws)
@@ -132,7 +130,7 @@ def sample_step(phi, phi_init, temperature, top_p, top_k, alg, generator, active
     from entrgi_kernels.sampling import sample_filtered
     from entrgi_kernels.threshold import keep_threshold_keys
 
-    phi = _rows(phi.detach())
+    phi = last_dim_contiguous(phi.detach())
     skip = skip_flags(active)
     tau = temperature if temperature > 0 else 1.0  # greedy reads probabilities at tau = 1, as Dream
     kept_law = alg in ("maskgit_plus", "topk_margin")  # need the kept law's normaliser: threshold path
@@ -169,4 +167,4 @@ def entropy_confidence(phi, temperature, active=None):
     from entrgi_kernels.row_stats import row_stats
 
     tau = temperature if temperature > 0 else 1.0
-    return row_stats(_rows(phi.detach()), tau, skip_flags(active)).plogp_tau
+    return row_stats(last_dim_contiguous(phi.detach()), tau, skip_flags(active)).plogp_tau
