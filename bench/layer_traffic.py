@@ -20,7 +20,8 @@ Ops fall into three groups:
   (forward: reads q, k, v and the mask, writes the output; backward: reads those and
   the output's gradient, writes dq, dk, dv), not as the math path the meta device has;
   what sdpa does to a mask before that kernel on every call (a bool mask made additive,
-  rows padded to a stride of 8) counts as elementwise;
+  rows padded to a stride of 8), and the copy its backward makes of an output gradient
+  not laid out (B, T, H, D) as the output is, count as elementwise;
 - elementwise: everything else (norms, rotary embedding, gated activation, residual
   adds, casts, copies), and the fused kernels.
 
@@ -62,6 +63,7 @@ NOT_LAUNCHES = {
     "alias", "permute", "select", "split", "split_with_sizes", "unbind", "lift_fresh", "empty", "empty_strided", "new_empty",
     "new_empty_strided", "empty_like", "empty_permuted",
 }  # fmt: skip
+WRITE_ONLY = {"copy_", "fill_", "zero_"}  # in-place ops that write their first argument without reading it
 
 
 def distinct_bytes(t: torch.Tensor) -> int:
@@ -113,6 +115,8 @@ class Traffic(TorchDispatchMode):
         if func.overloadpacket.__name__ == "embedding":  # reads the rows it writes, not the table
             self.add("embedding", [args[1], out, out])
             return out
+        if func.overloadpacket.__name__ in WRITE_ONLY:  # the destination (args[0], the output too) is not read
+            args = args[1:]
         tensors = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)]
         if tensors:  # an op on scalars and dtypes alone (promote_types) runs on the host
             self.add(op_name(func, tensors), tensors)
@@ -188,6 +192,10 @@ class _Attention(torch.autograd.Function):
         # laid out (B, T, H, D), whatever the inputs' layout, as PyTorch's memory-efficient backward writes them
         grads = tuple(torch.empty_permuted(t.shape, (0, 2, 1, 3), dtype=t.dtype, device=t.device)
                       for t in (query, key, value))  # fmt: skip
+        if not grad.transpose(1, 2).is_contiguous():  # it reads dL/d(out) in (B, T, H, D) order, copying any other
+            laid_out = torch.empty_permuted(grad.shape, (0, 2, 1, 3), dtype=grad.dtype, device=grad.device)
+            ctx.traffic.add("attention output-gradient copy", [grad, laid_out])
+            grad = laid_out
         mask = [] if ctx.mask is None else [ctx.mask]
         ctx.traffic.add("attention backward", [query, key, value, *mask, out, grad, *grads])
         return None, *grads, None

@@ -71,7 +71,10 @@ def test_fused_layers_move_less_than_lean_and_stock_ones(monkeypatch):
     unfolded = layer_traffic.count("tiny", "fused")["reward fwd+bwd"].launches
     assert unfolded["attention mask to additive"] == unfolded["attention forward"] == 2
     assert "attention mask to additive" not in fused and fused["fill_"] == fused["masked_fill_"] == 1
-    assert fused["sum"] == unfolded["sum"] - 2 * 2 and fused["clone"] == unfolded["clone"] + 2 * 2
+    assert fused["sum"] == unfolded["sum"] - 2 * 2 and fused["copy_"] == unfolded["copy_"] + 2 * 2
+    assert fused["clone"] == unfolded["clone"]
+    # and writes the output's gradient where the kernel's backward reads it: no copy there
+    assert "attention output-gradient copy" not in fused and "attention output-gradient copy" not in unfolded
 
 
 def test_broadcast_operands_count_once():

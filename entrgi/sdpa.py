@@ -12,7 +12,8 @@ D), the layout the fused rotary kernel writes), so keys and values are read as t
 are, and prepares the additive, aligned, folded mask once per mask tensor. The output
 comes back in the stock function's (B, T, H, D) layout (one copy; it is a view with no
 grouping), and the backward copies the output's and the folded query's gradients once
-each. Per query row it is the same attention over the same keys: equal outputs;
+each, the output's into the layout the kernel's backward reads (which spares the copy
+that kernel makes of a gradient in any other). Per query row it is the same attention over the same keys: equal outputs;
 the key / value gradients are summed over a group inside the kernel rather than after
 it. A call the folding does not cover (no 4-D mask shared by the heads, dropout, a
 soft cap, a position bias, attention weights asked for) goes to the stock function.
@@ -55,13 +56,14 @@ class FoldedSdpa:
                 **kwargs,
             )  # fmt: skip
         batch, heads, length, dim = query.shape
-        kv_heads, width = key.shape[1], value.shape[-1]
+        kv_heads = key.shape[1]
         groups = heads // kv_heads
         mask = self.prepared_mask(attention_mask, query.dtype, groups)
         folded = query.reshape(batch, kv_heads, groups * length, dim)  # head h = kv_head * groups + g
         out = F.scaled_dot_product_attention(folded, key, value, attn_mask=mask, scale=scaling)
-        out = out.unflatten(2, (groups, length)).permute(0, 3, 1, 2, 4)  # (B, T, H_kv, groups, D_v)
-        return out.reshape(batch, length, heads, width).contiguous(), None  # a copy only where it groups
+        if groups == 1:
+            return out.transpose(1, 2).contiguous(), None  # the stock layout: a view
+        return _UnfoldedHeads.apply(out, groups), None
 
     def prepared_mask(self, mask: torch.Tensor, dtype: torch.dtype, groups: int) -> torch.Tensor:
         """(B or 1, 1, T, L) ``mask`` as the folded call reads it: (B or 1, 1, groups * T,
@@ -81,6 +83,31 @@ class FoldedSdpa:
             rows.copy_(mask[:, :, None].expand(rows.shape))
         self._masks[cache_key] = (mask, prepared)
         return prepared
+
+
+class _UnfoldedHeads(torch.autograd.Function):
+    """The folded attention's output (B, H_kv, groups * T, D_v) as (B, T, H, D_v),
+    contiguous, head h = kv_head * groups + g: one copy each way. The backward writes
+    the gradient in (B, groups * T, H_kv, D_v) memory order, the output's own (the
+    memory-efficient kernel writes it so), which is the order that kernel's backward
+    reads the gradient in: in any other it makes a contiguous copy first."""
+
+    @staticmethod
+    def forward(ctx, out, groups):
+        batch, kv_heads, folded, width = out.shape
+        ctx.groups = groups
+        unfolded = torch.empty(batch, folded // groups, kv_heads * groups, width, dtype=out.dtype, device=out.device)
+        grouped = out.unflatten(2, (groups, folded // groups)).permute(0, 3, 1, 2, 4)  # (B, T, H_kv, groups, D_v)
+        unfolded.view(grouped.shape).copy_(grouped)
+        return unfolded
+
+    @staticmethod
+    def backward(ctx, grad):
+        batch, length, heads, width = grad.shape
+        kv_heads = heads // ctx.groups
+        folded = torch.empty(batch, ctx.groups, length, kv_heads, width, dtype=grad.dtype, device=grad.device)
+        folded.copy_(grad.reshape(batch, length, kv_heads, ctx.groups, width).permute(0, 3, 1, 2, 4))
+        return folded.view(batch, ctx.groups * length, kv_heads, width).transpose(1, 2), None
 
 
 def _folds(query, key, value, mask, dropout, kwargs) -> bool:

@@ -78,6 +78,27 @@ def test_folded_attention_gives_the_stock_outputs_and_gradients(
         assert (got_t.double() - truth).abs().max() <= (want_t.double() - truth).abs().max() + 2 * eps * scale
 
 
+def test_the_output_gradient_reaches_the_kernel_in_its_output_layout():
+    """PyTorch's memory-efficient backward reads dL/d(out) contiguous in (B, T, H, D)
+    order, the order its forward writes the output in, and copies one in any other; the
+    folded output's gradient arrives so laid out, and with no grouping the stock
+    function's does too."""
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recorded(*args, **kwargs):
+        out = sdpa(*args, **kwargs)
+        out.register_hook(lambda grad: seen.append(grad))
+        return out
+
+    for heads, kv_heads in ((4, 2), (3, 3)):
+        inputs, mask = _inputs(2, heads, kv_heads, 5, 7, torch.float32, 3)
+        grad = torch.randn(2, 5, heads, 16, device=DEVICE)
+        with swapped_attributes([(torch.nn.functional, "scaled_dot_product_attention", recorded)]):
+            _run(FoldedSdpa(), _Attention(heads // kv_heads), inputs, mask, grad)
+        assert seen[-1].shape == (2, kv_heads, 5 * heads // kv_heads, 16) and seen[-1].transpose(1, 2).is_contiguous()
+
+
 def test_the_mask_is_prepared_once_additive_folded_and_aligned():
     folded = FoldedSdpa()
     mask = torch.rand(2, 1, 3, 5, device=DEVICE) < 0.5
