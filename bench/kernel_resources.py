@@ -45,7 +45,8 @@ from triton.runtime.jit import JITFunction
 import entrgi
 from entrgi.ops import entropy_confidence
 from entrgi.ops.layer_ops import (
-    add_rms_norm, merged_silu_gate, rms_norm, rms_norm_with_residual, rotary_embedding, silu_gate,
+    add_rms_norm, add_rms_norm_writable, merged_silu_gate, rms_norm, rms_norm_with_residual, rotary_embedding,
+    silu_gate,
 )  # fmt: skip
 from entrgi.ops.step import STEP_ALGS
 from entrgi.optim import LogitAdam
@@ -179,8 +180,8 @@ def exercise_ops() -> None:
     sample_step (each alg, greedy too), entropy_confidence, LogitAdam (stored and
     recomputed moments), and the layer ops a reward's and a denoiser's layers run
     (rms_norm at a Qwen head's, Qwen3-1.7B's and Qwen2-7B's widths, silu_gate at
-    Qwen3-1.7B's width and merged_silu_gate at Qwen3-0.6B's (another block), add_rms_norm and
-    rms_norm_with_residual (the residual-add variants), rotary_embedding;
+    Qwen3-1.7B's width and merged_silu_gate at Qwen3-0.6B's (another block), add_rms_norm,
+    add_rms_norm_writable and rms_norm_with_residual (the residual-add variants), rotary_embedding;
     forward and backward)."""
     table = torch.randn(VOCAB, DIM, dtype=torch.bfloat16)
     table_rows = torch.arange(VOCAB)
@@ -225,8 +226,9 @@ def exercise_ops() -> None:
         residual, branch = (torch.randn(ROWS, 2048).to(dtype).requires_grad_(True) for _ in range(2))
         torch.autograd.backward(  # the norm kernels' residual-add variants
             [*add_rms_norm(residual, branch, torch.randn(2048).to(dtype), 1e-6, backend="triton"),
+             *add_rms_norm_writable(residual, branch, torch.randn(2048).to(dtype), 1e-6, backend="triton"),
              *rms_norm_with_residual(residual, torch.randn(2048).to(dtype), 1e-6, backend="triton")],
-            [torch.randn_like(residual) for _ in range(4)],
+            [torch.randn_like(residual) for _ in range(6)],
         )  # fmt: skip
         gate, up = (torch.randn(ROWS, 6144).to(dtype).requires_grad_(True) for _ in range(2))
         silu_gate(gate, up, backend="triton").backward(torch.randn_like(gate))

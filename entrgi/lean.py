@@ -16,8 +16,8 @@ stock code's chains of elementwise launches, the gate and up projections, and an
 attention's q, k and v projections, as one GEMM each way (:class:`StackedLinear`,
 :class:`_StackedProjections`, :func:`entrgi.ops.layer_ops.merged_silu_gate`); a
 pre-norm decoder layer's residual adds run inside its norms' kernels and its MLP's
-down projection (:func:`_lean_decoder_layer`); and the modelling module's ``apply_rotary_pos_emb`` is
-swapped for one kernel for queries and keys together
+down projection (:func:`_lean_decoder_layer`); and the modelling module's
+``apply_rotary_pos_emb`` is swapped for one kernel for queries and keys together
 (:func:`rotary_swaps`; a module-level function, so the swap holds for every model of
 that family while :meth:`entrgi.layers.LayerRunner.active` runs).
 
