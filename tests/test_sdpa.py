@@ -99,6 +99,29 @@ def test_the_output_gradient_reaches_the_kernel_in_its_output_layout():
         assert seen[-1].shape == (2, kv_heads, 5 * heads // kv_heads, 16) and seen[-1].transpose(1, 2).is_contiguous()
 
 
+def _descendants(event):
+    for child in event.cpu_children:
+        yield child
+        yield from _descendants(child)
+
+
+@pytest.mark.parametrize("attention", [FoldedSdpa(), sdpa_attention_forward], ids=["folded", "stock"])
+def test_the_fused_attention_backward_copies_no_gradient(attention):
+    """Profiled, one call forward and backward: sdpa runs a fused kernel (not the math
+    path; CPU's flash kernel here, the memory-efficient one under a mask on CUDA) and
+    its backward makes no copy of the gradient it is handed, folded or stock (the folded
+    output's gradient once arrived laid out otherwise, and each layer's backward copied it)."""
+    inputs, mask = _inputs(2, 8, 2, 37, 50, torch.bfloat16, 6)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        out = attention(_Attention(4), *inputs, mask, scaling=0.25)[0]
+        torch.autograd.grad(out, inputs, torch.randn_like(out))
+    kernels = [e for e in profile.events() if e.name.startswith("aten::_scaled_dot_product_")]
+    backwards = [e for e in kernels if e.name.endswith("_backward")]
+    assert len(backwards) == 1 and not any("math" in e.name for e in kernels), [e.name for e in kernels]
+    copies = [e.name for e in _descendants(backwards[0]) if e.name in ("aten::clone", "aten::copy_")]
+    assert not copies, f"{backwards[0].name} copied: {copies}"
+
+
 def test_the_mask_is_prepared_once_additive_folded_and_aligned():
     folded = FoldedSdpa()
     mask = torch.rand(2, 1, 3, 5, device=DEVICE) < 0.5
