@@ -105,6 +105,16 @@ class _TritonRMSNormWithResidual(_TritonRMSNorm):
         return grad_x.view(grad.shape), None, None
 
 
+def _add_rms_norm_saved(ctx, residual, branch, weight, eps, sum_copy=None):
+    """The add-and-norm forward kernel (``sum_copy``: also writes the sum there), keeping
+    what its backward reads: (normed, residual's shape; sum, (rows, width))."""
+    from entrgi_kernels.rms_norm import rms_norm_forward
+
+    y, inv_rms, total = rms_norm_forward(_norm_rows(residual), weight, eps, dense_rows(branch), sum_copy)
+    ctx.save_for_backward(total.view(-1, 1, total.shape[-1]), weight, inv_rms)
+    return y.view(residual.shape), total
+
+
 class _TritonAddRMSNorm(torch.autograd.Function):
     """(residual, branch) -> (rms_norm(residual + branch), residual + branch) in one
     kernel; the backward adds the sum's own gradient (the next residual path's) to the
@@ -112,12 +122,8 @@ class _TritonAddRMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, residual, branch, weight, eps):
-        from entrgi_kernels.rms_norm import rms_norm_forward
-
-        y, inv_rms, total = rms_norm_forward(_norm_rows(residual), weight, eps, dense_rows(branch))
-        rows = total.view(-1, 1, total.shape[-1])
-        ctx.save_for_backward(rows, weight, inv_rms)
-        return y.view(residual.shape), total.view(residual.shape)
+        normed, total = _add_rms_norm_saved(ctx, residual, branch, weight, eps)
+        return normed, total.view(residual.shape)
 
     @staticmethod
     def backward(ctx, grad, total_grad):
@@ -135,14 +141,11 @@ class _TritonAddRMSNormWritableSum(_TritonAddRMSNorm):
 
     @staticmethod
     def forward(ctx, residual, branch, weight, eps, copy):
-        from entrgi_kernels.rms_norm import rms_norm_forward
-
         width = residual.shape[-1]
-        rows = residual.numel() // width
-        writable = torch.empty(rows, width, dtype=residual.dtype, device=residual.device) if copy else None
-        y, inv_rms, total = rms_norm_forward(_norm_rows(residual), weight, eps, dense_rows(branch), writable)
-        ctx.save_for_backward(total.view(rows, 1, width), weight, inv_rms)
-        return y.view(residual.shape), total if writable is None else writable
+        shape = (residual.numel() // width, width)
+        writable = torch.empty(shape, dtype=residual.dtype, device=residual.device) if copy else None
+        normed, total = _add_rms_norm_saved(ctx, residual, branch, weight, eps, writable)
+        return normed, total if writable is None else writable
 
     @staticmethod
     def backward(ctx, grad, total_grad):
