@@ -10,8 +10,8 @@ import torch
 pytest.importorskip("triton")
 
 from entrgi.ops.layer_ops import (  # noqa: E402
-    _norm_rows, add_rms_norm, add_rms_norm_writable, merged_silu_gate, rms_norm, rms_norm_with_residual,
-    rotary_embedding, silu_gate,
+    _norm_rows, add_rms_norm, add_rms_norm_writable, merged_silu_gate, normed_rotary_embedding, rms_norm,
+    rms_norm_with_residual, rotary_embedding, silu_gate,
 )  # fmt: skip
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -304,6 +304,67 @@ def test_rotary_embedding_matches_the_stock_arithmetic(
     q64, cos64, sin64 = q.detach().double(), cos.double().unsqueeze(1), sin.double().unsqueeze(1)
     rotated = torch.cat([-q64[..., dim // 2 :], q64[..., : dim // 2]], -1)
     assert _max_relative(got[0], q64 * cos64 + rotated * sin64) <= 2 * _eps(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch, heads, kv_heads, length, dim", [(2, 4, 2, 7, 16), (1, 3, 1, 5, 64)])
+def test_normed_rotary_embedding_is_the_head_norms_then_the_rotation(dtype, batch, heads, kv_heads, length, dim):
+    """Qwen3's q_norm / k_norm and the rotation in one kernel each way: against the
+    separate triton kernels (the same roundings; only a row sum's order may differ), the
+    torch backend (the stock arithmetic) and float64, on slices of stacked q / k / v
+    projections as the models hand them over."""
+    generator = torch.Generator().manual_seed(dim + heads)
+    widths = [heads * dim, kv_heads * dim, kv_heads * dim]
+    qkv = (torch.randn(batch, length, sum(widths), generator=generator) * 3).to(dtype).to(DEVICE)
+    q, k, _ = qkv.requires_grad_(True).split(widths, -1)
+    q, k = (t.view(batch, length, -1, dim).transpose(1, 2) for t in (q, k))
+    q_weight, k_weight = ((torch.rand(dim, generator=generator) + 0.5).to(dtype).to(DEVICE) for _ in range(2))
+    angles = torch.rand(batch, length, dim // 2, generator=generator) * 6
+    cos, sin = (f(torch.cat([angles, angles], -1)).to(dtype).to(DEVICE) for f in (torch.cos, torch.sin))
+    grads = [torch.randn(t.shape, generator=generator).to(dtype).to(DEVICE) for t in (q, k)]
+
+    def run(fn):
+        outs = fn()
+        return outs, torch.autograd.grad(outs, [q, k], grads)
+
+    def separate():
+        normed = (rms_norm(x, w, 1e-6, backend="triton") for x, w in ((q, q_weight), (k, k_weight)))
+        return rotary_embedding(*normed, cos, sin, backend="triton")
+
+    got, got_grads = run(lambda: normed_rotary_embedding(q, k, cos, sin, q_weight, k_weight, 1e-6, "triton"))
+    assert all(t.is_contiguous() for t in got) and all(t.transpose(1, 2).is_contiguous() for t in got_grads)
+    for want, want_grads in (run(separate), run(lambda: normed_rotary_embedding(
+        q, k, cos, sin, q_weight, k_weight, 1e-6, "torch"))):  # fmt: skip
+        # a float32 row sum in another order moves a rotated value by a few ulps of the row's
+        # largest (the rotation cancels); 16-bit values are rounded alike and mostly equal
+        for got_t, want_t, ulps in zip(got + got_grads, want + want_grads, (2, 2, 4, 4)):
+            assert _max_relative(got_t, want_t.double()) <= ulps * _eps(dtype)
+            _assert_mostly_equal(got_t, want_t)
+    q64 = q.detach().double().requires_grad_(True)
+    normed = _rms_norm_64(q64, q_weight, 1e-6)
+    cos64, sin64 = cos.double().unsqueeze(1), sin.double().unsqueeze(1)
+    truth = normed * cos64 + torch.cat([-normed[..., dim // 2 :], normed[..., : dim // 2]], -1) * sin64
+    (truth_grad,) = torch.autograd.grad(truth, [q64], grads[0].double())
+    assert _max_relative(got[0], truth) <= 4 * _eps(dtype)
+    assert _max_relative(got_grads[0], truth_grad) <= 8 * _eps(dtype) and truth_grad.abs().max() > 0
+
+
+def test_normed_rotary_embedding_names_bad_inputs():
+    q, cos = torch.randn(1, 2, 3, 8, device=DEVICE), torch.randn(1, 3, 8, device=DEVICE)
+    weight = torch.ones(8, device=DEVICE)
+    with pytest.raises(
+        ValueError, match=r"normed_rotary_embedding needs q \(B, H, T, D\).*got \(1, 2, 3, 8\), \(3, 8\)"
+    ):
+        normed_rotary_embedding(q, q[0, 0], cos, cos, weight, weight, 1e-6)
+    with pytest.raises(ValueError, match=r"x \(\.\.\., H\) and weight \(H,\), got \(1, 2, 3, 8\) and \(4,\)"):
+        normed_rotary_embedding(q, q, cos, cos, weight, weight[:4], 1e-6)
+    with pytest.raises(
+        ValueError, match="norms' weights in q's dtype torch.float32, got torch.float32 and torch.bfloat16"
+    ):
+        normed_rotary_embedding(q, q, cos, cos, weight, weight.bfloat16(), 1e-6, backend="triton")
+    with pytest.raises(ValueError, match="power-of-two head size and one dtype, got D = 6"):
+        normed_rotary_embedding(q[..., :6], q[..., :6], cos[..., :6], cos[..., :6], weight[:6], weight[:6], 1e-6,
+                                backend="triton")  # fmt: skip
 
 
 def test_empty_inputs_give_empty_outputs_and_gradients():

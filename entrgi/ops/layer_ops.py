@@ -239,6 +239,33 @@ class _TritonRotary(torch.autograd.Function):
         return *rotary(grad_q, grad_k, cos, sin, *outs, backward=True), None, None
 
 
+class _TritonNormedRotary(torch.autograd.Function):
+    """:class:`_TritonRotary` of the per-head RMSNorms of q and k (one kernel each way);
+    keeps q and k (views into the projections' output, which attention keeps anyway),
+    cos, sin and 1 / rms per row."""
+
+    @staticmethod
+    def forward(ctx, q, k, cos, sin, q_weight, k_weight, eps):
+        from entrgi_kernels.rotary import HeadNorms, rotary
+
+        inv_rms = (torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device) for x in (q, k))
+        norms = HeadNorms(q_weight, k_weight, eps, *inv_rms)
+        ctx.save_for_backward(q, k, cos, sin, q_weight, k_weight, norms.q_inv_rms, norms.k_inv_rms)
+        ctx.eps, ctx.orders = eps, (_memory_order(q), _memory_order(k))
+        dense = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k))
+        return rotary(q, k, cos, sin, *dense, norms=norms)
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_k):
+        from entrgi_kernels.rotary import HeadNorms, rotary
+
+        q, k, cos, sin, q_weight, k_weight, q_inv_rms, k_inv_rms = ctx.saved_tensors
+        norms = HeadNorms(q_weight, k_weight, ctx.eps, q_inv_rms, k_inv_rms, q, k)
+        grad_q, grad_k = last_dim_contiguous(grad_q), last_dim_contiguous(grad_k)
+        outs = (_empty_in_order(grad, order) for grad, order in zip((grad_q, grad_k), ctx.orders))
+        return *rotary(grad_q, grad_k, cos, sin, *outs, backward=True, norms=norms), None, None, None, None, None
+
+
 def _memory_order(t: torch.Tensor) -> list[int]:
     """``t``'s dimensions from the outermost in memory to the innermost (the last)."""
     return sorted(range(t.dim() - 1), key=lambda d: -t.stride(d)) + [t.dim() - 1]
@@ -377,14 +404,7 @@ def fits_fused_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: 
     return shapes_fit and dim & (dim - 1) == 0 and len({q.dtype, k.dtype, cos.dtype, sin.dtype}) == 1
 
 
-def rotary_embedding(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str = "auto"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary position embedding of queries ``q`` (B, H, T, D) and keys ``k`` (B, H_kv,
-    T, D) with ``cos`` / ``sin`` (B or 1, T, D) broadcast over the heads, as Llama / Qwen
-    / Mistral compute it: ``x * cos + rotate_half(x) * sin``. Differentiable in q and k
-    (cos and sin get no gradient). ``backend``: ``auto`` (Triton on CUDA) | ``torch`` |
-    ``triton`` (head size D a power of two)."""
+def _check_rotary(op: str, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
         _check_float(name, t)
     batch, _, length, dim = q.shape if q.dim() == 4 else (None, None, None, None)
@@ -393,22 +413,71 @@ def rotary_embedding(
         or cos.shape != sin.shape or cos.dim() != 3 or cos.shape[0] not in (1, batch) or cos.shape[1:] != (length, dim)
     ):  # fmt: skip
         raise ValueError(
-            f"rotary_embedding needs q (B, H, T, D), k (B, H_kv, T, D) and cos, sin (B or 1, T, D); got "
+            f"{op} needs q (B, H, T, D), k (B, H_kv, T, D) and cos, sin (B or 1, T, D); got "
             f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(cos.shape)}, {tuple(sin.shape)}"
         )
     if cos.requires_grad or sin.requires_grad:
-        raise ValueError("rotary_embedding gives no gradient to cos and sin, but one requires it")
+        raise ValueError(f"{op} gives no gradient to cos and sin, but one requires it")
     if len({q.device, k.device, cos.device, sin.device}) != 1:
         raise ValueError(
             f"q, k, cos and sin must share a device, got {q.device}, {k.device}, {cos.device}, {sin.device}"
         )
+
+
+def _check_fused_rotary(op: str, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    if not fits_fused_rotary(q, k, cos, sin):
+        raise ValueError(
+            f"the triton {op} needs a power-of-two head size and one dtype, got D = {q.shape[-1]}, "
+            f"{q.dtype}, {k.dtype}, {cos.dtype}, {sin.dtype}"
+        )
+
+
+def rotary_embedding(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary position embedding of queries ``q`` (B, H, T, D) and keys ``k`` (B, H_kv,
+    T, D) with ``cos`` / ``sin`` (B or 1, T, D) broadcast over the heads, as Llama / Qwen
+    / Mistral compute it: ``x * cos + rotate_half(x) * sin``. Differentiable in q and k
+    (cos and sin get no gradient). ``backend``: ``auto`` (Triton on CUDA) | ``torch`` |
+    ``triton`` (head size D a power of two)."""
+    _check_rotary("rotary_embedding", q, k, cos, sin)
     if resolve_backend(backend, q.device) == "triton":
-        if not fits_fused_rotary(q, k, cos, sin):
-            raise ValueError(
-                f"the triton rotary_embedding needs a power-of-two head size and one dtype, got D = {dim}, "
-                f"{q.dtype}, {k.dtype}, {cos.dtype}, {sin.dtype}"
-            )
+        _check_fused_rotary("rotary_embedding", q, k, cos, sin)
         cos, sin = cos.contiguous(), sin.contiguous()
         return _TritonRotary.apply(last_dim_contiguous(q), last_dim_contiguous(k), cos, sin)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def normed_rotary_embedding(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    eps: float,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`rotary_embedding` of the per-head :func:`rms_norm` s of ``q`` and ``k``
+    (frozen weights (D,), one ``eps``), as Qwen3's attention computes them (``q_norm``,
+    ``k_norm``, then the rotation). With the triton backend the norms and the rotation
+    are one kernel each way (the normed rows are not stored; each row keeps 1 / rms), the
+    same roundings as the three separate kernels; ``torch``: the stock arithmetic.
+    ``backend``: ``auto`` (Triton on CUDA) | ``torch`` | ``triton``."""
+    _check_rotary("normed_rotary_embedding", q, k, cos, sin)
+    for x, weight in ((q, q_weight), (k, k_weight)):
+        _check_norm(x, weight, eps)
+    if resolve_backend(backend, q.device) == "torch":
+        normed = (rms_norm(x, weight, eps, "torch") for x, weight in ((q, q_weight), (k, k_weight)))
+        return rotary_embedding(*normed, cos, sin, "torch")
+    _check_fused_rotary("normed_rotary_embedding", q, k, cos, sin)
+    if q_weight.dtype != q.dtype or k_weight.dtype != q.dtype:
+        raise ValueError(
+            f"the triton normed_rotary_embedding needs the norms' weights in q's dtype {q.dtype}, got "
+            f"{q_weight.dtype} and {k_weight.dtype}"
+        )
+    weights = q_weight.contiguous(), k_weight.contiguous()
+    return _TritonNormedRotary.apply(
+        last_dim_contiguous(q), last_dim_contiguous(k), cos.contiguous(), sin.contiguous(), *weights, float(eps)
+    )
