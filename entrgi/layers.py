@@ -84,7 +84,12 @@ class LayerRunner:
         # a checkpoint recomputes after active() has restored the stock forwards, and
         # would find other saved tensors; inductor chooses what compiled layers keep
         lean = lean and not (compiled or checkpointed)
-        self.lean = lean_forwards(model) if lean else []
+        if lean:
+            from entrgi.normed_attention import normed_attention_forwards  # it imports the rewards' caches
+
+            self.lean = lean_forwards(model) + normed_attention_forwards(model)
+        else:
+            self.lean = []
         self.rotary = rotary_swaps(model) if lean else []
         self.folded_sdpa = lean and folded_sdpa_fits(model)
 

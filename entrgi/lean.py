@@ -52,7 +52,9 @@ ROTARY = "apply_rotary_pos_emb"  # the modelling modules' rotary function (Llama
 FUSED_ULPS = 2  # the triton backend's forward vs the module's own: eps of the output's dtype, times its largest value
 
 
-def _lean_rms_norm(module: torch.nn.Module, backend: str) -> Callable | None:
+def lean_rms_norm(module: torch.nn.Module, backend: str) -> Callable | None:
+    """A forward for an RMSNorm module (a frozen 1-D ``weight``, a float
+    ``variance_epsilon``) by :func:`rms_norm`; None for another module."""
     eps, weight = getattr(module, "variance_epsilon", None), getattr(module, "weight", None)
     if not isinstance(eps, float) or not isinstance(weight, torch.nn.Parameter) or weight.dim() != 1:
         return None
@@ -229,7 +231,7 @@ def _lean_decoder_layer(
     if backend != "triton" or any(not isinstance(part, torch.nn.Module) for part in parts):
         return None
     first_norm, attention, second_norm, mlp = parts
-    if _lean_rms_norm(first_norm, backend) is None or _lean_rms_norm(second_norm, backend) is None:
+    if lean_rms_norm(first_norm, backend) is None or lean_rms_norm(second_norm, backend) is None:
         return None
     second = (second_norm.weight, second_norm.variance_epsilon, backend)
 
@@ -260,11 +262,11 @@ def _layer_reproduces(module: torch.nn.Module, lean: Callable) -> bool:
     head_dim = getattr(attention, "head_dim", None)
     if not isinstance(head_dim, int) or head_dim % 2:
         return False
-    x = _random_input(module, width, dtype)
+    x = random_input(module, width, dtype)
     generator = torch.Generator(x.device).manual_seed(1)
     angles = torch.randn(2, 3, head_dim // 2, generator=generator, device=x.device)
     rotary = tuple(f(torch.cat([angles, angles], -1)).to(dtype) for f in (torch.cos, torch.sin))
-    norms = [(norm, "forward", _lean_rms_norm(norm, "triton")) for norm in (first_norm, second_norm)]
+    norms = [(norm, "forward", lean_rms_norm(norm, "triton")) for norm in (first_norm, second_norm)]
     from entrgi.layers import swapped_attributes
 
     try:
@@ -288,7 +290,8 @@ def agree(want, got, exact: bool) -> bool:
     return bool((got - want).abs().max() <= tolerance)
 
 
-def _random_input(module: torch.nn.Module, width: int, dtype: torch.dtype) -> torch.Tensor:
+def random_input(module: torch.nn.Module, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """A seeded random (2, 3, ``width``) input of ``dtype`` on ``module``'s device."""
     device = next(module.parameters()).device
     generator = torch.Generator(device).manual_seed(0)
     return torch.randn(2, 3, width, generator=generator, device=device).to(dtype)
@@ -296,7 +299,7 @@ def _random_input(module: torch.nn.Module, width: int, dtype: torch.dtype) -> to
 
 def _reproduces(module: torch.nn.Module, lean: Callable, width: int, dtype: torch.dtype, exact: bool) -> bool:
     """Whether ``lean`` gives ``module``'s own output on a random (2, 3, width) input."""
-    x = _random_input(module, width, dtype)
+    x = random_input(module, width, dtype)
     with torch.no_grad():
         return agree(module.forward(x), lean(x), exact)
 
@@ -305,14 +308,14 @@ def _projections_reproduce(projections: list[tuple[torch.nn.Linear, Callable]]) 
     """Whether stacked projection forwards, called in order on one random input as the
     attention calls them, give each projection's own output (within ``FUSED_ULPS``)."""
     first = projections[0][0]
-    x = _random_input(first, first.in_features, first.weight.dtype)
+    x = random_input(first, first.in_features, first.weight.dtype)
     with torch.no_grad():
         stacked = [forward(x) for _, forward in projections]
         return all(agree(type(linear).forward(linear, x), got, exact=False)
                    for (linear, _), got in zip(projections, stacked))  # fmt: skip
 
 
-def _fused_rotary(original: Callable) -> Callable:
+def fused_rotary(original: Callable) -> Callable:
     """``original``'s signature; the fused op where the call fits it (the models'
     layout: unsqueeze_dim 1, a power-of-two head size, one dtype), else ``original``."""
 
@@ -351,7 +354,7 @@ def rotary_swaps(model: torch.nn.Module, backend: str = "auto") -> list[tuple[Mo
         head_dim = getattr(module, "head_dim", None)
         if not callable(original) or not isinstance(head_dim, int) or python_module.__name__ in found:
             continue
-        fused = _fused_rotary(original)
+        fused = fused_rotary(original)
         dtype = next(module.parameters(), parameter).dtype
         if head_dim % 2 == 0 and _rotary_reproduces(original, fused, head_dim, dtype, parameter.device):
             found[python_module.__name__] = (python_module, fused)
@@ -391,7 +394,7 @@ def lean_forwards(model: torch.nn.Module, backend: str = "auto") -> list[tuple[t
             if _layer_reproduces(module, layer):
                 found.append((module, layer))
             continue
-        if (lean := _lean_rms_norm(module, backend)) is not None:
+        if (lean := lean_rms_norm(module, backend)) is not None:
             width, dtype = module.weight.shape[0], module.weight.dtype
         elif (lean := mlps.pop(module, None) or _lean_gated_mlp(module, backend)) is not None:
             width, dtype = module.gate_proj.in_features, module.gate_proj.weight.dtype

@@ -9,10 +9,11 @@ import torch
 
 from entrgi import load_reward
 import entrgi.lean
+import entrgi.normed_attention
 import entrgi.sdpa
 from entrgi.layers import swapped_attributes
 from entrgi.lean import (
-    QKV, ROTARY, StackedLinear, _fused_rotary, _projections_reproduce, _stacked_attention, lean_forwards, rotary_swaps,
+    QKV, ROTARY, StackedLinear, fused_rotary, _projections_reproduce, _stacked_attention, lean_forwards, rotary_swaps,
 )  # fmt: skip
 from entrgi.ops.layer_ops import add_rms_norm_writable, merged_silu_gate, rotary_embedding
 from helpers import assert_same_rewards, guided_reward_inputs, reward_scores_and_grads, saved_activation_bytes
@@ -219,7 +220,7 @@ def test_forced_fused_denoiser_gives_the_stock_logits_under_a_padding_mask(dream
     from entrgi import load_denoiser
 
     stock = load_denoiser(dream_like_path, kind="dream", fused_layers=False, device=DEVICE)
-    for module in (entrgi.lean, entrgi.sdpa):
+    for module in (entrgi.lean, entrgi.normed_attention, entrgi.sdpa):
         monkeypatch.setattr(module, "resolve_backend", lambda backend, device: "triton")
     fused = load_denoiser(dream_like_path, kind="dream", device=DEVICE)
     assert fused.layers.folded_sdpa and not stock.layers.folded_sdpa
@@ -240,7 +241,7 @@ def test_forced_fused_layers_generate_the_stock_tokens(dream_like_path, classifi
     prompts = ["red car", "a much longer prompt than the other"]
     stock_denoiser = load_denoiser(dream_like_path, kind="dream", fused_layers=False, device=DEVICE)
     stock_reward = load_reward(classifier_path, cache_prefix=cache_prefix, lean_activations=False, device=DEVICE)
-    for module in (entrgi.lean, entrgi.sdpa):
+    for module in (entrgi.lean, entrgi.normed_attention, entrgi.sdpa):
         monkeypatch.setattr(module, "resolve_backend", lambda backend, device: "triton")
     denoiser, reward = (
         load_denoiser(dream_like_path, kind="dream", device=DEVICE),
@@ -256,7 +257,7 @@ def test_forced_fused_layers_generate_the_stock_tokens(dream_like_path, classifi
 def test_fused_rotary_hands_calls_it_does_not_fit_to_the_stock_function():
     from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
 
-    fused = _fused_rotary(apply_rotary_pos_emb)
+    fused = fused_rotary(apply_rotary_pos_emb)
     q, k = torch.randn(2, 5, 3, 8, device=DEVICE), torch.randn(2, 5, 1, 8, device=DEVICE)  # (B, T, H, D)
     cos, sin = torch.randn(2, 5, 8, device=DEVICE), torch.randn(2, 5, 8, device=DEVICE)
     for got, want in zip(fused(q, k, cos, sin, unsqueeze_dim=2), apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)):
@@ -307,22 +308,26 @@ def test_fused_classifier_with_stacked_projections_gives_the_stock_rewards_and_g
     the reward's own path: packed inputs, and the prompt prefix cached by a no-grad pass
     the later calls attend to."""
     plain = load_reward(classifier_path, cache_prefix=cache_prefix, lean_activations=False, device=DEVICE)
-    for module in (entrgi.lean, entrgi.sdpa):
+    for module in (entrgi.lean, entrgi.normed_attention, entrgi.sdpa):
         monkeypatch.setattr(module, "resolve_backend", lambda backend, device: "triton")
     fused = load_reward(classifier_path, cache_prefix=cache_prefix, device=DEVICE)
-    # per layer the layer itself, four norms, the MLP and the q, k and v projections; and
-    # the final norm
-    assert len(fused.guidance_layers.lean) == 2 * 9 + 1
+    # per layer the layer itself, four norms, the MLP, the q, k and v projections and the
+    # attention (its head norms and rotary embedding as one op); and the final norm
+    assert len(fused.guidance_layers.lean) == 2 * 10 + 1
     assert sum(isinstance(module, torch.nn.Linear) for module, _ in fused.guidance_layers.lean) == 2 * 3
     assert fused.guidance_layers.folded_sdpa and not plain.guidance_layers.folded_sdpa
     groups, folded_call = [], entrgi.sdpa.FoldedSdpa.__call__
     monkeypatch.setattr(entrgi.sdpa.FoldedSdpa, "__call__", lambda self, module, query, key, *args, **kwargs:
                         groups.append(query.shape[1] // key.shape[1]) or folded_call(self, module, query, key, *args,
                                                                                        **kwargs))  # fmt: skip
+    normed, normed_call = [], entrgi.normed_attention.normed_rotary_embedding
+    monkeypatch.setattr(entrgi.normed_attention, "normed_rotary_embedding",
+                        lambda *args: normed.append(args) or normed_call(*args))  # fmt: skip
     context = plain.prepare(PROMPTS, 3)
     embeds, valid = guided_reward_inputs(plain, 6, 7, seed=8)
     assert_same_rewards((plain, context), (fused, fused.prepare(PROMPTS, 3)), embeds, valid, tol=1e-4)
     assert set(groups) == {2}  # the layers' attention ran folded: two query heads per key / value head
+    assert len(normed) == len(groups)  # each with its head norms and rotary embedding as one op (cache or not)
 
 
 def test_stacked_projections_are_checked_call_by_call_and_hand_out_slices_of_one_input_only():

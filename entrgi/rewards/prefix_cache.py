@@ -71,6 +71,10 @@ class _Recorder:
         return 0
 
 
+# this package's caches: their update takes keys, values and the layer index alone, under every transformers version
+OWN_CACHES = (PrefixKeysValues, _OneLayerKeysValues, _Recorder)
+
+
 @torch.no_grad()
 def prefix_keys_values(base_model, inputs: dict) -> tuple[torch.Tensor, ...]:
     """Run ``base_model`` (the decoder body) on the prefix ``inputs`` (inputs_embeds,
