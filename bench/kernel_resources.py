@@ -45,8 +45,8 @@ from triton.runtime.jit import JITFunction
 import entrgi
 from entrgi.ops import entropy_confidence
 from entrgi.ops.layer_ops import (
-    add_rms_norm, add_rms_norm_writable, merged_silu_gate, rms_norm, rms_norm_with_residual, rotary_embedding,
-    silu_gate,
+    add_rms_norm, add_rms_norm_writable, merged_silu_gate, normed_rotary_embedding, rms_norm, rms_norm_with_residual,
+    rotary_embedding, silu_gate,
 )  # fmt: skip
 from entrgi.ops.step import STEP_ALGS
 from entrgi.optim import LogitAdam
@@ -181,8 +181,8 @@ def exercise_ops() -> None:
     recomputed moments), and the layer ops a reward's and a denoiser's layers run
     (rms_norm at a Qwen head's, Qwen3-1.7B's and Qwen2-7B's widths, silu_gate at
     Qwen3-1.7B's width and merged_silu_gate at Qwen3-0.6B's (another block), add_rms_norm,
-    add_rms_norm_writable and rms_norm_with_residual (the residual-add variants), rotary_embedding;
-    forward and backward)."""
+    add_rms_norm_writable and rms_norm_with_residual (the residual-add variants), rotary_embedding
+    and normed_rotary_embedding (its variant with the head norms); forward and backward)."""
     table = torch.randn(VOCAB, DIM, dtype=torch.bfloat16)
     table_rows = torch.arange(VOCAB)
     active = torch.arange(ROWS) % 3 > 0
@@ -236,9 +236,12 @@ def exercise_ops() -> None:
         merged_silu_gate(gate_up, backend="triton").backward(torch.randn(ROWS, 3072).to(dtype))
         q, k = (torch.randn(2, ROWS, heads, 128).to(dtype).transpose(1, 2).requires_grad_(True) for heads in (16, 8))
         cos = torch.randn(2, ROWS, 128).to(dtype)
-        torch.autograd.backward(
-            rotary_embedding(q, k, cos, cos, backend="triton"), [torch.randn_like(q), torch.randn_like(k)]
-        )
+        weight = torch.randn(128).to(dtype)
+        for rotated in (
+            rotary_embedding(q, k, cos, cos, backend="triton"),
+            normed_rotary_embedding(q, k, cos, cos, weight, weight, 1e-6, backend="triton"),
+        ):
+            torch.autograd.backward(rotated, [torch.randn_like(q), torch.randn_like(k)])
 
 
 def declared_kernels() -> set[str]:

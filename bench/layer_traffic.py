@@ -47,6 +47,7 @@ from torch.utils._pytree import tree_flatten
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import entrgi.lean  # noqa: E402
+import entrgi.normed_attention  # noqa: E402
 import entrgi.sdpa  # noqa: E402
 from entrgi.layers import swapped_attributes  # noqa: E402
 from entrgi.lean import ROTARY  # noqa: E402
@@ -158,8 +159,11 @@ def fused_kernels_counted(traffic: Traffic) -> Iterator[None]:
     def gate_backward(grad, gate, up, grad_gate, grad_up):
         traffic.add("triton silu_gate backward", [grad, gate, up, grad_gate, grad_up])
 
-    def rotate(q, k, cos, sin, q_out, k_out, backward=False):
-        traffic.add(f"triton rotary {'backward' if backward else 'forward'}", [q, k, cos, sin, q_out, k_out])
+    def rotate(q, k, cos, sin, q_out, k_out, backward=False, norms=None):
+        # with the head norms: their weights and 1 / rms per row, and backward the forward's q and k
+        normed = [] if norms is None else [t for t in (*norms[:2], *norms[3:]) if t is not None]
+        name = "triton rotary" if norms is None else "triton normed rotary"
+        traffic.add(f"{name} {'backward' if backward else 'forward'}", [q, k, cos, sin, q_out, k_out, *normed])
         return q_out, k_out
 
     patches = [
@@ -231,12 +235,19 @@ def _accept(*args, **kwargs) -> bool:
 
 
 def _lean_swaps(model: torch.nn.Module, backend: str) -> list[tuple[object, str, object]]:
-    """``model``'s lean forwards and (triton) fused rotary functions and folded sdpa
-    attention as attribute swaps, accepted unchecked (meta tensors hold no numbers)."""
+    """``model``'s lean forwards, (triton) normed-rotary attention forwards, fused rotary
+    functions and folded sdpa attention as attribute swaps, accepted unchecked (meta
+    tensors hold no numbers)."""
     checks = ("_reproduces", "_projections_reproduce", "_layer_reproduces", "_rotary_reproduces")
-    unchecked = [(entrgi.lean, check, _accept) for check in checks] + [(entrgi.sdpa, "folded_sdpa_reproduces", _accept)]
+    unchecked = [(entrgi.lean, check, _accept) for check in checks] + [
+        (entrgi.sdpa, "folded_sdpa_reproduces", _accept),
+        (entrgi.normed_attention, "_normed_attention_reproduces", _accept),
+    ]
     with swapped_attributes(unchecked):
-        forwards = [(module, "forward", forward) for module, forward in entrgi.lean.lean_forwards(model, backend)]
+        lean = entrgi.lean.lean_forwards(model, backend) + entrgi.normed_attention.normed_attention_forwards(
+            model, backend
+        )
+        forwards = [(module, "forward", forward) for module, forward in lean]
         rotary = [(module, ROTARY, fused) for module, fused in entrgi.lean.rotary_swaps(model, backend)]
         folded = [entrgi.sdpa.folded_sdpa_swap()] if entrgi.sdpa.folded_sdpa_fits(model, backend) else []
         return forwards + rotary + folded

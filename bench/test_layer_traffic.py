@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import layer_traffic  # noqa: E402
 
 import entrgi.lean  # noqa: E402
+import entrgi.normed_attention  # noqa: E402
 
 
 def test_fused_layers_move_less_than_lean_and_stock_ones(monkeypatch):
@@ -44,8 +45,12 @@ def test_fused_layers_move_less_than_lean_and_stock_ones(monkeypatch):
     # every norm runs one kernel forward and one backward (the final norm's too)
     assert fused["triton rms_norm forward"] == fused["triton rms_norm backward"] > 0
     assert "pow" not in fused and "pow" in counts["lean"]["reward fwd+bwd"].launches
-    # and the rotary embedding one kernel per layer each way, for its query and key
-    assert fused["triton rotary forward"] == fused["triton rotary backward"] == 2  # the tiny reward's layers
+    # and each attention's head norms and rotary embedding one kernel per layer each way, for
+    # its queries and keys (the denoiser's attention, without head norms, the rotary one)
+    assert fused["triton normed rotary forward"] == fused["triton normed rotary backward"] == 2  # the reward's layers
+    assert "triton rotary forward" not in fused
+    denoiser = counts["fused"]["denoiser forward"].launches
+    assert denoiser["triton rotary forward"] == 2 and "triton normed rotary forward" not in denoiser
     assert "neg" not in fused and "neg" in counts["lean"]["reward fwd+bwd"].launches
     # ops on scalars and dtypes alone run on the host, and allocations launch nothing: no
     # launch (the norm's output dtype; the attention stand-in's gradients, made in (B, T, H, D) order)
@@ -57,6 +62,13 @@ def test_fused_layers_move_less_than_lean_and_stock_ones(monkeypatch):
     # several key / value heads, the folded query's gradient; there the repeats' two copies
     # go: the tiny reward's single head repeats as a view)
     monkeypatch.undo()  # stacked again
+    # run separately, the two head norms and the rotation are three kernels each way, not one
+    monkeypatch.setattr(entrgi.normed_attention, "_fits", lambda module: None)
+    separate = layer_traffic.count("tiny", "fused")["reward fwd+bwd"].launches
+    assert sum(separate.values()) == sum(fused.values()) + 2 * 2 * 2
+    assert separate["triton rms_norm forward"] == fused["triton rms_norm forward"] + 2 * 2
+    assert separate["triton rotary backward"] == fused["triton normed rotary backward"]
+    monkeypatch.undo()
     # the decoder layers' residual adds run inside other kernels: per layer one add fewer
     # forward before the second norm (inside it) and one after the MLP (its down
     # projection accumulates into the sum in place), and two backward (where each
