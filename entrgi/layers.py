@@ -18,9 +18,11 @@ capturable. About one extra forward for most of the activation memory.
 ``lean``: the layers' RMSNorms and gated MLPs keep less for the backward and, on
 CUDA, run as one fused Triton kernel each way, as does the rotary embedding (see
 :mod:`entrgi.lean`; the same values, up to rounding when fused; about a third less
-activation memory for Qwen-family layers, nothing recomputed but one elementwise op),
-and transformers' sdpa attention runs grouped query heads folded, with the mask
-prepared once per forward (:mod:`entrgi.sdpa`). Only for layers neither compiled
+activation memory for Qwen-family layers, nothing recomputed but one elementwise op);
+an attention that normalises each query and key head (Qwen3) runs those norms inside
+the rotary kernel (:mod:`entrgi.normed_attention`), and transformers' sdpa attention
+runs grouped query heads folded, with the mask prepared once per forward
+(:mod:`entrgi.sdpa`). Only for layers neither compiled
 (inductor fuses and chooses what to keep) nor checkpointed (they keep their inputs
 alone).
 

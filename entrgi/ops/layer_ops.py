@@ -13,11 +13,12 @@ and gradients match it bit for bit. ``triton``: one kernel per forward and backw
 roundings in the same places; only the order of an RMSNorm's row sum and the exp's
 implementation differ (16-bit results equal or one unit in the last place apart). One
 guidance call of a Qwen3-1.7B reward over 16 x 137 tokens moves 79.6 GB in 3,849
-elementwise launches with the ``torch`` backend and 16.7 GB in 555 with ``triton``
+elementwise launches with the ``torch`` backend and 15.2 GB in 443 with ``triton``
 (whose gate and up projections, and q, k and v projections, run as one GEMM each,
 :func:`merged_silu_gate`; whose residual adds run inside the norms' kernels,
 :func:`add_rms_norm`, :func:`rms_norm_with_residual`, and the down projection's GEMM,
-:func:`add_rms_norm_writable`; and whose attention runs folded, :mod:`entrgi.sdpa`),
+:func:`add_rms_norm_writable`; whose head norms run inside the rotary kernel,
+:func:`normed_rotary_embedding`; and whose attention runs folded, :mod:`entrgi.sdpa`),
 against 14.0 GB for all its GEMMs (counted on the meta device by
 ``bench/layer_traffic.py``; not a timing). The triton RMSNorm reads rows where they
 lie, (outer, inner) strided: a per-head norm of a slice of stacked projections copies
