@@ -133,7 +133,7 @@ class _LeanGatedMlp:
         no hooks or other forward on the module or its down projection (host checks)."""
         down = self.module.down_proj
         plain = type(down) is torch.nn.Linear and down.bias is None and down.weight.dtype == dtype
-        return plain and _runs_as_built(down, None) and _runs_as_built(self.module, self)
+        return plain and runs_as_built(down, None) and runs_as_built(self.module, self)
 
     def add_into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """``out`` (rows, width) += this MLP of ``x`` (..., width), accumulated by the down
@@ -143,7 +143,7 @@ class _LeanGatedMlp:
         return out.addmm_(gated.reshape(-1, gated.shape[-1]), self.module.down_proj.weight.t())
 
 
-def _runs_as_built(module: torch.nn.Module, forward: Callable | None) -> bool:
+def runs_as_built(module: torch.nn.Module, forward: Callable | None) -> bool:
     """No hooks on ``module``, and its forward is its class's or ``forward``."""
     if module._forward_hooks or module._forward_pre_hooks:
         return False

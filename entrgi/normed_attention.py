@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from entrgi.lean import ROTARY, agree, fused_rotary, lean_rms_norm, random_input
+from entrgi.lean import ROTARY, agree, fused_rotary, lean_rms_norm, random_input, runs_as_built
 from entrgi.ops.layer_ops import fits_fused_rotary, normed_rotary_embedding
 from entrgi.ops.validation import resolve_backend
 from entrgi.rewards.prefix_cache import OWN_CACHES, PrefixKeysValues, cache_argument
@@ -70,8 +70,9 @@ class NormedRotaryAttention:
 
 def _fits(module: torch.nn.Module) -> Callable | None:
     """The modelling module's ``eager_attention_forward`` where ``module`` is a
-    Qwen3-style attention :class:`NormedRotaryAttention` can run (frozen lean-able head
-    norms of one eps, a power-of-two head size); else None."""
+    Qwen3-style attention :class:`NormedRotaryAttention` can run (frozen head norms of
+    one eps and dtype, without hooks or forwards of their own; a power-of-two head
+    size); else None."""
     parts = [getattr(module, name, None) for name in PARTS]
     if any(not isinstance(part, torch.nn.Module) for part in parts) or "forward" in module.__dict__:
         return None
@@ -80,6 +81,8 @@ def _fits(module: torch.nn.Module) -> Callable | None:
         return None
     q_norm, k_norm = parts[4:]
     if lean_rms_norm(q_norm, "triton") is None or lean_rms_norm(k_norm, "triton") is None:
+        return None
+    if not (runs_as_built(q_norm, None) and runs_as_built(k_norm, None)):  # hooks the fused op would skip
         return None
     if q_norm.weight.shape != (head_dim,) or k_norm.weight.shape != (head_dim,):
         return None

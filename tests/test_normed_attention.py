@@ -117,6 +117,9 @@ def test_attention_the_fused_forward_does_not_reproduce_is_left_alone(monkeypatc
             patch.setattr(Qwen3Attention, "forward", other_forward)
             assert normed_attention_forwards(model, backend="triton") == []
     assert len(normed_attention_forwards(model, backend="triton")) == 2
+    hook = model.model.layers[0].self_attn.q_norm.register_forward_hook(lambda *args: None)
+    assert len(normed_attention_forwards(model, backend="triton")) == 1  # the fused op would skip the hook
+    hook.remove()
     for layer in model.model.layers:
         layer.self_attn.k_norm.variance_epsilon = 1e-3  # the two norms' eps differ: one kernel takes one
     assert normed_attention_forwards(model, backend="triton") == []
