@@ -9,9 +9,10 @@ one, and everything else as the stock code has it: the projections (stacked ones
 :func:`entrgi.lean.lean_forwards` stacked them), the cache's ``update``, the model's
 attention function (``ALL_ATTENTION_FUNCTIONS``, so :mod:`entrgi.sdpa`'s folded
 attention where it is swapped in), ``o_proj``. A call it does not cover runs the stock
-forward: positional arguments past the mask, a key/value cache other than this
+forward: positional arguments past the mask, or a key/value cache other than this
 package's prefix caches (whose ``update`` takes keys, values and the layer index alone,
-under every transformers version), or tensors the fused kernel does not take.
+under every transformers version); tensors the fused kernel does not take get the stock
+norm and rotary calls.
 """
 
 from __future__ import annotations
@@ -50,11 +51,15 @@ class NormedRotaryAttention:
         module = self.module
         input_shape = hidden_states.shape[:-1]
         heads = (*input_shape, -1, module.head_dim)
-        q, k, v = (getattr(module, name)(hidden_states).view(heads).transpose(1, 2) for name in PARTS[:3])
-        if not fits_fused_rotary(q, k, cos, sin) or module.q_norm.weight.dtype != q.dtype:
-            return self._stock(hidden_states, position_embeddings, attention_mask, **kwargs)
+        q, k, v = (getattr(module, name)(hidden_states).view(heads) for name in PARTS[:3])
         q_norm, k_norm = module.q_norm, module.k_norm
-        q, k = normed_rotary_embedding(q, k, cos, sin, q_norm.weight, k_norm.weight, q_norm.variance_epsilon, "triton")
+        if fits_fused_rotary(q, k, cos, sin) and q_norm.weight.dtype == q.dtype:
+            q, k = normed_rotary_embedding(q.transpose(1, 2), k.transpose(1, 2), cos, sin, q_norm.weight,
+                                           k_norm.weight, q_norm.variance_epsilon, "triton")  # fmt: skip
+        else:  # tensors the kernel does not take (cos and sin of another dtype): the stock calls
+            rotate = getattr(sys.modules[type(module).__module__], ROTARY)
+            q, k = rotate(q_norm(q).transpose(1, 2), k_norm(k).transpose(1, 2), cos, sin)
+        v = v.transpose(1, 2)
         for name in CACHE_KWARGS:
             if (cache := kwargs.pop(name, None)) is not None:
                 k, v = cache.update(k, v, module.layer_idx)
@@ -88,6 +93,8 @@ def _fits(module: torch.nn.Module) -> Callable | None:
         return None
     if q_norm.variance_epsilon != k_norm.variance_epsilon or q_norm.weight.dtype != k_norm.weight.dtype:
         return None
+    if not isinstance(parts[0], torch.nn.Linear) or parts[0].weight.dtype != q_norm.weight.dtype:
+        return None  # the kernel's norm weights are of the queries' dtype
     python_module = sys.modules.get(type(module).__module__)
     eager = getattr(python_module, "eager_attention_forward", None)
     has_config = hasattr(getattr(module, "config", None), "_attn_implementation")

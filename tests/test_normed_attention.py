@@ -93,6 +93,11 @@ def test_calls_it_does_not_cover_run_the_stock_forward(monkeypatch):
         want = attention(x, (cos, sin), None, None)[0]
         assert torch.equal(forward(x, (cos, sin), None, None)[0], want) and not calls
         forward(x, (cos, sin), None)
+        assert len(calls) == 1
+        # rotary tables of another dtype than the queries': the stock norm and rotary calls
+        model.float()
+        want = attention(x.float(), (cos, sin), None)[0]
+        assert want.dtype == torch.float32 and torch.equal(forward(x.float(), (cos, sin), None)[0], want)
     assert len(calls) == 1
 
 
