@@ -373,6 +373,11 @@ def test_empty_inputs_give_empty_outputs_and_gradients():
     outs = rms_norm(x, torch.ones(16, device=DEVICE), 1e-6, backend="triton"), silu_gate(gate, gate, backend="triton")
     torch.autograd.backward([out.sum() for out in outs])
     assert outs[0].shape == x.grad.shape == (0, 3, 16) and outs[1].shape == gate.grad.shape == (0, 8)
+    q, cos = torch.randn(2, 3, 0, 16, device=DEVICE, requires_grad=True), torch.randn(2, 0, 16, device=DEVICE)
+    rotated = normed_rotary_embedding(q, q, cos, cos, torch.ones(16, device=DEVICE), torch.ones(16, device=DEVICE),
+                                      1e-6, backend="triton")  # fmt: skip
+    torch.autograd.backward([out.sum() for out in rotated])
+    assert rotated[0].shape == q.grad.shape == (2, 3, 0, 16)
 
 
 def test_layer_ops_name_bad_inputs():
