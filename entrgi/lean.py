@@ -19,7 +19,9 @@ pre-norm decoder layer's residual adds run inside its norms' kernels and its MLP
 down projection (:func:`_lean_decoder_layer`); and the modelling module's
 ``apply_rotary_pos_emb`` is swapped for one kernel for queries and keys together
 (:func:`rotary_swaps`; a module-level function, so the swap holds for every model of
-that family while :meth:`entrgi.layers.LayerRunner.active` runs).
+that family while :meth:`entrgi.layers.LayerRunner.active` runs; an attention that
+normalises its query and key heads first runs those norms in the same kernel,
+:mod:`entrgi.normed_attention`).
 
 Exactness: each module is swapped only after its lean forward reproduced its own
 forward on a random input (:func:`lean_forwards`). The ``torch`` backend applies the
