@@ -460,9 +460,9 @@ def normed_rotary_embedding(
     eps: float,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`rotary_embedding` of the per-head :func:`rms_norm` s of ``q`` and ``k``
-    (frozen weights (D,), one ``eps``), as Qwen3's attention computes them (``q_norm``,
-    ``k_norm``, then the rotation). With the triton backend the norms and the rotation
+    """:func:`rotary_embedding` of the per-head RMSNorms (:func:`rms_norm`) of ``q`` and
+    ``k`` (frozen weights (D,), one ``eps``), as Qwen3's attention computes them
+    (``q_norm``, ``k_norm``, then the rotation). With the triton backend the norms and the rotation
     are one kernel each way (the normed rows are not stored; each row keeps 1 / rms), the
     same roundings as the three separate kernels; ``torch``: the stock arithmetic.
     ``backend``: ``auto`` (Triton on CUDA) | ``torch`` | ``triton``."""
