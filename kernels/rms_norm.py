@@ -36,6 +36,32 @@ TILE_ELEMENTS = 4096  # rows per program: as many as fill this many elements
 
 
 @triton.jit
+def inverse_rms(x, width, eps):
+    """1 / rms of each row of fp32 ``x`` (R, W) whose ``width`` real columns are
+    followed by zeros: (R,) fp32."""
+    return tl.rsqrt(tl.sum(x * x, axis=1) / width + eps)
+
+
+@triton.jit
+def normed_rows(x, inv_rms, weight, x_dtype: tl.constexpr, out_dtype: tl.constexpr):
+    """``weight * (x * inv_rms).to(x_dtype)`` rounded to ``out_dtype``: the normalised row
+    rounded to x's dtype before the weight multiplies it, as the eager code rounds it
+    (fp32 ``x`` (R, W), ``inv_rms`` (R, 1), ``weight`` (1, W))."""
+    return round_to(weight * round_to(x * inv_rms, x_dtype).to(tl.float32), out_dtype)
+
+
+@triton.jit
+def normed_rows_grad(grad, x, weight, inv_rms, width, x_dtype: tl.constexpr):
+    """fp32 dL/dx (unrounded) of :func:`normed_rows` from fp32 dL/dy ``grad`` (R, W), the
+    rows ``x``, ``weight`` (1, W) and ``inv_rms`` (R, 1); the gradient reaching the
+    normalised row arrives in x's dtype (autograd's cast)."""
+    grad_normed = round_to(grad * weight, x_dtype).to(tl.float32)
+    grad_inv_rms = tl.sum(grad_normed * x, axis=1)[:, None]
+    grad_mean_square = -0.5 * grad_inv_rms * inv_rms * inv_rms * inv_rms  # rsqrt's backward
+    return grad_normed * inv_rms + (grad_mean_square / width) * (2.0 * x)
+
+
+@triton.jit
 def _load_rows(x_ptr, weight_ptr, rows, inner, stride_outer, stride_inner, width, BLOCK_R: tl.constexpr,
                BLOCK_H: tl.constexpr):  # fmt: skip
     """This program's rows: (offsets (BLOCK_R, BLOCK_H) int64 of the contiguous outputs,
@@ -78,9 +104,9 @@ def _rms_norm_forward_kernel(
         tl.store(sum_ptr + offsets, x.to(sum_ptr.dtype.element_ty), mask=ok)
         if COPY_SUM:
             tl.store(sum_copy_ptr + offsets, x.to(sum_copy_ptr.dtype.element_ty), mask=ok)
-    inv_rms = tl.rsqrt(tl.sum(x * x, axis=1) / width + eps)
-    normed = round_to(x * inv_rms[:, None], x_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(y_ptr + offsets, round_to(weight * normed, y_ptr.dtype.element_ty), mask=ok)
+    inv_rms = inverse_rms(x, width, eps)
+    y = normed_rows(x, inv_rms[:, None], weight, x_ptr.dtype.element_ty, y_ptr.dtype.element_ty)
+    tl.store(y_ptr + offsets, y, mask=ok)
     tl.store(inv_rms_ptr + row, inv_rms, mask=row < rows)
 
 
@@ -105,11 +131,7 @@ def _rms_norm_backward_kernel(
                                              BLOCK_R, BLOCK_H)  # fmt: skip
     grad = tl.load(grad_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
     inv_rms = tl.load(inv_rms_ptr + row, mask=row < rows, other=0.0)[:, None]
-    # the gradient reaching the normalised row arrives in its dtype, x's (autograd's cast)
-    grad_normed = round_to(grad * weight, x_ptr.dtype.element_ty).to(tl.float32)
-    grad_inv_rms = tl.sum(grad_normed * x, axis=1)[:, None]
-    grad_mean_square = -0.5 * grad_inv_rms * inv_rms * inv_rms * inv_rms  # rsqrt's backward
-    grad_x = grad_normed * inv_rms + (grad_mean_square / width) * (2.0 * x)
+    grad_x = normed_rows_grad(grad, x, weight, inv_rms, width, x_ptr.dtype.element_ty)
     if ACCUMULATE:  # x's other use (a residual path) adds its gradient, as autograd adds it: to the rounded one
         residual_grad = tl.load(residual_grad_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
         grad_x = round_to(grad_x, grad_x_ptr.dtype.element_ty).to(tl.float32) + residual_grad

@@ -28,16 +28,10 @@ import torch
 import triton
 import triton.language as tl
 
+from entrgi_kernels.rms_norm import inverse_rms, normed_rows, normed_rows_grad
 from entrgi_kernels.rounding import round_to
 
 TILE_ELEMENTS = 2048  # rows per program: as many as fill this many elements (16 per thread)
-
-
-@triton.jit
-def _normed(x, inv_rms, weight, dtype: tl.constexpr):
-    """``weight * (x * inv_rms).to(dtype)`` rounded to ``dtype``, as the rms_norm kernel
-    rounds it (fp32 in and out)."""
-    return round_to(weight * round_to(x * inv_rms, dtype).to(tl.float32), dtype).to(tl.float32)
 
 
 @triton.jit
@@ -86,10 +80,12 @@ def _rotate_rows(
     cos = tl.load(cos_ptr + cs_rows + col, mask=ok, other=0.0).to(tl.float32)
     first_half = col < D // 2
     if NORM and not BACKWARD:  # the row rotated is rms_norm(x)
-        inv_rms = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)
+        inv_rms = inverse_rms(x, D, eps)
         tl.store(inv_rms_ptr + row, inv_rms, mask=row < rows)
-        x = _normed(x, inv_rms[:, None], tl.load(weight_ptr + col).to(tl.float32), dtype)
-        x_partner = _normed(x_partner, inv_rms[:, None], tl.load(weight_ptr + partner).to(tl.float32), dtype)
+        weight = tl.load(weight_ptr + col).to(tl.float32)
+        weight_partner = tl.load(weight_ptr + partner).to(tl.float32)
+        x = normed_rows(x, inv_rms[:, None], weight, dtype, dtype).to(tl.float32)
+        x_partner = normed_rows(x_partner, inv_rms[:, None], weight_partner, dtype, dtype).to(tl.float32)
     if BACKWARD:  # dx = g cos + rotate_half^T(g sin): column j takes +-(g sin) from its partner
         sin_partner = tl.load(sin_ptr + cs_rows + partner, mask=ok, other=0.0).to(tl.float32)
         moved = round_to(x_partner * sin_partner, dtype).to(tl.float32)
@@ -103,10 +99,8 @@ def _rotate_rows(
         input_rows = (b * input_stride_b + h * input_stride_h + t * input_stride_t)[:, None]
         x = tl.load(input_ptr + input_rows + col, mask=ok, other=0.0).to(tl.float32)
         inv_rms = tl.load(inv_rms_ptr + row, mask=row < rows, other=0.0)[:, None]
-        grad_normed = round_to(out.to(tl.float32) * tl.load(weight_ptr + col).to(tl.float32), dtype).to(tl.float32)
-        grad_inv_rms = tl.sum(grad_normed * x, axis=1)[:, None]
-        grad_mean_square = -0.5 * grad_inv_rms * inv_rms * inv_rms * inv_rms  # rsqrt's backward
-        out = round_to(grad_normed * inv_rms + (grad_mean_square / D) * (2.0 * x), dtype)
+        weight = tl.load(weight_ptr + col).to(tl.float32)
+        out = round_to(normed_rows_grad(out.to(tl.float32), x, weight, inv_rms, D, dtype), dtype)
     tl.store(out_ptr + out_rows + col, out, mask=ok)
 
 
