@@ -60,7 +60,7 @@ def model_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 # what a decoder layer's key/value cache argument is called (transformers >= 5.24: cache)
-_CACHE_KWARGS = ("past_key_values", "cache")
+CACHE_KWARGS = ("past_key_values", "cache")
 
 
 def _call(forward, *args, **kwargs):
@@ -97,7 +97,7 @@ class LayerRunner:
 
     def _layer_forward(self, index: int, forward):
         def run(*args, **kwargs):
-            for name in _CACHE_KWARGS:
+            for name in CACHE_KWARGS:
                 if hasattr(kwargs.get(name), "for_layer"):
                     kwargs[name] = kwargs[name].for_layer(index)
             layer_call = functools.partial(self._call, forward)

@@ -265,9 +265,7 @@ def _layer_reproduces(module: torch.nn.Module, lean: Callable) -> bool:
     if not isinstance(head_dim, int) or head_dim % 2:
         return False
     x = random_input(module, width, dtype)
-    generator = torch.Generator(x.device).manual_seed(1)
-    angles = torch.randn(2, 3, head_dim // 2, generator=generator, device=x.device)
-    rotary = tuple(f(torch.cat([angles, angles], -1)).to(dtype) for f in (torch.cos, torch.sin))
+    rotary = random_rotary(head_dim, dtype, torch.Generator(x.device).manual_seed(1))
     norms = [(norm, "forward", lean_rms_norm(norm, "triton")) for norm in (first_norm, second_norm)]
     from entrgi.layers import swapped_attributes
 
@@ -290,6 +288,13 @@ def agree(want, got, exact: bool) -> bool:
         return torch.equal(got, want)
     tolerance = FUSED_ULPS * torch.finfo(want.dtype).eps * want.abs().max()
     return bool((got - want).abs().max() <= tolerance)
+
+
+def random_rotary(head_dim: int, dtype: torch.dtype, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin), each (2, 3, ``head_dim``) of ``dtype`` on ``generator``'s device, of
+    random rotary angles laid out as the models lay theirs out (the half repeated)."""
+    angles = torch.randn(2, 3, head_dim // 2, generator=generator, device=generator.device)
+    return tuple(f(torch.cat([angles, angles], -1)).to(dtype) for f in (torch.cos, torch.sin))
 
 
 def random_input(module: torch.nn.Module, width: int, dtype: torch.dtype) -> torch.Tensor:
@@ -334,8 +339,7 @@ def fused_rotary(original: Callable) -> Callable:
 def _rotary_reproduces(original: Callable, fused: Callable, head_dim: int, dtype, device) -> bool:
     generator = torch.Generator(device).manual_seed(0)
     q, k = (torch.randn(2, heads, 3, head_dim, generator=generator, device=device).to(dtype) for heads in (2, 1))
-    angles = torch.randn(2, 3, head_dim // 2, generator=generator, device=device)
-    cos, sin = (f(torch.cat([angles, angles], -1)).to(dtype) for f in (torch.cos, torch.sin))
+    cos, sin = random_rotary(head_dim, dtype, generator)
     with torch.no_grad():
         return agree(original(q, k, cos, sin), fused(q, k, cos, sin), exact=False)
 

@@ -22,12 +22,12 @@ from typing import Callable
 
 import torch
 
-from entrgi.lean import ROTARY, agree, fused_rotary, lean_rms_norm, random_input, runs_as_built
+from entrgi.layers import CACHE_KWARGS, swapped_attributes
+from entrgi.lean import ROTARY, agree, fused_rotary, lean_rms_norm, random_input, random_rotary, runs_as_built
 from entrgi.ops.layer_ops import fits_fused_rotary, normed_rotary_embedding
 from entrgi.ops.validation import resolve_backend
 from entrgi.rewards.prefix_cache import OWN_CACHES, PrefixKeysValues, cache_argument
 
-CACHE_KWARGS = ("past_key_values", "cache")  # the attention's cache keyword: cache from transformers 5.24
 PARTS = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")
 
 
@@ -38,7 +38,10 @@ class NormedRotaryAttention:
     rotary embedding fused."""
 
     def __init__(self, module: torch.nn.Module, eager_attention: Callable):
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
         self.module, self.eager_attention = module, eager_attention
+        self.attention_functions = ALL_ATTENTION_FUNCTIONS  # looked up per call: swaps (folded sdpa) apply
 
     def _stock(self, *args, **kwargs):
         return type(self.module).forward(self.module, *args, **kwargs)
@@ -63,9 +66,7 @@ class NormedRotaryAttention:
         for name in CACHE_KWARGS:
             if (cache := kwargs.pop(name, None)) is not None:
                 k, v = cache.update(k, v, module.layer_idx)
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-        attention = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, self.eager_attention)
+        attention = self.attention_functions.get_interface(module.config._attn_implementation, self.eager_attention)
         if hasattr(module, "sliding_window"):
             kwargs["sliding_window"] = module.sliding_window
         dropout = module.attention_dropout if module.training else 0.0
@@ -115,8 +116,7 @@ def _normed_attention_reproduces(module: torch.nn.Module, fused: NormedRotaryAtt
     def randn(*shape):
         return torch.randn(*shape, generator=generator, device=x.device).to(dtype)
 
-    angles = randn(2, 3, module.head_dim // 2).float()
-    rotary = tuple(f(torch.cat([angles, angles], -1)).to(dtype) for f in (torch.cos, torch.sin))
+    rotary = random_rotary(module.head_dim, dtype, generator)
     kv_heads = module.k_proj.out_features // module.head_dim
     prefix = PrefixKeysValues([randn(2, kv_heads, 2, module.head_dim)], [randn(2, kv_heads, 2, module.head_dim)])
     mask = torch.ones(2, 1, 3, 5, dtype=torch.bool, device=x.device).tril(2)
@@ -125,8 +125,6 @@ def _normed_attention_reproduces(module: torch.nn.Module, fused: NormedRotaryAtt
     python_module = sys.modules[type(module).__module__]
     stock_parts.append((python_module, ROTARY, fused_rotary(getattr(python_module, ROTARY))))
     calls = [{"attention_mask": None}, {"attention_mask": mask, cache_argument(module): prefix.for_layer(0)}]
-    from entrgi.layers import swapped_attributes
-
     try:
         with torch.no_grad():
             for kwargs in calls:
