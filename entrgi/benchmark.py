@@ -317,7 +317,10 @@ def profile_step(
     out_dir.mkdir(parents=True, exist_ok=True)
     trace = out_dir / "guided_step_trace.json"
     prof.export_chrome_trace(str(trace))
-    return _profile_table(prof.key_averages(), steps - 1, wall_ms, trace, floors or {})
+    layers = f"denoiser layers: {run.denoiser.layers.describe()}"
+    if run.reward is not None:
+        layers += f"\nreward layers: {run.reward.guidance_layers.describe()}"
+    return _profile_table(prof.key_averages(), steps - 1, wall_ms, trace, floors or {}) + "\n" + layers
 
 
 SYNC_EVENTS = ("aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")

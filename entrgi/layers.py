@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import types
+from collections import Counter
 from typing import Iterator
 
 import torch
@@ -80,7 +81,7 @@ class LayerRunner:
     library installed on the instance) is restored on exit."""
 
     def __init__(self, model: torch.nn.Module, compiled: bool = False, checkpointed: bool = False, lean: bool = False):
-        self.checkpointed = checkpointed
+        self.compiled, self.checkpointed = compiled, checkpointed
         self.layers = model_layers(model) if compiled or checkpointed else []
         self._call = _compiled_call() if compiled else _call
         # a checkpoint recomputes after active() has restored the stock forwards, and
@@ -94,6 +95,21 @@ class LayerRunner:
             self.lean = []
         self.rotary = rotary_swaps(model) if lean else []
         self.folded_sdpa = lean and folded_sdpa_fits(model)
+
+    def describe(self) -> str:
+        """What runs instead of the stock code, for a log line, e.g. "lean: 28 x
+        Qwen3DecoderLayer, 57 x Qwen3RMSNorm, ...; rotary: modeling_qwen3; folded sdpa"
+        ("stock" where nothing is swapped)."""
+        parts = [f"{len(self.layers)} layers {how}" for how, on in (("compiled", self.compiled),
+                 ("checkpointed", self.checkpointed)) if on]  # fmt: skip
+        if self.lean:
+            counted = Counter(type(module).__name__ for module, _ in self.lean)
+            parts.append("lean: " + ", ".join(f"{count} x {name}" for name, count in counted.items()))
+        if self.rotary:
+            parts.append("rotary: " + ", ".join(module.__name__.rsplit(".", 1)[-1] for module, _ in self.rotary))
+        if self.folded_sdpa:
+            parts.append("folded sdpa")
+        return "; ".join(parts) or "stock"
 
     def _layer_forward(self, index: int, forward):
         def run(*args, **kwargs):

@@ -37,6 +37,8 @@ largest magnitude. Used for layers neither compiled nor checkpointed
 from __future__ import annotations
 
 import sys
+import warnings
+from collections import Counter
 from types import ModuleType
 from typing import Callable
 
@@ -52,6 +54,35 @@ from entrgi.ops.validation import resolve_backend
 ROTARY = "apply_rotary_pos_emb"  # the modelling modules' rotary function (Llama / Qwen / Mistral / Dream)
 
 FUSED_ULPS = 2  # the triton backend's forward vs the module's own: eps of the output's dtype, times its largest value
+
+# what a check's call of a module raises when the module needs other arguments (it is then not swapped)
+CALL_MISFITS = (TypeError, ValueError, RuntimeError, AttributeError, IndexError)
+
+
+def file_by_check(module: torch.nn.Module, forward: Callable, reproduces: Callable[..., bool], found: list,
+                  kept_stock: list) -> None:  # fmt: skip
+    """(module, forward) onto ``found`` where ``reproduces(module, forward)``, the
+    module's class name onto ``kept_stock`` where not, and neither where the check's
+    call raises one of ``CALL_MISFITS`` (the module needs other arguments)."""
+    try:
+        if reproduces(module, forward):
+            found.append((module, forward))
+        else:
+            kept_stock.append(type(module).__name__)
+    except CALL_MISFITS:
+        pass
+
+
+def warn_kept_stock(names: list[str], fused: str) -> None:
+    """One warning naming (by class or function, counted) what ``fused`` fits but did not
+    reproduce in its check: those run their stock forward (the same values, without the
+    launches and bytes the fusion saves). On a GPU this is the sign that its rounding
+    differs from what the checks allow (``FUSED_ULPS``)."""
+    if names:
+        counted = ", ".join(f"{count} x {name}" for name, count in sorted(Counter(names).items()))
+        warnings.warn(f"entrgi: {fused} did not reproduce the stock forward of {counted} on a random input "
+                      f"(within FUSED_ULPS = {FUSED_ULPS} eps of its largest value); those run stock, unfused",
+                      stacklevel=3)  # fmt: skip
 
 
 def lean_rms_norm(module: torch.nn.Module, backend: str) -> Callable | None:
@@ -226,14 +257,18 @@ def _lean_decoder_layer(
     (:func:`add_rms_norm`); and with ``mlp_forward``, the layer's gated MLP's lean
     forward, the MLP's down projection accumulates into that sum in place
     (:meth:`_LeanGatedMlp.add_into`, with :func:`add_rms_norm_writable`'s writable sum).
-    The triton backend only. None where the layer lacks the parts or its norms are not
-    lean ones. Keyword arguments reach the attention as the stock layer hands them over;
+    The triton backend only. None where the layer lacks the parts, its norms are not
+    lean ones or its attention has no even ``head_dim``. Keyword arguments reach the
+    attention as the stock layer hands them over;
     a call with other positional ones runs the stock forward."""
     parts = [getattr(module, name, None) for name in LAYER_PARTS]
     if backend != "triton" or any(not isinstance(part, torch.nn.Module) for part in parts):
         return None
     first_norm, attention, second_norm, mlp = parts
     if lean_rms_norm(first_norm, backend) is None or lean_rms_norm(second_norm, backend) is None:
+        return None
+    head_dim = getattr(attention, "head_dim", None)
+    if not isinstance(head_dim, int) or head_dim % 2:  # its check draws rotary angles of this size
         return None
     second = (second_norm.weight, second_norm.variance_epsilon, backend)
 
@@ -257,25 +292,19 @@ def _lean_decoder_layer(
 def _layer_reproduces(module: torch.nn.Module, lean: Callable) -> bool:
     """Whether ``lean`` gives the layer's own output on a random (2, 3, width) input with
     random rotary angles and no mask, its norms run by the same fused kernels in both (so
-    what differs is where the residual adds run, and the lean MLP's gate and GEMMs). A
-    layer the call does not fit (other arguments it needs) is taken as not reproduced."""
+    what differs is where the residual adds run, and the lean MLP's gate and GEMMs).
+    Raises one of ``CALL_MISFITS`` where the layer needs other arguments."""
     first_norm, attention, second_norm, _ = (getattr(module, name) for name in LAYER_PARTS)
     width, dtype = first_norm.weight.shape[0], first_norm.weight.dtype
-    head_dim = getattr(attention, "head_dim", None)
-    if not isinstance(head_dim, int) or head_dim % 2:
-        return False
     x = random_input(module, width, dtype)
-    rotary = random_rotary(head_dim, dtype, torch.Generator(x.device).manual_seed(1))
+    rotary = random_rotary(attention.head_dim, dtype, torch.Generator(x.device).manual_seed(1))
     norms = [(norm, "forward", lean_rms_norm(norm, "triton")) for norm in (first_norm, second_norm)]
     from entrgi.layers import swapped_attributes
 
-    try:
-        with torch.no_grad():
-            with swapped_attributes(norms):
-                want = module(x, attention_mask=None, position_embeddings=rotary)
-            got = lean(x, attention_mask=None, position_embeddings=rotary)
-    except (TypeError, ValueError, RuntimeError, AttributeError, IndexError):  # the layer needs other arguments
-        return False
+    with torch.no_grad():
+        with swapped_attributes(norms):
+            want = module(x, attention_mask=None, position_embeddings=rotary)
+        got = lean(x, attention_mask=None, position_embeddings=rotary)
     return type(want) is type(got) and agree(want, got, exact=False)
 
 
@@ -354,16 +383,19 @@ def rotary_swaps(model: torch.nn.Module, backend: str = "auto") -> list[tuple[Mo
     if parameter is None or resolve_backend(backend, parameter.device) != "triton":
         return []
     found: dict[str, tuple[ModuleType, Callable]] = {}
+    tried: set[str] = set()
     for module in model.modules():
         python_module = sys.modules.get(type(module).__module__)
         original = getattr(python_module, ROTARY, None)
         head_dim = getattr(module, "head_dim", None)
-        if not callable(original) or not isinstance(head_dim, int) or python_module.__name__ in found:
+        if not callable(original) or not isinstance(head_dim, int) or head_dim % 2 or python_module.__name__ in found:
             continue
+        tried.add(python_module.__name__)
         fused = fused_rotary(original)
         dtype = next(module.parameters(), parameter).dtype
-        if head_dim % 2 == 0 and _rotary_reproduces(original, fused, head_dim, dtype, parameter.device):
+        if _rotary_reproduces(original, fused, head_dim, dtype, parameter.device):
             found[python_module.__name__] = (python_module, fused)
+    warn_kept_stock([f"{name}.{ROTARY}" for name in sorted(tried - found.keys())], "the fused rotary embedding")
     return list(found.values())
 
 
@@ -383,7 +415,7 @@ def lean_forwards(model: torch.nn.Module, backend: str = "auto") -> list[tuple[t
     if parameter is None:
         return []
     backend = resolve_backend(backend, parameter.device)
-    found = []
+    found, kept_stock = [], []
     mlps: dict[torch.nn.Module, _LeanGatedMlp] = {}  # built with their decoder layer, which visits first
     for module in model.modules():
         if "forward" in module.__dict__:
@@ -391,14 +423,15 @@ def lean_forwards(model: torch.nn.Module, backend: str = "auto") -> list[tuple[t
         if projections := _stacked_attention(module, backend):
             if _projections_reproduce(projections):
                 found += projections
+            else:
+                kept_stock.append(f"{type(module).__name__} projections")
             continue
         mlp = getattr(module, "mlp", None)
         if isinstance(mlp, torch.nn.Module) and mlp not in mlps and "forward" not in mlp.__dict__:
             if (gated := _lean_gated_mlp(mlp, backend)) is not None:
                 mlps[mlp] = gated
         if (layer := _lean_decoder_layer(module, backend, mlps.get(mlp))) is not None:
-            if _layer_reproduces(module, layer):
-                found.append((module, layer))
+            file_by_check(module, layer, _layer_reproduces, found, kept_stock)
             continue
         if (lean := lean_rms_norm(module, backend)) is not None:
             width, dtype = module.weight.shape[0], module.weight.dtype
@@ -408,6 +441,9 @@ def lean_forwards(model: torch.nn.Module, backend: str = "auto") -> list[tuple[t
             continue
         if _reproduces(module, lean, width, dtype, exact=backend == "torch"):
             found.append((module, lean))
+        else:
+            kept_stock.append(type(module).__name__)
+    warn_kept_stock(kept_stock, f"the lean ({backend}) forward")
     return found
 
 

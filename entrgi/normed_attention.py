@@ -23,7 +23,10 @@ from typing import Callable
 import torch
 
 from entrgi.layers import CACHE_KWARGS, swapped_attributes
-from entrgi.lean import ROTARY, agree, fused_rotary, lean_rms_norm, random_input, random_rotary, runs_as_built
+from entrgi.lean import (
+    ROTARY, agree, file_by_check, fused_rotary, lean_rms_norm, random_input, random_rotary, runs_as_built,
+    warn_kept_stock,
+)  # fmt: skip
 from entrgi.ops.layer_ops import fits_fused_rotary, normed_rotary_embedding
 from entrgi.ops.validation import resolve_backend
 from entrgi.rewards.prefix_cache import OWN_CACHES, PrefixKeysValues, cache_argument
@@ -107,8 +110,8 @@ def _normed_attention_reproduces(module: torch.nn.Module, fused: NormedRotaryAtt
     """Whether ``fused`` gives the stock forward's output (within ``FUSED_ULPS``; the
     stock one with its norms and rotary embedding run by the separate fused kernels, so
     what differs is the kernel boundaries) on a random input, once without a mask or
-    cache and once with a cached prefix and a 4-D mask. A module the calls do not fit
-    (other arguments it needs) is taken as not reproduced."""
+    cache and once with a cached prefix and a 4-D mask. Raises one of ``CALL_MISFITS``
+    where the module needs other arguments."""
     width, dtype = module.q_proj.in_features, module.q_proj.weight.dtype
     x = random_input(module, width, dtype)
     generator = torch.Generator(x.device).manual_seed(2)
@@ -125,16 +128,13 @@ def _normed_attention_reproduces(module: torch.nn.Module, fused: NormedRotaryAtt
     python_module = sys.modules[type(module).__module__]
     stock_parts.append((python_module, ROTARY, fused_rotary(getattr(python_module, ROTARY))))
     calls = [{"attention_mask": None}, {"attention_mask": mask, cache_argument(module): prefix.for_layer(0)}]
-    try:
-        with torch.no_grad():
-            for kwargs in calls:
-                with swapped_attributes(stock_parts):
-                    want = module(x, position_embeddings=rotary, **kwargs)
-                got = fused(x, position_embeddings=rotary, **kwargs)
-                if type(want) is not type(got) or not agree(want[0], got[0], exact=False):
-                    return False
-    except (TypeError, ValueError, RuntimeError, AttributeError, IndexError):  # the module needs other arguments
-        return False
+    with torch.no_grad():
+        for kwargs in calls:
+            with swapped_attributes(stock_parts):
+                want = module(x, position_embeddings=rotary, **kwargs)
+            got = fused(x, position_embeddings=rotary, **kwargs)
+            if type(want) is not type(got) or not agree(want[0], got[0], exact=False):
+                return False
     return True
 
 
@@ -146,10 +146,10 @@ def normed_attention_forwards(model: torch.nn.Module, backend: str = "auto") -> 
     parameter = next(model.parameters(), None)
     if parameter is None or resolve_backend(backend, parameter.device) != "triton":
         return []
-    found = []
+    found, kept_stock = [], []
     for module in model.modules():
         if (eager := _fits(module)) is not None:
             fused = NormedRotaryAttention(module, eager)
-            if _normed_attention_reproduces(module, fused):
-                found.append((module, fused))
+            file_by_check(module, fused, _normed_attention_reproduces, found, kept_stock)
+    warn_kept_stock(kept_stock, "the normed rotary attention")
     return found

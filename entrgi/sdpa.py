@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from entrgi.attention import attention_implementation
-from entrgi.lean import agree
+from entrgi.lean import agree, warn_kept_stock
 from entrgi.ops.validation import resolve_backend
 
 MASK_ALIGNMENT = 16  # elements: the memory-efficient kernel pads a mask whose row stride is not a multiple of 8
@@ -163,8 +163,12 @@ def folded_sdpa_fits(model: torch.nn.Module, backend: str = "auto") -> bool:
         return False
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    stock = attention_implementation(model) == "sdpa" and ALL_ATTENTION_FUNCTIONS.get("sdpa") is _stock_sdpa()
-    return stock and folded_sdpa_reproduces(model)
+    if attention_implementation(model) != "sdpa" or ALL_ATTENTION_FUNCTIONS.get("sdpa") is not _stock_sdpa():
+        return False
+    if folded_sdpa_reproduces(model):
+        return True
+    warn_kept_stock([f"{type(model).__name__}'s sdpa attention"], "the folded grouped-query sdpa")
+    return False
 
 
 def folded_sdpa_swap() -> tuple[object, str, dict]:

@@ -86,6 +86,8 @@ class StepRow(RunInfo):
     new_tokens: int
     guidance_steps: int
     masked_fraction: float
+    denoiser_layers: str  # what runs in place of the stock layers (LayerRunner.describe)
+    reward_layers: str
     ms_per_step: float
     p20_ms: float
     p80_ms: float
@@ -224,6 +226,7 @@ def bench_steps(
     device, dtype = _device_and_dtype(device)
     denoiser, reward = build_models(preset, device, dtype, options)
     env = environment()
+    layers = dict(denoiser_layers=denoiser.layers.describe(), reward_layers=reward.guidance_layers.describe())
     rows = []
     for graphs in graph_modes:
         if graphs and device.type != "cuda":
@@ -236,7 +239,7 @@ def bench_steps(
                 torch.cuda.reset_peak_memory_stats()
             times = _time_steps(run, warmup=2 if graphs else 1, timed=min(timed, options.new_tokens - 2))
             peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-            rows.append(StepRow(**env, preset=preset, method=method, graphs=graphs, **asdict(options),
+            rows.append(StepRow(**env, preset=preset, method=method, graphs=graphs, **asdict(options), **layers,
                                 ms_per_step=statistics.median(times),
                                 p20_ms=quantile(times, 0.2), p80_ms=quantile(times, 0.8), peak_gib=peak))  # fmt: skip
             del run
@@ -249,7 +252,10 @@ def bench_steps(
 def format_steps(rows: list[StepRow]) -> str:
     head = (f"{'preset':<10} {'method':<12} {'graphs':<6} {'masked':>6} {'ms/step':>9} {'p20':>8} {'p80':>8} "
             f"{'peak GiB':>9} {'x unguided':>10}")  # fmt: skip
-    lines = [head, "-" * len(head)]
+    presets = {r.preset: r for r in rows}  # one set of models per preset
+    lines = [f"{name}: denoiser layers: {r.denoiser_layers}\n{name}: reward layers: {r.reward_layers}"
+             for name, r in presets.items()]  # fmt: skip
+    lines += [head, "-" * len(head)]
     for r in rows:
         peak = cell(r.peak_gib, "9.2f")
         ratio = cell(r.vs_unguided, "10.2f", missing="")

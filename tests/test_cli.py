@@ -77,10 +77,17 @@ def test_bench_step_suite_reports_each_method(tmp_path, capsys):
             "--reward-checkpoint", "--no-reward-lean", *COMPILE_FLAGS, "--adam-moments", "bfloat16",
             "--out", str(tmp_path)]  # fmt: skip
     assert main(args) == 0
-    assert "x unguided" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "x unguided" in printed
     with (tmp_path / "step_results.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert [r["method"] for r in rows] == ["none", "entrgi"]
+    # what ran in place of the stock layers: the reward's checkpointed (and compiled) layers, the
+    # denoiser's lean norms and gated MLPs (with the torch backend on a CPU: nothing more)
+    reward_layers = ("2 layers compiled; " if COMPILE_FLAGS else "") + "2 layers checkpointed"
+    denoiser_layers = "2 layers compiled" if COMPILE_FLAGS else "lean: 2 x Qwen2MLP, 5 x Qwen2RMSNorm"
+    assert all(r["reward_layers"] == reward_layers and r["denoiser_layers"] == denoiser_layers for r in rows)
+    assert f"tiny: reward layers: {reward_layers}\n" in printed
     assert all(float(r["ms_per_step"]) > 0 and r["preset"] == "tiny" for r in rows)
     assert all(float(r["masked_fraction"]) == 0.4 and r["reward_cache_prefix"] == "True" for r in rows)
     assert all(r["reward_checkpoint"] == "True" and r["adam_moments"] == "bfloat16" for r in rows)
@@ -194,6 +201,8 @@ def test_bench_profile_reports_components(tmp_path, capsys, monkeypatch):
     for component in ("denoiser_forward", "guided_embedding", "reward_forward_backward", "optimizer", "commit"):
         assert f"entrgi.{component}" in printed
     assert "step wall time" in printed
+    # the demo's MiniLM models: no RMSNorm or gated MLP, so their layers run stock
+    assert printed.endswith("\ndenoiser layers: stock\nreward layers: stock\n")
     syncs = next(line for line in printed.splitlines() if line.startswith("host syncs per step"))
     assert float(syncs.split()[-1]) == 0.0  # the eager step reads nothing back
     assert json.loads((tmp_path / "guided_step_trace.json").read_text())["traceEvents"]

@@ -75,7 +75,8 @@ def test_modules_the_lean_forward_does_not_reproduce_are_left_alone(backend):
     trained_norm = Qwen3RMSNorm(8)  # its weight needs a gradient
     model.append(trained_norm)
     model.to(DEVICE if backend == "triton" else "cpu")
-    assert [module for module, _ in lean_forwards(model, backend)] == [norm, silu_mlp]
+    with pytest.warns(UserWarning, match=r"forward did not reproduce .* of 1 x OnePlusWeightNorm, 1 x Qwen3MLP on"):
+        assert [module for module, _ in lean_forwards(model, backend)] == [norm, silu_mlp]
 
 
 def test_decoder_layers_the_lean_forward_does_not_reproduce_are_left_alone():
@@ -86,15 +87,21 @@ def test_decoder_layers_the_lean_forward_does_not_reproduce_are_left_alone():
         def forward(self, hidden_states, **kwargs):
             return hidden_states + 0.5 * (super().forward(hidden_states, **kwargs) - hidden_states)
 
+    class FlaggedLayer(Qwen3DecoderLayer):  # needs an argument the check does not give: left alone, no warning
+        def forward(self, hidden_states, flag, **kwargs):
+            return super().forward(hidden_states, **kwargs)
+
     config = Qwen3Config(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
                          head_dim=16, attn_implementation="sdpa")  # fmt: skip
     torch.manual_seed(0)
-    layers = torch.nn.ModuleList([HalfBranchLayer(config, 0), Qwen3DecoderLayer(config, 1)])
+    layers = torch.nn.ModuleList([HalfBranchLayer(config, 0), Qwen3DecoderLayer(config, 1), FlaggedLayer(config, 2)])
     layers.to(DEVICE).requires_grad_(False)
     for norm in (module for module in layers.modules() if hasattr(module, "variance_epsilon")):
         torch.nn.init.normal_(norm.weight)
-    found = [module for module, _ in lean_forwards(layers, backend="triton")]
-    assert layers[1] in found and layers[0] not in found
+    with pytest.warns(UserWarning, match=r"of 1 x HalfBranchLayer on a random input") as warned:
+        found = [module for module, _ in lean_forwards(layers, backend="triton")]
+    assert len(warned) == 1
+    assert layers[1] in found and layers[0] not in found and layers[2] not in found
     assert not any(module in layers for module, _ in lean_forwards(layers, backend="torch"))
 
 
@@ -170,6 +177,24 @@ def test_fused_lean_layers_give_the_stock_rewards_and_gradients(family, monkeypa
     torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2 * want.abs().item())
     torch.testing.assert_close(got_grad, want_grad, rtol=0, atol=1e-2 * want_grad.abs().max().item())
     assert want_grad.abs().max() > 0
+
+
+def test_stacked_projections_and_rotary_functions_that_do_not_reproduce_stay_stock_with_a_warning(monkeypatch):
+    import transformers.models.llama.modeling_llama as modeling
+
+    model = _family_classifier("Llama", DEVICE)
+    stock_rotary = getattr(modeling, ROTARY)
+    monkeypatch.setattr(entrgi.lean, "_projections_reproduce", lambda projections: False)
+    with pytest.warns(UserWarning, match="of 2 x LlamaAttention projections on a random input"):
+        found = lean_forwards(model, backend="triton")
+    assert not any(isinstance(module, torch.nn.Linear) for module, _ in found)
+
+    def keys_unrotated(q, k, cos, sin, *args, **kwargs):  # a family whose rotary function differs
+        return stock_rotary(q, k, cos, sin, *args, **kwargs)[0], k
+
+    monkeypatch.setattr(modeling, ROTARY, keys_unrotated)
+    with pytest.warns(UserWarning, match=f"rotary embedding did not reproduce .* of 1 x {modeling.__name__}.{ROTARY}"):
+        assert rotary_swaps(model, backend="triton") == []
 
 
 def test_a_hooked_mlp_runs_through_its_module_in_a_fused_layer():
@@ -316,6 +341,11 @@ def test_fused_classifier_with_stacked_projections_gives_the_stock_rewards_and_g
     assert len(fused.guidance_layers.lean) == 2 * 10 + 1
     assert sum(isinstance(module, torch.nn.Linear) for module, _ in fused.guidance_layers.lean) == 2 * 3
     assert fused.guidance_layers.folded_sdpa and not plain.guidance_layers.folded_sdpa
+    assert fused.guidance_layers.describe() == (
+        "lean: 2 x Qwen3DecoderLayer, 6 x Linear, 9 x Qwen3RMSNorm, 2 x Qwen3MLP, 2 x Qwen3Attention; "
+        "rotary: modeling_qwen3; folded sdpa"
+    )
+    assert plain.guidance_layers.describe() == "stock"
     groups, folded_call = [], entrgi.sdpa.FoldedSdpa.__call__
     monkeypatch.setattr(entrgi.sdpa.FoldedSdpa, "__call__", lambda self, module, query, key, *args, **kwargs:
                         groups.append(query.shape[1] // key.shape[1]) or folded_call(self, module, query, key, *args,
