@@ -16,8 +16,11 @@ from entrgi.lean import (
     QKV, ROTARY, StackedLinear, fused_rotary, _projections_reproduce, _stacked_attention, lean_forwards, rotary_swaps,
 )  # fmt: skip
 from entrgi.ops.layer_ops import add_rms_norm_writable, merged_silu_gate, rotary_embedding
-from helpers import assert_same_rewards, guided_reward_inputs, reward_scores_and_grads, saved_activation_bytes
+from helpers import (
+    SWAPS_MUST_REPRODUCE, assert_same_rewards, guided_reward_inputs, reward_scores_and_grads, saved_activation_bytes,
+)  # fmt: skip
 
+pytestmark = SWAPS_MUST_REPRODUCE
 PROMPTS = ["hi", "tell me a long story about the sea and the wind"]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the triton backend: native, or the interpreter
 

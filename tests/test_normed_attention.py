@@ -13,7 +13,9 @@ from entrgi.layers import swapped_attributes
 from entrgi.lean import ROTARY, lean_forwards, rotary_swaps
 from entrgi.normed_attention import normed_attention_forwards
 from entrgi.ops.layer_ops import normed_rotary_embedding
+from helpers import SWAPS_MUST_REPRODUCE
 
+pytestmark = SWAPS_MUST_REPRODUCE
 pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

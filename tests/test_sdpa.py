@@ -12,7 +12,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 import entrgi.sdpa
 from entrgi.layers import swapped_attributes
 from entrgi.sdpa import MASK_ALIGNMENT, FoldedSdpa, folded_sdpa_fits, folded_sdpa_swap
+from helpers import SWAPS_MUST_REPRODUCE
 
+pytestmark = SWAPS_MUST_REPRODUCE
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
