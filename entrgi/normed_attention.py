@@ -23,13 +23,11 @@ from typing import Callable
 import torch
 
 from entrgi.layers import CACHE_KWARGS, swapped_attributes
-from entrgi.lean import (
-    ROTARY, agree, file_by_check, fused_rotary, lean_rms_norm, random_input, random_rotary, runs_as_built,
-    warn_kept_stock,
-)  # fmt: skip
+from entrgi.lean import ROTARY, fused_rotary, lean_rms_norm, runs_as_built
 from entrgi.ops.layer_ops import fits_fused_rotary, normed_rotary_embedding
 from entrgi.ops.validation import resolve_backend
 from entrgi.rewards.prefix_cache import OWN_CACHES, PrefixKeysValues, cache_argument
+from entrgi.swap_checks import agree, file_by_check, random_input, random_rotary, warn_kept_stock
 
 PARTS = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")
 

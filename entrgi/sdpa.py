@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from entrgi.attention import attention_implementation
-from entrgi.lean import agree, warn_kept_stock
 from entrgi.ops.validation import resolve_backend
+from entrgi.swap_checks import agree, warn_kept_stock
 
 MASK_ALIGNMENT = 16  # elements: the memory-efficient kernel pads a mask whose row stride is not a multiple of 8
 
