@@ -171,15 +171,17 @@ def test_bad_tensors_raise():
         guided_embedding(torch.randn(2, 5), torch.randn(5))
     nan_phi = torch.randn(2, 5)
     nan_phi[1, 2] = math.nan
-    with pytest.raises(ValueError, match="phi contains NaN"):
+    with pytest.raises(ValueError, match=r"phi contains NaN: 1 of 2 rows, the first at index \(1,\)"):
         guided_embedding(nan_phi, table)
-    with pytest.raises(ValueError, match="no finite logit"):
-        guided_embedding(torch.full((2, 5), -math.inf), table)
+    no_mass = torch.randn(2, 3, 5)
+    no_mass[1, 1:] = -math.inf
+    with pytest.raises(ValueError, match=r"no finite logit \(all -inf; 2 of 6 rows, the first at index \(1, 1\)\)"):
+        guided_embedding(no_mass, table)
     inf_phi = torch.randn(2, 5)
     inf_phi[0, 4] = math.inf
-    with pytest.raises(ValueError, match=r"phi contains \+inf: logits must be finite or -inf"):
+    with pytest.raises(ValueError, match=r"phi contains \+inf \(1 of 2 rows, the first at index \(0,\)\): logits must"):
         guided_embedding(inf_phi, table)
-    with pytest.raises(ValueError, match=r"phi_init contains \+inf"):
+    with pytest.raises(ValueError, match=r"phi_init contains \+inf \(1 of 2 rows"):
         sample_step(torch.randn(2, 5), inf_phi)
     with pytest.raises(ValueError, match="phi_init contains NaN"):
         sample_step(torch.randn(2, 5), nan_phi)
@@ -187,7 +189,7 @@ def test_bad_tensors_raise():
         sample_step(torch.randn(2, 5), alg="best")
     inf_table = table.clone()
     inf_table[3, 1] = math.inf
-    with pytest.raises(ValueError, match=r"embed_table \(5, 3\) contains NaN or inf"):
+    with pytest.raises(ValueError, match=r"embed_table \(5, 3\) contains NaN or inf: 1 of 5 rows, the first at index \(3,\)"):
         guided_embedding(torch.randn(2, 5), inf_table)
     with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got int"):
         guided_embedding(torch.randn(2, 5), table, generator=0)

@@ -65,11 +65,19 @@ def check_table_rows_range(table_rows: torch.Tensor, embed_table: torch.Tensor) 
         raise ValueError(f"table_rows values must lie in [0, {embed_table.shape[0]}), got [{low}, {high}]")
 
 
+def _rows_where(bad: torch.Tensor) -> str:
+    """'k of n rows, the first at index (i, ...)' for a bool tensor ``bad`` of the rows'
+    leading shape (a host sync)."""
+    count, first = int(bad.sum()), bad.flatten().nonzero()[0, 0].item()
+    index = tuple(int(i) for i in torch.unravel_index(torch.tensor(first), bad.shape))
+    return f"{count} of {bad.numel()} rows, the first at index {index}"
+
+
 def check_finite_table(embed_table: torch.Tensor) -> None:
     """Reject NaN / inf embeddings (they would reach every output row through soft).
     Reads values back (host sync)."""
-    if not torch.isfinite(embed_table).all():
-        raise ValueError(f"embed_table {tuple(embed_table.shape)} contains NaN or inf")
+    if not (finite := torch.isfinite(embed_table).all(-1)).all():
+        raise ValueError(f"embed_table {tuple(embed_table.shape)} contains NaN or inf: {_rows_where(~finite)}")
 
 
 def check_generator(generator: torch.Generator | None, device: torch.device) -> None:
@@ -99,11 +107,13 @@ def check_finite_rows(name: str, phi: torch.Tensor) -> None:
     -inf entries are allowed (tokens with no mass). Reads values back (host sync): call
     it at API boundaries, not inside a captured step."""
     if torch.isnan(phi).any():
-        raise ValueError(f"{name} contains NaN")
+        raise ValueError(f"{name} contains NaN: {_rows_where(torch.isnan(phi).any(-1))}")
     if torch.isposinf(phi).any():
-        raise ValueError(f"{name} contains +inf: logits must be finite or -inf")
-    if phi.numel() and not torch.isfinite(phi).any(dim=-1).all():
-        raise ValueError(f"{name} has a row with no finite logit (all -inf): no valid mass to sample")
+        raise ValueError(f"{name} contains +inf ({_rows_where(torch.isposinf(phi).any(-1))}): "
+                         "logits must be finite or -inf")  # fmt: skip
+    if phi.numel() and not (finite := torch.isfinite(phi).any(dim=-1)).all():
+        raise ValueError(f"{name} has rows with no finite logit (all -inf; {_rows_where(~finite)}): "
+                         "no valid mass to sample")  # fmt: skip
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
