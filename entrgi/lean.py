@@ -48,7 +48,9 @@ from entrgi.ops.layer_ops import (
     rotary_embedding, silu_gate,
 )  # fmt: skip
 from entrgi.ops.validation import resolve_backend
-from entrgi.swap_checks import agree, file_by_check, random_input, random_rotary, warn_kept_stock
+from entrgi.swap_checks import (
+    Agreement, file_by_check, random_input, random_rotary, swapped_agrees, warn_kept_stock,
+)  # fmt: skip
 
 ROTARY = "apply_rotary_pos_emb"  # the modelling modules' rotary function (Llama / Qwen / Mistral / Dream)
 
@@ -257,7 +259,7 @@ def _lean_decoder_layer(
     return forward
 
 
-def _layer_reproduces(module: torch.nn.Module, lean: Callable) -> bool:
+def _layer_reproduces(module: torch.nn.Module, lean: Callable) -> Agreement:
     """Whether ``lean`` gives the layer's own output on a random (2, 3, width) input with
     random rotary angles and no mask, its norms run by the same fused kernels in both (so
     what differs is where the residual adds run, and the lean MLP's gate and GEMMs).
@@ -272,26 +274,24 @@ def _layer_reproduces(module: torch.nn.Module, lean: Callable) -> bool:
     with torch.no_grad():
         with swapped_attributes(norms):
             want = module(x, attention_mask=None, position_embeddings=rotary)
-        got = lean(x, attention_mask=None, position_embeddings=rotary)
-    return type(want) is type(got) and agree(want, got, exact=False)
+        return swapped_agrees(want, lambda: lean(x, attention_mask=None, position_embeddings=rotary))
 
 
-def _reproduces(module: torch.nn.Module, lean: Callable, width: int, dtype: torch.dtype, exact: bool) -> bool:
+def _reproduces(module: torch.nn.Module, lean: Callable, width: int, dtype: torch.dtype, exact: bool) -> Agreement:
     """Whether ``lean`` gives ``module``'s own output on a random (2, 3, width) input."""
     x = random_input(module, width, dtype)
     with torch.no_grad():
-        return agree(module.forward(x), lean(x), exact)
+        return swapped_agrees(module.forward(x), lambda: lean(x), exact)
 
 
-def _projections_reproduce(projections: list[tuple[torch.nn.Linear, Callable]]) -> bool:
+def _projections_reproduce(projections: list[tuple[torch.nn.Linear, Callable]]) -> Agreement:
     """Whether stacked projection forwards, called in order on one random input as the
     attention calls them, give each projection's own output (within ``FUSED_ULPS``)."""
     first = projections[0][0]
     x = random_input(first, first.in_features, first.weight.dtype)
     with torch.no_grad():
-        stacked = [forward(x) for _, forward in projections]
-        return all(agree(type(linear).forward(linear, x), got, exact=False)
-                   for (linear, _), got in zip(projections, stacked))  # fmt: skip
+        want = tuple(type(linear).forward(linear, x) for linear, _ in projections)
+        return swapped_agrees(want, lambda: tuple(forward(x) for _, forward in projections))
 
 
 def fused_rotary(original: Callable) -> Callable:
@@ -308,12 +308,12 @@ def fused_rotary(original: Callable) -> Callable:
     return apply
 
 
-def _rotary_reproduces(original: Callable, fused: Callable, head_dim: int, dtype, device) -> bool:
+def _rotary_reproduces(original: Callable, fused: Callable, head_dim: int, dtype, device) -> Agreement:
     generator = torch.Generator(device).manual_seed(0)
     q, k = (torch.randn(2, heads, 3, head_dim, generator=generator, device=device).to(dtype) for heads in (2, 1))
     cos, sin = random_rotary(head_dim, dtype, generator)
     with torch.no_grad():
-        return agree(original(q, k, cos, sin), fused(q, k, cos, sin), exact=False)
+        return swapped_agrees(original(q, k, cos, sin), lambda: fused(q, k, cos, sin))
 
 
 def rotary_swaps(model: torch.nn.Module, backend: str = "auto") -> list[tuple[ModuleType, Callable]]:
@@ -326,19 +326,22 @@ def rotary_swaps(model: torch.nn.Module, backend: str = "auto") -> list[tuple[Mo
     if parameter is None or resolve_backend(backend, parameter.device) != "triton":
         return []
     found: dict[str, tuple[ModuleType, Callable]] = {}
-    tried: set[str] = set()
+    failed: dict[str, Agreement] = {}  # the modelling modules whose check has failed (on the first attention tried)
     for module in model.modules():
         python_module = sys.modules.get(type(module).__module__)
         original = getattr(python_module, ROTARY, None)
         head_dim = getattr(module, "head_dim", None)
         if not callable(original) or not isinstance(head_dim, int) or head_dim % 2 or python_module.__name__ in found:
             continue
-        tried.add(python_module.__name__)
         fused = fused_rotary(original)
         dtype = next(module.parameters(), parameter).dtype
-        if _rotary_reproduces(original, fused, head_dim, dtype, parameter.device):
+        name = f"{python_module.__name__}.{ROTARY}"
+        if agreement := _rotary_reproduces(original, fused, head_dim, dtype, parameter.device):
             found[python_module.__name__] = (python_module, fused)
-    warn_kept_stock([f"{name}.{ROTARY}" for name in sorted(tried - found.keys())], "the fused rotary embedding")
+            failed.pop(name, None)
+        else:
+            failed.setdefault(name, agreement)
+    warn_kept_stock(list(failed.items()), "the fused rotary embedding")
     return list(found.values())
 
 
@@ -364,10 +367,10 @@ def lean_forwards(model: torch.nn.Module, backend: str = "auto") -> list[tuple[t
         if "forward" in module.__dict__:
             continue
         if projections := _stacked_attention(module, backend):
-            if _projections_reproduce(projections):
+            if agreement := _projections_reproduce(projections):
                 found += projections
             else:
-                kept_stock.append(f"{type(module).__name__} projections")
+                kept_stock.append((f"{type(module).__name__} projections", agreement))
             continue
         mlp = getattr(module, "mlp", None)
         if isinstance(mlp, torch.nn.Module) and mlp not in mlps and "forward" not in mlp.__dict__:
@@ -382,10 +385,8 @@ def lean_forwards(model: torch.nn.Module, backend: str = "auto") -> list[tuple[t
             width, dtype = module.gate_proj.in_features, module.gate_proj.weight.dtype
         else:
             continue
-        if _reproduces(module, lean, width, dtype, exact=backend == "torch"):
-            found.append((module, lean))
-        else:
-            kept_stock.append(type(module).__name__)
+        exact = backend == "torch"
+        file_by_check(module, lean, lambda m, f: _reproduces(m, f, width, dtype, exact), found, kept_stock)
     warn_kept_stock(kept_stock, f"the lean ({backend}) forward")
     return found
 

@@ -27,7 +27,9 @@ from entrgi.lean import ROTARY, fused_rotary, lean_rms_norm, runs_as_built
 from entrgi.ops.layer_ops import fits_fused_rotary, normed_rotary_embedding
 from entrgi.ops.validation import resolve_backend
 from entrgi.rewards.prefix_cache import OWN_CACHES, PrefixKeysValues, cache_argument
-from entrgi.swap_checks import agree, file_by_check, random_input, random_rotary, warn_kept_stock
+from entrgi.swap_checks import (
+    Agreement, file_by_check, random_input, random_rotary, swapped_agrees, warn_kept_stock,
+)  # fmt: skip
 
 PARTS = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")
 
@@ -104,7 +106,7 @@ def _fits(module: torch.nn.Module) -> Callable | None:
     return eager if fits and callable(eager) else None
 
 
-def _normed_attention_reproduces(module: torch.nn.Module, fused: NormedRotaryAttention) -> bool:
+def _normed_attention_reproduces(module: torch.nn.Module, fused: NormedRotaryAttention) -> Agreement:
     """Whether ``fused`` gives the stock forward's output (within ``FUSED_ULPS``; the
     stock one with its norms and rotary embedding run by the separate fused kernels, so
     what differs is the kernel boundaries) on a random input, once without a mask or
@@ -130,10 +132,10 @@ def _normed_attention_reproduces(module: torch.nn.Module, fused: NormedRotaryAtt
         for kwargs in calls:
             with swapped_attributes(stock_parts):
                 want = module(x, position_embeddings=rotary, **kwargs)
-            got = fused(x, position_embeddings=rotary, **kwargs)
-            if type(want) is not type(got) or not agree(want[0], got[0], exact=False):
-                return False
-    return True
+            agreement = swapped_agrees(want, lambda: fused(x, position_embeddings=rotary, **kwargs))
+            if not agreement:
+                break
+    return agreement
 
 
 def normed_attention_forwards(model: torch.nn.Module, backend: str = "auto") -> list[tuple[torch.nn.Module, Callable]]:

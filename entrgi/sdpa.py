@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from entrgi.attention import attention_implementation
 from entrgi.ops.validation import resolve_backend
-from entrgi.swap_checks import agree, warn_kept_stock
+from entrgi.swap_checks import Agreement, swapped_agrees, warn_kept_stock
 
 MASK_ALIGNMENT = 16  # elements: the memory-efficient kernel pads a mask whose row stride is not a multiple of 8
 
@@ -133,7 +133,7 @@ def _geometry(model: torch.nn.Module) -> tuple[int, int, int]:
     return heads, kv_heads, head_dim
 
 
-def folded_sdpa_reproduces(model: torch.nn.Module) -> bool:
+def folded_sdpa_reproduces(model: torch.nn.Module) -> Agreement:
     """Whether :class:`FoldedSdpa` gives the stock function's output on random queries,
     keys, values and a key-padding mask of ``model``'s geometry, dtype and device
     (within ``FUSED_ULPS``; a host sync: call once, at load time)."""
@@ -149,8 +149,7 @@ def folded_sdpa_reproduces(model: torch.nn.Module) -> bool:
     mask[..., 0] = True  # no row fully masked
     with torch.no_grad():
         want = _stock_sdpa()(model, query, key, value, mask, scaling=head_dim**-0.5)[0]
-        got = FoldedSdpa()(model, query, key, value, mask, scaling=head_dim**-0.5)[0]
-    return agree(want, got, exact=False)
+        return swapped_agrees(want, lambda: FoldedSdpa()(model, query, key, value, mask, scaling=head_dim**-0.5)[0])
 
 
 def folded_sdpa_fits(model: torch.nn.Module, backend: str = "auto") -> bool:
@@ -165,9 +164,9 @@ def folded_sdpa_fits(model: torch.nn.Module, backend: str = "auto") -> bool:
 
     if attention_implementation(model) != "sdpa" or ALL_ATTENTION_FUNCTIONS.get("sdpa") is not _stock_sdpa():
         return False
-    if folded_sdpa_reproduces(model):
+    if agreement := folded_sdpa_reproduces(model):
         return True
-    warn_kept_stock([f"{type(model).__name__}'s sdpa attention"], "the folded grouped-query sdpa")
+    warn_kept_stock([(f"{type(model).__name__}'s sdpa attention", agreement)], "the folded grouped-query sdpa")
     return False
 
 

@@ -4,18 +4,21 @@ that fails is reported.
 A fused or lean forward is swapped in only after it reproduced the stock forward on a
 seeded random input: bit for bit where it applies the same ATen ops (the torch
 backend), else within ``FUSED_ULPS`` eps of the output's largest value (the triton
-backend rounds where the stock code rounds, but sums a row in another order). A check
-whose call raises one of ``CALL_MISFITS`` means the module needs other arguments: it is
-left stock without a word. A check that ran and disagreed is reported in one warning
-per model (:func:`warn_kept_stock`): the module runs stock, the values are the same,
-and the launches the fusion saves are not saved. Checks sync with the host: they run
-once, at load time.
+backend rounds where the stock code rounds, but sums a row in another order). Where the
+check's stock call raises one of ``CALL_MISFITS``, the module needs other arguments: it
+is left stock without a word. A swapped forward that disagreed (:class:`Agreement`
+holds by how much) or raised where the stock one ran is reported in one warning per
+model (:func:`warn_kept_stock`): the module runs stock, the values are the same, and
+the launches the fusion saves are not saved. Checks sync with the host: they run once,
+at load time.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections import Counter
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -26,41 +29,89 @@ FUSED_ULPS = 2  # the triton backend's forward vs the module's own: eps of the o
 CALL_MISFITS = (TypeError, ValueError, RuntimeError, AttributeError, IndexError)
 
 
-def file_by_check(module: torch.nn.Module, forward: Callable, reproduces: Callable[..., bool], found: list,
-                  kept_stock: list) -> None:  # fmt: skip
-    """(module, forward) onto ``found`` where ``reproduces(module, forward)``, the
-    module's class name onto ``kept_stock`` where not, and neither where the check's
-    call raises one of ``CALL_MISFITS`` (the module needs other arguments)."""
-    try:
-        if reproduces(module, forward):
-            found.append((module, forward))
-        else:
-            kept_stock.append(type(module).__name__)
-    except CALL_MISFITS:
-        pass
+@dataclass(frozen=True)
+class Agreement:
+    """How far a swapped forward's output lies from the stock one's: ``eps_apart``, the
+    largest difference in eps of the output's dtype times the stock output's largest
+    magnitude (inf for another type, dtype or shape, or where the swapped forward raised:
+    ``error`` names what it raised); true where that is within ``limit``."""
+
+    eps_apart: float
+    limit: float
+    error: str | None = None
+
+    def __bool__(self) -> bool:
+        return self.eps_apart <= self.limit
+
+    def __str__(self) -> str:
+        return f"raised {self.error}" if self.error else f"{self.eps_apart:.3g} eps apart"
 
 
-def warn_kept_stock(names: list[str], fused: str) -> None:
-    """One warning naming (by class or function, counted) what ``fused`` fits but did not
-    reproduce in its check: those run their stock forward (the same values, without the
-    launches and bytes the fusion saves). On a GPU this is the sign that its rounding
-    differs from what the checks allow (``FUSED_ULPS``)."""
-    if names:
-        counted = ", ".join(f"{count} x {name}" for name, count in sorted(Counter(names).items()))
-        warnings.warn(f"entrgi: {fused} did not reproduce the stock forward of {counted} on a random input "
-                      f"(within FUSED_ULPS = {FUSED_ULPS} eps of its largest value); those run stock, unfused",
-                      stacklevel=3)  # fmt: skip
-
-
-def agree(want, got, exact: bool) -> bool:
-    """Tensors (or tuples of them) equal bit for bit, or (not ``exact``) to within
-    ``FUSED_ULPS`` eps of each one's largest value."""
+def agree(want, got, exact: bool = False) -> Agreement:
+    """Outputs (tensors, None, or tuples of them, the worst pair counting) equal bit for
+    bit (``exact``), or within ``FUSED_ULPS`` eps of each stock tensor's largest value."""
+    limit = 0.0 if exact else float(FUSED_ULPS)
+    if type(want) is not type(got):
+        return Agreement(math.inf, limit)
     if isinstance(want, tuple):
-        return all(agree(w, g, exact) for w, g in zip(want, got, strict=True))
-    if exact or want.dtype != got.dtype or want.shape != got.shape:
-        return torch.equal(got, want)
-    tolerance = FUSED_ULPS * torch.finfo(want.dtype).eps * want.abs().max()
-    return bool((got - want).abs().max() <= tolerance)
+        if len(want) != len(got):
+            return Agreement(math.inf, limit)
+        agreements = [agree(w, g, exact) for w, g in zip(want, got)]
+        return max(agreements, key=lambda a: a.eps_apart, default=Agreement(0.0, limit))
+    if want is None:
+        return Agreement(0.0, limit)
+    if want.dtype != got.dtype or want.shape != got.shape:
+        return Agreement(math.inf, limit)
+    if want.numel() == 0 or torch.equal(got, want):
+        return Agreement(0.0, limit)
+    difference = (got.float() - want.float()).abs().max()
+    scale = torch.finfo(want.dtype).eps * want.float().abs().max()
+    return Agreement(float(difference / scale) if scale > 0 else math.inf, limit)
+
+
+def swapped_agrees(want, swapped: Callable[[], object], exact: bool = False) -> Agreement:
+    """:func:`agree` of the stock output ``want`` and ``swapped()``; where ``swapped``
+    raises (the stock forward having run, the fault is the swap's), an Agreement naming
+    the error, so the module stays stock and the warning says why."""
+    try:
+        got = swapped()
+    except Exception as error:  # whatever it is, the module keeps its stock forward, and the warning names it
+        return Agreement(math.inf, 0.0 if exact else float(FUSED_ULPS), f"{type(error).__name__}: {error}")
+    return agree(want, got, exact)
+
+
+def file_by_check(module: torch.nn.Module, forward: Callable, reproduces: Callable[..., Agreement], found: list,
+                  kept_stock: list) -> None:  # fmt: skip
+    """(module, forward) onto ``found`` where ``reproduces(module, forward)`` holds, (the
+    module's class name, its Agreement) onto ``kept_stock`` where not, and neither where
+    the check's stock call raises one of ``CALL_MISFITS`` (the module needs other
+    arguments)."""
+    try:
+        agreement = reproduces(module, forward)
+    except CALL_MISFITS:
+        return
+    if agreement:
+        found.append((module, forward))
+    else:
+        kept_stock.append((type(module).__name__, agreement))
+
+
+def warn_kept_stock(kept_stock: list[tuple[str, Agreement]], fused: str) -> None:
+    """One warning naming what ``fused`` fits but did not reproduce in its check, by class
+    or function: each name counted, with the farthest its outputs lay from the stock ones
+    (or the error its swapped forward raised). Those run their stock forward (the same
+    values, without the launches and bytes the fusion saves). On a GPU this is the sign
+    that its rounding differs from what the checks allow (``FUSED_ULPS``)."""
+    if not kept_stock:
+        return
+    counts, worst = Counter(name for name, _ in kept_stock), {}
+    for name, agreement in kept_stock:
+        if name not in worst or agreement.eps_apart > worst[name].eps_apart:
+            worst[name] = agreement
+    counted = ", ".join(f"{counts[name]} x {name} ({worst[name]})" for name in sorted(counts))
+    warnings.warn(f"entrgi: {fused} did not reproduce the stock forward of {counted} on a random input "
+                  f"(within FUSED_ULPS = {FUSED_ULPS} eps of its largest value); those run stock, unfused",
+                  stacklevel=3)  # fmt: skip
 
 
 def random_rotary(head_dim: int, dtype: torch.dtype, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -189,7 +189,9 @@ def test_bad_tensors_raise():
         sample_step(torch.randn(2, 5), alg="best")
     inf_table = table.clone()
     inf_table[3, 1] = math.inf
-    with pytest.raises(ValueError, match=r"embed_table \(5, 3\) contains NaN or inf: 1 of 5 rows, the first at index \(3,\)"):
+    with pytest.raises(
+        ValueError, match=r"embed_table \(5, 3\) contains NaN or inf: 1 of 5 rows, the first at index \(3,\)"
+    ):
         guided_embedding(torch.randn(2, 5), inf_table)
     with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got int"):
         guided_embedding(torch.randn(2, 5), table, generator=0)

@@ -5,6 +5,8 @@ the stock ones; calls it does not cover go to the stock function."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -12,6 +14,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 import entrgi.sdpa
 from entrgi.layers import swapped_attributes
 from entrgi.sdpa import MASK_ALIGNMENT, FoldedSdpa, folded_sdpa_fits, folded_sdpa_swap
+from entrgi.swap_checks import Agreement
 from helpers import SWAPS_MUST_REPRODUCE
 
 pytestmark = SWAPS_MUST_REPRODUCE
@@ -168,8 +171,10 @@ def test_models_get_the_folded_attention_on_the_triton_backend_only(classifier_p
     assert folded_sdpa_fits(model, backend="triton") and not folded_sdpa_fits(model, backend="torch")
     eager = AutoModelForSequenceClassification.from_pretrained(classifier_path, attn_implementation="eager").to(DEVICE)
     assert not folded_sdpa_fits(eager, backend="triton")  # eager attention is not the sdpa function
-    monkeypatch.setattr(entrgi.sdpa, "folded_sdpa_reproduces", lambda model: False)
-    with pytest.warns(UserWarning, match="folded grouped-query sdpa did not reproduce"):
+    monkeypatch.setattr(entrgi.sdpa, "folded_sdpa_reproduces", lambda model: Agreement(math.inf, 2.0, "ValueError: x"))
+    with pytest.warns(
+        UserWarning, match=r"folded grouped-query sdpa did not reproduce .*attention \(raised ValueError: x\)"
+    ):
         assert not folded_sdpa_fits(model, backend="triton")  # a swap is made only where it reproduces
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
