@@ -30,7 +30,8 @@ gradients bit for bit in bfloat16 (tested on CPU); in float32, where the norm's 
 needs no cast, up to the order in which autograd adds the residual branch's gradient.
 The ``triton`` backend rounds where the stock code rounds but sums a norm's row in
 another order: its forward must agree to within ``FUSED_ULPS`` eps of the output's
-largest magnitude (:mod:`entrgi.swap_checks`). Used for layers neither compiled nor checkpointed
+largest magnitude (:mod:`entrgi.swap_checks`, which also warns of the modules left
+stock). Used for layers neither compiled nor checkpointed
 (:class:`entrgi.layers.LayerRunner`).
 """
 
@@ -349,8 +350,10 @@ def lean_forwards(model: torch.nn.Module, backend: str = "auto") -> list[tuple[t
     """(module, lean forward) for each of ``model``'s RMSNorms, SiLU-gated MLPs and (triton)
     attention projections and pre-norm decoder layers whose lean forward reproduces the
     module's own on a random input (a host sync per module: call once, at load time).
-    ``backend`` (``auto``: Triton on CUDA | ``torch`` | ``triton``) runs the lean forwards; see the module docstring for what reproduces
-    means for each. Other modules are left out, and so is one whose forward a hook
+    ``backend`` (``auto``: Triton on CUDA | ``torch`` | ``triton``) runs the lean
+    forwards; see the module docstring for what reproduces means for each. Modules that
+    fit but do not reproduce are named in one warning (:func:`warn_kept_stock`). Other
+    modules are left out, and so is one whose forward a hook
     library replaced on the instance (e.g. accelerate's offloading, which loads the
     weights inside that forward). With the triton backend a gated MLP's gate and up
     weights are stacked here, once (:class:`StackedLinear`: the layers' parameters are
