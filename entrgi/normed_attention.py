@@ -132,7 +132,7 @@ def _normed_attention_reproduces(module: torch.nn.Module, fused: NormedRotaryAtt
         for kwargs in calls:
             with swapped_attributes(stock_parts):
                 want = module(x, position_embeddings=rotary, **kwargs)
-            agreement = swapped_agrees(want, lambda: fused(x, position_embeddings=rotary, **kwargs))
+            agreement = swapped_agrees(want[0], lambda: fused(x, position_embeddings=rotary, **kwargs)[0])
             if not agreement:
                 break
     return agreement

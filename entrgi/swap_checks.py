@@ -47,10 +47,14 @@ class Agreement:
         return f"raised {self.error}" if self.error else f"{self.eps_apart:.3g} eps apart"
 
 
+def _limit(exact: bool) -> float:
+    return 0.0 if exact else float(FUSED_ULPS)
+
+
 def agree(want, got, exact: bool = False) -> Agreement:
     """Outputs (tensors, None, or tuples of them, the worst pair counting) equal bit for
     bit (``exact``), or within ``FUSED_ULPS`` eps of each stock tensor's largest value."""
-    limit = 0.0 if exact else float(FUSED_ULPS)
+    limit = _limit(exact)
     if type(want) is not type(got):
         return Agreement(math.inf, limit)
     if isinstance(want, tuple):
@@ -76,7 +80,7 @@ def swapped_agrees(want, swapped: Callable[[], object], exact: bool = False) -> 
     try:
         got = swapped()
     except Exception as error:  # whatever it is, the module keeps its stock forward, and the warning names it
-        return Agreement(math.inf, 0.0 if exact else float(FUSED_ULPS), f"{type(error).__name__}: {error}")
+        return Agreement(math.inf, _limit(exact), f"{type(error).__name__}: {error}")
     return agree(want, got, exact)
 
 

@@ -106,11 +106,10 @@ def check_finite_rows(name: str, phi: torch.Tensor) -> None:
     """Reject NaN, +inf (softmax is undefined there) and rows without any finite logit;
     -inf entries are allowed (tokens with no mass). Reads values back (host sync): call
     it at API boundaries, not inside a captured step."""
-    if torch.isnan(phi).any():
-        raise ValueError(f"{name} contains NaN: {_rows_where(torch.isnan(phi).any(-1))}")
-    if torch.isposinf(phi).any():
-        raise ValueError(f"{name} contains +inf ({_rows_where(torch.isposinf(phi).any(-1))}): "
-                         "logits must be finite or -inf")  # fmt: skip
+    if (nan_rows := torch.isnan(phi).any(-1)).any():
+        raise ValueError(f"{name} contains NaN: {_rows_where(nan_rows)}")
+    if (inf_rows := torch.isposinf(phi).any(-1)).any():
+        raise ValueError(f"{name} contains +inf ({_rows_where(inf_rows)}): logits must be finite or -inf")
     if phi.numel() and not (finite := torch.isfinite(phi).any(dim=-1)).all():
         raise ValueError(f"{name} has rows with no finite logit (all -inf; {_rows_where(~finite)}): "
                          "no valid mass to sample")  # fmt: skip
