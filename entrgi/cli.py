@@ -98,7 +98,8 @@ def _generate(args) -> int:
     try:
         dtype = getattr(torch, args.dtype) if args.dtype else None
         denoiser = load_denoiser(args.model, kind=args.model_kind, device=device, dtype=dtype,
-                                 compile_layers=args.compile_layers, fused_layers=args.denoiser_fused)  # fmt: skip
+                                 compile_layers=args.compile_layers, fused_layers=args.denoiser_fused,
+                                 dream_remote_code=args.dream_remote_code)  # fmt: skip
         reward = None
         if args.reward_model:
             reward = load_reward(args.reward_model, kind=args.reward_kind, target=args.target, device=device,
@@ -232,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
                               formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     gen.add_argument("--model", required=True, help="denoiser id or path (Dream, LLaDA, masked LM)")
     gen.add_argument("--model-kind", choices=("dream", "llada", "mlm"), default=None)
+    gen.add_argument("--dream-remote-code", action="store_true",
+                     help="a Dream checkpoint runs its own modeling code (written for transformers 4.4x) instead "
+                     "of transformers' Qwen2 classes")  # fmt: skip
     gen.add_argument("--reward-model", help="reward model id or path")
     gen.add_argument("--reward-kind", choices=REWARD_KINDS, default="classifier")
     gen.add_argument("--target", help="target text of a similarity reward")

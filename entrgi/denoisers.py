@@ -40,7 +40,8 @@ class Denoiser:
 
     Parameters
     ----------
-    model : the HF model (Dream ``DreamModel``, LLaDA ``LLaDAModelLM``, any masked LM).
+    model : the HF model (Dream as transformers' ``Qwen2ForCausalLM`` or its own ``DreamModel``,
+        LLaDA ``LLaDAModelLM``, any masked LM).
     tokenizer : its tokenizer.
     kind : ``dream`` (logits shifted right by one: position i is predicted at i-1;
         bool key-padding mask and position ids), ``llada`` (no shift) or ``mlm``
@@ -209,6 +210,25 @@ def _model_class(config, kind: str):
     return AutoModelForCausalLM  # e.g. a Qwen2 body run bidirectionally as a Dream stand-in
 
 
+# config.json keys that name Dream's remote code rather than describe the network
+_DREAM_CODE_KEYS = ("architectures", "auto_map", "model_type", "transformers_version")
+
+
+def dream_as_qwen2_config(name_or_path: str):
+    """A Dream checkpoint's config.json as transformers' ``Qwen2Config``, or None when the
+    checkpoint is not Dream's. Dream-7B is a Qwen2 body with Qwen2's module and weight
+    names (``model.layers.*``, ``lm_head``); what makes it a denoiser (attention over the
+    whole canvas, logits shifted right) is the 4-D key-padding mask and the shift
+    :class:`Denoiser` applies to any kind ``dream``. The file is read as JSON: no remote
+    code runs."""
+    from transformers import PretrainedConfig, Qwen2Config
+
+    fields, _ = PretrainedConfig.get_config_dict(name_or_path)
+    if str(fields.get("model_type", "")).lower() != "dream":
+        return None
+    return Qwen2Config(**{key: value for key, value in fields.items() if key not in _DREAM_CODE_KEYS})
+
+
 def load_denoiser(
     name_or_path: str,
     kind: str | None = None,
@@ -219,22 +239,36 @@ def load_denoiser(
     mask_token_id: int | None = None,
     compile_layers: bool = False,
     fused_layers: bool = True,
+    dream_remote_code: bool = False,
     **from_pretrained_kwargs,
 ) -> Denoiser:
     """Load a denoiser by hub id or local path (``kind`` detected from the config);
-    ``compile_layers``, ``fused_layers``: see :class:`Denoiser`."""
-    from transformers import AutoConfig, AutoTokenizer
+    ``compile_layers``, ``fused_layers``: see :class:`Denoiser`.
+
+    A Dream checkpoint loads into transformers' own ``Qwen2ForCausalLM``
+    (:func:`dream_as_qwen2_config`) unless ``dream_remote_code``: Dream's modeling code
+    was written for transformers 4.4x (its rotary embedding looks up
+    ``ROPE_INIT_FUNCTIONS["default"]``, which transformers 5 no longer has), and its
+    attention calls sdpa itself, where the fused layers and the folded sdpa of
+    :mod:`entrgi.lean` and :mod:`entrgi.sdpa` fit transformers' Qwen2 modules."""
+    from transformers import AutoConfig, AutoTokenizer, Qwen2ForCausalLM
 
     name_or_path = model_source(name_or_path, "denoiser")
-    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    kind = kind or detect_kind(config)
-    if kind not in DENOISER_KINDS:
-        raise ValueError(f"unknown denoiser kind {kind!r}; expected one of {DENOISER_KINDS}")
     if dtype is not None:
         from_pretrained_kwargs["dtype"] = dtype
-    model = _model_class(config, kind).from_pretrained(
-        name_or_path, trust_remote_code=trust_remote_code, **from_pretrained_kwargs
-    )
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    dream_config = None if dream_remote_code or kind not in (None, "dream") else dream_as_qwen2_config(name_or_path)
+    if dream_config is not None:
+        kind = "dream"
+        model = Qwen2ForCausalLM.from_pretrained(name_or_path, config=dream_config, **from_pretrained_kwargs)
+    else:
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        kind = kind or detect_kind(config)
+        if kind not in DENOISER_KINDS:
+            raise ValueError(f"unknown denoiser kind {kind!r}; expected one of {DENOISER_KINDS}")
+        model = _model_class(config, kind).from_pretrained(
+            name_or_path, trust_remote_code=trust_remote_code, **from_pretrained_kwargs
+        )
+    # the model's config, so that the tokenizer's lookup does not load (Dream: run) the checkpoint's own again
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, config=model.config)
     return Denoiser(model.to(device), tokenizer, kind=kind, mask_token_id=mask_token_id, compile_layers=compile_layers,
                     fused_layers=fused_layers)  # fmt: skip

@@ -1,9 +1,10 @@
 """End-to-end denoising-step benchmark on random-weight models of the paper's shapes.
 
-Dream-7B is a Qwen2-7B body run bidirectionally; the rewards are Qwen3 sequence
-classifiers of Skywork-Reward-V2's 0.6B and 1.7B shapes. Weights are random (speed
-does not depend on them) and built in place, so nothing is downloaded. On a CPU the
-``tiny`` preset keeps the same code path at toy sizes.
+Dream-7B is a Qwen2-7B body run bidirectionally (the model ``load_denoiser`` builds
+from a Dream checkpoint); the rewards are Qwen3 sequence classifiers of
+Skywork-Reward-V2's 0.6B and 1.7B shapes. Weights are random (speed does not depend on
+them) and built in place, so nothing is downloaded. On a CPU the ``tiny`` preset keeps
+the same code path at toy sizes.
 
 For each method (unguided ``none`` and every guided one) and each execution mode
 (eager, CUDA graphs) it runs the real :class:`DiffusionRun` and reports ms per step
