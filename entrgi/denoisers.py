@@ -11,6 +11,7 @@ import torch
 from entrgi.attention import attention_mask_4d
 from entrgi.layers import LayerRunner
 from entrgi.model_source import model_source
+from entrgi.remote_code import remote_model_class
 from entrgi.run_cache import RunCache
 
 DENOISER_KINDS = ("dream", "llada", "mlm")
@@ -199,12 +200,14 @@ class Denoiser:
         return self.tokenizer.decode(kept, skip_special_tokens=True).strip()
 
 
-def _model_class(config, kind: str):
+def _model_class(config, kind: str, name_or_path: str, trust_remote_code: bool, from_pretrained_kwargs: dict):
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING
 
-    if "AutoModel" in (getattr(config, "auto_map", None) or {}):
-        return AutoModel  # Dream and LLaDA ship their LM class as AutoModel (remote code)
+    if "AutoModel" in (getattr(config, "auto_map", None) or {}):  # remote code: LLaDA's LM class, Dream's
+        if not trust_remote_code:
+            return AutoModel  # which refuses, naming the option
+        return remote_model_class(config, name_or_path, from_pretrained_kwargs)
     if kind == "mlm" or type(config) in MODEL_FOR_MASKED_LM_MAPPING:
         return AutoModelForMaskedLM
     return AutoModelForCausalLM  # e.g. a Qwen2 body run bidirectionally as a Dream stand-in
@@ -265,9 +268,8 @@ def load_denoiser(
         kind = kind or detect_kind(config)
         if kind not in DENOISER_KINDS:
             raise ValueError(f"unknown denoiser kind {kind!r}; expected one of {DENOISER_KINDS}")
-        model = _model_class(config, kind).from_pretrained(
-            name_or_path, trust_remote_code=trust_remote_code, **from_pretrained_kwargs
-        )
+        model_class = _model_class(config, kind, name_or_path, trust_remote_code, from_pretrained_kwargs)
+        model = model_class.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **from_pretrained_kwargs)
     # the model's config, so that the tokenizer's lookup does not load (Dream: run) the checkpoint's own again
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, config=model.config)
     return Denoiser(model.to(device), tokenizer, kind=kind, mask_token_id=mask_token_id, compile_layers=compile_layers,

@@ -1,4 +1,5 @@
-"""load_denoiser on a Dream checkpoint: transformers' Qwen2 classes, not Dream's remote code."""
+"""load_denoiser on checkpoints that ship remote code: Dream's loads as transformers' Qwen2
+classes; LLaDA-style code written for transformers 4.x runs under transformers 5."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 
 from entrgi import load_denoiser
 from entrgi.denoisers import dream_as_qwen2_config
+from entrgi.remote_code import loadable
 
 REMOTE_CODE_ERROR = "Dream's remote code ran"
 
@@ -67,3 +69,110 @@ def test_generate_runs_a_dream_checkpoint_and_its_remote_code_only_when_asked(dr
     assert len(json.loads(out.read_text())["results"][0]["responses"]) == 2
     with pytest.raises(ImportError, match=REMOTE_CODE_ERROR):
         main([*command, "--dream-remote-code"])
+
+
+# A bidirectional toy LM in the shape of LLaDA's remote code as published for transformers
+# 4.x: its __init__ skips post_init() and its tie_weights takes no arguments.
+TOY_LLADA_CONFIG = """
+from transformers import PretrainedConfig
+
+
+class ToyLLaDAConfig(PretrainedConfig):
+    model_type = "toy_llada"
+
+    def __init__(self, vocab_size=8, d_model=4, weight_tying=False, **kwargs):
+        self.vocab_size, self.d_model, self.weight_tying = vocab_size, d_model, weight_tying
+        super().__init__(**kwargs)
+"""
+TOY_LLADA_MODEL = """
+import torch
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutput
+
+from .configuration_toy_llada import ToyLLaDAConfig
+
+
+class ToyLLaDAModelLM(PreTrainedModel):
+    config_class = ToyLLaDAConfig
+    base_model_prefix = "model"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.wte = torch.nn.Embedding(config.vocab_size, config.d_model)
+        self.mix = torch.nn.Linear(config.d_model, config.d_model)
+        self.ff_out = torch.nn.Linear(config.d_model, config.vocab_size, bias=False)
+
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        x = self.wte(input_ids)
+        keep = attention_mask.to(x.dtype)[..., None]
+        context = (x * keep).sum(1, keepdim=True) / keep.sum(1, keepdim=True)
+        return CausalLMOutput(logits=self.ff_out(torch.tanh(self.mix(x + context))))
+
+    def get_input_embeddings(self):
+        return self.wte
+
+    def get_output_embeddings(self):
+        return self.ff_out
+
+    def tie_weights(self):
+        if self.config.weight_tying:
+            self.ff_out.weight = self.wte.weight
+"""
+
+
+def _toy_llada_logits(weights: dict, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    x = weights["wte.weight"][ids]
+    keep = mask.float()[..., None]
+    context = (x * keep).sum(1, keepdim=True) / keep.sum(1, keepdim=True)
+    hidden = torch.tanh((x + context) @ weights["mix.weight"].T + weights["mix.bias"])
+    return hidden @ weights.get("ff_out.weight", weights["wte.weight"]).T
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
+def llada_checkpoint(request, chat_tokenizer, tmp_path_factory) -> tuple[str, dict]:
+    """(path, weights): the toy's remote code, config and weights (without ``ff_out``
+    when tied) and the chat tokenizer."""
+    from safetensors.torch import save_file
+
+    path = tmp_path_factory.mktemp("llada-checkpoint")
+    (path / "configuration_toy_llada.py").write_text(TOY_LLADA_CONFIG)
+    (path / "modeling_toy_llada.py").write_text(TOY_LLADA_MODEL)
+    vocab, width, tied = len(chat_tokenizer), 8, request.param
+    config = {"model_type": "toy_llada", "vocab_size": vocab, "d_model": width, "weight_tying": tied,
+              "architectures": ["ToyLLaDAModelLM"],
+              "auto_map": {"AutoConfig": "configuration_toy_llada.ToyLLaDAConfig",
+                           "AutoModel": "modeling_toy_llada.ToyLLaDAModelLM"}}  # fmt: skip
+    (path / "config.json").write_text(json.dumps(config))
+    generator = torch.Generator().manual_seed(3)
+    weights = {"wte.weight": torch.randn(vocab, width, generator=generator),
+               "mix.weight": torch.randn(width, width, generator=generator),
+               "mix.bias": torch.randn(width, generator=generator)}  # fmt: skip
+    if not tied:
+        weights["ff_out.weight"] = torch.randn(vocab, width, generator=generator)
+    save_file(weights, str(path / "model.safetensors"))
+    chat_tokenizer.save_pretrained(path)
+    return str(path), weights
+
+
+def test_llada_style_remote_code_written_for_transformers_4_loads(llada_checkpoint):
+    from transformers import AutoModel
+
+    path, weights = llada_checkpoint
+    with pytest.raises((AttributeError, TypeError)):  # what transformers 5 makes of such code unaided
+        AutoModel.from_pretrained(path, trust_remote_code=True)
+    denoiser = load_denoiser(path, kind="llada")
+    assert type(denoiser.model).__name__ == "ToyLLaDAModelLM"
+    tied = "ff_out.weight" not in weights
+    assert (denoiser.model.ff_out.weight is denoiser.model.wte.weight) == tied  # the model's own tie_weights ran
+    ids = torch.randint(1000, 2000, (3, 9))
+    mask = torch.ones(3, 9, dtype=torch.bool)
+    mask[1, :4] = False  # a left-padded row
+    torch.testing.assert_close(denoiser.logits(ids, mask), _toy_llada_logits(weights, ids, mask))
+
+
+def test_loadable_leaves_a_modern_tie_weights_alone():
+    from transformers import Qwen2ForCausalLM
+
+    made = loadable(Qwen2ForCausalLM)
+    assert made.__name__ == "Qwen2ForCausalLM" and issubclass(made, Qwen2ForCausalLM)
+    assert made.tie_weights is Qwen2ForCausalLM.tie_weights
