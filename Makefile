@@ -11,7 +11,7 @@ STAMP := $(VENV)/.entrgi-installed
 # 0 runs one process (what a GPU box wants: the CUDA tests would share one device).
 TEST_WORKERS ?= 2
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-gpu-image bench clean
 
 install: $(STAMP)
 
@@ -28,8 +28,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests bench --benchmark-disable -n $(TEST_WORKERS) --dist worksteal  # bench/: runs and well-formed output, never speed
 
+# The suite in a second venv with the GPU image's versions (.ci/gpu-image-constraints.txt) on
+# this CPU: what a lent GPU imports, checked without one. torch 2.11's wheel pulls its CUDA
+# libraries (4.6 GB installed).
+test-gpu-image:
+	PIP_CONSTRAINT=$(CURDIR)/.ci/gpu-image-constraints.txt $(MAKE) test VENV=.venv-gpu-image TORCH_SPEC=torch==2.11.0
+
 bench: $(STAMP)
 	$(VENV)/bin/entrgi bench --suite op
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) .venv-gpu-image build *.egg-info .pytest_cache
