@@ -11,7 +11,7 @@ import torch
 from entrgi.attention import attention_mask_4d
 from entrgi.layers import LayerRunner
 from entrgi.model_source import model_source
-from entrgi.remote_code import remote_model_class
+from entrgi.remote_code import remote_model_class, sdpa_backends_kept
 from entrgi.run_cache import RunCache
 
 DENOISER_KINDS = ("dream", "llada", "mlm")
@@ -36,6 +36,13 @@ def _as_list(value) -> list[int]:
     return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
 
 
+def _additive_bias(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(N, L) bool key-padding mask -> (N, 1, 1, L) float32: 0 where kept, float32's
+    lowest value where padded."""
+    bias = torch.zeros(attention_mask.shape, dtype=torch.float32, device=attention_mask.device)
+    return bias.masked_fill_(~attention_mask, torch.finfo(torch.float32).min)[:, None, None, :]
+
+
 class Denoiser:
     """A masked diffusion LM that maps a token canvas to per-position logits.
 
@@ -45,8 +52,9 @@ class Denoiser:
         LLaDA ``LLaDAModelLM``, any masked LM).
     tokenizer : its tokenizer.
     kind : ``dream`` (logits shifted right by one: position i is predicted at i-1;
-        bool key-padding mask and position ids), ``llada`` (no shift) or ``mlm``
-        (no shift); detected from the config when None.
+        bool key-padding mask and position ids), ``llada`` (no shift; LLaDA's own code
+        gets the padding as its additive ``attention_bias``, which it reads on the device)
+        or ``mlm`` (no shift); detected from the config when None.
     mask_token_id : overrides the tokenizer's / config's mask id.
     compile_layers : run the model's layers through one ``torch.compile``d layer
         (fused elementwise kernels; compiled on the first forward of a shape; see
@@ -77,7 +85,12 @@ class Denoiser:
         arguments = inspect.signature(model.forward).parameters
         self._takes_position_ids = "position_ids" in arguments
         self._keep_argument = next((a for a in ("logits_to_keep", "num_logits_to_keep") if a in arguments), None)
-        self._takes_use_cache = "use_cache" in arguments
+        # no key/value cache to build: every step sees the whole canvas (and LLaDA's code,
+        # whose config under transformers 5 has no use_cache, reads one when not given);
+        # return_dict given so that no deprecated config field is read either
+        self._fixed_arguments = {name: value for name, value in (("use_cache", False), ("return_dict", True))
+                                 if name in arguments}  # fmt: skip
+        self._takes_attention_bias = "attention_bias" in arguments
         self.layers = LayerRunner(self.model, compiled=compile_layers, lean=fused_layers)
         self.run_cache = RunCache()
 
@@ -135,17 +148,21 @@ class Denoiser:
 
     def _logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_last: int | None) -> torch.Tensor:
         length = input_ids.shape[1]
+        kwargs = dict(self._fixed_arguments)
         if self.kind == "llada":
-            # LLaDA's own code turns a 2-D mask into an additive bias (no host check).
+            if self._takes_attention_bias:
+                # LLaDA's own code asks `0.0 in attention_mask` of a 2-D mask (a host read);
+                # the additive float32 (N, 1, L, L) bias it makes of one, it takes as is
+                kwargs["attention_bias"] = _additive_bias(attention_mask).expand(-1, 1, length, -1)
+            else:
+                kwargs["attention_mask"] = attention_mask.long()
             with self._head_on_last(keep_last, length):
-                logits = self.model(input_ids=input_ids, attention_mask=attention_mask.long()).logits
+                logits = self.model(input_ids=input_ids, **kwargs).logits
             return logits if keep_last is None else logits[:, -keep_last:]
         shift = int(self.kind == "dream")
         head_rows = None if keep_last is None or keep_last + shift > length else keep_last + shift
         # Key-padding mask, 4-D so the model uses it as given: bidirectional, no host sync.
-        kwargs = {"attention_mask": attention_mask_4d(self.model, attention_mask, causal=False, dtype=self.model.dtype)}
-        if self._takes_use_cache:
-            kwargs["use_cache"] = False  # no key/value cache to build: every step sees the whole canvas
+        kwargs["attention_mask"] = attention_mask_4d(self.model, attention_mask, causal=False, dtype=self.model.dtype)
         if self._takes_position_ids:
             kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
         if head_rows is not None and self._keep_argument is not None:
@@ -253,7 +270,11 @@ def load_denoiser(
     was written for transformers 4.4x (its rotary embedding looks up
     ``ROPE_INIT_FUNCTIONS["default"]``, which transformers 5 no longer has), and its
     attention calls sdpa itself, where the fused layers and the folded sdpa of
-    :mod:`entrgi.lean` and :mod:`entrgi.sdpa` fit transformers' Qwen2 modules."""
+    :mod:`entrgi.lean` and :mod:`entrgi.sdpa` fit transformers' Qwen2 modules.
+
+    Other remote code (LLaDA's) loads through :func:`entrgi.remote_code.loadable`, and
+    torch's sdpa kernel switches its ``__init__`` flips for the whole process are set
+    back (:func:`entrgi.remote_code.sdpa_backends_kept`)."""
     from transformers import AutoConfig, AutoTokenizer, Qwen2ForCausalLM
 
     name_or_path = model_source(name_or_path, "denoiser")
@@ -269,7 +290,9 @@ def load_denoiser(
         if kind not in DENOISER_KINDS:
             raise ValueError(f"unknown denoiser kind {kind!r}; expected one of {DENOISER_KINDS}")
         model_class = _model_class(config, kind, name_or_path, trust_remote_code, from_pretrained_kwargs)
-        model = model_class.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **from_pretrained_kwargs)
+        with sdpa_backends_kept():
+            model = model_class.from_pretrained(name_or_path, trust_remote_code=trust_remote_code,
+                                                **from_pretrained_kwargs)  # fmt: skip
     # the model's config, so that the tokenizer's lookup does not load (Dream: run) the checkpoint's own again
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, config=model.config)
     return Denoiser(model.to(device), tokenizer, kind=kind, mask_token_id=mask_token_id, compile_layers=compile_layers,

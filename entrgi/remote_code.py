@@ -7,11 +7,19 @@ may skip ``post_init()`` and define ``tie_weights(self)``; LLaDA's, as published
 both, so ``AutoModel.from_pretrained`` fails on it (``AttributeError`` or ``TypeError``).
 :func:`loadable` gives such a class what transformers 5 asks of it and changes nothing
 else: the network, its weights and its forward are the checkpoint's own.
+:func:`sdpa_backends_kept` undoes what such code's ``__init__`` may switch for the whole
+process (LLaDA's turns torch's memory-efficient attention kernel off).
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from typing import Iterator
+
+import torch
+
+_SDPA_BACKENDS = ("flash", "mem_efficient", "math", "cudnn")
 
 # from_pretrained arguments that also say where the remote code comes from
 _CODE_SOURCE_ARGUMENTS = ("revision", "code_revision", "cache_dir", "local_files_only", "token")
@@ -50,3 +58,17 @@ def remote_model_class(config, name_or_path: str, from_pretrained_kwargs: dict) 
 
     source = {key: from_pretrained_kwargs[key] for key in _CODE_SOURCE_ARGUMENTS if key in from_pretrained_kwargs}
     return loadable(get_class_from_dynamic_module(config.auto_map["AutoModel"], name_or_path, **source))
+
+
+@contextlib.contextmanager
+def sdpa_backends_kept() -> Iterator[None]:
+    """On exit, torch's process-wide sdpa kernel switches are as they were on entry:
+    loading a model whose ``__init__`` flips them (LLaDA's turns the memory-efficient
+    kernel off) leaves the other models' attention (the reward's) as the user set it."""
+    switches = torch.backends.cuda
+    enabled = {name: getattr(switches, f"{name}_sdp_enabled")() for name in _SDPA_BACKENDS}
+    try:
+        yield
+    finally:
+        for name, on in enabled.items():
+            getattr(switches, f"enable_{name}_sdp")(on)

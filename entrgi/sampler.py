@@ -416,8 +416,9 @@ def _check_inputs(prompts, denoiser, reward, config: GuidanceConfig) -> list[str
 
 def cuda_graph_blockers(denoiser: Denoiser, reward: Reward | None, config: GuidanceConfig) -> list[str]:
     """Why a denoising step could not be captured: each model the step runs whose
-    attention implementation reads its mask back to the host (LLaDA's own attention
-    code never does; the reward runs in the step only when guided)."""
+    attention implementation reads its mask back to the host (LLaDA's own code, given
+    the padding as an attention bias, never does; the reward runs in the step only when
+    guided)."""
     models = [] if denoiser.kind == "llada" else [("denoiser", denoiser.model)]
     if config.guided and getattr(reward, "model", None) is not None:
         models.append(("reward", reward.model))

@@ -72,7 +72,11 @@ def test_generate_runs_a_dream_checkpoint_and_its_remote_code_only_when_asked(dr
 
 
 # A bidirectional toy LM in the shape of LLaDA's remote code as published for transformers
-# 4.x: its __init__ skips post_init() and its tie_weights takes no arguments.
+# 4.x: its __init__ skips post_init(), switches torch's memory-efficient sdpa kernel off for
+# the whole process, and its tie_weights takes no arguments; its config hands use_cache to
+# PretrainedConfig (which transformers 5 drops) and its forward reads it back when not
+# given; a 2-D attention_mask is checked for padding on the host (`0.0 in mask`), an
+# additive attention_bias is used as given.
 TOY_LLADA_CONFIG = """
 from transformers import PretrainedConfig
 
@@ -80,9 +84,9 @@ from transformers import PretrainedConfig
 class ToyLLaDAConfig(PretrainedConfig):
     model_type = "toy_llada"
 
-    def __init__(self, vocab_size=8, d_model=4, weight_tying=False, **kwargs):
+    def __init__(self, vocab_size=8, d_model=4, weight_tying=False, use_cache=False, **kwargs):
         self.vocab_size, self.d_model, self.weight_tying = vocab_size, d_model, weight_tying
-        super().__init__(**kwargs)
+        super().__init__(use_cache=use_cache, **kwargs)
 """
 TOY_LLADA_MODEL = """
 import torch
@@ -98,14 +102,22 @@ class ToyLLaDAModelLM(PreTrainedModel):
 
     def __init__(self, config):
         super().__init__(config)
+        torch.backends.cuda.enable_mem_efficient_sdp(False)
         self.wte = torch.nn.Embedding(config.vocab_size, config.d_model)
         self.mix = torch.nn.Linear(config.d_model, config.d_model)
         self.ff_out = torch.nn.Linear(config.d_model, config.vocab_size, bias=False)
 
-    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, attention_bias=None, use_cache=None, **kwargs):
+        if use_cache is None:
+            use_cache = self.config.use_cache
         x = self.wte(input_ids)
-        keep = attention_mask.to(x.dtype)[..., None]
-        context = (x * keep).sum(1, keepdim=True) / keep.sum(1, keepdim=True)
+        length = input_ids.shape[1]
+        bias = torch.zeros(1, 1, length, length)
+        if attention_mask is not None and 0.0 in attention_mask:
+            bias = bias + (1.0 - attention_mask.float()[:, None, None, :]) * torch.finfo(torch.float32).min
+        if attention_bias is not None:
+            bias = bias + attention_bias
+        context = torch.softmax(bias[:, 0], dim=-1) @ x  # every query: the mean of the kept keys
         return CausalLMOutput(logits=self.ff_out(torch.tanh(self.mix(x + context))))
 
     def get_input_embeddings(self):
@@ -154,20 +166,28 @@ def llada_checkpoint(request, chat_tokenizer, tmp_path_factory) -> tuple[str, di
     return str(path), weights
 
 
-def test_llada_style_remote_code_written_for_transformers_4_loads(llada_checkpoint):
+def test_llada_style_remote_code_written_for_transformers_4_loads(llada_checkpoint, monkeypatch):
     from transformers import AutoModel
 
     path, weights = llada_checkpoint
     with pytest.raises((AttributeError, TypeError)):  # what transformers 5 makes of such code unaided
         AutoModel.from_pretrained(path, trust_remote_code=True)
+    torch.backends.cuda.enable_mem_efficient_sdp(True)
     denoiser = load_denoiser(path, kind="llada")
+    assert torch.backends.cuda.mem_efficient_sdp_enabled()  # the model's __init__ switched it off: set back
     assert type(denoiser.model).__name__ == "ToyLLaDAModelLM"
     tied = "ff_out.weight" not in weights
     assert (denoiser.model.ff_out.weight is denoiser.model.wte.weight) == tied  # the model's own tie_weights ran
     ids = torch.randint(1000, 2000, (3, 9))
     mask = torch.ones(3, 9, dtype=torch.bool)
     mask[1, :4] = False  # a left-padded row
-    torch.testing.assert_close(denoiser.logits(ids, mask), _toy_llada_logits(weights, ids, mask))
+    # the model's own handling of a 2-D mask, which reads it on the host
+    own = denoiser.model(input_ids=ids, attention_mask=mask.long(), use_cache=False).logits
+    with monkeypatch.context() as host_reads:
+        host_reads.setattr(torch.Tensor, "item", lambda *_: pytest.fail("the padding was read on the host"))
+        logits = denoiser.logits(ids, mask)
+    torch.testing.assert_close(logits, own, rtol=0, atol=0)
+    torch.testing.assert_close(logits, _toy_llada_logits(weights, ids, mask))
 
 
 def test_loadable_leaves_a_modern_tie_weights_alone():
