@@ -1,4 +1,5 @@
-"""Test helpers: float64 restatements of the op semantics, a χ² check, and whether this machine can compile."""
+"""Test helpers: float64 restatements of the op semantics, a χ² check, whether this machine
+can compile, and a check that CUDA-graph replay gives the eager run's results."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import shutil
 
 import pytest
 import torch
+
+from entrgi import generate
 
 # torch.compile's inductor backend builds C++ kernels on the CPU
 CAN_COMPILE = torch.cuda.is_available() or shutil.which("g++") is not None
@@ -129,3 +132,21 @@ def filter_keys(raw: torch.Tensor, tau: float) -> torch.Tensor:
     width = 32 if x.dtype == torch.float32 else 16
     bits = x.view(torch.int32 if width == 32 else torch.int16).long()
     return (bits ^ ((bits >> (width - 1)) & (2 ** (width - 1) - 1))) + 2 ** (width - 1)
+
+
+def graphed_runs_match_eager(prompts, denoiser, reward, calls: int = 1, **common) -> list[int]:
+    """Generate once eagerly, then ``calls`` times with CUDA graphs (each must give the
+    eager tokens and rewards); returns each graphed call's number of graph replays."""
+    eager = generate(prompts, denoiser=denoiser, reward=reward, cuda_graphs=False, progress=False, **common)
+    counts = []
+    replay = torch.cuda.CUDAGraph.replay
+    for _ in range(calls):
+        replays = []
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(torch.cuda.CUDAGraph, "replay", lambda graph: replays.append(1) or replay(graph))
+            graphed = generate(prompts, denoiser=denoiser, reward=reward, progress=False, **common)  # "auto"
+        assert [r.response_ids for r in graphed] == [r.response_ids for r in eager]
+        assert [r.history for r in graphed] == [r.history for r in eager]
+        assert sum((r.rewards for r in graphed), []) == pytest.approx(sum((r.rewards for r in eager), []))
+        counts.append(len(replays))
+    return counts

@@ -1,5 +1,6 @@
 """load_denoiser on checkpoints that ship remote code: Dream's loads as transformers' Qwen2
-classes; LLaDA-style code written for transformers 4.x runs under transformers 5."""
+classes; LLaDA-style code written for transformers 4.x runs under transformers 5, and in
+CUDA graphs."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 from entrgi import load_denoiser
 from entrgi.denoisers import dream_as_qwen2_config
 from entrgi.remote_code import loadable
+from helpers import graphed_runs_match_eager
 
 REMOTE_CODE_ERROR = "Dream's remote code ran"
 
@@ -112,7 +114,7 @@ class ToyLLaDAModelLM(PreTrainedModel):
             use_cache = self.config.use_cache
         x = self.wte(input_ids)
         length = input_ids.shape[1]
-        bias = torch.zeros(1, 1, length, length)
+        bias = torch.zeros(1, 1, length, length, device=x.device)
         if attention_mask is not None and 0.0 in attention_mask:
             bias = bias + (1.0 - attention_mask.float()[:, None, None, :]) * torch.finfo(torch.float32).min
         if attention_bias is not None:
@@ -188,6 +190,18 @@ def test_llada_style_remote_code_written_for_transformers_4_loads(llada_checkpoi
         logits = denoiser.logits(ids, mask)
     torch.testing.assert_close(logits, own, rtol=0, atol=0)
     torch.testing.assert_close(logits, _toy_llada_logits(weights, ids, mask))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_llada_style_remote_code_denoises_in_cuda_graphs(llada_checkpoint, classifier_path):
+    from entrgi import load_reward
+
+    denoiser = load_denoiser(llada_checkpoint[0], kind="llada", device="cuda")
+    reward = load_reward(classifier_path, device="cuda")
+    replays = graphed_runs_match_eager(["hello there", "what is the weather like today in the big city"], denoiser,
+                                       reward, steps=4, max_new_tokens=8, block_length=4, remasking="low_confidence",
+                                       num_samples=2, guidance_steps=2, seed=4)  # fmt: skip
+    assert replays == [3]  # every step guided: the first runs eagerly, the next three replay
 
 
 def test_loadable_leaves_a_modern_tie_weights_alone():

@@ -12,6 +12,7 @@ import torch
 
 from entrgi import GuidanceConfig, generate, load_denoiser, sampler
 from entrgi.sampler import BatchedGeneration, DiffusionRun, GuidanceTable
+from helpers import graphed_runs_match_eager
 
 PROMPTS = ["hello there", "what is the weather like today in the big city"]
 SMALL = dict(steps=4, max_new_tokens=6, num_samples=2, guidance_steps=2, progress=False)
@@ -373,24 +374,6 @@ def test_step_has_no_cuda_sync(denoiser_paths, classifier_path):
         torch.cuda.set_sync_debug_mode("default")
 
 
-def _graphed_runs_match_eager(denoiser, reward, calls: int = 1, **common) -> list[int]:
-    """Generate once eagerly, then ``calls`` times with CUDA graphs (each must give the
-    eager tokens and rewards); returns each graphed call's number of graph replays."""
-    eager = generate(PROMPTS, denoiser=denoiser, reward=reward, cuda_graphs=False, progress=False, **common)
-    counts = []
-    replay = torch.cuda.CUDAGraph.replay
-    for _ in range(calls):
-        replays = []
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(torch.cuda.CUDAGraph, "replay", lambda graph: replays.append(1) or replay(graph))
-            graphed = generate(PROMPTS, denoiser=denoiser, reward=reward, progress=False, **common)  # "auto"
-        assert [r.response_ids for r in graphed] == [r.response_ids for r in eager]
-        assert [r.history for r in graphed] == [r.history for r in eager]
-        assert sum((r.rewards for r in graphed), []) == pytest.approx(sum((r.rewards for r in eager), []))
-        counts.append(len(replays))
-    return counts
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("method", ["entrgi", "expectation", "none"])
 def test_cuda_graph_replay_matches_eager(denoiser_paths, classifier_path, method):
@@ -398,7 +381,7 @@ def test_cuda_graph_replay_matches_eager(denoiser_paths, classifier_path, method
 
     denoiser = load_denoiser(denoiser_paths["dream"], kind="dream", device="cuda")
     reward = load_reward(classifier_path, device="cuda")
-    replays = _graphed_runs_match_eager(denoiser, reward, calls=2, method=method, steps=7, max_new_tokens=8,
+    replays = graphed_runs_match_eager(PROMPTS, denoiser, reward, calls=2, method=method, steps=7, max_new_tokens=8,
                                         num_samples=2, guidance_steps=2, guide_every=2, alg_temp=0.3, seed=5,
                                         output_history=True)  # fmt: skip
     # guided steps 0, 2, 4, 6 and unguided 1, 3, 5: each kind runs eagerly once, then replays
@@ -412,7 +395,7 @@ def test_a_hooked_run_on_cuda_denoises_eagerly(denoiser_paths, classifier_path):
 
     denoiser = load_denoiser(denoiser_paths["dream"], kind="dream", device="cuda")
     reward = load_reward(classifier_path, device="cuda")
-    replays = _graphed_runs_match_eager(denoiser, reward, steps=4, max_new_tokens=6, num_samples=2, guidance_steps=2,
+    replays = graphed_runs_match_eager(PROMPTS, denoiser, reward, steps=4, max_new_tokens=6, num_samples=2, guidance_steps=2,
                                         logits_hook=lambda step, canvas, logits: logits * 0.5)  # fmt: skip
     assert replays == [0]
 
@@ -424,7 +407,7 @@ def test_cuda_graph_replay_with_recomputed_adam_moments(denoiser_paths, classifi
 
     denoiser = load_denoiser(denoiser_paths["dream"], kind="dream", device="cuda", dtype=torch.bfloat16)
     reward = load_reward(classifier_path, device="cuda", dtype=torch.bfloat16)
-    _graphed_runs_match_eager(denoiser, reward, calls=2, steps=4, max_new_tokens=8, num_samples=2, guidance_steps=3,
+    graphed_runs_match_eager(PROMPTS, denoiser, reward, calls=2, steps=4, max_new_tokens=8, num_samples=2, guidance_steps=3,
                               adam_moments="recompute", seed=6)  # fmt: skip
 
 
@@ -453,7 +436,7 @@ def test_cuda_graphs_with_the_likelihood_reward_and_a_cached_prefix(denoiser_pat
     denoiser = load_denoiser(denoiser_paths["dream"], kind="dream", device="cuda")
     for reward in (load_reward(likelihood_path, kind="likelihood", device="cuda", cache_prefix=cache_prefix),
                    load_reward(classifier_path, device="cuda", cache_prefix=cache_prefix)):  # fmt: skip
-        replays = _graphed_runs_match_eager(denoiser, reward, steps=4, max_new_tokens=6, num_samples=2,
+        replays = graphed_runs_match_eager(PROMPTS, denoiser, reward, steps=4, max_new_tokens=6, num_samples=2,
                                             guidance_steps=2, seed=3)  # fmt: skip
         assert replays == [3]  # step 0 runs eagerly and captures, steps 1-3 replay
 
