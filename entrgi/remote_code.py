@@ -30,14 +30,41 @@ def _takes_new_tie_arguments(tie_weights) -> bool:
     return "missing_keys" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
 
 
+@contextlib.contextmanager
+def _parameters_made_on(device: torch.device) -> Iterator[None]:
+    """Inside, each ``nn.Parameter`` a module registers is made anew, empty, on
+    ``device`` (its values are not kept); buffers are left where they are."""
+    register = torch.nn.Module.register_parameter
+
+    def register_there(module, name, param):
+        if type(param) is torch.nn.Parameter and param.device != device:
+            param = torch.nn.Parameter(torch.empty_like(param, device=device), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    torch.nn.Module.register_parameter = register_there
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
 def loadable(model_class: type) -> type:
     """A subclass of ``model_class``, of the same name, whose ``__init__`` ends with
     ``post_init()`` where the class's own did not call it, and whose ``tie_weights``, where
-    the class's own takes no arguments, takes transformers 5's and calls it without them."""
+    the class's own takes no arguments, takes transformers 5's and calls it without them.
+
+    transformers 5's ``from_pretrained`` builds a model under the meta device and then
+    loads its weights. A parameter made with an explicit ``device=`` escapes that (LLaDA's
+    code makes each one with ``device="cpu"``: LLaDA-8B's 8B parameters would be made and
+    randomly initialised on the host, then overwritten); the subclass's ``__init__``
+    makes them on the meta device too when it runs under one. Buffers (a rotary table
+    computed at init, not in the checkpoint) stay as the code makes them."""
     old_tie = not _takes_new_tie_arguments(model_class.tie_weights)
 
     def __init__(self, *args, **kwargs):
-        model_class.__init__(self, *args, **kwargs)
+        building = torch.get_default_device()
+        with _parameters_made_on(building) if building.type == "meta" else contextlib.nullcontext():
+            model_class.__init__(self, *args, **kwargs)
         if not hasattr(self, "all_tied_weights_keys"):
             self.post_init()
 

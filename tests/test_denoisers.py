@@ -74,8 +74,9 @@ def test_generate_runs_a_dream_checkpoint_and_its_remote_code_only_when_asked(dr
 
 
 # A bidirectional toy LM in the shape of LLaDA's remote code as published for transformers
-# 4.x: its __init__ skips post_init(), switches torch's memory-efficient sdpa kernel off for
-# the whole process, and its tie_weights takes no arguments; its config hands use_cache to
+# 4.x: its __init__ makes its parameters with device="cpu", skips post_init(), switches
+# torch's memory-efficient sdpa kernel off for the whole process, and its tie_weights takes
+# no arguments; its config hands use_cache to
 # PretrainedConfig (which transformers 5 drops) and its forward reads it back when not
 # given; a 2-D attention_mask is checked for padding on the host (`0.0 in mask`), an
 # additive attention_bias is used as given.
@@ -105,9 +106,10 @@ class ToyLLaDAModelLM(PreTrainedModel):
     def __init__(self, config):
         super().__init__(config)
         torch.backends.cuda.enable_mem_efficient_sdp(False)
-        self.wte = torch.nn.Embedding(config.vocab_size, config.d_model)
-        self.mix = torch.nn.Linear(config.d_model, config.d_model)
-        self.ff_out = torch.nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.wte = torch.nn.Embedding(config.vocab_size, config.d_model, device="cpu")
+        self.mix = torch.nn.Linear(config.d_model, config.d_model, device="cpu")
+        self.ff_out = torch.nn.Linear(config.d_model, config.vocab_size, bias=False, device="cpu")
+        self.built_on = self.mix.weight.device.type
 
     def forward(self, input_ids=None, attention_mask=None, attention_bias=None, use_cache=None, **kwargs):
         if use_cache is None:
@@ -178,6 +180,7 @@ def test_llada_style_remote_code_written_for_transformers_4_loads(llada_checkpoi
     denoiser = load_denoiser(path, kind="llada")
     assert torch.backends.cuda.mem_efficient_sdp_enabled()  # the model's __init__ switched it off: set back
     assert type(denoiser.model).__name__ == "ToyLLaDAModelLM"
+    assert denoiser.model.built_on == "meta"  # not made (and initialised) on the host, then overwritten
     tied = "ff_out.weight" not in weights
     assert (denoiser.model.ff_out.weight is denoiser.model.wte.weight) == tied  # the model's own tie_weights ran
     ids = torch.randint(1000, 2000, (3, 9))
