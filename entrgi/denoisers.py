@@ -80,7 +80,9 @@ class Denoiser:
         self.kind = kind
         self.mask_token_id = self._find_mask_id(mask_token_id)
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
-        self.max_length = getattr(model.config, "max_position_embeddings", None)
+        # the context the model was built for (LLaDA's config calls it max_sequence_length)
+        lengths = (getattr(model.config, name, None) for name in ("max_position_embeddings", "max_sequence_length"))
+        self.max_length = next((int(length) for length in lengths if length is not None), None)
         self.end_token_ids = self._find_end_ids()
         arguments = inspect.signature(model.forward).parameters
         self._takes_position_ids = "position_ids" in arguments

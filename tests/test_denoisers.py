@@ -155,6 +155,7 @@ def llada_checkpoint(request, chat_tokenizer, tmp_path_factory) -> tuple[str, di
     (path / "modeling_toy_llada.py").write_text(TOY_LLADA_MODEL)
     vocab, width, tied = len(chat_tokenizer), 8, request.param
     config = {"model_type": "toy_llada", "vocab_size": vocab, "d_model": width, "weight_tying": tied,
+              "max_sequence_length": 64,
               "architectures": ["ToyLLaDAModelLM"],
               "auto_map": {"AutoConfig": "configuration_toy_llada.ToyLLaDAConfig",
                            "AutoModel": "modeling_toy_llada.ToyLLaDAModelLM"}}  # fmt: skip
@@ -193,6 +194,15 @@ def test_llada_style_remote_code_written_for_transformers_4_loads(llada_checkpoi
         logits = denoiser.logits(ids, mask)
     torch.testing.assert_close(logits, own, rtol=0, atol=0)
     torch.testing.assert_close(logits, _toy_llada_logits(weights, ids, mask))
+
+
+def test_llada_context_is_its_max_sequence_length(llada_checkpoint):
+    from entrgi import generate
+
+    denoiser = load_denoiser(llada_checkpoint[0], kind="llada")
+    assert denoiser.max_length == 64
+    with pytest.raises(ValueError, match=r"\+ max_new_tokens \(8\) exceeds the denoiser's context of 64 positions"):
+        generate([" ".join(["sea"] * 60)], denoiser=denoiser, method="none", max_new_tokens=8, progress=False)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
