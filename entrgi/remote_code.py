@@ -5,8 +5,9 @@ the model (``all_tied_weights_keys``) and calls
 ``tie_weights(missing_keys=..., recompute_mapping=...)``. A modeling file written for 4.x
 may skip ``post_init()`` and define ``tie_weights(self)``; LLaDA's, as published, does
 both, so ``AutoModel.from_pretrained`` fails on it (``AttributeError`` or ``TypeError``).
-:func:`loadable` gives such a class what transformers 5 asks of it and changes nothing
-else: the network, its weights and its forward are the checkpoint's own.
+:func:`loadable` gives such a class what transformers 5 asks of it, and builds its
+parameters on the meta device as transformers 4.x's ``low_cpu_mem_usage`` loading did,
+and changes nothing else: the network, its weights and its forward are the checkpoint's own.
 :func:`sdpa_backends_kept` undoes what such code's ``__init__`` may switch for the whole
 process (LLaDA's turns torch's memory-efficient attention kernel off).
 """
@@ -57,7 +58,8 @@ def loadable(model_class: type) -> type:
     loads its weights. A parameter made with an explicit ``device=`` escapes that (LLaDA's
     code makes each one with ``device="cpu"``: LLaDA-8B's 8B parameters would be made and
     randomly initialised on the host, then overwritten); the subclass's ``__init__``
-    makes them on the meta device too when it runs under one. Buffers (a rotary table
+    makes them on the meta device too when it runs under one (as transformers 4.x's
+    ``low_cpu_mem_usage`` loading did, through accelerate). Buffers (a rotary table
     computed at init, not in the checkpoint) stay as the code makes them."""
     old_tie = not _takes_new_tie_arguments(model_class.tie_weights)
 
