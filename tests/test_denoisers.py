@@ -74,12 +74,11 @@ def test_generate_runs_a_dream_checkpoint_and_its_remote_code_only_when_asked(dr
 
 
 # A bidirectional toy LM in the shape of LLaDA's remote code as published for transformers
-# 4.x: its __init__ makes its parameters with device="cpu", skips post_init(), switches
-# torch's memory-efficient sdpa kernel off for the whole process, and its tie_weights takes
-# no arguments; its config hands use_cache to
-# PretrainedConfig (which transformers 5 drops) and its forward reads it back when not
-# given; a 2-D attention_mask is checked for padding on the host (`0.0 in mask`), an
-# additive attention_bias is used as given.
+# 4.x: its __init__ makes its parameters with device="cpu", skips post_init() and switches
+# torch's memory-efficient sdpa kernel off for the whole process; its tie_weights takes no
+# arguments; its config hands use_cache to PretrainedConfig (which transformers 5 drops)
+# and its forward reads it back when not given; a 2-D attention_mask is checked for
+# padding on the host (`0.0 in mask`), an additive attention_bias is used as given.
 TOY_LLADA_CONFIG = """
 from transformers import PretrainedConfig
 
