@@ -48,4 +48,10 @@ def attention_mask_4d(
         allowed = torch.cat([past_valid[:, None, None, :].expand(n, 1, s, past_valid.shape[1]), allowed], dim=-1)
     if impl == "sdpa":
         return allowed
-    return torch.zeros(allowed.shape, dtype=dtype, device=valid.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    return additive_mask(allowed, dtype)
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool mask as an additive one of ``dtype``, same shape: 0 where allowed, the
+    dtype's lowest value elsewhere."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)

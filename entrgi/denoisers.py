@@ -8,7 +8,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from entrgi.attention import attention_mask_4d
+from entrgi.attention import additive_mask, attention_mask_4d
 from entrgi.layers import LayerRunner
 from entrgi.model_source import model_source
 from entrgi.remote_code import remote_model_class, sdpa_backends_kept
@@ -34,13 +34,6 @@ def _as_list(value) -> list[int]:
     if value is None:
         return []
     return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
-
-
-def _additive_bias(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(N, L) bool key-padding mask -> (N, 1, 1, L) float32: 0 where kept, float32's
-    lowest value where padded."""
-    bias = torch.zeros(attention_mask.shape, dtype=torch.float32, device=attention_mask.device)
-    return bias.masked_fill_(~attention_mask, torch.finfo(torch.float32).min)[:, None, None, :]
 
 
 class Denoiser:
@@ -155,7 +148,8 @@ class Denoiser:
             if self._takes_attention_bias:
                 # LLaDA's own code asks `0.0 in attention_mask` of a 2-D mask (a host read);
                 # the additive float32 (N, 1, L, L) bias it makes of one, it takes as is
-                kwargs["attention_bias"] = _additive_bias(attention_mask).expand(-1, 1, length, -1)
+                bias = additive_mask(attention_mask[:, None, None, :], torch.float32)
+                kwargs["attention_bias"] = bias.expand(-1, 1, length, -1)
             else:
                 kwargs["attention_mask"] = attention_mask.long()
             with self._head_on_last(keep_last, length):
