@@ -245,6 +245,28 @@ def dream_as_qwen2_config(name_or_path: str):
     return Qwen2Config(**{key: value for key, value in fields.items() if key not in _DREAM_CODE_KEYS})
 
 
+def _load_tokenizer(name_or_path: str, trust_remote_code: bool, config):
+    """The checkpoint's tokenizer, looked up with the model's ``config`` so that the
+    checkpoint's own config is not loaded (for Dream: run) again. Dream's tokenizer is
+    remote code only (a slow class, no tokenizer.json): without ``trust_remote_code``
+    transformers falls back to a fast class that cannot be built, and says so obscurely."""
+    from transformers import AutoTokenizer
+    from transformers.models.auto.tokenization_auto import get_tokenizer_config
+
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, config=config)
+    except ValueError as error:
+        auto_map = get_tokenizer_config(name_or_path).get("auto_map") or {}
+        declared = auto_map.get("AutoTokenizer") if isinstance(auto_map, dict) else auto_map  # or the legacy list
+        remote_classes = [name for name in declared or [] if name]
+        if trust_remote_code or not remote_classes:
+            raise
+        raise ValueError(
+            f"{name_or_path}'s tokenizer is remote code ({', '.join(remote_classes)}); load it with "
+            "trust_remote_code=True"
+        ) from error
+
+
 def load_denoiser(
     name_or_path: str,
     kind: str | None = None,
@@ -271,7 +293,7 @@ def load_denoiser(
     Other remote code (LLaDA's) loads through :func:`entrgi.remote_code.loadable`, and
     torch's sdpa kernel switches its ``__init__`` flips for the whole process are set
     back (:func:`entrgi.remote_code.sdpa_backends_kept`)."""
-    from transformers import AutoConfig, AutoTokenizer, Qwen2ForCausalLM
+    from transformers import AutoConfig, Qwen2ForCausalLM
 
     name_or_path = model_source(name_or_path, "denoiser")
     if dtype is not None:
@@ -289,7 +311,6 @@ def load_denoiser(
         with sdpa_backends_kept():
             model = model_class.from_pretrained(name_or_path, trust_remote_code=trust_remote_code,
                                                 **from_pretrained_kwargs)  # fmt: skip
-    # the model's config, so that the tokenizer's lookup does not load (Dream: run) the checkpoint's own again
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, config=model.config)
+    tokenizer = _load_tokenizer(name_or_path, trust_remote_code, model.config)
     return Denoiser(model.to(device), tokenizer, kind=kind, mask_token_id=mask_token_id, compile_layers=compile_layers,
                     fused_layers=fused_layers)  # fmt: skip

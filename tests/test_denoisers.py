@@ -1,6 +1,6 @@
 """load_denoiser on checkpoints that ship remote code: Dream's loads as transformers' Qwen2
-classes; LLaDA-style code written for transformers 4.x runs under transformers 5, and in
-CUDA graphs."""
+classes with its own remote tokenizer; LLaDA-style code written for transformers 4.x runs
+under transformers 5, and in CUDA graphs."""
 
 from __future__ import annotations
 
@@ -18,13 +18,100 @@ from helpers import graphed_runs_match_eager
 REMOTE_CODE_ERROR = "Dream's remote code ran"
 
 
+# A tokenizer in the shape of Dream's remote one (tokenization_dream.py, written for
+# transformers 4.4x): a slow Python class subclassing PreTrainedTokenizer, its specials
+# made AddedTokens, declared in tokenizer_config.json's auto_map with no fast class and no
+# tokenizer.json beside it, <|mask|> and <|beginoftext|> added tokens. Dream's splits text
+# with Qwen2's byte-level BPE; this one maps each UTF-8 byte to a token, which is the same
+# to transformers.
+TOY_DREAM_TOKENIZER = """
+import json
+
+from transformers.tokenization_utils import AddedToken, PreTrainedTokenizer
+
+
+def _special(token):
+    if isinstance(token, str):
+        return AddedToken(token, lstrip=False, rstrip=False, special=True, normalized=False)
+    return token
+
+
+class DreamTokenizer(PreTrainedTokenizer):
+    vocab_files_names = {"vocab_file": "vocab.json"}
+    model_input_names = ["input_ids", "attention_mask"]
+
+    def __init__(self, vocab_file, errors="replace", unk_token="<|endoftext|>", bos_token=None,
+                 eos_token="<|endoftext|>", pad_token="<|endoftext|>", clean_up_tokenization_spaces=False,
+                 split_special_tokens=False, **kwargs):
+        with open(vocab_file, encoding="utf-8") as handle:
+            self.encoder = json.load(handle)
+        self.decoder = {index: token for token, index in self.encoder.items()}
+        self.errors = errors
+        super().__init__(errors=errors, bos_token=_special(bos_token), eos_token=_special(eos_token),
+                         pad_token=_special(pad_token), unk_token=_special(unk_token),
+                         clean_up_tokenization_spaces=clean_up_tokenization_spaces,
+                         split_special_tokens=split_special_tokens, **kwargs)
+
+    @property
+    def vocab_size(self):
+        return len(self.encoder)
+
+    def get_vocab(self):
+        return dict(self.encoder, **self.added_tokens_encoder)
+
+    def _tokenize(self, text):
+        return [f"<0x{byte:02X}>" for byte in text.encode("utf-8")]
+
+    def _convert_token_to_id(self, token):
+        return self.encoder.get(token, self.encoder.get(self.unk_token))
+
+    def _convert_id_to_token(self, index):
+        return self.decoder.get(index)
+
+    def convert_tokens_to_string(self, tokens):
+        return bytes(int(token[3:5], 16) for token in tokens).decode("utf-8", errors=self.errors)
+"""
+DREAM_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|beginoftext|>", "<|mask|>")
+DREAM_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _write_dream_tokenizer(path) -> dict[str, int]:
+    """Dream's tokenizer files (its remote class, vocab.json, tokenizer_config.json) in
+    place of any other tokenizer's; returns the special tokens' ids."""
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+                 "chat_template.jinja"):  # fmt: skip
+        (path / name).unlink(missing_ok=True)
+    (path / "tokenization_dream.py").write_text(TOY_DREAM_TOKENIZER)
+    (path / "vocab.json").write_text(json.dumps({f"<0x{byte:02X}>": byte for byte in range(256)}))
+    special_ids = {token: 256 + i for i, token in enumerate(DREAM_SPECIAL_TOKENS)}
+    added = {str(index): {"content": token, "lstrip": False, "normalized": False, "rstrip": False,
+                          "single_word": False, "special": True} for token, index in special_ids.items()}  # fmt: skip
+    tokenizer_config = {
+        "added_tokens_decoder": added, "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
+        "auto_map": {"AutoTokenizer": ["tokenization_dream.DreamTokenizer", None]},
+        "bos_token": "<|beginoftext|>", "chat_template": DREAM_CHAT_TEMPLATE, "clean_up_tokenization_spaces": False,
+        "eos_token": "<|endoftext|>", "errors": "replace", "mask_token": "<|mask|>", "model_max_length": 131072,
+        "pad_token": "<|endoftext|>", "split_special_tokens": False, "tokenizer_class": "DreamTokenizer",
+        "unk_token": None,
+    }  # fmt: skip
+    (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+    return special_ids
+
+
 @pytest.fixture(scope="module")
 def dream_checkpoint(dream_like_path, tmp_path_factory) -> str:
-    """The tiny Qwen2 body's weights and tokenizer with config.json written as Dream-7B's
-    (model_type "Dream", its auto_map, rope_theta / rope_scaling, mask_token_id), and
-    remote-code files that raise when imported."""
+    """The tiny Qwen2 body's weights with config.json written as Dream-7B's (model_type
+    "Dream", its auto_map, rope_theta / rope_scaling, the tokenizer's mask id), Dream's
+    kind of tokenizer, and modeling / configuration files that raise when imported."""
     path = tmp_path_factory.mktemp("dream-checkpoint")
     shutil.copytree(dream_like_path, path, dirs_exist_ok=True)
+    special_ids = _write_dream_tokenizer(path)
+    # Dream-7B's config and generation config give <|endoftext|> as bos, eos and pad
+    endoftext = special_ids["<|endoftext|>"]
+    special_ids_of_config = dict.fromkeys(("bos_token_id", "eos_token_id", "pad_token_id"), endoftext)
     config = json.loads((path / "config.json").read_text())
     rope = config.pop("rope_parameters")
     for key in ("layer_types", "dtype"):
@@ -32,9 +119,13 @@ def dream_checkpoint(dream_like_path, tmp_path_factory) -> str:
     config.update(
         architectures=["DreamModel"], model_type="Dream", transformers_version="4.46.2", torch_dtype="float32",
         auto_map={"AutoConfig": "configuration_dream.DreamConfig", "AutoModel": "modeling_dream.DreamModel"},
-        rope_theta=rope["rope_theta"], rope_scaling=None, mask_token_id=config["vocab_size"] - 1, use_cache=False,
+        rope_theta=rope["rope_theta"], rope_scaling=None, mask_token_id=special_ids["<|mask|>"], use_cache=False,
+        **special_ids_of_config,
     )  # fmt: skip
     (path / "config.json").write_text(json.dumps(config, indent=2))
+    generation_config = json.loads((path / "generation_config.json").read_text())
+    generation_config.update(special_ids_of_config)
+    (path / "generation_config.json").write_text(json.dumps(generation_config, indent=2))
     for module in ("configuration_dream", "modeling_dream"):
         (path / f"{module}.py").write_text(f"raise ImportError({REMOTE_CODE_ERROR!r})\n")
     return str(path)
@@ -51,6 +142,26 @@ def test_a_dream_checkpoint_loads_as_qwen2_and_gives_the_stand_ins_logits(dream_
     mask = torch.ones(3, 9, dtype=torch.bool)
     mask[1, :3] = False  # a left-padded row
     torch.testing.assert_close(dream.logits(ids, mask), stand_in.logits(ids, mask), rtol=0, atol=0)
+
+
+def test_a_dream_checkpoint_runs_its_slow_remote_tokenizer(dream_checkpoint):
+    dream = load_denoiser(dream_checkpoint)
+    tokenizer = dream.tokenizer
+    assert type(tokenizer).__name__ == "DreamTokenizer"  # the checkpoint's own class, not a fast stand-in
+    special = {token: tokenizer.convert_tokens_to_ids(token) for token in DREAM_SPECIAL_TOKENS}
+    assert dream.mask_token_id == special["<|mask|>"] == dream.model.config.mask_token_id
+    assert dream.end_token_ids == sorted([special["<|endoftext|>"], special["<|im_end|>"]])
+    prompt = "héllo"
+    assert dream.encode_prompts([prompt]) == [
+        [special["<|im_start|>"], *tokenizer.encode("user\n" + prompt), special["<|im_end|>"],
+         *tokenizer.encode("\n"), special["<|im_start|>"], *tokenizer.encode("assistant\n")]
+    ]  # fmt: skip
+    response = [*tokenizer.encode(" sunny"), special["<|mask|>"], *tokenizer.encode(" day"), special["<|im_end|>"],
+                *tokenizer.encode("after the end")]  # fmt: skip
+    assert dream.decode(response) == "sunny day"
+    with pytest.raises(ValueError, match=r"tokenizer is remote code \(tokenization_dream.DreamTokenizer\); load it "
+                                         r"with trust_remote_code=True"):  # fmt: skip
+        load_denoiser(dream_checkpoint, trust_remote_code=False)
 
 
 def test_dream_remote_code_is_run_only_when_asked(dream_checkpoint, mlm_path):
