@@ -176,8 +176,8 @@ def test_generate_runs_a_dream_checkpoint_and_its_remote_code_only_when_asked(dr
     from entrgi.cli import main
 
     out = tmp_path / "results.json"
-    command = ["generate", "--model", dream_checkpoint, "--prompt", "hello there", "--steps", "2",
-               "--max-new-tokens", "3", "--num-samples", "2", "--method", "none", "--quiet", "--output", str(out)]  # fmt: skip
+    command = ["generate", "--model", dream_checkpoint, "--prompt", "hello there", "--steps", "2", "--max-new-tokens",
+               "3", "--num-samples", "2", "--method", "none", "--quiet", "--output", str(out)]  # fmt: skip
     assert main(command) == 0
     assert len(json.loads(out.read_text())["results"][0]["responses"]) == 2
     with pytest.raises(ImportError, match=REMOTE_CODE_ERROR):

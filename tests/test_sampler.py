@@ -382,8 +382,8 @@ def test_cuda_graph_replay_matches_eager(denoiser_paths, classifier_path, method
     denoiser = load_denoiser(denoiser_paths["dream"], kind="dream", device="cuda")
     reward = load_reward(classifier_path, device="cuda")
     replays = graphed_runs_match_eager(PROMPTS, denoiser, reward, calls=2, method=method, steps=7, max_new_tokens=8,
-                                        num_samples=2, guidance_steps=2, guide_every=2, alg_temp=0.3, seed=5,
-                                        output_history=True)  # fmt: skip
+                                       num_samples=2, guidance_steps=2, guide_every=2, alg_temp=0.3, seed=5,
+                                       output_history=True)  # fmt: skip
     # guided steps 0, 2, 4, 6 and unguided 1, 3, 5: each kind runs eagerly once, then replays
     # ("none": one kind, warmed at step 0); the second call reuses the cached run: all 7 replay
     assert replays == [5 if method != "none" else 6, 7]
@@ -395,8 +395,9 @@ def test_a_hooked_run_on_cuda_denoises_eagerly(denoiser_paths, classifier_path):
 
     denoiser = load_denoiser(denoiser_paths["dream"], kind="dream", device="cuda")
     reward = load_reward(classifier_path, device="cuda")
-    replays = graphed_runs_match_eager(PROMPTS, denoiser, reward, steps=4, max_new_tokens=6, num_samples=2, guidance_steps=2,
-                                        logits_hook=lambda step, canvas, logits: logits * 0.5)  # fmt: skip
+    halved = lambda step, canvas, logits: logits * 0.5  # noqa: E731
+    replays = graphed_runs_match_eager(PROMPTS, denoiser, reward, steps=4, max_new_tokens=6, num_samples=2,
+                                       guidance_steps=2, logits_hook=halved)  # fmt: skip
     assert replays == [0]
 
 
@@ -407,8 +408,8 @@ def test_cuda_graph_replay_with_recomputed_adam_moments(denoiser_paths, classifi
 
     denoiser = load_denoiser(denoiser_paths["dream"], kind="dream", device="cuda", dtype=torch.bfloat16)
     reward = load_reward(classifier_path, device="cuda", dtype=torch.bfloat16)
-    graphed_runs_match_eager(PROMPTS, denoiser, reward, calls=2, steps=4, max_new_tokens=8, num_samples=2, guidance_steps=3,
-                              adam_moments="recompute", seed=6)  # fmt: skip
+    graphed_runs_match_eager(PROMPTS, denoiser, reward, calls=2, steps=4, max_new_tokens=8, num_samples=2,
+                             guidance_steps=3, adam_moments="recompute", seed=6)  # fmt: skip
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -437,7 +438,7 @@ def test_cuda_graphs_with_the_likelihood_reward_and_a_cached_prefix(denoiser_pat
     for reward in (load_reward(likelihood_path, kind="likelihood", device="cuda", cache_prefix=cache_prefix),
                    load_reward(classifier_path, device="cuda", cache_prefix=cache_prefix)):  # fmt: skip
         replays = graphed_runs_match_eager(PROMPTS, denoiser, reward, steps=4, max_new_tokens=6, num_samples=2,
-                                            guidance_steps=2, seed=3)  # fmt: skip
+                                           guidance_steps=2, seed=3)  # fmt: skip
         assert replays == [3]  # step 0 runs eagerly and captures, steps 1-3 replay
 
 
