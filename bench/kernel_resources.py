@@ -239,6 +239,7 @@ def exercise_ops() -> None:
         weight = torch.randn(128).to(dtype)
         for rotated in (
             rotary_embedding(q, k, cos, cos, backend="triton"),
+            rotary_embedding(q, k, cos.float(), cos.float(), backend="triton"),  # LLaDA's float32 rotation
             normed_rotary_embedding(q, k, cos, cos, weight, weight, 1e-6, backend="triton"),
         ):
             torch.autograd.backward(rotated, [torch.randn_like(q), torch.randn_like(k)])

@@ -20,9 +20,10 @@ CUDA, run as one fused Triton kernel each way, as does the rotary embedding (see
 :mod:`entrgi.lean`; the same values, up to rounding when fused; about a third less
 activation memory for Qwen-family layers, nothing recomputed but one elementwise op);
 an attention that normalises each query and key head (Qwen3) runs those norms inside
-the rotary kernel (:mod:`entrgi.normed_attention`), and transformers' sdpa attention
+the rotary kernel (:mod:`entrgi.normed_attention`), transformers' sdpa attention
 runs grouped query heads folded, with the mask prepared once per forward
-(:mod:`entrgi.sdpa`). Only for layers neither compiled
+(:mod:`entrgi.sdpa`), and LLaDA's own blocks run fused the same way
+(:mod:`entrgi.lean_llada`). Only for layers neither compiled
 (inductor fuses and chooses what to keep) nor checkpointed (they keep their inputs
 alone).
 
@@ -44,6 +45,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from entrgi.lean import ROTARY, lean_forwards, rotary_swaps
+from entrgi.lean_llada import llada_forwards
 from entrgi.sdpa import folded_sdpa_fits, folded_sdpa_swap
 
 
@@ -90,7 +92,7 @@ class LayerRunner:
         if lean:
             from entrgi.normed_attention import normed_attention_forwards  # it imports the rewards' caches
 
-            self.lean = lean_forwards(model) + normed_attention_forwards(model)
+            self.lean = lean_forwards(model) + normed_attention_forwards(model) + llada_forwards(model)
         else:
             self.lean = []
         self.rotary = rotary_swaps(model) if lean else []

@@ -21,7 +21,8 @@ down projection (:func:`_lean_decoder_layer`); and the modelling module's
 (:func:`rotary_swaps`; a module-level function, so the swap holds for every model of
 that family while :meth:`entrgi.layers.LayerRunner.active` runs; an attention that
 normalises its query and key heads first runs those norms in the same kernel,
-:mod:`entrgi.normed_attention`).
+:mod:`entrgi.normed_attention`). LLaDA's own blocks, whose modules are named otherwise,
+get the same treatment in :mod:`entrgi.lean_llada` (its norms are swapped here).
 
 Exactness: each module is swapped only after its lean forward reproduced its own
 forward on a random input (:func:`lean_forwards`). The ``torch`` backend applies the
@@ -56,11 +57,20 @@ from entrgi.swap_checks import (
 ROTARY = "apply_rotary_pos_emb"  # the modelling modules' rotary function (Llama / Qwen / Mistral / Dream)
 
 
+def norm_epsilon(module: torch.nn.Module) -> float | None:
+    """An RMSNorm module's epsilon: transformers' ``variance_epsilon``, or the ``eps`` of
+    LLaDA's (OLMo's) ``RMSLayerNorm`` without a bias; None for another module."""
+    eps = getattr(module, "variance_epsilon", None)
+    if eps is None and type(module).__name__ == "RMSLayerNorm" and getattr(module, "bias", None) is None:
+        eps = getattr(module, "eps", None)
+    return eps if isinstance(eps, float) else None
+
+
 def lean_rms_norm(module: torch.nn.Module, backend: str) -> Callable | None:
-    """A forward for an RMSNorm module (a frozen 1-D ``weight``, a float
-    ``variance_epsilon``) by :func:`rms_norm`; None for another module."""
-    eps, weight = getattr(module, "variance_epsilon", None), getattr(module, "weight", None)
-    if not isinstance(eps, float) or not isinstance(weight, torch.nn.Parameter) or weight.dim() != 1:
+    """A forward for an RMSNorm module (a frozen 1-D ``weight``, a float epsilon:
+    :func:`norm_epsilon`) by :func:`rms_norm`; None for another module."""
+    eps, weight = norm_epsilon(module), getattr(module, "weight", None)
+    if eps is None or not isinstance(weight, torch.nn.Parameter) or weight.dim() != 1:
         return None
     if weight.requires_grad:  # a trained norm needs its weight's gradient: left as it is
         return None
@@ -111,40 +121,52 @@ class StackedLinear:
         return F.linear(x, self.weight, self.bias)
 
 
-class _LeanGatedMlp:
-    """The forward of a SiLU-gated MLP (``gate_proj``, ``up_proj``, ``down_proj``,
-    ``act_fn``: down(silu(gate(x)) * up(x))) with the lean gate; with the triton backend
-    its gate and up projections run as one GEMM (:class:`StackedLinear`, while the
-    layers still read their slices of it), and :meth:`add_into` adds its output to a
-    tensor inside the down projection's GEMM."""
+class GatedLinears:
+    """``down(silu(gate(x)) * up(x))`` of three linear layers with the lean gate; with the
+    triton backend the gate and up projections run as one GEMM (:class:`StackedLinear`,
+    while the layers still read their slices of it), and :meth:`add_into` adds the
+    output to a tensor inside the down projection's GEMM."""
 
-    def __init__(self, module: torch.nn.Module, backend: str):
-        self.module, self.backend = module, backend
-        gate_up = [module.gate_proj, module.up_proj]
-        self.stacked = StackedLinear(gate_up) if backend == "triton" and StackedLinear.fits(gate_up) else None
+    def __init__(self, gate: torch.nn.Linear, up: torch.nn.Linear, down: torch.nn.Linear, backend: str):
+        self.gate, self.up, self.down, self.backend = gate, up, down, backend
+        self.stacked = StackedLinear([gate, up]) if backend == "triton" and StackedLinear.fits([gate, up]) else None
 
-    def _gated(self, x: torch.Tensor) -> torch.Tensor:
+    def gated(self, x: torch.Tensor) -> torch.Tensor:
         if self.stacked is not None and self.stacked.current():
             return merged_silu_gate(self.stacked(x), self.backend)
-        return silu_gate(self.module.gate_proj(x), self.module.up_proj(x), self.backend)
+        return silu_gate(self.gate(x), self.up(x), self.backend)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.module.down_proj(self._gated(x))
+        return self.down(self.gated(x))
 
     def adds_into(self, dtype: torch.dtype) -> bool:
-        """Whether :meth:`add_into` computes what calling the module gives, for inputs
-        and output of ``dtype``: a plain bias-free down projection of that dtype, and
-        no hooks or other forward on the module or its down projection (host checks)."""
-        down = self.module.down_proj
+        """Whether :meth:`add_into` computes what calling the layers gives, for inputs and
+        output of ``dtype``: a plain bias-free down projection of that dtype, without hooks
+        or another forward (host checks)."""
+        down = self.down
         plain = type(down) is torch.nn.Linear and down.bias is None and down.weight.dtype == dtype
-        return plain and runs_as_built(down, None) and runs_as_built(self.module, self)
+        return plain and runs_as_built(down, None)
 
     def add_into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """``out`` (rows, width) += this MLP of ``x`` (..., width), accumulated by the down
-        projection's GEMM in place (one rounding, where the stock code rounds the
+        """``out`` (rows, width) += the gated layers of ``x`` (..., width), accumulated by
+        the down projection's GEMM in place (one rounding, where the stock code rounds the
         projection and then the sum); returns ``out``."""
-        gated = self._gated(x)
-        return out.addmm_(gated.reshape(-1, gated.shape[-1]), self.module.down_proj.weight.t())
+        gated = self.gated(x)
+        return out.addmm_(gated.reshape(-1, gated.shape[-1]), self.down.weight.t())
+
+
+class _LeanGatedMlp(GatedLinears):
+    """The forward of a SiLU-gated MLP module (``gate_proj``, ``up_proj``, ``down_proj``,
+    ``act_fn``) by :class:`GatedLinears`."""
+
+    def __init__(self, module: torch.nn.Module, backend: str):
+        super().__init__(module.gate_proj, module.up_proj, module.down_proj, backend)
+        self.module = module
+
+    def adds_into(self, dtype: torch.dtype) -> bool:
+        """As :meth:`GatedLinears.adds_into`, the MLP module itself also without hooks or
+        another forward."""
+        return super().adds_into(dtype) and runs_as_built(self.module, self)
 
 
 def runs_as_built(module: torch.nn.Module, forward: Callable | None) -> bool:
@@ -297,12 +319,13 @@ def _projections_reproduce(projections: list[tuple[torch.nn.Linear, Callable]]) 
 
 def fused_rotary(original: Callable) -> Callable:
     """``original``'s signature; the fused op where the call fits it (the models'
-    layout: unsqueeze_dim 1, a power-of-two head size, one dtype), else ``original``."""
+    layout: unsqueeze_dim 1, a power-of-two head size, one dtype: with cos and sin of
+    float32 the stock code's result is float32), else ``original``."""
 
     def apply(q, k, cos, sin, *args, **kwargs):
         if args or kwargs.get("unsqueeze_dim", 1) != 1 or set(kwargs) - {"unsqueeze_dim"}:
             return original(q, k, cos, sin, *args, **kwargs)
-        if not fits_fused_rotary(q, k, cos, sin):
+        if not fits_fused_rotary(q, k, cos, sin) or cos.dtype != q.dtype:
             return original(q, k, cos, sin)
         return rotary_embedding(q, k, cos, sin, "triton")
 

@@ -59,10 +59,10 @@ class NormedRotaryAttention:
         heads = (*input_shape, -1, module.head_dim)
         q, k, v = (getattr(module, name)(hidden_states).view(heads) for name in PARTS[:3])
         q_norm, k_norm = module.q_norm, module.k_norm
-        if fits_fused_rotary(q, k, cos, sin) and q_norm.weight.dtype == q.dtype:
+        if fits_fused_rotary(q, k, cos, sin) and q_norm.weight.dtype == cos.dtype == q.dtype:
             q, k = normed_rotary_embedding(q.transpose(1, 2), k.transpose(1, 2), cos, sin, q_norm.weight,
                                            k_norm.weight, q_norm.variance_epsilon, "triton")  # fmt: skip
-        else:  # tensors the kernel does not take (cos and sin of another dtype): the stock calls
+        else:  # tensors the kernel does not take, or cos and sin of float32 (the stock code's result too): stock
             rotate = getattr(sys.modules[type(module).__module__], ROTARY)
             q, k = rotate(q_norm(q).transpose(1, 2), k_norm(k).transpose(1, 2), cos, sin)
         v = v.transpose(1, 2)

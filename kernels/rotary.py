@@ -8,8 +8,10 @@ it (eager PyTorch: about ten kernels per tensor forward and ten backward, with s
 a negation and a concatenation). The inputs may be any strided views whose last
 dimension is contiguous (the models hand over transposes of the projections' outputs,
 or of slices of stacked q / k / v projections); the outputs may have strides of their
-own. Rounding follows the eager code's: both products are rounded to x's dtype before
-their sum, and the backward rounds each of its two products likewise.
+own. Rounding follows the eager code's: both products are rounded to cos's dtype before
+their sum, and the backward rounds each of its two products likewise. That is x's dtype
+for the Llama family, whose cos and sin come in it; cos and sin of float32 with 16-bit
+x are LLaDA's full-precision rotation (x taken to float32, rotated, rounded back once).
 
 Models that normalise each query and key head before rotating it (Qwen3's ``q_norm``
 and ``k_norm``) get the norm in the same launch: the kernel holds whole rows (D values)
@@ -75,6 +77,7 @@ def _rotate_rows(
     partner = (col + D // 2) % D  # the column rotate_half moves here
     ok = row[:, None] < rows
     dtype = out_ptr.dtype.element_ty
+    products = cos_ptr.dtype.element_ty  # what the products are rounded to: x's dtype, or float32
     x = tl.load(x_ptr + x_rows + col, mask=ok, other=0.0).to(tl.float32)
     x_partner = tl.load(x_ptr + x_rows + partner, mask=ok, other=0.0).to(tl.float32)
     cos = tl.load(cos_ptr + cs_rows + col, mask=ok, other=0.0).to(tl.float32)
@@ -88,12 +91,12 @@ def _rotate_rows(
         x_partner = normed_rows(x_partner, inv_rms[:, None], weight_partner, dtype, dtype).to(tl.float32)
     if BACKWARD:  # dx = g cos + rotate_half^T(g sin): column j takes +-(g sin) from its partner
         sin_partner = tl.load(sin_ptr + cs_rows + partner, mask=ok, other=0.0).to(tl.float32)
-        moved = round_to(x_partner * sin_partner, dtype).to(tl.float32)
+        moved = round_to(x_partner * sin_partner, products).to(tl.float32)
         moved = tl.where(first_half, moved, -moved)
     else:
         sin = tl.load(sin_ptr + cs_rows + col, mask=ok, other=0.0).to(tl.float32)
-        moved = round_to(tl.where(first_half, -x_partner, x_partner) * sin, dtype).to(tl.float32)
-    own = round_to(x * cos, dtype).to(tl.float32)
+        moved = round_to(tl.where(first_half, -x_partner, x_partner) * sin, products).to(tl.float32)
+    own = round_to(x * cos, products).to(tl.float32)
     out = round_to(own + moved, dtype)
     if NORM and BACKWARD:  # out is dL/d(normed row), as the norm's backward reads it: on to dL/dx
         input_rows = (b * input_stride_b + h * input_stride_h + t * input_stride_t)[:, None]
@@ -188,7 +191,8 @@ def rotary(
     norms: HeadNorms | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary embedding of (B, H, T, D) ``q`` and (B, H_kv, T, D) ``k`` with (B or 1, T,
-    D) ``cos`` / ``sin`` (last dimensions contiguous, D even, a power of two), in one
+    D) ``cos`` / ``sin`` (last dimensions contiguous, D even, a power of two; of q's
+    dtype, or float32 for the rotation in float32, rounded once to q's dtype), in one
     launch, written into ``q_out`` and ``k_out`` (q's and k's shapes, any strides with a
     contiguous last dimension), which are returned; ``backward``: ``q`` and ``k`` are
     dL/dout and the results dL/dq and dL/dk. With ``norms``, what is rotated is each

@@ -306,6 +306,36 @@ def test_rotary_embedding_matches_the_stock_arithmetic(
     assert _max_relative(got[0], q64 * cos64 + rotated * sin64) <= 2 * _eps(dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rotary_embedding_with_float32_angles_rotates_in_float32(dtype):
+    """cos and sin of float32 with 16-bit q and k: LLaDA's full-precision rope (q and k
+    taken to float32, rotated, rounded back once), forward and gradient, both backends."""
+    batch, heads, length, dim = 2, 3, 5, 32
+    generator = torch.Generator().manual_seed(7)
+    q, k = (_leaf((batch, length, heads, dim), dtype, generator, 2.0).transpose(1, 2) for _ in range(2))
+    angles = torch.rand(1, length, dim // 2, generator=generator) * 6
+    cos, sin = (f(torch.cat([angles, angles], -1)).to(DEVICE) for f in (torch.cos, torch.sin))
+    grads = [torch.randn(t.shape, generator=generator).to(dtype).to(DEVICE) for t in (q, k)]
+
+    def stock():  # LLaDA's RotaryEmbedding.forward with rope_full_precision
+        wide = [x.float() for x in (q, k)]
+        rotated = (x * cos[:, None] + torch.cat([-x[..., dim // 2 :], x[..., : dim // 2]], -1) * sin[:, None]
+                   for x in wide)  # fmt: skip
+        return tuple(x.type_as(q) for x in rotated)
+
+    want, want_grads = _values_and_grads(lambda *_: stock(), [q, k], grads)
+    for backend in ("torch", "triton"):
+        got, got_grads = _values_and_grads(lambda a, b: rotary_embedding(a, b, cos, sin, backend=backend), [q, k],
+                                           grads)  # fmt: skip
+        for got_t, want_t in zip(got + got_grads, want + want_grads):
+            # one rounding of a float32 value computed in the same order (a GPU may fuse the
+            # sum's product into one fma, rounding once less: then a tie can round apart)
+            _assert_within_ulps(got_t, want_t, 1)
+            assert torch.equal(got_t, want_t) if backend == "torch" else (got_t == want_t).double().mean() >= 0.99
+    # not what rounding each product to 16 bits (cos and sin of q's dtype) gives
+    assert not torch.equal(want[0], rotary_embedding(q, k, cos.to(dtype), sin.to(dtype), backend="torch")[0])
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("batch, heads, kv_heads, length, dim", [(2, 4, 2, 7, 16), (1, 3, 1, 5, 64)])
 def test_normed_rotary_embedding_is_the_head_norms_then_the_rotation(dtype, batch, heads, kv_heads, length, dim):
@@ -362,7 +392,7 @@ def test_normed_rotary_embedding_names_bad_inputs():
         ValueError, match="norms' weights in q's dtype torch.float32, got torch.float32 and torch.bfloat16"
     ):
         normed_rotary_embedding(q, q, cos, cos, weight, weight.bfloat16(), 1e-6, backend="triton")
-    with pytest.raises(ValueError, match="power-of-two head size and one dtype, got D = 6"):
+    with pytest.raises(ValueError, match="power-of-two head size, got D = 6"):
         normed_rotary_embedding(q[..., :6], q[..., :6], cos[..., :6], cos[..., :6], weight[:6], weight[:6], 1e-6,
                                 backend="triton")  # fmt: skip
 
@@ -399,7 +429,11 @@ def test_layer_ops_name_bad_inputs():
     q, cos = torch.randn(1, 2, 3, 8, device=DEVICE), torch.randn(1, 3, 8, device=DEVICE)
     with pytest.raises(ValueError, match=r"k \(B, H_kv, T, D\).*got \(1, 2, 3, 8\), \(1, 2, 4, 8\)"):
         rotary_embedding(q, torch.randn(1, 2, 4, 8, device=DEVICE), cos, cos)
-    with pytest.raises(ValueError, match="power-of-two head size and one dtype, got D = 6"):
+    with pytest.raises(ValueError, match="power-of-two head size, got D = 6"):
         rotary_embedding(q[..., :6], q[..., :6], cos[..., :6], cos[..., :6], backend="triton")
-    with pytest.raises(ValueError, match="one dtype, got D = 8, torch.float32, torch.float32, torch.bfloat16"):
-        rotary_embedding(q, q, cos.bfloat16(), cos.bfloat16(), backend="triton")
+    for backend in ("torch", "triton"):
+        with pytest.raises(ValueError, match="cos, sin of that dtype or float32, got torch.float32, torch.float32, "
+                                             "torch.bfloat16, torch.bfloat16"):  # fmt: skip
+            rotary_embedding(q, q, cos.bfloat16(), cos.bfloat16(), backend=backend)
+        with pytest.raises(ValueError, match="q and k of one dtype"):
+            rotary_embedding(q, q.half(), cos, cos, backend=backend)

@@ -313,6 +313,9 @@ def test_fused_rotary_hands_calls_it_does_not_fit_to_the_stock_function():
         fused(odd, odd, cos[..., :6], sin[..., :6]), apply_rotary_pos_emb(odd, odd, cos[..., :6], sin[..., :6])
     ):
         assert torch.equal(got, want)
+    half = torch.randn(2, 3, 5, 8, device=DEVICE).bfloat16()  # float32 angles: the stock result is float32
+    for got, want in zip(fused(half, half, cos, sin), apply_rotary_pos_emb(half, half, cos, sin)):
+        assert got.dtype == torch.float32 and torch.equal(got, want)
 
 
 def test_stacked_linears_share_one_weight_and_fall_back_once_moved(monkeypatch):

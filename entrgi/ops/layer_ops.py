@@ -398,11 +398,16 @@ def merged_silu_gate(gate_up: torch.Tensor, backend: str = "auto") -> torch.Tens
 
 def fits_fused_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
     """Whether the triton backend of :func:`rotary_embedding` takes these (shapes as it
-    documents): a power-of-two head size, one dtype for all four (shapes and dtypes
-    only: no host sync)."""
+    documents): a power-of-two head size, and dtypes it takes (shapes and dtypes only:
+    no host sync)."""
     dim = q.shape[-1]
     shapes_fit = q.dim() == k.dim() == 4 and cos.dim() == sin.dim() == 3 and cos.shape[-1] == dim
-    return shapes_fit and dim & (dim - 1) == 0 and len({q.dtype, k.dtype, cos.dtype, sin.dtype}) == 1
+    return shapes_fit and dim & (dim - 1) == 0 and _rotary_dtypes_fit(q, k, cos, sin)
+
+
+def _rotary_dtypes_fit(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """q and k of one dtype, cos and sin of that dtype or float32."""
+    return q.dtype == k.dtype and cos.dtype == sin.dtype and cos.dtype in (q.dtype, torch.float32)
 
 
 def _check_rotary(op: str, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
@@ -417,6 +422,11 @@ def _check_rotary(op: str, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, 
             f"{op} needs q (B, H, T, D), k (B, H_kv, T, D) and cos, sin (B or 1, T, D); got "
             f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(cos.shape)}, {tuple(sin.shape)}"
         )
+    if not _rotary_dtypes_fit(q, k, cos, sin):
+        raise ValueError(
+            f"{op} needs q and k of one dtype and cos, sin of that dtype or float32, got {q.dtype}, {k.dtype}, "
+            f"{cos.dtype}, {sin.dtype}"
+        )
     if cos.requires_grad or sin.requires_grad:
         raise ValueError(f"{op} gives no gradient to cos and sin, but one requires it")
     if len({q.device, k.device, cos.device, sin.device}) != 1:
@@ -427,10 +437,7 @@ def _check_rotary(op: str, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, 
 
 def _check_fused_rotary(op: str, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     if not fits_fused_rotary(q, k, cos, sin):
-        raise ValueError(
-            f"the triton {op} needs a power-of-two head size and one dtype, got D = {q.shape[-1]}, "
-            f"{q.dtype}, {k.dtype}, {cos.dtype}, {sin.dtype}"
-        )
+        raise ValueError(f"the triton {op} needs a power-of-two head size, got D = {q.shape[-1]}")
 
 
 def rotary_embedding(
@@ -438,8 +445,10 @@ def rotary_embedding(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary position embedding of queries ``q`` (B, H, T, D) and keys ``k`` (B, H_kv,
     T, D) with ``cos`` / ``sin`` (B or 1, T, D) broadcast over the heads, as Llama / Qwen
-    / Mistral compute it: ``x * cos + rotate_half(x) * sin``. Differentiable in q and k
-    (cos and sin get no gradient). ``backend``: ``auto`` (Triton on CUDA) | ``torch`` |
+    / Mistral compute it: ``x * cos + rotate_half(x) * sin``, in q's dtype. ``cos`` and
+    ``sin`` of float32 with 16-bit q and k: the rotation runs in float32 and is rounded
+    once to q's dtype (LLaDA's ``rope_full_precision``). Differentiable in q and k (cos
+    and sin get no gradient). ``backend``: ``auto`` (Triton on CUDA) | ``torch`` |
     ``triton`` (head size D a power of two)."""
     _check_rotary("rotary_embedding", q, k, cos, sin)
     if resolve_backend(backend, q.device) == "triton":
@@ -447,7 +456,13 @@ def rotary_embedding(
         cos, sin = cos.contiguous(), sin.contiguous()
         return _TritonRotary.apply(last_dim_contiguous(q), last_dim_contiguous(k), cos, sin)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    return tuple(_rotated(x, cos, sin) for x in (q, k))
+
+
+def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The stock arithmetic in cos's dtype (the casts are no-ops where it is x's)."""
+    wide = x.to(cos.dtype)
+    return (wide * cos + _rotate_half(wide) * sin).to(x.dtype)
 
 
 def normed_rotary_embedding(
