@@ -77,12 +77,13 @@ kept_stock() { # the swaps a log's tests saw fail their check, once each
 # the kernel, optimizer and CUDA-graph tests: the 'tests' stage; 'tests-rest' runs the others
 first="tests/test_full_shapes.py tests/test_triton_ops.py tests/test_vocab_split.py tests/test_random_configs.py
        tests/test_optim.py tests/test_sampler.py tests/test_decoding.py tests/test_layers.py tests/test_layer_ops.py
-       tests/test_lean.py tests/test_normed_attention.py tests/test_sdpa.py tests/test_denoisers.py"
+       tests/test_lean.py tests/test_lean_llada.py tests/test_normed_attention.py tests/test_sdpa.py
+       tests/test_denoisers.py"
 case "$1" in
 quick) # each part under `timeout`, so one that overruns still leaves the others' results; the
     # benches write their plots to /tmp and only the CSVs are copied (the device tool returns 8 files)
     timeout 150 "${pytest_gpu[@]}" tests/test_full_shapes.py tests/test_sampler.py tests/test_denoisers.py \
-        -k "full_vocabulary or cuda or graph or sync" >"$OUT/quick_tests.log" 2>&1 || true
+        tests/test_lean_llada.py -k "full_vocabulary or cuda or graph or sync" >"$OUT/quick_tests.log" 2>&1 || true
     grep -E "FAILED|ERROR" "$OUT/quick_tests.log" | head -20 || true
     kept_stock "$OUT/quick_tests.log"
     tail -1 "$OUT/quick_tests.log"

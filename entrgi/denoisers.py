@@ -52,9 +52,11 @@ class Denoiser:
     compile_layers : run the model's layers through one ``torch.compile``d layer
         (fused elementwise kernels; compiled on the first forward of a shape; see
         :mod:`entrgi.layers`).
-    fused_layers : (default on; for layers not compiled) on CUDA, run each RMSNorm and
-        SiLU-gated activation as one Triton kernel (:mod:`entrgi.lean`: logits within
-        rounding of the stock code's; off CUDA the stock arithmetic, unchanged).
+    fused_layers : (default on; for layers not compiled) on CUDA, run each RMSNorm,
+        SiLU-gated activation and rotary embedding as one Triton kernel, stacked
+        projections as one GEMM (:mod:`entrgi.lean`; LLaDA's own blocks:
+        :mod:`entrgi.lean_llada`): logits within rounding of the stock code's; off CUDA
+        the stock arithmetic, unchanged.
 
     ``run_cache`` keeps the sampler's recent denoising runs (static buffers, CUDA
     graphs) for reuse by later batches and calls of the same shapes; call
