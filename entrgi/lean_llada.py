@@ -100,7 +100,7 @@ def _fused_rotary(module: torch.nn.Module) -> Callable:
 
     def forward(q, k):
         length = k.shape[-2]
-        if q.shape[-2] != length or q.dtype != k.dtype:
+        if q.shape[-2] != length:
             return type(module).forward(module, q, k)
         sin, cos = (t[0] for t in module.get_rotary_embedding(length, q.device))  # (1, T, D) each
         if not module.config.rope_full_precision:
