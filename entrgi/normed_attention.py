@@ -62,7 +62,7 @@ class NormedRotaryAttention:
         if fits_fused_rotary(q, k, cos, sin) and q_norm.weight.dtype == cos.dtype == q.dtype:
             q, k = normed_rotary_embedding(q.transpose(1, 2), k.transpose(1, 2), cos, sin, q_norm.weight,
                                            k_norm.weight, q_norm.variance_epsilon, "triton")  # fmt: skip
-        else:  # tensors the kernel does not take, or cos and sin of float32 (the stock code's result too): stock
+        else:  # tensors the kernel does not take, or float32 cos and sin (a float32 stock result): the stock calls
             rotate = getattr(sys.modules[type(module).__module__], ROTARY)
             q, k = rotate(q_norm(q).transpose(1, 2), k_norm(k).transpose(1, 2), cos, sin)
         v = v.transpose(1, 2)
