@@ -51,7 +51,7 @@ from entrgi.ops.layer_ops import (
 )  # fmt: skip
 from entrgi.ops.validation import resolve_backend
 from entrgi.swap_checks import (
-    Agreement, file_by_check, random_input, random_rotary, swapped_agrees, warn_kept_stock,
+    Agreement, file_by_check, random_input, random_query_key, random_rotary, swapped_agrees, warn_kept_stock,
 )  # fmt: skip
 
 ROTARY = "apply_rotary_pos_emb"  # the modelling modules' rotary function (Llama / Qwen / Mistral / Dream)
@@ -263,41 +263,61 @@ def _lean_decoder_layer(
     head_dim = getattr(attention, "head_dim", None)
     if not isinstance(head_dim, int) or head_dim % 2:  # its check draws rotary angles of this size
         return None
-    second = (second_norm.weight, second_norm.variance_epsilon, backend)
+    first_eps, second_eps = norm_epsilon(first_norm), norm_epsilon(second_norm)
 
     def forward(hidden_states, *args, **kwargs):
         if args:
             return type(module).forward(module, hidden_states, *args, **kwargs)
-        normed, residual = rms_norm_with_residual(
-            hidden_states, first_norm.weight, first_norm.variance_epsilon, backend
-        )
+        normed, residual = rms_norm_with_residual(hidden_states, first_norm.weight, first_eps, backend)
         attended = attention(hidden_states=normed, **kwargs)[0]
-        dtype = residual.dtype
-        if mlp_forward is None or second_norm.weight.dtype != dtype or not mlp_forward.adds_into(dtype):
-            normed, hidden_states = add_rms_norm(residual, attended, *second)
-            return hidden_states + mlp(normed)
-        normed, total = add_rms_norm_writable(residual, attended, *second)
-        return mlp_forward.add_into(normed, total).view(residual.shape)
+        return residual_norm_mlp(residual, attended, second_norm.weight, second_eps, mlp, mlp_forward)
 
     return forward
 
 
+def residual_norm_mlp(
+    residual: torch.Tensor, attended: torch.Tensor, norm_weight: torch.Tensor, eps: float, mlp: Callable,
+    gated: GatedLinears | None,
+) -> torch.Tensor:  # fmt: skip
+    """A pre-norm layer's second half by the fused kernels: ``h = residual + attended``
+    and its RMSNorm in one kernel (:func:`add_rms_norm`), then ``h + mlp(norm(h))``. With
+    ``gated``, the MLP's lean forward, where it adds into h's dtype, the last add runs
+    inside its down projection's GEMM (:meth:`GatedLinears.add_into`, on
+    :func:`add_rms_norm_writable`'s writable sum); else ``mlp`` runs and h is added."""
+    second = (norm_weight, eps, "triton")
+    dtype = residual.dtype
+    if gated is None or norm_weight.dtype != dtype or not gated.adds_into(dtype):
+        normed, total = add_rms_norm(residual, attended, *second)
+        return total + mlp(normed)
+    normed, total = add_rms_norm_writable(residual, attended, *second)
+    return gated.add_into(normed, total).view(residual.shape)
+
+
 def _layer_reproduces(module: torch.nn.Module, lean: Callable) -> Agreement:
     """Whether ``lean`` gives the layer's own output on a random (2, 3, width) input with
-    random rotary angles and no mask, its norms run by the same fused kernels in both (so
-    what differs is where the residual adds run, and the lean MLP's gate and GEMMs).
-    Raises one of ``CALL_MISFITS`` where the layer needs other arguments."""
+    random rotary angles and no mask (:func:`reproduces_with_fused_norms`: what differs is
+    where the residual adds run, and the lean MLP's gate and GEMMs). Raises one of
+    ``CALL_MISFITS`` where the layer needs other arguments."""
     first_norm, attention, second_norm, _ = (getattr(module, name) for name in LAYER_PARTS)
     width, dtype = first_norm.weight.shape[0], first_norm.weight.dtype
     x = random_input(module, width, dtype)
     rotary = random_rotary(attention.head_dim, dtype, torch.Generator(x.device).manual_seed(1))
-    norms = [(norm, "forward", lean_rms_norm(norm, "triton")) for norm in (first_norm, second_norm)]
+    return reproduces_with_fused_norms(module, lean, [first_norm, second_norm], x, attention_mask=None,
+                                       position_embeddings=rotary)  # fmt: skip
+
+
+def reproduces_with_fused_norms(module: torch.nn.Module, lean: Callable, norms: list[torch.nn.Module], *args,
+                                **kwargs) -> Agreement:  # fmt: skip
+    """Whether ``lean(*args, **kwargs)`` gives ``module(*args, **kwargs)`` (within
+    ``FUSED_ULPS``), the RMSNorm modules ``norms`` run by the fused kernel in both, so
+    that what is compared is the rest of the fusion."""
     from entrgi.layers import swapped_attributes
 
+    swaps = [(norm, "forward", lean_rms_norm(norm, "triton")) for norm in norms]
     with torch.no_grad():
-        with swapped_attributes(norms):
-            want = module(x, attention_mask=None, position_embeddings=rotary)
-        return swapped_agrees(want, lambda: lean(x, attention_mask=None, position_embeddings=rotary))
+        with swapped_attributes(swaps):
+            want = module(*args, **kwargs)
+        return swapped_agrees(want, lambda: lean(*args, **kwargs))
 
 
 def _reproduces(module: torch.nn.Module, lean: Callable, width: int, dtype: torch.dtype, exact: bool) -> Agreement:
@@ -334,7 +354,7 @@ def fused_rotary(original: Callable) -> Callable:
 
 def _rotary_reproduces(original: Callable, fused: Callable, head_dim: int, dtype, device) -> Agreement:
     generator = torch.Generator(device).manual_seed(0)
-    q, k = (torch.randn(2, heads, 3, head_dim, generator=generator, device=device).to(dtype) for heads in (2, 1))
+    q, k = random_query_key(head_dim, dtype, generator)
     cos, sin = random_rotary(head_dim, dtype, generator)
     with torch.no_grad():
         return swapped_agrees(original(q, k, cos, sin), lambda: fused(q, k, cos, sin))

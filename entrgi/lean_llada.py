@@ -29,12 +29,15 @@ from typing import Callable
 
 import torch
 
-from entrgi.lean import GatedLinears, StackedLinear, lean_rms_norm, norm_epsilon, runs_as_built
-from entrgi.ops.layer_ops import (
-    add_rms_norm, add_rms_norm_writable, fits_fused_rotary, rms_norm_with_residual, rotary_embedding,
+from entrgi.lean import (
+    GatedLinears, StackedLinear, lean_rms_norm, norm_epsilon, reproduces_with_fused_norms, residual_norm_mlp,
+    runs_as_built,
 )  # fmt: skip
+from entrgi.ops.layer_ops import fits_fused_rotary, rms_norm_with_residual, rotary_embedding
 from entrgi.ops.validation import resolve_backend
-from entrgi.swap_checks import Agreement, file_by_check, random_input, swapped_agrees, warn_kept_stock
+from entrgi.swap_checks import (
+    Agreement, file_by_check, random_input, random_query_key, swapped_agrees, warn_kept_stock,
+)  # fmt: skip
 
 NORMS = ("attn_norm", "ff_norm")
 LINEARS = ("q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out")
@@ -58,6 +61,7 @@ def _lean_block(module: torch.nn.Module) -> Callable:
     for a call with a key / value cache or other arguments, in training mode, or with
     the block's own activation checkpointing on."""
     first_norm, second_norm = (getattr(module, name) for name in NORMS)
+    first_eps, second_eps = norm_epsilon(first_norm), norm_epsilon(second_norm)
     projections = [module.q_proj, module.k_proj, module.v_proj]
     stacked = StackedLinear(projections) if StackedLinear.fits(projections) else None
     sizes = [linear.out_features for linear in projections]
@@ -68,18 +72,13 @@ def _lean_block(module: torch.nn.Module) -> Callable:
         checkpointed = getattr(module, "_activation_checkpoint_fn", None) is not None  # LLaDA's own, for training
         if args or set(kwargs) - PLAIN_CALL or cached or checkpointed or module.training:
             return type(module).forward(module, x, *args, **kwargs)
-        normed, residual = rms_norm_with_residual(x, first_norm.weight, norm_epsilon(first_norm), "triton")
+        normed, residual = rms_norm_with_residual(x, first_norm.weight, first_eps, "triton")
         if stacked is not None and stacked.current():
             q, k, v = stacked(normed).split(sizes, dim=-1)
         else:
             q, k, v = (linear(normed) for linear in projections)
         attended = module.attention(q, k, v, kwargs.get("attention_bias"))[0]
-        second = (second_norm.weight, norm_epsilon(second_norm), "triton")
-        if second_norm.weight.dtype != residual.dtype or not mlp.adds_into(residual.dtype):
-            normed, total = add_rms_norm(residual, attended, *second)
-            return total + mlp(normed), None
-        normed, total = add_rms_norm_writable(residual, attended, *second)
-        return mlp.add_into(normed, total).view(residual.shape), None
+        return residual_norm_mlp(residual, attended, second_norm.weight, second_eps, mlp, mlp), None
 
     return forward
 
@@ -113,30 +112,21 @@ def _fused_rotary(module: torch.nn.Module) -> Callable:
 
 
 def _rotary_reproduces(module: torch.nn.Module, fused: Callable, weight: torch.Tensor) -> Agreement:
-    """Whether ``fused`` gives the rotary module's own output on random (2, 2, 3, D)
-    queries and (2, 1, 3, D) keys of the dtype and on the device of ``weight`` (its
-    block's)."""
-    dtype, device = weight.dtype, weight.device
-    head_dim = module.get_rotary_embedding(3, device)[0].shape[-1]
-    generator = torch.Generator(device).manual_seed(0)
-    q, k = (torch.randn(2, heads, 3, head_dim, generator=generator, device=device).to(dtype) for heads in (2, 1))
+    """Whether ``fused`` gives the rotary module's own output on random queries and keys
+    (:func:`random_query_key`) of the dtype and on the device of ``weight`` (its block's)."""
+    head_dim = module.get_rotary_embedding(3, weight.device)[0].shape[-1]
+    q, k = random_query_key(head_dim, weight.dtype, torch.Generator(weight.device).manual_seed(0))
     with torch.no_grad():
         return swapped_agrees(module(q, k), lambda: fused(q, k))
 
 
 def _block_reproduces(module: torch.nn.Module, lean: Callable) -> Agreement:
-    """Whether ``lean`` gives the block's own output on a random (2, 3, width) input, its
-    norms run by the same fused kernel in both (what differs is where the residual adds
-    run, the stacked GEMMs and the gate)."""
-    from entrgi.layers import swapped_attributes
-
+    """Whether ``lean`` gives the block's own output on a random (2, 3, width) input
+    (:func:`reproduces_with_fused_norms`: what differs is where the residual adds run,
+    the stacked GEMMs and the gate)."""
     first_norm = getattr(module, NORMS[0])
     x = random_input(module, first_norm.weight.shape[0], first_norm.weight.dtype)
-    norms = [(getattr(module, name), "forward", lean_rms_norm(getattr(module, name), "triton")) for name in NORMS]
-    with torch.no_grad():
-        with swapped_attributes(norms):
-            want = module(x)
-        return swapped_agrees(want, lambda: lean(x))
+    return reproduces_with_fused_norms(module, lean, [getattr(module, name) for name in NORMS], x)
 
 
 def llada_forwards(model: torch.nn.Module, backend: str = "auto") -> list[tuple[torch.nn.Module, Callable]]:

@@ -125,6 +125,15 @@ def random_rotary(head_dim: int, dtype: torch.dtype, generator: torch.Generator)
     return tuple(f(torch.cat([angles, angles], -1)).to(dtype) for f in (torch.cos, torch.sin))
 
 
+def random_query_key(
+    head_dim: int, dtype: torch.dtype, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random (2, 2, 3, ``head_dim``) queries and (2, 1, 3, ``head_dim``) keys of ``dtype``
+    on ``generator``'s device, laid out (B, H, T, D) as attention rotates them."""
+    device = generator.device
+    return tuple(torch.randn(2, heads, 3, head_dim, generator=generator, device=device).to(dtype) for heads in (2, 1))
+
+
 def random_input(module: torch.nn.Module, width: int, dtype: torch.dtype) -> torch.Tensor:
     """A seeded random (2, 3, ``width``) input of ``dtype`` on ``module``'s device."""
     device = next(module.parameters()).device
