@@ -8,8 +8,9 @@ the machine instructions of its hot loop and the layout conversions inside its l
 
 The public ops run on CPU tensors at the GPU tile configs and an H100's SM count
 (``TRITON_INTERPRET`` must be unset) while a stand-in Triton driver names the target
-and turns every launch into a compile-only warm-up; ``ptxas -v`` (shipped with
-Triton) reports registers and spills, ``nvdisasm`` the instructions one thread issues
+and turns every launch into a compile-only warm-up; the ``ptxas -v`` log of Triton's
+own compile (its ptxas and options for the target: triton 3.9 assembles sm_90 with
+CUDA 13's) reports registers and spills, ``nvdisasm`` the instructions one thread issues
 per iteration of the kernel's longest loop (a static count: what bounds a
 compute-bound pass; blocks inside it that a branch can skip are also counted apart,
 so the loop minus them is the common iteration's cost), and Triton's GPU IR the register-layout conversions its loops
@@ -17,8 +18,9 @@ run (each moves a tile through shared memory between barriers, where a layout th
 compiler could not carry through the loop meets another). This catches before a GPU
 is at hand what the interpreter cannot: code the compiler rejects, register spills,
 shared memory beyond the chip. Exits nonzero when a kernel of ``kernels/`` was never
-compiled, one needs more shared memory than the chip has, or one spills more than
-``--max-spill-bytes``.
+compiled, one needs more shared memory than the chip has, one spills more than
+``--max-spill-bytes``, or a launch leaves its floating-point contraction to Triton's
+default (``enable_fp_fusion``, which Triton 3.10 changes).
 Kernel outputs are never computed: the ops go on with zeroed integer outputs and
 unset floats, so only the launches matter, not the values.
 """
@@ -28,7 +30,7 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
-import os
+import io
 import re
 import subprocess
 import sys
@@ -38,6 +40,7 @@ from pathlib import Path
 
 import torch
 import triton
+from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction
@@ -54,7 +57,6 @@ from entrgi_kernels import row_stats, soft_embedding
 from entrgi_kernels.launch import INTERPRET
 
 KERNELS_DIR = Path(__file__).resolve().parents[1] / "kernels"
-TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"  # ptxas and nvdisasm, shipped with Triton
 SPLIT_MODULES = (row_stats, soft_embedding)  # size every split-V grid from the SM count
 STREAMING_MULTIPROCESSORS = 132  # an H100 SXM
 VOCAB, DIM, ROWS = 152_064, 1024, 64
@@ -82,7 +84,6 @@ SM_LIMITS = {
     89: SmLimits(block_shared=101_376, sm_shared=102_400, warps=48, blocks=24),
     90: SmLimits(block_shared=232_448, sm_shared=233_472, warps=64, blocks=32),
 }
-PTX_TARGET = re.compile(r"^\.target (\S+)", re.MULTILINE)
 SASS_LABEL = re.compile(r"^(\.L_x_\d+):")
 SASS_INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]+\*/\s")
 SASS_BRANCH = re.compile(r"\bBRA\b.*?(\.L_x_\d+)")
@@ -144,15 +145,21 @@ def _specialisation(source) -> str:
 @contextlib.contextmanager
 def compile_only(arch: int):
     """Within: every kernel launch compiles for sm_``arch`` and launches nothing; yields
-    the list that collects (kernel name, specialisation, compiled kernel)."""
+    the list that collects (kernel name, specialisation, compiled kernel, ptxas log).
+    Every kernel is compiled afresh (not read from Triton's cache), so that its ptxas
+    log is printed, and caught; a launch served from the in-memory cache has none."""
     if INTERPRET:
         raise RuntimeError("unset TRITON_INTERPRET: the kernels must be compiled, not interpreted")
     compiled = []
     launch = JITFunction.run
 
     def run(self, *args, grid, warmup, **kwargs):
-        kernel = launch(self, *args, grid=grid, warmup=True, **kwargs)
-        compiled.append((self.fn.__name__, _specialisation(kernel.src), kernel))
+        if "enable_fp_fusion" not in kwargs:  # else its rounding would follow the Triton version's default
+            raise RuntimeError(f"{self.fn.__name__} launched without enable_fp_fusion=FP_FUSION (kernels/launch.py)")
+        log = io.StringIO()
+        with contextlib.redirect_stdout(log):
+            kernel = launch(self, *args, grid=grid, warmup=True, **kwargs)
+        compiled.append((self.fn.__name__, _specialisation(kernel.src), kernel, log.getvalue()))
         for arg in args:  # outputs read later as indices must be in range
             if isinstance(arg, torch.Tensor) and not arg.is_floating_point():
                 arg.zero_()
@@ -165,7 +172,10 @@ def compile_only(arch: int):
     for module in SPLIT_MODULES:  # split V as on a GPU (off one, launch.py keeps one program per row)
         module.programs_to_fill = lambda device, per_sm: per_sm * STREAMING_MULTIPROCESSORS
     try:
-        yield compiled
+        with knobs.compilation.scope(), knobs.nvidia.scope():
+            knobs.compilation.always_compile = True
+            knobs.nvidia.dump_ptxas_log = True
+            yield compiled
     finally:
         JITFunction.run = launch
         driver.set_active(previous)
@@ -304,23 +314,19 @@ def _sass(cubin: bytes) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as binary:
         binary.write(cubin)
         binary.flush()
-        return subprocess.run([str(TOOLS / "nvdisasm"), "-c", binary.name], capture_output=True, text=True,
+        return subprocess.run([knobs.nvidia.nvdisasm.path, "-c", binary.name], capture_output=True, text=True,
                               check=True).stdout  # fmt: skip
 
 
-def resources(name: str, specialisation: str, kernel) -> KernelResources:
-    """Registers and spills as ``ptxas -v`` reports them for the kernel's PTX and target;
+def resources(name: str, specialisation: str, kernel, ptxas_log: str) -> KernelResources:
+    """Registers and spills as the ``ptxas -v`` log of the kernel's compile reports them;
     the hot loop's size from the kernel's machine code, its loops' layout conversions
     from its Triton GPU IR."""
-    ptxas = TOOLS / "ptxas"
-    ptx = kernel.asm["ptx"]
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as source:
-        source.write(ptx)
-        source.flush()
-        command = [str(ptxas), f"-arch={PTX_TARGET.search(ptx).group(1)}", "-v", source.name, "-o", os.devnull]
-        report = subprocess.run(command, capture_output=True, text=True, check=True).stderr
-    stack, stores, loads = (int(x) for x in PTXAS_FRAME.search(report).groups())
-    registers = int(PTXAS_REGISTERS.search(report).group(1))
+    frame, registers = PTXAS_FRAME.search(ptxas_log), PTXAS_REGISTERS.search(ptxas_log)
+    if frame is None or registers is None:
+        raise RuntimeError(f"no register and spill report in the ptxas log of {name} ({specialisation}): {ptxas_log!r}")
+    stack, stores, loads = (int(x) for x in frame.groups())
+    registers = int(registers.group(1))
     meta = kernel.metadata
     return KernelResources(name, specialisation, meta.num_warps, meta.num_stages, registers, stores, loads, stack,
                            meta.shared, *longest_loop(_sass(kernel.asm["cubin"])),
@@ -332,7 +338,9 @@ def collect(arch: int) -> list[KernelResources]:
     compiled kernel, sorted by name."""
     with compile_only(arch) as compiled:
         exercise_ops()
-    unique = {id(entry[2]): entry for entry in compiled}
+    unique = {}
+    for entry in compiled:  # the first launch of a kernel compiled it and has its log
+        unique.setdefault(id(entry[2]), entry)
     return sorted((resources(*entry) for entry in unique.values()), key=lambda r: (r.name, r.specialisation))
 
 

@@ -162,6 +162,33 @@ print(resources(*compiled[-1]).spill_stores)
     assert int(result.stdout.split()[-1]) > 1000
 
 
+@needs_ptxas
+def test_a_launch_that_leaves_fp_contraction_to_triton_fails_the_report(tmp_path):
+    """Every launch states enable_fp_fusion (kernels/launch.py): a kernel launched
+    without it is named, and nothing is compiled for it."""
+    script = tmp_path / "launch.py"  # a file: Triton reads a kernel's source
+    script.write_text(f"""
+import sys; sys.path.insert(0, {str(TOOL.parent)!r})
+import torch, triton, triton.language as tl
+from kernel_resources import compile_only
+
+@triton.jit
+def _scale_kernel(x_ptr, BLOCK: tl.constexpr):
+    offsets = tl.arange(0, BLOCK)
+    tl.store(x_ptr + offsets, tl.load(x_ptr + offsets) * 2.0)
+
+x = torch.randn(16)
+with compile_only(90) as compiled:
+    _scale_kernel[(1,)](x, BLOCK=16, enable_fp_fusion=True)
+    print(len(compiled), "ptxas" in compiled[0][3])
+    _scale_kernel[(1,)](x, BLOCK=16)
+""")
+    result = _run([str(script)])
+    assert result.returncode != 0
+    assert result.stdout.split() == ["1", "True"]  # the stated launch compiled, its ptxas log caught
+    assert "_scale_kernel launched without enable_fp_fusion" in result.stderr
+
+
 def test_blocks_per_sm_take_the_tightest_limit():
     report = _report()
     h100 = report.SM_LIMITS[90]

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from entrgi_kernels.launch import FP_FUSION
 from entrgi_kernels.rounding import round_to
 from entrgi_kernels.row_stats import _row_is_active
 
@@ -186,5 +187,5 @@ def adam_step(param: torch.Tensor, grad: torch.Tensor, update: AdamUpdate, block
     skip = update.skip
     _adam_kernel[(n, triton.cdiv(vocab, block))](
         param, grad, update.exp_avg, update.exp_avg_sq, update.exp_avg if skip is None else skip, vocab,
-        *update.scalars(), BLOCK_V=block, SKIP=skip is not None,
+        *update.scalars(), BLOCK_V=block, SKIP=skip is not None, enable_fp_fusion=FP_FUSION,
     )  # fmt: skip

@@ -17,6 +17,12 @@ import triton
 # small tiles there (and work around the interpreter's 16-bit dots).
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+# Every launch passes enable_fp_fusion=FP_FUSION: a * b + c contracted into one fused
+# multiply-add, as Triton 3.6-3.9 do by default, the way the kernels were checked and
+# timed on GPUs. Triton 3.9 warns when a launch leaves it unset (3.10 stops contracting
+# by default); stated here, the kernels' rounding does not change with the version.
+FP_FUSION = True
+
 
 def can_launch(device: torch.device) -> bool:
     """Whether the kernels can launch on tensors of ``device``: CUDA, the interpreter, or

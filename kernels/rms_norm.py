@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from entrgi_kernels.launch import FP_FUSION
 from entrgi_kernels.rounding import round_to
 
 MAX_WIDTH = 16_384  # one row per program in registers: 32 values per thread at 16 warps
@@ -186,7 +187,7 @@ def rms_norm_forward(
     _rms_norm_forward_kernel[(triton.cdiv(rows, block_r),)](
         x, x if branch is None else branch, weight, y, y if total is None else total,
         y if sum_copy is None else sum_copy, inv_rms, rows, *_strided_rows(x), width, eps, ADD=branch is not None,
-        COPY_SUM=sum_copy is not None, BLOCK_R=block_r, BLOCK_H=block_h, num_warps=warps,
+        COPY_SUM=sum_copy is not None, BLOCK_R=block_r, BLOCK_H=block_h, num_warps=warps, enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
     return y, inv_rms, total
 
@@ -212,5 +213,6 @@ def rms_norm_backward(
     _rms_norm_backward_kernel[(triton.cdiv(rows, block_r),)](
         grad, x, weight, inv_rms, grad if residual_grad is None else residual_grad, grad_x, rows, *_strided_rows(x),
         width, ACCUMULATE=residual_grad is not None, BLOCK_R=block_r, BLOCK_H=block_h, num_warps=warps,
+        enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
     return grad_x

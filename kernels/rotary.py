@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from entrgi_kernels.launch import FP_FUSION
 from entrgi_kernels.rms_norm import inverse_rms, normed_rows, normed_rows_grad
 from entrgi_kernels.rounding import round_to
 
@@ -214,6 +215,6 @@ def rotary(
         q, k, cos, sin, q_out, k_out, q_input, k_input, *per_row, q_programs, q_heads, k.shape[1], length,
         *q.stride()[:3], *k.stride()[:3], *q_out.stride()[:3], *k_out.stride()[:3], *q_input.stride()[:3],
         *k_input.stride()[:3], cs_stride_b, cos.stride(1), batch, 0.0 if norms is None else norms.eps,
-        D=dim, BLOCK_R=block_r, BACKWARD=backward, NORM=norms is not None, num_warps=4,
+        D=dim, BLOCK_R=block_r, BACKWARD=backward, NORM=norms is not None, num_warps=4, enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
     return q_out, k_out

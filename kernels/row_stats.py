@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from entrgi_kernels.launch import INTERPRET, programs_to_fill, vocab_chunks
+from entrgi_kernels.launch import FP_FUSION, INTERPRET, programs_to_fill, vocab_chunks
 
 # Tile width and warps of the per-row kernels; each split covers at least
 # MIN_TILES_PER_SPLIT tiles. Small tiles under the interpreter make CPU tests run
@@ -293,6 +293,7 @@ def row_stats(
     _row_stats_partial_kernel[(n, splits)](
         phi, moments, best, best_idx, skip_arg, tile_max, tile_sum, phi.stride(0), vocab, splits, count, chunk,
         1.0 / temperature, BLOCK_V=block, SKIP=skip is not None, TILES=tiles, num_warps=ROW_WARPS,
+        enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
     row_max, lse_tau_shifted, lse_1_shifted, entropy, plogp_tau = torch.empty(
         5, n, device=phi.device, dtype=torch.float32
@@ -301,6 +302,7 @@ def row_stats(
     _row_stats_combine_kernel[(n,)](
         moments, best, best_idx, row_max, lse_tau_shifted, lse_1_shifted, entropy, plogp_tau, argmax, skip_arg, vocab,
         splits, 1.0 / temperature, 1.0 / math.log(vocab), BLOCK_S=triton.next_power_of_2(splits), SKIP=skip is not None,
+        enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
     masses = TileMasses(tile_max, tile_sum, block) if tiles else None
     return RowStats(row_max, lse_tau_shifted, lse_1_shifted, entropy, plogp_tau, argmax, masses)

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from entrgi_kernels.launch import INTERPRET
+from entrgi_kernels.launch import FP_FUSION, INTERPRET
 from entrgi_kernels.row_stats import (
     _LOG2E,
     ROW_WARPS,
@@ -194,11 +194,11 @@ def sample_filtered(
     skip_arg = keys if skip is None else skip
     _kept_sample_partial_kernel[(n, splits)](
         phi, keys, seed, skip_arg, part, best_idx, phi.stride(0), vocab, splits, chunk, 1.0 / temperature,
-        BLOCK_V=block, SKIP=skip is not None, num_warps=ROW_WARPS,
+        BLOCK_V=block, SKIP=skip is not None, num_warps=ROW_WARPS, enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
     _kept_sample_combine_kernel[(n,)](
         part, best_idx, out["tokens"], out["lse_kept_shifted"], out["top1"], out["top2"], skip_arg, splits, vocab,
-        BLOCK_S=triton.next_power_of_2(splits), SKIP=skip is not None,
+        BLOCK_S=triton.next_power_of_2(splits), SKIP=skip is not None, enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
     return out
 
@@ -409,6 +409,7 @@ def full_law_draws(
         phi, tiles.max, tiles.sum, stats.row_max, seed, drawn if skip is None else skip, drawn, phi.stride(0), vocab,
         tiles.max.shape[1], 1.0 / temperature, DRAWS=draws, TILE=tiles.width,
         BLOCK_T=triton.next_power_of_2(tiles.max.shape[1]), SKIP=skip is not None, num_warps=DRAW_WARPS,
+        enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
     return drawn
 
@@ -450,9 +451,10 @@ def rejection_sample(
         _mass_above_partial_kernel[(n, splits)](
             phi, *stats.tempered, skip_arg, drawn, mass, count, phi.stride(0), vocab, splits, chunk, inv_tau,
             USE_P=use_p, USE_K=use_k, BLOCK_V=block, SKIP=skip is not None, num_warps=ROW_WARPS,
+            enable_fp_fusion=FP_FUSION,
         )  # fmt: skip
     _accept_kernel[(n,)](
         drawn, mass, count, tokens, accepted, skip_arg, splits, float(top_p), int(top_k), USE_P=use_p, USE_K=use_k,
-        DRAWS=draws, BLOCK_S=triton.next_power_of_2(splits), SKIP=skip is not None,
+        DRAWS=draws, BLOCK_S=triton.next_power_of_2(splits), SKIP=skip is not None, enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
     return tokens, accepted

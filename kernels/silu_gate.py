@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from entrgi_kernels.launch import FP_FUSION
 from entrgi_kernels.rounding import round_to
 
 BLOCKS = (2048, 1024, 512)  # elements per program; a row wider than the block is split across programs
@@ -82,7 +83,9 @@ def silu_gate_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return out
     _check_rows(gate, up)
     grid, block = _geometry(rows, width)
-    _silu_gate_forward_kernel[grid](gate, up, out, width, gate.stride(0), width, BLOCK=block)
+    _silu_gate_forward_kernel[grid](
+        gate, up, out, width, gate.stride(0), width, BLOCK=block, enable_fp_fusion=FP_FUSION
+    )
     return out
 
 
@@ -98,5 +101,6 @@ def silu_gate_backward(
     _check_rows(grad, gate, up, grad_gate, grad_up)
     grid, block = _geometry(rows, width)
     _silu_gate_backward_kernel[grid](
-        grad, gate, up, grad_gate, grad_up, width, grad.stride(0), gate.stride(0), grad_gate.stride(0), BLOCK=block
-    )
+        grad, gate, up, grad_gate, grad_up, width, grad.stride(0), gate.stride(0), grad_gate.stride(0), BLOCK=block,
+        enable_fp_fusion=FP_FUSION,
+    )  # fmt: skip

@@ -57,7 +57,7 @@ import triton
 import triton.language as tl
 
 from entrgi_kernels.adam import AdamReplay, AdamUpdate, adam_math, adam_update
-from entrgi_kernels.launch import INTERPRET, fewest_waves_splits, programs_to_fill, vocab_chunks
+from entrgi_kernels.launch import FP_FUSION, INTERPRET, fewest_waves_splits, programs_to_fill, vocab_chunks
 from entrgi_kernels.row_stats import SoftmaxNorm, _load_norm, _log2_norm, _tempered_probs
 
 
@@ -467,7 +467,7 @@ def soft_embedding_forward(
         phi, table, _gather_arg(table_rows, table), *norm, partial, order, count, n, vocab, d, phi.stride(0),
         table.stride(0), 1.0 / temperature, chunk, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
         DOT_FP32=_dot_fp32(table), ROW_LIST=row_list is not None, GATHER=table_rows is not None,
-        EVEN=_even(vocab, d, cfg), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        EVEN=_even(vocab, d, cfg), num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
     soft = torch.empty(n, d, device=phi.device, dtype=torch.float32)
     out = torch.empty(n, d, device=phi.device, dtype=table.dtype)
@@ -475,7 +475,7 @@ def soft_embedding_forward(
     _straight_through_kernel[(n, triton.cdiv(d, block_d))](
         partial, table, _gather_arg(table_rows, table), tokens, argmax, norm.lse_shifted, weights, soft, out, order,
         count, n, d, splits, table.stride(0), BLOCK_D=block_d, ROW_LIST=row_list is not None,
-        GATHER=table_rows is not None,
+        GATHER=table_rows is not None, enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
     return soft, out
 
@@ -524,6 +524,7 @@ def soft_embedding_backward(
         BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, DOT_FP32=_dot_fp32(table),
         ROW_LIST=row_list is not None, ADAM=adam is not None, SKIP=adam is not None and adam.skip is not None,
         GATHER=table_rows is not None, EVEN=_even(vocab, d, cfg), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
     return None if adam is not None else dphi
 
@@ -541,5 +542,5 @@ def _replay_adam(phi, table, replay: AdamReplay, temperature, row_list, cfg: Til
         1 - replay.beta2, replay.eps,
         BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, DOT_FP32=_dot_fp32(table),
         ROW_LIST=row_list is not None, SKIP=replay.skip is not None, GATHER=table_rows is not None,
-        EVEN=_even(vocab, d, cfg), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        EVEN=_even(vocab, d, cfg), num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=FP_FUSION,
     )  # fmt: skip

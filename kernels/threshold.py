@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from entrgi_kernels.launch import INTERPRET
+from entrgi_kernels.launch import FP_FUSION, INTERPRET
 from entrgi_kernels.row_stats import SoftmaxNorm, _load_norm, _row_is_active, _tempered_probs, row_geometry
 
 DIGIT_BITS = 4
@@ -206,10 +206,10 @@ def keep_threshold_keys(
     for shift in range(key_bits - DIGIT_BITS, -1, -DIGIT_BITS):
         _digit_histogram_partial_kernel[(n, splits)](
             phi, *norm, prefix, hist, skip_arg, phi.stride(0), vocab, splits, chunk, 1.0 / temperature, shift,
-            BLOCK_V=block, **flags,
+            BLOCK_V=block, **flags, enable_fp_fusion=FP_FUSION,
         )  # fmt: skip
         _choose_digits_kernel[(n,)](
             hist, prefix, above, skip_arg, splits, float(top_p), int(top_k), BLOCK_S=triton.next_power_of_2(splits),
-            **flags,
+            **flags, enable_fp_fusion=FP_FUSION,
         )  # fmt: skip
     return prefix.amax(dim=1)
