@@ -38,11 +38,19 @@ _LOG2E = tl.constexpr(1.4426950408889634)  # exp(y) = exp2(y * log2(e))
 
 
 @triton.jit
+def _scalar_mask(condition):
+    """A scalar condition, to be combined with block masks (``block_mask & flag``): the
+    same value, spelled as a select because Triton 3.9's interpreter splats a scalar
+    comparison as int32, which ``tl.load`` then refuses as a mask."""
+    return tl.where(condition, True, False)
+
+
+@triton.jit
 def _row_is_active(skip_ptr, row, SKIP: tl.constexpr):
     """Whether ``row`` is to be processed: always without SKIP, else skip_ptr[row] == 0."""
     active = tl.full((), 1, tl.int1)
     if SKIP:
-        active = tl.load(skip_ptr + row) == 0
+        active = _scalar_mask(tl.load(skip_ptr + row) == 0)
     return active
 
 

@@ -58,7 +58,7 @@ import triton.language as tl
 
 from entrgi_kernels.adam import AdamReplay, AdamUpdate, adam_math, adam_update
 from entrgi_kernels.launch import FP_FUSION, INTERPRET, fewest_waves_splits, programs_to_fill, vocab_chunks
-from entrgi_kernels.row_stats import SoftmaxNorm, _load_norm, _log2_norm, _tempered_probs
+from entrgi_kernels.row_stats import SoftmaxNorm, _load_norm, _log2_norm, _scalar_mask, _tempered_probs
 
 
 @triton.jit
@@ -180,7 +180,7 @@ def _straight_through_kernel(
 ):
     position = tl.program_id(0)
     row, active, _ = _list_rows(order_ptr, count_ptr, position, position, N, ROW_LIST)
-    row = row.to(tl.int64)
+    row, active = row.to(tl.int64), _scalar_mask(active)
     dims = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     dim_ok = dims < D
     soft = tl.zeros((BLOCK_D,), tl.float32)
