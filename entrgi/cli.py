@@ -201,6 +201,10 @@ def _bench(args) -> int:
         for d in sizes_d:
             for n in sizes_n:
                 rows += benchmark.bench_op(n, vocab, d, getattr(torch, dtype), backends, args.repeats, env)
+    if not rows:
+        print(f"entrgi bench: error: {', '.join(backends)} failed at every shape (printed above); {csv_path} "
+              "not written", file=sys.stderr)  # fmt: skip
+        return 1
     print(benchmark.RunInfo(**env).header())
     print(benchmark.format_table(rows))
     benchmark.append_csv(rows, csv_path)

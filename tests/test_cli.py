@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import entrgi
+from entrgi import benchmark
 from entrgi.cli import main
 from entrgi.model_source import model_source
 from entrgi.results import read_prompts
@@ -69,6 +70,19 @@ def test_bench_compile_backend_times_every_shape(tmp_path, capsys):
     assert sorted((r["n"], r["mode"]) for r in rows) == sorted(
         (n, mode) for n in ("4", "8") for mode in ("forward", "backward", "fwd+bwd")
     )
+
+
+def test_bench_that_records_nothing_fails(tmp_path, capsys, monkeypatch):
+    def fail(backend, n, *args):
+        raise RuntimeError(f"{backend} cannot run N={n}")
+
+    monkeypatch.setattr(benchmark, "_bench_backend", fail)
+    args = ["bench", "--backends", "torch", "--n", "4", "8", "--d", "16", "--vocab", "64", "--out", str(tmp_path)]
+    assert main(args) == 1
+    printed = capsys.readouterr()
+    assert "torch failed at N=4 d=16 torch.float32: RuntimeError: torch cannot run N=4" in printed.out
+    assert "entrgi bench: error: torch failed at every shape" in printed.err
+    assert not (tmp_path / "op_results.csv").exists()
 
 
 def test_bench_step_suite_reports_each_method(tmp_path, capsys):
