@@ -273,7 +273,7 @@ def row_geometry(phi: torch.Tensor, splits: int | None, block_v: int | None) -> 
     (row, chunk) programs to fill the GPU, each at least MIN_TILES_PER_SPLIT tiles."""
     n, vocab = phi.shape
     block = min(block_v or ROW_BLOCK_V, triton.next_power_of_2(vocab))
-    fill = triton.cdiv(programs_to_fill(phi.device, 8), n)
+    fill = triton.cdiv(programs_to_fill(phi.device, 8), max(n, 1))
     return block, *vocab_chunks(vocab, block * MIN_TILES_PER_SPLIT, fill, splits)
 
 

@@ -457,7 +457,7 @@ def soft_embedding_forward(
     d = table.shape[1]
     cfg = _fit(config or (INTERPRETER if INTERPRET else FORWARD_GPU), d)
     tiles = triton.cdiv(n, cfg.block_n) * triton.cdiv(d, cfg.block_d)
-    most = triton.cdiv(programs_to_fill(phi.device, 2), tiles)
+    most = triton.cdiv(programs_to_fill(phi.device, 2), max(tiles, 1))
     if splits is None:
         splits = fewest_waves_splits(tiles, most, programs_to_fill(phi.device, 1))
     splits, chunk = vocab_chunks(vocab, cfg.block_v, most, splits)

@@ -18,6 +18,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from entrgi import guided_embedding, sample_step  # noqa: E402
+from entrgi.ops import entropy_confidence  # noqa: E402
 from entrgi.ops.reference import keep_threshold  # noqa: E402
 from entrgi_kernels.sampling import _exponential  # noqa: E402
 from helpers import assert_law, filter_keys, filtered_law, restated_forward, restated_grad, sum_p_log_p  # noqa: E402
@@ -254,6 +255,27 @@ def test_temperature_zero_and_leading_dims():
     torch.testing.assert_close(out.embeds.view(6, 16), table[phi.argmax(-1)])
 
 
+@pytest.mark.parametrize("lead", [(0,), (2, 0)])
+@pytest.mark.parametrize("temperature", [0.7, 0.0])
+def test_no_rows_give_empty_results_like_the_reference(lead, temperature):
+    """The kernels' launch geometry divides the GPU among the rows: none must not divide by zero."""
+    phi = torch.randn(*lead, 37, device=DEVICE)
+    table = torch.randn(37, 8, device=DEVICE)
+    results = {}
+    for backend in ("triton", "torch"):
+        leaf = phi.clone().requires_grad_(True)
+        out = guided_embedding(leaf, table, temperature=temperature, top_p=0.9, backend=backend)
+        if temperature > 0:
+            out.embeds.sum().backward()
+        step = sample_step(phi, phi, temperature=temperature, top_k=3, alg="entropy", backend=backend)
+        confidence = entropy_confidence(phi, backend=backend)
+        results[backend] = [*out, leaf.grad, *step, confidence]
+    for fused, reference in zip(results["triton"], results["torch"]):
+        assert (fused is None) == (reference is None)
+        if fused is not None:
+            assert fused.shape == reference.shape and fused.dtype == reference.dtype
+
+
 ACTIVE_PATTERNS = {
     "scattered": lambda n, g: torch.rand(n, generator=g) < 0.4,
     "all": lambda n, g: torch.ones(n, dtype=torch.bool),
@@ -315,8 +337,6 @@ def test_sample_step_confidence_of_phi_itself():
 def test_entropy_and_weights_at_large_scaled_logits(tau):
     """Row statistics keep their first moments relative to the running maximum: at
     |x / tau| ~ 6e3, E_p[x / tau] - lse taken as two sums of that size loses ~1e-3."""
-    from entrgi.ops import entropy_confidence
-
     phi = _confident_rows(16, 61, tau, 60.0, seed=3).to(DEVICE)
     x = phi.cpu().double()
     got = entropy_confidence(phi, temperature=tau, backend="triton").cpu().double()
@@ -330,8 +350,6 @@ def test_entropy_and_weights_at_large_scaled_logits(tau):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("temperature", [0.0, 0.6, 1.3])
 def test_entropy_confidence_matches_the_reference(dtype, temperature):
-    from entrgi.ops import entropy_confidence
-
     phi, _ = _inputs(2 * 7, 45, 8, dtype, seed=8)
     phi = phi.view(2, 7, 45)
     active = (torch.rand(2, 7, generator=torch.Generator().manual_seed(1)) < 0.6).to(DEVICE)
