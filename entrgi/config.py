@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
+from numbers import Real
 
 import torch
 
@@ -16,6 +18,8 @@ REMASKING = ("low_confidence", "random")
 GUIDANCE_SCOPES = ("block", "all")
 PROBABILITY_CONFIDENCE = ("maskgit_plus", "low_confidence")
 ADAM_MOMENTS = ("float32", "bfloat16", "recompute")
+POSITIVE_FIELDS = ("lr", "reward_temperature")
+NON_NEGATIVE_FIELDS = ("alg_temp", "cfg_scale")
 FIELD_CHOICES = {
     "method": METHODS, "alg": ALGS, "backend": BACKENDS, "adam_moments": ADAM_MOMENTS,
     "guidance_scope": GUIDANCE_SCOPES, "remasking": REMASKING,
@@ -113,17 +117,14 @@ class GuidanceConfig:
             raise ValueError(f"seed must be an int, got {self.seed!r}")
         if not 0 < self.eps < 1:
             raise ValueError(f"eps must be in (0, 1), got {self.eps}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not self.reward_temperature > 0:
-            raise ValueError(f"reward_temperature must be > 0, got {self.reward_temperature}")
-        if not self.alg_temp >= 0:
-            raise ValueError(f"alg_temp must be >= 0, got {self.alg_temp}")
+        for name in (*POSITIVE_FIELDS, *NON_NEGATIVE_FIELDS):
+            value, positive = getattr(self, name), name in POSITIVE_FIELDS
+            number = not isinstance(value, bool) and isinstance(value, Real) and math.isfinite(value)
+            if not number or value < 0 or (positive and value == 0):
+                raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
         self._check_decoding()
 
     def _check_decoding(self) -> None:
-        if not self.cfg_scale >= 0:
-            raise ValueError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
         if self.block_length is not None:
             length = self.block_length
             if isinstance(length, bool) or not isinstance(length, int) or length < 1:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -225,7 +227,8 @@ def test_block_cfg_threshold_step_has_no_host_sync(dream, classifier_reward, mon
         (dict(block_length=0), "block_length must be an int >= 1 or None, got 0"),
         (dict(remasking="lowest"), "unknown remasking 'lowest'"),
         (dict(guidance_scope="row"), "unknown guidance_scope 'row'"),
-        (dict(cfg_scale=-1.0), "cfg_scale must be >= 0, got -1.0"),
+        (dict(cfg_scale=-1.0), "cfg_scale must be a finite number >= 0, got -1.0"),
+        (dict(cfg_scale=math.inf), "cfg_scale must be a finite number >= 0, got inf"),
         (dict(confidence_threshold=1.5, alg="maskgit_plus"), r"confidence_threshold must be in \(0, 1\], got 1.5"),
         (dict(confidence_threshold=0.9), "needs a probability confidence .* got 'entropy'"),
         (dict(alg="origin", block_length=4, max_new_tokens=8, steps=4), "use remasking='random'"),

@@ -148,7 +148,8 @@ def test_temperature_zero_is_greedy_without_gradient():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"temperature": -0.1}, "temperature must be >= 0"),
+        ({"temperature": -0.1}, r"temperature must be 0 \(greedy\) or finite and >= 2.94e-39 \(1/temperature "),
+        ({"temperature": 2e-39}, r"temperature must be 0 \(greedy\) or finite and >= 2.94e-39 .* got 2e-39"),
         ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
         ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
         ({"top_k": -1}, "top_k must be an int >= 0"),
@@ -167,8 +168,21 @@ def test_bad_tensors_raise():
         guided_embedding(torch.randn(2, 6), table)
     with pytest.raises(TypeError, match="phi must be float32, bfloat16 or float16, got torch.int64"):
         guided_embedding(torch.ones(2, 5, dtype=torch.long), table)
-    with pytest.raises(ValueError, match=r"embed_table must have shape \(V, d\)"):
+    with pytest.raises(ValueError, match=r"embed_table must have shape \(V, d\) with d >= 1, got \(5,\)"):
         guided_embedding(torch.randn(2, 5), torch.randn(5))
+    with pytest.raises(ValueError, match=r"embed_table must have shape \(V, d\) with d >= 1, got \(5, 0\)"):
+        guided_embedding(torch.randn(2, 5), torch.randn(5, 0))
+    large = torch.tensor([[1.0, 2, 3, 4, 5], [40.0, 0, 0, 0, 0]])
+    overflow = r"phi / temperature overflows float32 \(1 of 2 rows, the first at index \(1,\)\): at temperature 1e-37"
+    with pytest.raises(ValueError, match=overflow + " a row's largest logit must be below 34 in magnitude"):
+        guided_embedding(large, table, temperature=1e-37)
+    with pytest.raises(ValueError, match=overflow.replace("phi", "phi_init")):
+        sample_step(torch.randn(2, 5), large, temperature=1e-37)
+    assert guided_embedding(large, table, temperature=1e-37, check_values=False).embeds.isnan().any()
+    with pytest.raises(TypeError, match="temperature must be a Python number, got Tensor"):
+        guided_embedding(torch.randn(2, 5), table, temperature=torch.tensor(0.7))
+    with pytest.raises(TypeError, match="top_p must be a Python number, got str"):
+        sample_step(torch.randn(2, 5), top_p="0.9")
     nan_phi = torch.randn(2, 5)
     nan_phi[1, 2] = math.nan
     with pytest.raises(ValueError, match=r"phi contains NaN: 1 of 2 rows, the first at index \(1,\)"):

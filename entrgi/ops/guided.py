@@ -84,13 +84,14 @@ def guided_embedding(
     phi : (..., V) float32/bfloat16/float16 logits.
     embed_table : (V, d) reward input embeddings indexed by the denoiser's vocabulary,
         or (V_t, d) in another vocabulary with ``table_rows``.
-    temperature : tau >= 0; 0 is greedy (one-hot argmax, no gradient).
+    temperature : tau >= 0, finite; 0 is greedy (one-hot argmax, no gradient).
     top_p : in (0, 1]; 1 disables. top_k : >= 0; 0 disables.
     mode : ``entrgi`` | ``aps`` (w = 1) | ``expectation`` (w = 0, no sample drawn).
     generator : source of the sampling noise (seeds the Triton kernel's Philox).
     backend : ``auto`` (Triton on CUDA) | ``torch`` | ``triton``.
-    check_values : reject NaN / all -inf rows, a non-finite table and out-of-range
-        ``table_rows`` (reads values back: a host sync).
+    check_values : reject NaN / +inf / all -inf rows, rows whose largest logit / tau
+        overflows float32, a non-finite table and out-of-range ``table_rows`` (reads
+        values back: a host sync).
         The sampler passes False inside its captured step.
     active : (...,) bool, the rows to compute (default all). The Triton backend does
         not read the others (a canvas's committed positions cost next to nothing).
@@ -118,7 +119,7 @@ def guided_embedding(
         check_optimizer_over(optimizer, phi, temperature)
     check_generator(generator, phi.device)
     if check_values:
-        check_finite_rows("phi", phi)
+        check_finite_rows("phi", phi, temperature)
         check_finite_table(embed_table)
         if table_rows is not None:
             check_table_rows_range(table_rows, embed_table)

@@ -65,9 +65,9 @@ def sample_step(
     check_active(active, phi)
     check_generator(generator, phi.device)
     if check_values:
-        check_finite_rows("phi", phi)
+        check_finite_rows("phi", phi, temperature)
         if phi_init is not None and phi_init is not phi:
-            check_finite_rows("phi_init", phi_init)
+            check_finite_rows("phi_init", phi_init, temperature)
     backend = resolve_backend(backend, phi.device)
     lead, vocab = phi.shape[:-1], phi.shape[-1]
     rows = phi.reshape(-1, vocab)

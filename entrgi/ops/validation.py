@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import math
+from numbers import Real
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BACKENDS = ("auto", "torch", "triton")
+# the kernels scale logits by 1/temperature in float32, which must stay finite
+MIN_TEMPERATURE = 1.0 / torch.finfo(torch.float32).max
 
 
 def check_sampling_args(temperature: float, top_p: float, top_k: int) -> None:
-    if not temperature >= 0.0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    for name, value in (("temperature", temperature), ("top_p", top_p)):
+        # a tensor would need a host read to pick the kernels' path
+        if isinstance(value, bool) or not isinstance(value, Real):
+            raise TypeError(f"{name} must be a Python number, got {type(value).__name__}")
+    if not (temperature == 0 or MIN_TEMPERATURE <= temperature < math.inf):
+        raise ValueError(f"temperature must be 0 (greedy) or finite and >= {MIN_TEMPERATURE:.3g} (1/temperature "
+                         f"scales the logits in float32), got {temperature}")  # fmt: skip
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
@@ -37,8 +47,8 @@ def check_embed_table(phi: torch.Tensor, embed_table: torch.Tensor, table_rows: 
     :func:`check_table_rows_range`, which reads them back)."""
     if not isinstance(embed_table, torch.Tensor):
         raise TypeError(f"embed_table must be a torch.Tensor, got {type(embed_table).__name__}")
-    if embed_table.dim() != 2:
-        raise ValueError(f"embed_table must have shape (V, d), got {tuple(embed_table.shape)}")
+    if embed_table.dim() != 2 or embed_table.shape[1] == 0:
+        raise ValueError(f"embed_table must have shape (V, d) with d >= 1, got {tuple(embed_table.shape)}")
     if embed_table.dtype not in FLOAT_DTYPES:
         raise TypeError(f"embed_table must be float32, bfloat16 or float16, got {embed_table.dtype}")
     if embed_table.device != phi.device:
@@ -102,10 +112,11 @@ def check_active(active: torch.Tensor | None, phi: torch.Tensor, name: str = "ph
         raise ValueError(f"{name} is on {phi.device} but active is on {active.device}")
 
 
-def check_finite_rows(name: str, phi: torch.Tensor) -> None:
-    """Reject NaN, +inf (softmax is undefined there) and rows without any finite logit;
-    -inf entries are allowed (tokens with no mass). Reads values back (host sync): call
-    it at API boundaries, not inside a captured step."""
+def check_finite_rows(name: str, phi: torch.Tensor, temperature: float = 1.0) -> None:
+    """Reject NaN, +inf (softmax is undefined there), rows without any finite logit and
+    rows whose largest logit divided by ``temperature`` (> 0) overflows float32 (the
+    softmax's shift); -inf entries are allowed (tokens with no mass). Reads values back
+    (host sync): call it at API boundaries, not inside a captured step."""
     if (nan_rows := torch.isnan(phi).any(-1)).any():
         raise ValueError(f"{name} contains NaN: {_rows_where(nan_rows)}")
     if (inf_rows := torch.isposinf(phi).any(-1)).any():
@@ -113,6 +124,10 @@ def check_finite_rows(name: str, phi: torch.Tensor) -> None:
     if phi.numel() and not (finite := torch.isfinite(phi).any(dim=-1)).all():
         raise ValueError(f"{name} has rows with no finite logit (all -inf; {_rows_where(~finite)}): "
                          "no valid mass to sample")  # fmt: skip
+    if temperature > 0 and phi.numel() and (overflow := (phi.amax(-1).float() / temperature).isinf()).any():
+        bound = temperature * torch.finfo(torch.float32).max
+        raise ValueError(f"{name} / temperature overflows float32 ({_rows_where(overflow)}): at temperature "
+                         f"{temperature} a row's largest logit must be below {bound:.3g} in magnitude")  # fmt: skip
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
