@@ -172,8 +172,10 @@ def test_add_rms_norm_names_mismatched_addends():
     x = torch.randn(2, 8, device=DEVICE)
     with pytest.raises(ValueError, match=r"one shape, dtype and device, got \(2, 8\) torch.float32 .* \(2, 4\)"):
         add_rms_norm(x, x[:, :4], torch.ones(8, device=DEVICE), 1e-6)
-    with pytest.raises(ValueError, match="weight requires one"):
+    with pytest.raises(ValueError, match="add_rms_norm gives no gradient to weight, but weight requires one"):
         add_rms_norm(x, x, torch.ones(8, device=DEVICE, requires_grad=True), 1e-6)
+    with pytest.raises(ValueError, match=r"add_rms_norm needs residual \(\.\.\., H\) and weight \(H,\)"):
+        add_rms_norm(x, x, torch.ones(7, device=DEVICE), 1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -386,7 +388,10 @@ def test_normed_rotary_embedding_names_bad_inputs():
         ValueError, match=r"normed_rotary_embedding needs q \(B, H, T, D\).*got \(1, 2, 3, 8\), \(3, 8\)"
     ):
         normed_rotary_embedding(q, q[0, 0], cos, cos, weight, weight, 1e-6)
-    with pytest.raises(ValueError, match=r"x \(\.\.\., H\) and weight \(H,\), got \(1, 2, 3, 8\) and \(4,\)"):
+    with pytest.raises(
+        ValueError, match=r"normed_rotary_embedding needs k \(\.\.\., H\) and k_weight \(H,\) with H >= 1, got "
+        r"\(1, 2, 3, 8\) and \(4,\)"
+    ):  # fmt: skip
         normed_rotary_embedding(q, q, cos, cos, weight, weight[:4], 1e-6)
     with pytest.raises(
         ValueError, match="norms' weights in q's dtype torch.float32, got torch.float32 and torch.bfloat16"
@@ -412,8 +417,12 @@ def test_empty_inputs_give_empty_outputs_and_gradients():
 
 def test_layer_ops_name_bad_inputs():
     x = torch.randn(2, 8, device=DEVICE)
-    with pytest.raises(ValueError, match=r"x \(\.\.\., H\) and weight \(H,\), got \(2, 8\) and \(7,\)"):
+    with pytest.raises(
+        ValueError, match=r"rms_norm needs x \(\.\.\., H\) and weight \(H,\) with H >= 1, got \(2, 8\) and \(7,\)"
+    ):
         rms_norm(x, torch.ones(7, device=DEVICE), 1e-6)
+    with pytest.raises(ValueError, match=r"with H >= 1, got \(2, 0\) and \(0,\)"):
+        rms_norm(x[:, :0], torch.ones(0, device=DEVICE), 1e-6)
     with pytest.raises(ValueError, match="weight requires one"):
         rms_norm(x, torch.ones(8, device=DEVICE, requires_grad=True), 1e-6)
     with pytest.raises(ValueError, match="eps must be >= 0, got -1"):

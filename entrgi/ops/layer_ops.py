@@ -301,15 +301,19 @@ def _check_alike(op: str, names: tuple[str, str], a: torch.Tensor, b: torch.Tens
         )
 
 
-def _check_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
-    _check_float("x", x)
-    _check_float("weight", weight)
-    if weight.dim() != 1 or x.dim() < 1 or x.shape[-1] != weight.shape[0]:
-        raise ValueError(f"rms_norm needs x (..., H) and weight (H,), got {tuple(x.shape)} and {tuple(weight.shape)}")
+def _check_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, op: str = "rms_norm", names: tuple[str, str] = ("x", "weight")
+) -> None:
+    """The input ``x`` (..., H >= 1) of an RMSNorm ``op`` and its frozen weight (H,)."""
+    for name, t in zip(names, (x, weight)):
+        _check_float(name, t)
+    if weight.dim() != 1 or x.dim() < 1 or x.shape[-1] != weight.shape[0] or not weight.numel():
+        raise ValueError(f"{op} needs {names[0]} (..., H) and {names[1]} (H,) with H >= 1, got {tuple(x.shape)} "
+                         f"and {tuple(weight.shape)}")  # fmt: skip
     if weight.requires_grad:
-        raise ValueError("rms_norm gives no gradient to weight, but weight requires one")
+        raise ValueError(f"{op} gives no gradient to {names[1]}, but {names[1]} requires one")
     if weight.device != x.device:
-        raise ValueError(f"x is on {x.device} but weight is on {weight.device}")
+        raise ValueError(f"{names[0]} is on {x.device} but {names[1]} is on {weight.device}")
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
 
@@ -348,7 +352,7 @@ def add_rms_norm(
     backward adds the sum's own gradient to the norm's in one kernel. ``backend``:
     ``auto`` (Triton on CUDA) | ``torch`` | ``triton``."""
     _check_alike("add_rms_norm", ("residual", "branch"), residual, branch)
-    _check_norm(residual, weight, eps)
+    _check_norm(residual, weight, eps, "add_rms_norm", ("residual", "weight"))
     if resolve_backend(backend, residual.device) == "triton":
         return _TritonAddRMSNorm.apply(residual, branch, weight.contiguous(), float(eps))
     total = residual + branch
@@ -364,7 +368,7 @@ def add_rms_norm_writable(
     backward keeps its own copy of the sum (triton: written by the same kernel; none under
     no gradient; torch: a clone)."""
     _check_alike("add_rms_norm_writable", ("residual", "branch"), residual, branch)
-    _check_norm(residual, weight, eps)
+    _check_norm(residual, weight, eps, "add_rms_norm_writable", ("residual", "weight"))
     if resolve_backend(backend, residual.device) == "triton":
         copy = torch.is_grad_enabled() and (residual.requires_grad or branch.requires_grad)
         return _TritonAddRMSNormWritableSum.apply(residual, branch, weight.contiguous(), float(eps), copy)
@@ -482,8 +486,8 @@ def normed_rotary_embedding(
     same roundings as the three separate kernels; ``torch``: the stock arithmetic.
     ``backend``: ``auto`` (Triton on CUDA) | ``torch`` | ``triton``."""
     _check_rotary("normed_rotary_embedding", q, k, cos, sin)
-    for x, weight in ((q, q_weight), (k, k_weight)):
-        _check_norm(x, weight, eps)
+    for names, x, weight in ((("q", "q_weight"), q, q_weight), (("k", "k_weight"), k, k_weight)):
+        _check_norm(x, weight, eps, "normed_rotary_embedding", names)
     if resolve_backend(backend, q.device) == "torch":
         normed = (rms_norm(x, weight, eps, "torch") for x, weight in ((q, q_weight), (k, k_weight)))
         return rotary_embedding(*normed, cos, sin, "torch")
