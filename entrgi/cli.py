@@ -89,7 +89,7 @@ def _generate(args) -> int:
     if args.dataset:
         prompts += read_prompts(args.dataset, args.prompt_field)
     if not prompts:
-        raise SystemExit("entrgi generate: give --prompt TEXT or --dataset PATH")
+        raise ValueError("give --prompt TEXT or --dataset PATH")
     resumable = bool(args.output) and args.output.endswith(".jsonl")
     config = _config_from_args(args)
     _check_models_named(args, config)

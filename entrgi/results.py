@@ -15,17 +15,26 @@ RESULTS_FORMAT = "entrgi-results/1"
 
 
 def read_prompts(path: str, field: str = "prompt") -> list[str]:
-    """Prompts from a .jsonl file (``field`` of each object) or a text file (one per line)."""
-    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
-    if path.endswith(".jsonl"):
-        prompts = []
-        for number, line in enumerate(lines, 1):
+    """Prompts from a .jsonl file (the string ``field`` of each object) or a text file
+    (one per line); blank lines are skipped. Raises ValueError naming the file and line
+    of a record that is not such an object, and for a file without prompts."""
+    lines = [(number, line) for number, line in enumerate(Path(path).read_text().splitlines(), 1) if line.strip()]
+    if not lines:
+        raise ValueError(f"{path} holds no prompts")
+    if not path.endswith(".jsonl"):
+        return [line for _, line in lines]
+    prompts = []
+    for number, line in lines:
+        try:
             record = json.loads(line)
-            if field not in record:
-                raise ValueError(f"{path}:{number} has no field {field!r}")
-            prompts.append(record[field])
-        return prompts
-    return lines
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number} is not JSON: {error}") from None
+        if not isinstance(record, dict) or field not in record:
+            raise ValueError(f"{path}:{number} has no field {field!r}")
+        if not isinstance(record[field], str):
+            raise ValueError(f"{path}:{number}: field {field!r} must be a string, got {type(record[field]).__name__}")
+        prompts.append(record[field])
+    return prompts
 
 
 def result_record(result: PromptResult) -> dict:

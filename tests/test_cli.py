@@ -34,18 +34,37 @@ def test_generate_writes_results_json(tmp_path, mlm_path, classifier_path):
     assert all(len(r["responses"]) == 2 for r in document["results"])
 
 
-def test_read_prompts_text_and_missing_field(tmp_path):
+def test_read_prompts_text_and_jsonl(tmp_path):
     text = tmp_path / "p.txt"
     text.write_text("one\n\ntwo\n")
     assert read_prompts(str(text)) == ["one", "two"]
-    bad = tmp_path / "p.jsonl"
-    bad.write_text('{"q": "x"}\n')
-    try:
-        read_prompts(str(bad))
-    except ValueError as error:
-        assert "p.jsonl:1 has no field 'prompt'" in str(error)
-    else:
-        raise AssertionError("missing field accepted")
+    records = tmp_path / "p.jsonl"
+    records.write_text('{"q": "x", "prompt": "first"}\n\n{"prompt": "second"}\n')
+    assert read_prompts(str(records)) == ["first", "second"]
+
+
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ('{"prompt": "x"}\n\n{"q": "x"}\n', r"p.jsonl:3 has no field 'prompt'"),  # the file's line number
+        ('["prompt"]\n', r"p.jsonl:1 has no field 'prompt'"),
+        ('{"prompt": "x"}\n{"prompt": "y",\n', r"p.jsonl:2 is not JSON: Expecting"),
+        ('{"prompt": [{"role": "user"}]}\n', r"p.jsonl:1: field 'prompt' must be a string, got list"),
+        ("\n  \n", r"p.jsonl holds no prompts"),
+    ],
+)
+def test_bad_prompt_files_name_file_and_line(tmp_path, capsys, text, match):
+    path = tmp_path / "p.jsonl"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=match):
+        read_prompts(str(path))
+    assert main(["generate", "--model", "unused", "--dataset", str(path)]) == 2
+    assert re.search("entrgi generate: error: .*" + match, capsys.readouterr().err)
+
+
+def test_generate_without_prompts_is_an_error(capsys):
+    assert main(["generate", "--model", "unused"]) == 2
+    assert "entrgi generate: error: give --prompt TEXT or --dataset PATH" in capsys.readouterr().err
 
 
 def test_bench_op_suite_writes_csv_and_plots(tmp_path, capsys):
