@@ -39,6 +39,22 @@ def _at_least(minimum: int):
     return parse
 
 
+def _device(text: str) -> str:
+    """An argparse type: a torch device string naming a device this machine has."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    visible = torch.cuda.device_count() if device.type == "cuda" else None
+    if visible == 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device is visible")
+    if visible and device.index is not None and device.index >= visible:
+        raise argparse.ArgumentTypeError(f"{text!r}: {visible} CUDA device(s) visible")
+    return text
+
+
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One ``--field`` flag per GuidanceConfig field, typed from its default, with its
     choices; the field descriptions (GuidanceConfig's docstring) go in the epilog."""
@@ -256,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt-field", default="prompt", help="the JSONL field holding the prompt")
     gen.add_argument("--output", "-o", help="results path: .json (the published layout; default stdout) or "
                      ".jsonl (one record per prompt, written per batch; rerun to resume)")  # fmt: skip
-    gen.add_argument("--device", default="cpu")
+    gen.add_argument("--device", type=_device, default="cpu", help="cpu, cuda (torchrun: each rank its own GPU), ...")
     gen.add_argument("--dtype", choices=tuple(DTYPES), default=None)
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_config_flags(gen)
@@ -267,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", help="use this denoiser instead of the built-in demo one")
     demo.add_argument("--reward-model", help="use this reward model instead of MiniLM")
     demo.add_argument("--reward-kind", choices=REWARD_KINDS, default="similarity")
-    demo.add_argument("--device", default="cpu")
+    demo.add_argument("--device", type=_device, default="cpu")
     demo.set_defaults(run=_demo)
 
     bench = commands.add_parser("bench", help="op / step benchmarks (CSV + plots) or a guided-step profile")

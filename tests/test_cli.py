@@ -62,6 +62,26 @@ def test_bad_prompt_files_name_file_and_line(tmp_path, capsys, text, match):
     assert re.search("entrgi generate: error: .*" + match, capsys.readouterr().err)
 
 
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without CUDA")
+NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.parametrize(
+    "device,message",
+    [
+        ("gpu", "'gpu' is not a torch device"),
+        pytest.param("cuda", "'cuda': no CUDA device is visible", marks=NO_CUDA),
+        pytest.param("cuda:99", r"'cuda:99': \d+ CUDA device\(s\) visible", marks=NEEDS_CUDA),
+    ],
+)
+def test_a_device_this_machine_lacks_is_refused(capsys, device, message):
+    for command in (["generate", "--model", "unused", "--prompt", "hi"], ["demo"]):
+        with pytest.raises(SystemExit) as exit_status:
+            main([*command, "--device", device])
+        assert exit_status.value.code == 2
+        assert re.search(f"argument --device: {message}", capsys.readouterr().err)
+
+
 def test_generate_without_prompts_is_an_error(capsys):
     assert main(["generate", "--model", "unused"]) == 2
     assert "entrgi generate: error: give --prompt TEXT or --dataset PATH" in capsys.readouterr().err
