@@ -107,11 +107,23 @@ def optimize_logits(
             weight_sum += out.weights.sum()  # zero at unmasked rows
         with record_function("entrgi.reward_forward_backward"):
             rewards = reward.score_embeds(context, embeds, valid)
+            check_rewards(rewards, embeds)
             loss = -(rewards / guidance.reward_temperature).sum()
             # phi's backward is the Adam step (fused into the op's backward kernel on Triton)
             torch.autograd.backward(loss, inputs=[phi])
     mean_weight = weight_sum / (masked.sum() * max(guidance.steps, 1)).clamp_min(1)
     return phi.detach(), mean_weight
+
+
+def check_rewards(rewards, embeds: torch.Tensor) -> None:
+    """A reward's ``score_embeds`` output: (N,) and differentiable (metadata only: no
+    host sync, so the check runs inside captured steps too)."""
+    if not isinstance(rewards, torch.Tensor) or rewards.shape != embeds.shape[:1]:
+        got = tuple(rewards.shape) if isinstance(rewards, torch.Tensor) else type(rewards).__name__
+        raise ValueError(f"score_embeds must return rewards of shape (N,) = ({embeds.shape[0]},), got {got}")
+    if not rewards.requires_grad:
+        raise ValueError("score_embeds returned rewards with no gradient to response_embeds (computed under "
+                         "torch.no_grad or detached?): guidance needs a differentiable reward")  # fmt: skip
 
 
 def target_vectors(

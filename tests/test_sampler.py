@@ -529,3 +529,18 @@ def test_bad_generate_inputs_raise(denoisers, classifier_reward):
         generate(["a"], denoiser=object(), reward=classifier_reward)
     unscored = generate(["a"], denoiser=denoisers["mlm"], method="none", **SMALL)
     assert unscored[0].rewards is None and unscored[0].top1_reward is None
+
+
+@pytest.mark.parametrize(
+    "scores,match",
+    [
+        (lambda rewards: rewards.detach(), "score_embeds returned rewards with no gradient to response_embeds"),
+        (lambda rewards: rewards[:, None], r"score_embeds must return rewards of shape \(N,\) = \(4,\), got \(4, 1\)"),
+        (lambda rewards: rewards.tolist(), r"score_embeds must return rewards of shape \(N,\) = \(4,\), got list"),
+    ],
+)  # fmt: skip
+def test_a_reward_that_guidance_cannot_use_is_named(denoisers, classifier_reward, monkeypatch, scores, match):
+    score_embeds = type(classifier_reward).score_embeds
+    monkeypatch.setattr(classifier_reward, "score_embeds", lambda *args: scores(score_embeds(classifier_reward, *args)))
+    with pytest.raises(ValueError, match=match):
+        generate(["a", "b"], denoiser=denoisers["mlm"], reward=classifier_reward, **SMALL)
