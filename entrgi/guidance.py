@@ -11,6 +11,7 @@ from torch.profiler import record_function
 from entrgi.ops import GuidedEmbedding, guided_embedding
 from entrgi.optim import LogitAdam
 from entrgi.rewards import Reward, RewardContext
+from entrgi.rewards.base import check_reward_shape
 from entrgi.rewards.packing import response_mask_until_end
 
 
@@ -118,9 +119,7 @@ def optimize_logits(
 def check_rewards(rewards, embeds: torch.Tensor) -> None:
     """A reward's ``score_embeds`` output: (N,) and differentiable (metadata only: no
     host sync, so the check runs inside captured steps too)."""
-    if not isinstance(rewards, torch.Tensor) or rewards.shape != embeds.shape[:1]:
-        got = tuple(rewards.shape) if isinstance(rewards, torch.Tensor) else type(rewards).__name__
-        raise ValueError(f"score_embeds must return rewards of shape (N,) = ({embeds.shape[0]},), got {got}")
+    check_reward_shape("score_embeds", rewards, embeds.shape[0])
     if not rewards.requires_grad:
         raise ValueError("score_embeds returned rewards with no gradient to response_embeds (computed under "
                          "torch.no_grad or detached?): guidance needs a differentiable reward")  # fmt: skip

@@ -41,7 +41,7 @@ from entrgi.guidance import GuidanceStep, optimize_logits
 from entrgi.ops import entropy_confidence, sample_step
 from entrgi.ops.validation import check_table_rows_range
 from entrgi.rewards import Reward, VocabMapping, build_vocab_mapping
-from entrgi.rewards.base import RewardContext, pad_id_lists
+from entrgi.rewards.base import RewardContext, check_reward_shape, pad_id_lists
 from entrgi.schedule import (
     commit_counts,
     current_block,
@@ -573,7 +573,9 @@ def _collect(prompts, run: DiffusionRun, denoiser, reward, config) -> list[Promp
     rewards = None
     if reward is not None:
         repeated = [p for p in prompts for _ in range(k)]
-        rewards = reward.score_texts(repeated, texts).tolist()
+        scores = reward.score_texts(repeated, texts)
+        check_reward_shape("score_texts", scores, len(texts))
+        rewards = scores.tolist()
     return [
         PromptResult(
             prompt=p,

@@ -531,6 +531,13 @@ def test_bad_generate_inputs_raise(denoisers, classifier_reward):
     assert unscored[0].rewards is None and unscored[0].top1_reward is None
 
 
+def test_a_reward_whose_text_scores_are_not_one_per_response_is_named(denoisers, classifier_reward, monkeypatch):
+    score_texts = type(classifier_reward).score_texts
+    monkeypatch.setattr(classifier_reward, "score_texts", lambda *args: score_texts(classifier_reward, *args)[:-1])
+    with pytest.raises(ValueError, match=r"score_texts must return rewards of shape \(N,\) = \(4,\), got \(3,\)"):
+        generate(["a", "b"], denoiser=denoisers["mlm"], reward=classifier_reward, method="bon", **SMALL)
+
+
 @pytest.mark.parametrize(
     "scores,match",
     [

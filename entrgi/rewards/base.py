@@ -71,6 +71,13 @@ class Reward(Protocol):
         """Rewards of decoded responses on real tokens, (n,) float32."""
 
 
+def check_reward_shape(method: str, rewards, rows: int) -> None:
+    """A reward ``method``'s output must be a (rows,) tensor (metadata only: no host sync)."""
+    if not isinstance(rewards, torch.Tensor) or rewards.shape != (rows,):
+        got = tuple(rewards.shape) if isinstance(rewards, torch.Tensor) else type(rewards).__name__
+        raise ValueError(f"{method} must return rewards of shape (N,) = ({rows},), got {got}")
+
+
 def special_affixes(tokenizer) -> tuple[list[int], list[int]]:
     """The special tokens a tokenizer wraps around one sequence (e.g. BERT's CLS/SEP)."""
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
