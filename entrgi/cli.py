@@ -109,6 +109,8 @@ def _generate(args) -> int:
     resumable = bool(args.output) and args.output.endswith(".jsonl")
     config = _config_from_args(args)
     _check_models_named(args, config)
+    if args.output:  # made now: a folder that cannot be made fails before the run, not after it
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     world, device = init_world(args.device)
     finished_cleanly = False
     try:

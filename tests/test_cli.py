@@ -20,7 +20,7 @@ from helpers import CAN_COMPILE, COMPILE_FLAGS
 def test_generate_writes_results_json(tmp_path, mlm_path, classifier_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"question": "hello there"}\n{"question": "how are you"}\n')
-    out = tmp_path / "results.json"
+    out = tmp_path / "runs" / "results.json"  # a folder that does not exist yet
     code = main([
         "generate", "--model", mlm_path, "--reward-model", classifier_path, "--prompts-file", str(prompts),
         "--prompt-field", "question", "--steps", "2", "--max-new-tokens", "3", "--num-samples", "2",
@@ -293,7 +293,7 @@ def test_demo_runs_offline_and_prints_the_table(tmp_path, monkeypatch, capsys):
 
 
 def test_generate_exposes_decoding_orders_and_the_likelihood_reward(tmp_path, denoiser_paths, likelihood_path):
-    out = tmp_path / "results.json"
+    out = tmp_path / "runs" / "results.json"  # a folder that does not exist yet
     code = main([
         "generate", "--model", denoiser_paths["llada"], "--model-kind", "llada", "--reward-model", likelihood_path,
         "--reward-kind", "likelihood", "--prompt", "hello there", "--max-new-tokens", "4", "--num-samples", "2",
