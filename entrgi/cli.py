@@ -192,6 +192,7 @@ def _bench(args) -> int:
     from entrgi import benchmark
 
     out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)  # a folder that cannot be made fails before the timing
     if args.profile:
         run, floors = None, None
         if args.preset:

@@ -111,6 +111,13 @@ def test_bench_compile_backend_times_every_shape(tmp_path, capsys):
     )
 
 
+def test_bench_into_a_folder_that_cannot_be_made_fails_before_timing(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert main(["bench", "--n", "4", "--d", "16", "--vocab", "64", "--out", str(tmp_path / "file" / "out")]) == 2
+    printed = capsys.readouterr()
+    assert "entrgi bench: error:" in printed.err and "median ms" not in printed.out
+
+
 def test_bench_that_records_nothing_fails(tmp_path, capsys, monkeypatch):
     def fail(backend, n, *args):
         raise RuntimeError(f"{backend} cannot run N={n}")
