@@ -149,13 +149,16 @@ def _generate(args) -> int:
 
 
 def _check_models_named(args, config: GuidanceConfig) -> None:
-    """What fails before any model loads: a missing reward, or a model folder that does not exist."""
+    """What fails before any model loads: a missing reward, reward options its kind does
+    not read, or a model folder that does not exist."""
     from entrgi.model_source import model_source
+    from entrgi.rewards import check_reward_options
 
     if config.needs_reward and not args.reward_model:
         raise ValueError(f"method {config.method!r} needs a reward: give --reward-model")
     model_source(args.model, "denoiser")
     if args.reward_model:
+        check_reward_options(args.reward_kind, args.target, cache_prefix=args.reward_cache_prefix)
         model_source(args.reward_model, "reward model")
 
 

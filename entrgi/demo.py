@@ -72,7 +72,6 @@ def run_demo(
     """Run every method on the demo prompts; print and return a table of
     (method, mean Top@1, mean Avg@K, seconds)."""
     from entrgi import generate, load_denoiser, load_reward
-    from entrgi.rewards import DEFAULT_TARGET
 
     config = config or GuidanceConfig(
         num_samples=4, steps=12, max_new_tokens=12, guidance_steps=3, lr=0.5,
@@ -80,9 +79,7 @@ def run_demo(
     )  # fmt: skip
     denoiser_path = model or str(build_demo_denoiser(default_cache_dir() / "demo-denoiser-minilm"))
     denoiser = load_denoiser(denoiser_path, device=device)
-    reward = load_reward(
-        reward_model or minilm_path(), kind=reward_kind, target=target or DEFAULT_TARGET, device=device
-    )
+    reward = load_reward(reward_model or minilm_path(), kind=reward_kind, target=target, device=device)
     print(f"denoiser: {denoiser_path} ({denoiser.kind}); reward: {reward_kind} "
           f"{reward_model or 'all-MiniLM-L6-v2 (offline wheel)'}")  # fmt: skip
     if reward_kind == "similarity":

@@ -82,6 +82,19 @@ def test_a_device_this_machine_lacks_is_refused(capsys, device, message):
         assert re.search(f"argument --device: {message}", capsys.readouterr().err)
 
 
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        (["--target", "calm seas"], "target is the text a similarity reward moves towards; a classifier reward"),
+        (["--reward-kind", "similarity", "--reward-cache-prefix"], "cache_prefix needs a causal reward"),
+    ],
+)
+def test_reward_options_its_kind_does_not_read_fail_before_loading(capsys, mlm_path, options, message):
+    args = ["generate", "--model", mlm_path, "--reward-model", "/no/such/reward", "--prompt", "hi", *options]
+    assert main(args) == 2
+    assert f"entrgi generate: error: {message}" in capsys.readouterr().err
+
+
 def test_generate_without_prompts_is_an_error(capsys):
     assert main(["generate", "--model", "unused"]) == 2
     assert "entrgi generate: error: give --prompt TEXT or --dataset PATH" in capsys.readouterr().err
@@ -300,7 +313,7 @@ def test_demo_runs_offline_and_prints_the_table(tmp_path, monkeypatch, capsys):
 
 
 def test_generate_exposes_decoding_orders_and_the_likelihood_reward(tmp_path, denoiser_paths, likelihood_path):
-    out = tmp_path / "runs" / "results.json"  # a folder that does not exist yet
+    out = tmp_path / "results.json"
     code = main([
         "generate", "--model", denoiser_paths["llada"], "--model-kind", "llada", "--reward-model", likelihood_path,
         "--reward-kind", "likelihood", "--prompt", "hello there", "--max-new-tokens", "4", "--num-samples", "2",

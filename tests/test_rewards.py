@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from entrgi.rewards import load_reward
 from entrgi.rewards.packing import pack_inputs, response_mask_until_end
 from entrgi.schedule import select_commits
 
@@ -79,3 +81,18 @@ def test_commit_selection_never_touches_unmasked_positions():
         assert chosen.sum() == count and not (chosen & ~masked).any()
     sampled = select_commits(confidence, masked, torch.tensor([3]), 0.7, torch.Generator().manual_seed(0))
     assert torch.equal(sampled, masked)
+
+
+@pytest.mark.parametrize(
+    "kind,options,match",
+    [
+        ("classifier", dict(target="calm seas"), "target is the text a similarity reward moves towards; a classifier"),
+        ("likelihood", dict(target="calm seas"), "a likelihood reward does not read it"),
+        ("similarity", dict(system_prompt="Be brief."), "a similarity reward reads no chat template"),
+        ("similarity", dict(cache_prefix=True), "cache_prefix needs a causal reward"),
+        ("regression", {}, "unknown reward kind 'regression'"),
+    ],
+)
+def test_reward_options_its_kind_does_not_read_are_refused_before_loading(kind, options, match):
+    with pytest.raises(ValueError, match=match):
+        load_reward("/no/such/model", kind=kind, **options)  # checked before the path is looked at

@@ -15,6 +15,22 @@ REWARD_KINDS = ("classifier", "similarity", "likelihood")
 DEFAULT_TARGET = "A warm, friendly and helpful answer about the weather, the sun and the sea."
 
 
+def check_reward_options(
+    kind: str, target: str | None = None, system_prompt: str | None = None, cache_prefix: bool = False
+) -> None:
+    """Reject options the reward ``kind`` would not read (checked before any model loads)."""
+    if kind not in REWARD_KINDS:
+        raise ValueError(f"unknown reward kind {kind!r}; expected one of {REWARD_KINDS}")
+    if kind == "similarity":
+        if system_prompt is not None:
+            raise ValueError("system_prompt goes into a classifier or likelihood reward's chat template; a "
+                             "similarity reward reads no chat template")  # fmt: skip
+        if cache_prefix:
+            raise ValueError("cache_prefix needs a causal reward (classifier or likelihood), not a similarity encoder")
+    elif target is not None:
+        raise ValueError(f"target is the text a similarity reward moves towards; a {kind} reward does not read it")
+
+
 def load_reward(
     name_or_path: str,
     kind: str = "classifier",
@@ -48,8 +64,7 @@ def load_reward(
     """
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    if kind not in REWARD_KINDS:
-        raise ValueError(f"unknown reward kind {kind!r}; expected one of {REWARD_KINDS}")
+    check_reward_options(kind, target, system_prompt, cache_prefix)
     name_or_path = model_source(name_or_path, "reward model")
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     if dtype is not None:
@@ -63,8 +78,6 @@ def load_reward(
     if kind == "likelihood":
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **from_pretrained_kwargs)
         return LikelihoodReward(model.to(device), tokenizer, system_prompt=system_prompt, **options)
-    if cache_prefix:
-        raise ValueError("cache_prefix needs a causal reward (classifier or likelihood), not a similarity encoder")
     model = AutoModel.from_pretrained(name_or_path, **from_pretrained_kwargs)
     return SimilarityReward(model.to(device), tokenizer, target=target or DEFAULT_TARGET, **layers)
 
@@ -80,5 +93,6 @@ __all__ = [
     "SimilarityReward",
     "VocabMapping",
     "build_vocab_mapping",
+    "check_reward_options",
     "load_reward",
 ]
