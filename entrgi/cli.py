@@ -274,8 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--compile-layers", action="store_true", help=COMPILE_HELP)
     gen.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     gen.add_argument("--dataset", "--prompts-file", dest="dataset", metavar="PATH",
-                     help="prompts: a .jsonl file (see --prompt-field) or a .txt file, one per line")  # fmt: skip
-    gen.add_argument("--prompt-field", default="prompt", help="the JSONL field holding the prompt")
+                     help="prompts: a .jsonl file or a .json array of objects (see --prompt-field), or a text file, "
+                          "one per line")  # fmt: skip
+    gen.add_argument("--prompt-field", default="prompt", help="the JSON field holding the prompt")
     gen.add_argument("--output", "-o", help="results path: .json (the published layout; default stdout) or "
                      ".jsonl (one record per prompt, written per batch; rerun to resume)")  # fmt: skip
     gen.add_argument("--device", type=_device, default="cpu", help="cpu, cuda (torchrun: each rank its own GPU), ...")

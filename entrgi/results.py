@@ -15,26 +15,40 @@ RESULTS_FORMAT = "entrgi-results/1"
 
 
 def read_prompts(path: str, field: str = "prompt") -> list[str]:
-    """Prompts from a .jsonl file (the string ``field`` of each object) or a text file
-    (one per line); blank lines are skipped. Raises ValueError naming the file and line
-    of a record that is not such an object, and for a file without prompts."""
-    lines = [(number, line) for number, line in enumerate(Path(path).read_text().splitlines(), 1) if line.strip()]
-    if not lines:
+    """Prompts from a .jsonl file (one object per line), a .json file (an array of
+    objects), each object's string ``field``, or from a text file (one prompt per line).
+    Blank lines are skipped. Raises ValueError naming the file and the line or index of
+    a record that is not such an object, and for a file without prompts."""
+    text = Path(path).read_text()
+    if path.endswith(".json"):
+        records = _parsed(path, text)
+        if not isinstance(records, list):
+            raise ValueError(f"{path} must hold a JSON array of objects, got {type(records).__name__}")
+        prompts = [_prompt_field(record, field, f"{path}[{index}]") for index, record in enumerate(records)]
+    else:
+        lines = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+        if path.endswith(".jsonl"):
+            prompts = [_prompt_field(_parsed(f"{path}:{n}", line), field, f"{path}:{n}") for n, line in lines]
+        else:
+            prompts = [line for _, line in lines]
+    if not prompts:
         raise ValueError(f"{path} holds no prompts")
-    if not path.endswith(".jsonl"):
-        return [line for _, line in lines]
-    prompts = []
-    for number, line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{number} is not JSON: {error}") from None
-        if not isinstance(record, dict) or field not in record:
-            raise ValueError(f"{path}:{number} has no field {field!r}")
-        if not isinstance(record[field], str):
-            raise ValueError(f"{path}:{number}: field {field!r} must be a string, got {type(record[field]).__name__}")
-        prompts.append(record[field])
     return prompts
+
+
+def _parsed(where: str, text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{where} is not JSON: {error}") from None
+
+
+def _prompt_field(record, field: str, where: str) -> str:
+    if not isinstance(record, dict) or field not in record:
+        raise ValueError(f"{where} has no field {field!r}")
+    if not isinstance(record[field], str):
+        raise ValueError(f"{where}: field {field!r} must be a string, got {type(record[field]).__name__}")
+    return record[field]
 
 
 def result_record(result: PromptResult) -> dict:

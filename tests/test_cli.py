@@ -34,27 +34,35 @@ def test_generate_writes_results_json(tmp_path, mlm_path, classifier_path):
     assert all(len(r["responses"]) == 2 for r in document["results"])
 
 
-def test_read_prompts_text_and_jsonl(tmp_path):
+def test_read_prompts_text_jsonl_and_json(tmp_path):
     text = tmp_path / "p.txt"
     text.write_text("one\n\ntwo\n")
     assert read_prompts(str(text)) == ["one", "two"]
     records = tmp_path / "p.jsonl"
     records.write_text('{"q": "x", "prompt": "first"}\n\n{"prompt": "second"}\n')
     assert read_prompts(str(records)) == ["first", "second"]
+    array = tmp_path / "p.json"
+    array.write_text('[{"q": "first"},\n {"q": "second", "prompt": "x"}]\n')
+    assert read_prompts(str(array), "q") == ["first", "second"]
 
 
 @pytest.mark.parametrize(
-    "text,match",
+    "name,text,match",
     [
-        ('{"prompt": "x"}\n\n{"q": "x"}\n', r"p.jsonl:3 has no field 'prompt'"),  # the file's line number
-        ('["prompt"]\n', r"p.jsonl:1 has no field 'prompt'"),
-        ('{"prompt": "x"}\n{"prompt": "y",\n', r"p.jsonl:2 is not JSON: Expecting"),
-        ('{"prompt": [{"role": "user"}]}\n', r"p.jsonl:1: field 'prompt' must be a string, got list"),
-        ("\n  \n", r"p.jsonl holds no prompts"),
+        ("p.jsonl", '{"prompt": "x"}\n\n{"q": "x"}\n', r"p.jsonl:3 has no field 'prompt'"),  # the file's line number
+        ("p.jsonl", '["prompt"]\n', r"p.jsonl:1 has no field 'prompt'"),
+        ("p.jsonl", '{"prompt": "x"}\n{"prompt": "y",\n', r"p.jsonl:2 is not JSON: Expecting"),
+        ("p.jsonl", '{"prompt": [{"role": "user"}]}\n', r"p.jsonl:1: field 'prompt' must be a string, got list"),
+        ("p.jsonl", "\n  \n", r"p.jsonl holds no prompts"),
+        ("p.json", '{"prompt": "x"}', r"p.json must hold a JSON array of objects, got dict"),
+        ("p.json", '[{"prompt": "x"}, {"q": "y"}]', r"p.json\[1\] has no field 'prompt'"),
+        ("p.json", '[{"prompt": "x"}, {"prompt": 3}]', r"p.json\[1\]: field 'prompt' must be a string, got int"),
+        ("p.json", '[{"prompt": "x"},]', r"p.json is not JSON: "),
+        ("p.json", "[]", r"p.json holds no prompts"),
     ],
 )
-def test_bad_prompt_files_name_file_and_line(tmp_path, capsys, text, match):
-    path = tmp_path / "p.jsonl"
+def test_bad_prompt_files_name_file_and_line(tmp_path, capsys, name, text, match):
+    path = tmp_path / name
     path.write_text(text)
     with pytest.raises(ValueError, match=match):
         read_prompts(str(path))
