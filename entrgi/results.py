@@ -115,8 +115,8 @@ class ResultsLog:
         if torn:  # an interrupted write: keep only whole lines
             self.path.write_text(complete + "\n")
         lines = complete.split("\n")
-        header = json.loads(lines[0])
-        if header.get("format") != RESULTS_FORMAT:
+        header = _parsed(f"{self.path}:1", lines[0])
+        if not isinstance(header, dict) or header.get("format") != RESULTS_FORMAT:
             raise ValueError(f"{self.path} is not an entrgi results log (no {RESULTS_FORMAT!r} header)")
         for key in ("config", "dataset", "prompt_field"):
             if header.get(key) != self.header[key]:
@@ -124,7 +124,7 @@ class ResultsLog:
                     f"{self.path} was written with a different {key} ({header.get(key)!r}); "
                     f"resume with the same settings or choose another --output"
                 )
-        self.records = [json.loads(line) for line in lines[1:] if line]
+        self.records = [_parsed(f"{self.path}:{number}", line) for number, line in enumerate(lines[1:], 2) if line]
 
     def finished_batches(self, prompts: Sequence[str], batch_ranges: Sequence[range]) -> set[int]:
         """Batches whose every prompt has a record (checked against the prompt text)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -12,6 +13,7 @@ import pytest
 
 from entrgi import GuidanceConfig, generate, load_denoiser, load_reward
 from entrgi.cli import main
+from entrgi.results import RESULTS_FORMAT, ResultsLog
 from entrgi.sampler import BatchedGeneration
 
 PROMPTS = ["hello there", "how are you", "tell me about the sea", "a sunny day", "what is rain"]
@@ -75,6 +77,29 @@ def test_jsonl_output_resumes_after_an_interruption(tmp_path, mlm_path, classifi
     assert ran == [] and _records(partial) == _records(full)
     assert main(_generate_args(mlm_path, classifier_path, dataset, partial)[:-1] + ["--lr", "0.1", "--quiet"]) == 2
     assert "was written with a different config" in capsys.readouterr().err
+
+
+def _log_header(**changes) -> str:
+    fields = {"format": RESULTS_FORMAT, "config": dataclasses.asdict(GuidanceConfig()), "dataset": "data.jsonl",
+              "prompt_field": "prompt", **changes}  # fmt: skip
+    return json.dumps(fields) + "\n"
+
+
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("not json\n", r"bad.jsonl:1 is not JSON: Expecting value"),
+        ('["x"]\n', r"bad.jsonl is not an entrgi results log"),
+        (_log_header(format="other/1"), r"bad.jsonl is not an entrgi results log"),
+        (_log_header(dataset="other.jsonl"), r"bad.jsonl was written with a different dataset \('other.jsonl'\)"),
+        (_log_header() + '{"index": 0\n{"index": 1}\n', r"bad.jsonl:2 is not JSON"),  # not the last, torn line
+    ],
+)
+def test_a_results_log_that_cannot_be_resumed_is_named(tmp_path, text, match):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=match):
+        ResultsLog(path, GuidanceConfig(), "data.jsonl", "prompt")
 
 
 def _free_port() -> int:
