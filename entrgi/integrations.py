@@ -31,15 +31,18 @@ from entrgi.rewards import ClassifierReward, RewardContext
 from entrgi.rewards.base import pad_rows
 
 DLLM_SAMPLER_MODULES = ("dllm.pipelines.entrgi", "dllm.pipelines.rl")
-_wrapped_rewards: dict[int, ClassifierReward] = {}
+WRAPPER_ATTRIBUTE = "_entrgi_classifier_reward"
 
 
 def _classifier(reward_model) -> ClassifierReward:
-    """The reward model behind our packing (cached per model object)."""
-    key = id(reward_model)
-    if key not in _wrapped_rewards:
-        _wrapped_rewards[key] = ClassifierReward(reward_model, tokenizer=None)
-    return _wrapped_rewards[key]
+    """The reward model behind our packing, made once per model and kept on it (a
+    reference cycle, freed with the model; a table keyed by the model would keep every
+    model alive)."""
+    wrapper = getattr(reward_model, WRAPPER_ATTRIBUTE, None)
+    if wrapper is None:
+        wrapper = ClassifierReward(reward_model, tokenizer=None)
+        setattr(reward_model, WRAPPER_ATTRIBUTE, wrapper)
+    return wrapper
 
 
 def context_from_caches(prefixes: Sequence[torch.Tensor], suffixes: Sequence[torch.Tensor], k: int) -> RewardContext:

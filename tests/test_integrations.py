@@ -3,8 +3,10 @@ against a restatement of the published per-trajectory loop on stand-ins."""
 
 from __future__ import annotations
 
+import gc
 import sys
 import types
+import weakref
 
 import pytest
 import torch
@@ -131,3 +133,17 @@ def test_missing_targets_raise(monkeypatch):
         apply_entrgi_to_dllm()
     with pytest.raises(AttributeError, match="has no optimize_logits"):
         apply_entrgi_to_published(types.ModuleType("empty"))
+
+
+def test_the_wrapped_reward_is_made_once_and_freed_with_its_model(classifier_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from entrgi.integrations import _classifier
+
+    model = AutoModelForSequenceClassification.from_pretrained(classifier_path)
+    wrapper = _classifier(model)
+    assert _classifier(model) is wrapper and wrapper.model is model
+    freed = weakref.ref(model)
+    del model, wrapper
+    gc.collect()
+    assert freed() is None, "the patched loop's reward wrapper keeps its model alive"
