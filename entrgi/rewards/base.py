@@ -164,7 +164,6 @@ class EmbeddingInputReward:
     ):  # fmt: skip
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
-        self._context_cache: dict[str, tuple[list[int], list[int]]] = {}
         if cache_prefix and self.align != "right":
             raise ValueError("cache_prefix needs a causal (decoder) reward model; this one reads its first column")
         self.cache_prefix = cache_prefix
@@ -219,16 +218,12 @@ class EmbeddingInputReward:
         }
         return prefix_keys_values(self.model.base_model, inputs)
 
-    def _cached_context_ids(self, prompt: str) -> tuple[list[int], list[int]]:
-        if prompt not in self._context_cache:
-            self._context_cache[prompt] = self.context_ids(prompt)
-        return self._context_cache[prompt]
-
     def _embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
         return self.input_embeddings()[ids.to(self.device)]
 
     def prepare(self, prompts: Sequence[str], num_samples: int) -> RewardContext:
-        contexts = [self._cached_context_ids(p) for p in prompts for _ in range(num_samples)]
+        context_of = {prompt: self.context_ids(prompt) for prompt in dict.fromkeys(prompts)}  # once per prompt
+        contexts = [context_of[p] for p in prompts for _ in range(num_samples)]
         prefix_ids, prefix_valid = pad_id_lists([c[0] for c in contexts], "left")
         suffix_ids, suffix_valid = pad_id_lists([c[1] for c in contexts], "right")
         context = RewardContext(
