@@ -125,6 +125,9 @@ def _generate(args) -> int:
                                  checkpoint_layers=args.reward_checkpoint, compile_layers=args.compile_layers,
                                  lean_activations=args.reward_lean)  # fmt: skip
         job = BatchedGeneration(prompts, denoiser, reward, config)
+        # how many denoiser ids found their reward token (SPEC); on stderr, as stdout may carry the results
+        if world.is_main and job.table is not None:
+            print(job.table.mapping.report(), file=sys.stderr)
         batches = range(job.num_batches)
         log = None
         if resumable and world.is_main:

@@ -42,6 +42,7 @@ from entrgi.ops import entropy_confidence, sample_step
 from entrgi.ops.validation import check_table_rows_range
 from entrgi.rewards import Reward, VocabMapping, build_vocab_mapping
 from entrgi.rewards.base import RewardContext, check_reward_shape, pad_id_lists
+from entrgi.rewards.vocab import warn_if_sparse
 from entrgi.schedule import (
     commit_counts,
     current_block,
@@ -116,6 +117,7 @@ class GuidanceTable:
     def between(cls, denoiser: Denoiser, reward: Reward) -> GuidanceTable:
         """The tables of ``reward`` on ``denoiser``'s device, rows matched by token text."""
         mapping = build_vocab_mapping(denoiser.tokenizer, reward.tokenizer, denoiser.vocab_size)
+        warn_if_sparse(mapping)
         weight = reward.input_embeddings().detach().to(denoiser.device)
         targets = getattr(reward, "target_embeddings", None)
         targets = None if targets is None else targets().detach().to(denoiser.device)

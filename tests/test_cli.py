@@ -17,7 +17,7 @@ from entrgi.results import read_prompts
 from helpers import CAN_COMPILE, COMPILE_FLAGS
 
 
-def test_generate_writes_results_json(tmp_path, mlm_path, classifier_path):
+def test_generate_writes_results_json(tmp_path, capsys, mlm_path, classifier_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"question": "hello there"}\n{"question": "how are you"}\n')
     out = tmp_path / "runs" / "results.json"  # a folder that does not exist yet
@@ -27,6 +27,7 @@ def test_generate_writes_results_json(tmp_path, mlm_path, classifier_path):
         "--guidance-steps", "1", "--method", "aps", "--no-deprioritize-eos", "--output", str(out), "--quiet",
     ])  # fmt: skip
     assert code == 0
+    assert re.search(r"vocabulary mapping: [\d,]+ of [\d,]+ denoiser ids \(100\.00%\)", capsys.readouterr().err)
     document = json.loads(out.read_text())
     assert document["method"] == "aps" and document["config"]["deprioritize_eos"] is False
     assert set(document["metrics"]) == {"mean_top1_reward", "mean_avgN_reward", "all_top1_rewards", "all_avgN_rewards"}

@@ -243,6 +243,16 @@ def test_vocab_mapping_reports_coverage(denoisers, classifier_reward):
     assert "100.00%" in table.mapping.report()
 
 
+def test_a_sparse_vocab_mapping_warns(denoisers, classifier_reward, monkeypatch):
+    vocab = classifier_reward.tokenizer.get_vocab()
+    kept = dict(sorted(vocab.items(), key=lambda item: item[1])[: len(vocab) // 2])  # half the strings
+    monkeypatch.setattr(classifier_reward.tokenizer, "get_vocab", lambda: kept)
+    sparse = r"vocabulary mapping: [\d,]+ of [\d,]+ denoiser ids \(50\.00%\) found .*, which the reward sees in"
+    with pytest.warns(UserWarning, match=sparse + " their place: check that the two tokenizers spell tokens alike"):
+        table = GuidanceTable.between(denoisers["mlm"], classifier_reward)  # what generate builds first
+    assert table.mapping.mapped == len(kept)
+
+
 def test_guidance_table_refuses_rows_outside_the_reward_table():
     weight = torch.randn(20, 4)
     rows = torch.randint(0, 20, (30,), dtype=torch.int32)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
+
+MIN_COVERAGE = 0.9  # below it, a tenth of the denoiser's ids or more reach the reward as the fallback token
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,15 @@ class VocabMapping:
             f"vocabulary mapping: {self.mapped:,} of {self.ids.numel():,} denoiser ids "
             f"({100 * self.coverage:.2f}%) found in the reward vocabulary; the rest map to id {self.fallback_id}"
         )
+
+
+def warn_if_sparse(mapping: VocabMapping) -> None:
+    """Warn when fewer than MIN_COVERAGE of the denoiser's ids found their string in the
+    reward vocabulary (tokenizers that spell tokens differently, e.g. SentencePiece's
+    '▁' against byte-level BPE's 'Ġ'): guidance reads the fallback's embedding for the rest."""
+    if mapping.coverage < MIN_COVERAGE:
+        warnings.warn(f"{mapping.report()}, which the reward sees in their place: check that the two "
+                      "tokenizers spell tokens alike", UserWarning, stacklevel=3)  # fmt: skip
 
 
 def fallback_token_id(tokenizer) -> int:
