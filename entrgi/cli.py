@@ -120,8 +120,9 @@ def _generate(args) -> int:
                                  dream_remote_code=args.dream_remote_code)  # fmt: skip
         reward = None
         if args.reward_model:
-            reward = load_reward(args.reward_model, kind=args.reward_kind, target=args.target, device=device,
-                                 dtype=dtype, cache_prefix=args.reward_cache_prefix,
+            reward = load_reward(args.reward_model, kind=args.reward_kind, target=args.target,
+                                 system_prompt=args.reward_system_prompt, device=device, dtype=dtype,
+                                 cache_prefix=args.reward_cache_prefix,
                                  checkpoint_layers=args.reward_checkpoint, compile_layers=args.compile_layers,
                                  lean_activations=args.reward_lean)  # fmt: skip
         job = BatchedGeneration(prompts, denoiser, reward, config)
@@ -161,7 +162,7 @@ def _check_models_named(args, config: GuidanceConfig) -> None:
         raise ValueError(f"method {config.method!r} needs a reward: give --reward-model")
     model_source(args.model, "denoiser")
     if args.reward_model:
-        check_reward_options(args.reward_kind, args.target, cache_prefix=args.reward_cache_prefix)
+        check_reward_options(args.reward_kind, args.target, args.reward_system_prompt, args.reward_cache_prefix)
         model_source(args.reward_model, "reward model")
 
 
@@ -268,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--reward-model", help="reward model id or path")
     gen.add_argument("--reward-kind", choices=REWARD_KINDS, default="classifier")
     gen.add_argument("--target", help="target text of a similarity reward")
+    gen.add_argument("--reward-system-prompt", metavar="TEXT",
+                     help="a system turn in a classifier or likelihood reward's chat template")  # fmt: skip
     gen.add_argument("--reward-cache-prefix", action="store_true",
                      help="causal rewards: compute the prompt side's keys/values once per batch")  # fmt: skip
     gen.add_argument("--reward-checkpoint", action="store_true",

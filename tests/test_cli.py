@@ -96,12 +96,31 @@ def test_a_device_this_machine_lacks_is_refused(capsys, device, message):
     [
         (["--target", "calm seas"], "target is the text a similarity reward moves towards; a classifier reward"),
         (["--reward-kind", "similarity", "--reward-cache-prefix"], "cache_prefix needs a causal reward"),
+        (
+            ["--reward-kind", "similarity", "--reward-system-prompt", "Be brief."],
+            "system_prompt goes into a classifier",
+        ),
     ],
 )
 def test_reward_options_its_kind_does_not_read_fail_before_loading(capsys, mlm_path, options, message):
     args = ["generate", "--model", mlm_path, "--reward-model", "/no/such/reward", "--prompt", "hi", *options]
     assert main(args) == 2
     assert f"entrgi generate: error: {message}" in capsys.readouterr().err
+
+
+def test_the_reward_system_prompt_reaches_the_reward(monkeypatch, mlm_path, classifier_path):
+    loaded, load_reward = [], entrgi.load_reward
+
+    def recording_load_reward(*args, **kwargs):
+        loaded.append(load_reward(*args, **kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr(entrgi, "load_reward", recording_load_reward)
+    args = ["generate", "--model", mlm_path, "--reward-model", classifier_path, "--prompt", "hi", "--steps", "1",
+            "--max-new-tokens", "2", "--num-samples", "1", "--guidance-steps", "1", "--quiet",
+            "--reward-system-prompt", "Be brief."]  # fmt: skip
+    assert main(args) == 0
+    assert loaded[0].system_prompt == "Be brief."
 
 
 def test_generate_without_prompts_is_an_error(capsys):
