@@ -162,6 +162,19 @@ def test_threshold_keeps_exactly_the_reference_set(top_p, top_k, dtype):
         assert torch.equal(filter_keys(x, tau) >= keys[:, None], expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_signed_zeros_at_the_top_k_boundary_are_both_drawn(dtype):
+    """-0 and +0 are one logit: at the top-k boundary both are kept and drawn alike.
+    The kept-set test above compares keys that equate them already, so only draws show
+    a kernel key that orders -0 below +0 (the commit's threshold sampler would then
+    never draw -0's token)."""
+    x = torch.tensor([-0.0, 0.0, -3.0, -2.5, -4.0, -math.inf])
+    rows = x.expand(300, 6).contiguous().to(dtype).to(DEVICE)
+    tokens = sample_step(rows, temperature=1.0, top_p=1.0, top_k=1, alg="maskgit_plus", backend="triton",
+                         generator=torch.Generator(DEVICE).manual_seed(3)).tokens  # fmt: skip
+    assert_law(tokens.cpu(), filtered_law(x, 1.0, 1.0, 1))
+
+
 # (1.0, 0.15, 0) keeps little mass: most rows reject all four draws and take the
 # threshold path, so both samplers are held to the law. sample_step with a kept-law
 # confidence (maskgit_plus) draws through the threshold alone.
