@@ -1,4 +1,5 @@
-"""LLaDA-style blocks, remasking and classifier-free guidance; Fast-dLLM thresholds."""
+"""Commit schedules and selection (Dream, LLaDA blocks and remasking, Fast-dLLM thresholds),
+classifier-free guidance, and what guidance hands the reward."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import torch
 
 from entrgi import GuidanceConfig, generate, load_denoiser
 from entrgi.sampler import DiffusionRun, GuidanceTable
-from entrgi.schedule import current_block, linear_counts, threshold_commits, timesteps
+from entrgi.schedule import (
+    current_block, linear_counts, random_commits, select_commits, threshold_commits, timesteps,
+)  # fmt: skip
 
 PROMPTS = ["hello there", "what is the weather like today in the big city"]
 
@@ -123,6 +126,58 @@ def test_in_place_guidance_needs_a_contiguous_float32_phi():
             optimize_logits(phi, *[None] * 7, in_place=True)
 
 
+class _InputSpy:
+    """A reward that records the embeddings and response mask guidance hands it."""
+
+    def __init__(self):
+        self.embeds, self.valid = [], []
+
+    def score_embeds(self, context, embeds, valid):
+        self.embeds.append(embeds.detach().clone())
+        self.valid.append(valid.clone())
+        return (embeds.sum(-1) * valid).sum(-1)
+
+
+def test_guidance_cuts_the_reward_input_at_the_first_end_token_of_the_argmax():
+    """The reward sees each response up to its first end token as argmax(phi) reads it
+    (SPEC), not as the hard draw does: position 1's argmax is the end token, which a
+    draw picks about one time in seven, so every row's input stops after position 0."""
+    from entrgi.guidance import GuidanceStep, optimize_logits
+
+    vocab, end = 8, 7
+    phi = torch.randn(64, 4, vocab, generator=torch.Generator().manual_seed(3)) * 0.1
+    phi[:, :, end] = -3.0
+    phi[:, 1, end] = 0.5  # the argmax at position 1, yet a draw there is mostly another token
+    masked = torch.ones(64, 4, dtype=torch.bool)
+    table = torch.randn(vocab, 5, generator=torch.Generator().manual_seed(4))
+    spy = _InputSpy()
+    step = GuidanceStep(mode="entrgi", steps=2, lr=1e-3, reward_temperature=1.0, temperature=1.0, top_p=1.0, top_k=0,
+                        backend="torch")  # fmt: skip
+    optimize_logits(phi, masked, torch.zeros(64, 4, dtype=torch.long), table, spy, None, torch.tensor([end]), step,
+                    torch.Generator().manual_seed(5))  # fmt: skip
+    expected = torch.tensor([True, False, False, False]).expand(64, 4)
+    assert len(spy.valid) == 2 and all(torch.equal(valid, expected) for valid in spy.valid)
+
+
+def test_guidance_shows_the_reward_the_committed_tokens_at_committed_positions():
+    """Committed positions reach the reward as their tokens' embeddings (the op skips
+    those rows and returns zeros there)."""
+    from entrgi.guidance import GuidanceStep, optimize_logits
+
+    g = torch.Generator().manual_seed(6)
+    phi, table = torch.randn(3, 6, 10, generator=g), torch.randn(10, 4, generator=g)
+    masked = torch.rand(3, 6, generator=g) < 0.5
+    masked[:, 0] = True
+    masked[:, 1] = False
+    response = torch.randint(0, 10, (3, 6), generator=g)
+    spy = _InputSpy()
+    step = GuidanceStep(mode="aps", steps=2, lr=0.1, reward_temperature=1.0, temperature=0.8, top_p=1.0, top_k=0,
+                        backend="torch")  # fmt: skip
+    optimize_logits(phi, masked, response, table, spy, None, torch.tensor([99]), step, torch.Generator().manual_seed(7))
+    for embeds in spy.embeds:
+        assert torch.equal(embeds[~masked], table[response][~masked])
+
+
 def _greedy_commit(llada, reward, remasking, seed):
     """One greedy commit of a fresh run: (committed (N, G) bool, the logits it read)."""
     config = GuidanceConfig(method="none", steps=4, max_new_tokens=16, num_samples=2, temperature=0.0,
@@ -168,6 +223,33 @@ def test_classifier_free_guidance_mixes_a_prompt_masked_batch(dream, classifier_
     results = generate(PROMPTS, denoiser=dream, reward=classifier_reward, progress=False,
                        **{**config.__dict__, "cfg_scale": 1.5})  # fmt: skip
     assert all(dream.mask_token_id not in sum(r.response_ids, []) for r in results)
+
+
+def test_commit_selection_never_touches_unmasked_positions():
+    confidence = torch.tensor([[5.0, -torch.inf, 1.0, -torch.inf, 3.0]])
+    masked = torch.tensor([[False, True, True, True, False]])
+    for count in range(4):
+        chosen = select_commits(confidence, masked, torch.tensor([count]), 0.0, None)
+        assert chosen.sum() == count and not (chosen & ~masked).any()
+    sampled = select_commits(confidence, masked, torch.tensor([3]), 0.7, torch.Generator().manual_seed(0))
+    assert torch.equal(sampled, masked)
+
+
+def test_random_commits_take_each_mask_with_the_step_fraction_and_all_on_the_last():
+    """alg="origin": each masked position is committed with probability 1 - s/t, and
+    every one on the last step (whose fraction, 1 - eps/t, is just short of 1)."""
+    schedule = timesteps(4)
+    masked = torch.rand(64, 50, generator=torch.Generator().manual_seed(1)) < 0.7
+    generator = torch.Generator().manual_seed(2)
+    for step in range(4):
+        commit = random_commits(masked, schedule, torch.tensor([step]), generator)
+        assert not (commit & ~masked).any()
+        if step == 3:
+            assert torch.equal(commit, masked)
+        else:
+            fraction = float(1 - schedule[step + 1] / schedule[step])
+            n = int(masked.sum())
+            assert abs(int(commit.sum()) / n - fraction) < 4 * math.sqrt(fraction * (1 - fraction) / n)
 
 
 def test_threshold_commits_everything_confident_and_at_least_one():

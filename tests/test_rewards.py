@@ -7,7 +7,6 @@ import torch
 
 from entrgi.rewards import load_reward
 from entrgi.rewards.packing import pack_inputs, response_mask_until_end
-from entrgi.schedule import select_commits
 
 
 def test_pack_right_and_left_keep_order_and_count_positions():
@@ -71,16 +70,6 @@ def test_similarity_reward_matches_mean_pooled_sentence_embeddings(similarity_re
     scores = similarity_reward.score_texts(["", ""], texts)
     torch.testing.assert_close(scores, expected[:2] @ expected[2], atol=1e-4, rtol=0)
     assert scores[0] > 0.9 > scores[1]
-
-
-def test_commit_selection_never_touches_unmasked_positions():
-    confidence = torch.tensor([[5.0, -torch.inf, 1.0, -torch.inf, 3.0]])
-    masked = torch.tensor([[False, True, True, True, False]])
-    for count in range(4):
-        chosen = select_commits(confidence, masked, torch.tensor([count]), 0.0, None)
-        assert chosen.sum() == count and not (chosen & ~masked).any()
-    sampled = select_commits(confidence, masked, torch.tensor([3]), 0.7, torch.Generator().manual_seed(0))
-    assert torch.equal(sampled, masked)
 
 
 @pytest.mark.parametrize(
