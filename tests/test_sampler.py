@@ -192,9 +192,10 @@ def test_guidance_raises_the_reward(denoisers, similarity_reward):
     assert mean(guided) > mean(unguided) + 0.02
 
 
-def test_eos_is_deprioritised_and_cuts_the_response(denoisers, classifier_reward):
+def test_eos_is_deprioritised_and_cuts_the_response(denoisers, classifier_reward, monkeypatch):
     denoiser = denoisers["mlm"]
     end = denoiser.end_token_ids[0]
+    monkeypatch.setattr(denoiser, "end_token_ids", [2003, end])  # every declared end token counts, not the first
     original = denoiser.model.forward
 
     def eos_loving_forward(*args, **kwargs):
