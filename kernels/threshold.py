@@ -37,13 +37,15 @@ HISTOGRAM_BLOCK_V = 32 if INTERPRET else 256
 @triton.jit
 def _ordered_key(x):
     """fp32, bf16 or fp16 -> int64 in [0, 2^bits) with the same order as the floats
-    (-0 and +0 share a key)."""
-    x = tl.where(x == 0, tl.zeros_like(x), x)
+    (-0 and +0 share a key). -0 is recognised by its bits, the sign bit alone: Triton
+    3.9's interpreter finds bf16 -0 == 0 false."""
     if x.dtype == tl.float32:
         bits = x.to(tl.int32, bitcast=True)
+        bits = tl.where(bits == -2147483648, tl.zeros_like(bits), bits)  # -0 -> +0
         key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) + 2147483648  # negatives: reverse order
     else:
         bits16 = x.to(tl.int16, bitcast=True)
+        bits16 = tl.where(bits16 == -32768, tl.zeros_like(bits16), bits16)
         key = (bits16 ^ ((bits16 >> 15) & 0x7FFF)).to(tl.int64) + 32768
     return key
 
