@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from entrgi import GuidanceConfig, generate, load_denoiser
+from entrgi.guidance import GuidanceStep, optimize_logits
 from entrgi.sampler import DiffusionRun, GuidanceTable
 from entrgi.schedule import (
     current_block, linear_counts, random_commits, select_commits, threshold_commits, timesteps,
@@ -119,8 +120,6 @@ def test_guided_commit_scores_the_unsteered_logits(dream, similarity_reward, mon
 
 
 def test_in_place_guidance_needs_a_contiguous_float32_phi():
-    from entrgi.guidance import optimize_logits
-
     for phi in (torch.randn(2, 3, 8).transpose(0, 1), torch.randn(2, 3, 8, dtype=torch.float64)):
         with pytest.raises(ValueError, match="in_place needs a contiguous float32"):
             optimize_logits(phi, *[None] * 7, in_place=True)
@@ -142,8 +141,6 @@ def test_guidance_cuts_the_reward_input_at_the_first_end_token_of_the_argmax():
     """The reward sees each response up to its first end token as argmax(phi) reads it
     (SPEC), not as the hard draw does: position 1's argmax is the end token, which a
     draw picks about one time in seven, so every row's input stops after position 0."""
-    from entrgi.guidance import GuidanceStep, optimize_logits
-
     vocab, end = 8, 7
     phi = torch.randn(64, 4, vocab, generator=torch.Generator().manual_seed(3)) * 0.1
     phi[:, :, end] = -3.0
@@ -162,8 +159,6 @@ def test_guidance_cuts_the_reward_input_at_the_first_end_token_of_the_argmax():
 def test_guidance_shows_the_reward_the_committed_tokens_at_committed_positions():
     """Committed positions reach the reward as their tokens' embeddings (the op skips
     those rows and returns zeros there)."""
-    from entrgi.guidance import GuidanceStep, optimize_logits
-
     g = torch.Generator().manual_seed(6)
     phi, table = torch.randn(3, 6, 10, generator=g), torch.randn(10, 4, generator=g)
     masked = torch.rand(3, 6, generator=g) < 0.5
