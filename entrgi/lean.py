@@ -285,8 +285,7 @@ def residual_norm_mlp(
     inside its down projection's GEMM (:meth:`GatedLinears.add_into`, on
     :func:`add_rms_norm_writable`'s writable sum); else ``mlp`` runs and h is added."""
     second = (norm_weight, eps, "triton")
-    dtype = residual.dtype
-    if gated is None or norm_weight.dtype != dtype or not gated.adds_into(dtype):
+    if gated is None or not gated.adds_into(residual.dtype):
         normed, total = add_rms_norm(residual, attended, *second)
         return total + mlp(normed)
     normed, total = add_rms_norm_writable(residual, attended, *second)
@@ -364,29 +363,29 @@ def rotary_swaps(model: torch.nn.Module, backend: str = "auto") -> list[tuple[Mo
     """(modelling module, fused rotary function) for each Python module that defines
     the ``apply_rotary_pos_emb`` one of ``model``'s attention layers calls, when the
     backend resolves to ``triton`` (``torch``: the stock function already runs) and the
-    fused function reproduces the module's own on a random input (within
-    ``FUSED_ULPS``; a host sync per module: call once, at load time)."""
+    fused function reproduces the module's own (within ``FUSED_ULPS``) on a random input
+    of every head size and dtype among that module's attention layers: the swap holds
+    for all of them, so one that fails keeps the stock function for all (named in a
+    warning). A host sync per check: call once, at load time."""
     parameter = next(model.parameters(), None)
     if parameter is None or resolve_backend(backend, parameter.device) != "triton":
         return []
-    found: dict[str, tuple[ModuleType, Callable]] = {}
-    failed: dict[str, Agreement] = {}  # the modelling modules whose check has failed (on the first attention tried)
+    fused_of: dict[str, tuple[ModuleType, Callable]] = {}  # by modelling module name
+    checked: dict[tuple[str, int, torch.dtype], Agreement] = {}  # by (that name, head size, dtype)
     for module in model.modules():
         python_module = sys.modules.get(type(module).__module__)
         original = getattr(python_module, ROTARY, None)
         head_dim = getattr(module, "head_dim", None)
-        if not callable(original) or not isinstance(head_dim, int) or head_dim % 2 or python_module.__name__ in found:
+        if not callable(original) or not isinstance(head_dim, int) or head_dim % 2:
             continue
-        fused = fused_rotary(original)
-        dtype = next(module.parameters(), parameter).dtype
-        name = f"{python_module.__name__}.{ROTARY}"
-        if agreement := _rotary_reproduces(original, fused, head_dim, dtype, parameter.device):
-            found[python_module.__name__] = (python_module, fused)
-            failed.pop(name, None)
-        else:
-            failed.setdefault(name, agreement)
-    warn_kept_stock(list(failed.items()), "the fused rotary embedding")
-    return list(found.values())
+        name, dtype = python_module.__name__, next(module.parameters(), parameter).dtype
+        _, fused = fused_of.setdefault(name, (python_module, fused_rotary(original)))
+        if (name, head_dim, dtype) not in checked:
+            checked[name, head_dim, dtype] = _rotary_reproduces(original, fused, head_dim, dtype, parameter.device)
+    failed = [(name, agreement) for (name, _, _), agreement in checked.items() if not agreement]
+    warn_kept_stock([(f"{name}.{ROTARY}", agreement) for name, agreement in failed], "the fused rotary embedding")
+    stock = {name for name, _ in failed}
+    return [swap for name, swap in fused_of.items() if name not in stock]
 
 
 def lean_forwards(model: torch.nn.Module, backend: str = "auto") -> list[tuple[torch.nn.Module, Callable]]:

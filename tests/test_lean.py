@@ -13,10 +13,11 @@ import entrgi.normed_attention
 import entrgi.sdpa
 from entrgi.layers import swapped_attributes
 from entrgi.lean import (
-    QKV, ROTARY, StackedLinear, fused_rotary, _projections_reproduce, _stacked_attention, lean_forwards, rotary_swaps,
+    QKV, ROTARY, StackedLinear, fused_rotary, _projections_reproduce, _stacked_attention, kept_bytes, lean_forwards,
+    rotary_swaps,
 )  # fmt: skip
 from entrgi.ops.layer_ops import add_rms_norm_writable, merged_silu_gate, rotary_embedding
-from entrgi.swap_checks import Agreement
+from entrgi.swap_checks import Agreement, random_rotary
 from helpers import (
     SWAPS_MUST_REPRODUCE, assert_same_rewards, guided_reward_inputs, reward_scores_and_grads, saved_activation_bytes,
 )  # fmt: skip
@@ -218,10 +219,12 @@ def test_stacked_projections_and_rotary_functions_that_do_not_reproduce_stay_sto
         assert rotary_swaps(model, backend="triton") == []
 
 
-def test_a_hooked_mlp_runs_through_its_module_in_a_fused_layer():
+@pytest.mark.parametrize("part", ["mlp", "mlp.down_proj"])
+@pytest.mark.parametrize("hook", ["register_forward_hook", "register_forward_pre_hook"])
+def test_a_hooked_mlp_runs_through_its_module_in_a_fused_layer(part, hook):
     """A fused layer adds its MLP's output inside the down projection's GEMM only while
-    the MLP runs as built: with a forward hook on it, the layer calls the module (the
-    hook sees every call) and adds the result; the same score either way."""
+    the MLP and its down projection run as built: with a hook on either, the layer calls
+    the module (the hook sees every call) and adds the result; the same score either way."""
     model = _family_classifier("Qwen3", DEVICE)
     found = lean_forwards(model, backend="triton")
     embeds = torch.randn(3, 6, 32, dtype=torch.bfloat16, device=DEVICE, requires_grad=True)
@@ -232,12 +235,102 @@ def test_a_hooked_mlp_runs_through_its_module_in_a_fused_layer():
         want, want_grad = _score_and_grad(model, embeds, found)
         assert len(accumulated) == 2
         seen = []
-        hook = model.model.layers[1].mlp.register_forward_hook(lambda module, args, out: seen.append(out))
+        handle = getattr(model.model.layers[1].get_submodule(part), hook)(lambda module, *_: seen.append(module))
         got, got_grad = _score_and_grad(model, embeds)
-        hook.remove()
+        handle.remove()
     assert len(seen) == 1 and len(accumulated) == 2 + 1  # layer 1 called its module; layer 0 accumulated
     torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2 * want.abs().item())
     torch.testing.assert_close(got_grad, want_grad, rtol=0, atol=1e-2 * want_grad.abs().max().item())
+
+
+def test_a_down_projection_with_a_bias_adds_its_output_outside_the_gemm():
+    """The GEMM that accumulates into the residual sum adds no bias: a fused layer whose
+    down projection has one calls its MLP and adds the output (its check passes)."""
+    model = _family_classifier("Qwen3", DEVICE)
+    mlp = model.model.layers[1].mlp
+    down = torch.nn.Linear(64, 32, device=DEVICE, dtype=torch.bfloat16).requires_grad_(False)
+    down.weight.copy_(mlp.down_proj.weight)
+    torch.nn.init.normal_(down.bias)
+    mlp.down_proj = down
+    embeds = torch.randn(3, 6, 32, dtype=torch.bfloat16, device=DEVICE, requires_grad=True)
+    want, want_grad = _score_and_grad(model, embeds)
+    found = lean_forwards(model, backend="triton")  # a layer that did not reproduce would warn: an error here
+    assert model.model.layers[1] in [module for module, _ in found]
+    accumulated, add_into = [], entrgi.lean._LeanGatedMlp.add_into
+    with swapped_attributes(
+        [(entrgi.lean._LeanGatedMlp, "add_into", lambda *a: accumulated.append(a) or add_into(*a))]
+    ):
+        got, got_grad = _score_and_grad(model, embeds, found)
+    assert len(accumulated) == 1  # layer 0's
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2 * want.abs().item())
+    torch.testing.assert_close(got_grad, want_grad, rtol=0, atol=1e-2 * want_grad.abs().max().item())
+
+
+def test_a_fused_layer_called_with_positional_arguments_runs_its_stock_forward():
+    model = _family_classifier("Qwen3", DEVICE)
+    layer = model.model.layers[0]
+    forward = dict(lean_forwards(model, backend="triton"))[layer]
+    generator = torch.Generator(DEVICE).manual_seed(0)
+    x = torch.randn(2, 3, 32, generator=generator, device=DEVICE).to(torch.bfloat16)
+    mask = torch.eye(3, dtype=torch.bool, device=DEVICE).expand(2, 1, 3, 3).clone()
+    mask[0, 0, 2, :2] = True  # a mask that no argument-free call reproduces
+    rotary = random_rotary(layer.self_attn.head_dim, torch.bfloat16, generator)
+    with torch.no_grad():
+        assert torch.equal(forward(x, mask, position_embeddings=rotary), layer(x, mask, position_embeddings=rotary))
+
+
+@pytest.mark.parametrize("part", ["self_attn.k_proj", "mlp"])
+def test_modules_whose_forward_a_hook_library_replaced_keep_their_own_weights_and_forward(part):
+    """An offloading library (accelerate) installs its own forward on a module and loads
+    its weights there: such a projection's attention, and such an MLP, are not stacked
+    (their weights stay where they are) and the replaced forward runs on every call."""
+    model = _family_classifier("Qwen3", DEVICE)
+    layer, stacked = model.model.layers[1], model.model.layers[0]
+    hooked = layer.get_submodule(part)
+    group = layer.get_submodule(part.split(".")[0])
+    calls, own_forward = [], hooked.forward
+    hooked.forward = lambda *args, **kwargs: calls.append(args) or own_forward(*args, **kwargs)
+    weights = [p.data_ptr() for p in group.parameters()]
+    stacked_weights = [p.data_ptr() for p in stacked.get_submodule(part.split(".")[0]).parameters()]
+    found = lean_forwards(model, backend="triton")
+    assert [p.data_ptr() for p in group.parameters()] == weights
+    assert [p.data_ptr() for p in stacked.get_submodule(part.split(".")[0]).parameters()] != stacked_weights
+    assert hooked not in [module for module, _ in found]
+    calls.clear()  # (the layer's check called it)
+    embeds = torch.randn(3, 6, 32, dtype=torch.bfloat16, device=DEVICE, requires_grad=True)
+    want, want_grad = _score_and_grad(model, embeds)
+    got, got_grad = _score_and_grad(model, embeds, found)
+    assert len(calls) == 2  # the stock run's and the fused one's
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2 * want.abs().item())
+    torch.testing.assert_close(got_grad, want_grad, rtol=0, atol=1e-2 * want_grad.abs().max().item())
+
+
+@pytest.mark.parametrize("failing_layer", [0, 1])
+def test_one_attention_the_fused_rotary_does_not_reproduce_keeps_its_family_stock(failing_layer, monkeypatch):
+    """The swap replaces a modelling module's function for all its attentions: every
+    head size and dtype among them must reproduce, whichever is checked first."""
+    import transformers.models.llama.modeling_llama as modeling
+
+    model = _family_classifier("Llama", DEVICE)
+    model.model.layers[failing_layer].self_attn.head_dim = 8  # (the check reads the head size alone)
+    stock_rotary = getattr(modeling, ROTARY)
+
+    def keys_unrotated_at_eight(q, k, cos, sin, *args, **kwargs):
+        rotated_q, rotated_k = stock_rotary(q, k, cos, sin, *args, **kwargs)
+        return rotated_q, k if q.shape[-1] == 8 else rotated_k
+
+    monkeypatch.setattr(modeling, ROTARY, keys_unrotated_at_eight)
+    with pytest.warns(UserWarning, match=f"rotary embedding did not reproduce .* of 1 x {modeling.__name__}.{ROTARY}"):
+        assert rotary_swaps(model, backend="triton") == []
+    model.model.layers[failing_layer].self_attn.head_dim = 16
+    assert [module for module, _ in rotary_swaps(model, backend="triton")] == [modeling]
+
+
+def test_kept_bytes_counts_what_autograd_keeps_besides_the_models_parameters():
+    linear = torch.nn.Linear(8, 4, bias=False)
+    x = torch.randn(5, 8, requires_grad=True)
+    assert kept_bytes(lambda: linear(x), linear) == x.nbytes  # its weight is the model's
+    assert kept_bytes(lambda: linear(x), torch.nn.Linear(1, 1)) == x.nbytes + linear.weight.nbytes
 
 
 def test_denoiser_fused_layers_give_the_stock_logits(dream_like_path):

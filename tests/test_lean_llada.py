@@ -26,15 +26,18 @@ WIDTH, HEADS, HIDDEN, LAYERS = 32, 4, 48, 2
 
 
 class RMSLayerNorm(torch.nn.Module):
-    """LLaDA's norm: statistics in float32, cast back, then the weight (no bias)."""
+    """LLaDA's norm: statistics in float32, cast back, then the weight (LLaDA's own have
+    no bias; OLMo's code adds one where configured)."""
 
-    def __init__(self, width: int, eps: float = 1e-5):
+    def __init__(self, width: int, eps: float = 1e-5, bias: bool = False):
         super().__init__()
-        self.eps, self.weight, self.bias = eps, torch.nn.Parameter(1 + 0.2 * torch.randn(width)), None
+        self.eps, self.weight = eps, torch.nn.Parameter(1 + 0.2 * torch.randn(width))
+        self.bias = torch.nn.Parameter(torch.randn(width)) if bias else None
 
     def forward(self, x):
         wide = x.float()
-        return self.weight * (wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        scaled = self.weight * (wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return scaled if self.bias is None else scaled + self.bias
 
 
 class RotaryEmbedding(torch.nn.Module):
@@ -158,6 +161,12 @@ def test_fused_llada_blocks_give_the_stock_logits(dtype, full_precision):
     # bfloat16: each module within FUSED_ULPS of its stock self, one-ulp moves carried on by the next layer
     tolerance = 2e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got[keep], want[keep], rtol=0, atol=tolerance * scale)
+
+
+def test_a_llada_norm_with_a_bias_runs_stock():
+    plain, biased = RMSLayerNorm(WIDTH), RMSLayerNorm(WIDTH, bias=True)
+    norms = torch.nn.ModuleList([plain, biased]).to(DEVICE).requires_grad_(False)
+    assert [module for module, _ in lean_forwards(norms, backend="triton")] == [plain]  # without a warning
 
 
 def test_fused_llada_rotary_rotates_as_its_module_does():
