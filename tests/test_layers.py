@@ -77,6 +77,11 @@ def test_layer_options_need_a_layer_stack(chat_tokenizer):
 def test_model_layers_finds_the_decoder_stack(classifier_reward, similarity_reward):
     assert model_layers(classifier_reward.model) == list(classifier_reward.model.base_model.layers)
     assert model_layers(similarity_reward.model) == list(similarity_reward.model.encoder.layer)
+    model = torch.nn.Module()
+    model.heads = torch.nn.ModuleList([torch.nn.Linear(4, 4) for _ in range(2)])  # a stack, but a small one
+    model.layers = torch.nn.ModuleList([torch.nn.Linear(8, 8) for _ in range(2)])
+    model.mixed = torch.nn.ModuleList([torch.nn.Linear(32, 32), torch.nn.LayerNorm(32)])  # the most, of two classes
+    assert model_layers(model) == list(model.layers)
 
 
 @needs_compiler

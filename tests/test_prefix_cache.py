@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from entrgi import generate, load_denoiser, load_reward
-from entrgi.rewards.prefix_cache import cache_argument
+from entrgi.rewards.prefix_cache import PrefixKeysValues, cache_argument, prefix_keys_values
 from helpers import assert_same_rewards, guided_reward_inputs
 
 PROMPTS = ["hi", "tell me a long story about the sea and the wind"]  # prefixes of different lengths
@@ -65,6 +65,27 @@ def test_cache_argument_is_the_keyword_the_model_takes():
         def forward(self, inputs_embeds, past_key_values=None, use_cache=None): ...
 
     assert (cache_argument(Renamed()), cache_argument(Before())) == ("cache", "past_key_values")
+
+
+def test_the_cache_hands_each_layer_its_prefix_keys_before_the_new_ones_and_keeps_nothing():
+    keys, values = ([torch.randn(2, 1, 4, 8) for _ in range(3)] for _ in range(2))
+    cache, new_key, new_value = PrefixKeysValues(keys, values), torch.randn(2, 1, 3, 8), torch.randn(2, 1, 3, 8)
+    assert cache.get_seq_length() == cache.for_layer(2).get_seq_length() == 4  # the cached length
+    for got in (cache.update(new_key, new_value, 2), cache.for_layer(2).update(new_key, new_value, 0)):
+        assert torch.equal(got[0], torch.cat([keys[2], new_key], -2))
+        assert torch.equal(got[1], torch.cat([values[2], new_value], -2))
+    assert [t.shape[-2] for t in cache.keys + cache.values] == [4] * 6  # nothing was stored
+
+
+@pytest.mark.parametrize("filled", [(), (0, 2)])
+def test_a_model_whose_layers_do_not_each_fill_the_cache_is_refused(filled):
+    class Body(torch.nn.Module):
+        def forward(self, inputs_embeds, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None):
+            for layer in filled:
+                past_key_values.update(inputs_embeds, inputs_embeds, layer)
+
+    with pytest.raises(ValueError, match="do not call their key/value cache's update: cannot cache its prefix"):
+        prefix_keys_values(Body(), {"inputs_embeds": torch.randn(1, 2, 4)})
 
 
 def test_cache_prefix_needs_a_causal_reward(mlm_path, minilm_path):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
+from entrgi.attention import attention_mask_4d
 from entrgi.rewards import load_reward
 from entrgi.rewards.packing import pack_inputs, response_mask_until_end
 
@@ -27,6 +30,25 @@ def test_response_mask_stops_before_the_first_end_token():
         [True, True, False, False, False],
         [True, True, True, True, True],
     ]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_the_4d_mask_lets_each_query_see_the_cached_and_valid_keys_and_itself(implementation, causal):
+    """A padded query sees itself too: a fully masked row would make NaN, which leaks
+    through zero attention weights. eager gets the mask additive, in the activations' dtype."""
+    model = SimpleNamespace(config=SimpleNamespace(_attn_implementation=implementation))
+    valid = torch.tensor([[False, True, True, False], [True, True, True, True]])
+    past_valid = torch.tensor([[False, True], [True, True]])
+    mask = attention_mask_4d(model, valid, causal, torch.bfloat16, past_valid)
+    order = torch.ones(4, 4, dtype=torch.bool).tril() if causal else torch.ones(4, 4, dtype=torch.bool)
+    new_keys = (valid[:, None, :] & order) | torch.eye(4, dtype=torch.bool)
+    allowed = torch.cat([past_valid[:, None, :].expand(2, 4, 2), new_keys], dim=-1)[:, None]
+    if implementation == "eager":
+        lowest = torch.finfo(torch.bfloat16).min
+        allowed = torch.zeros(allowed.shape, dtype=torch.bfloat16).masked_fill(~allowed, lowest)
+    assert torch.equal(mask, allowed)
+    assert torch.equal(attention_mask_4d(model, valid, causal, torch.bfloat16), mask[..., 2:])  # no cache
 
 
 def test_classifier_reads_the_last_real_token_whatever_the_padding(classifier_reward):

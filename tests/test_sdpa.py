@@ -6,6 +6,7 @@ the stock ones; calls it does not cover go to the stock function."""
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import entrgi.sdpa
 from entrgi.layers import swapped_attributes
-from entrgi.sdpa import MASK_ALIGNMENT, FoldedSdpa, folded_sdpa_fits, folded_sdpa_swap
+from entrgi.sdpa import MASK_ALIGNMENT, FoldedSdpa, _geometry, folded_sdpa_fits, folded_sdpa_swap
 from entrgi.swap_checks import Agreement
 from helpers import SWAPS_MUST_REPRODUCE
 
@@ -137,14 +138,20 @@ def test_the_mask_is_prepared_once_additive_folded_and_aligned():
     assert torch.equal(prepared, additive.repeat(1, 1, 2, 1))  # each group's rows after one another
     assert folded.prepared_mask(mask, torch.bfloat16, 2) is prepared  # once per mask tensor
     assert folded.prepared_mask(mask.clone(), torch.bfloat16, 2) is not prepared
+    recycled = ~mask  # a new mask at the id of one since freed: prepared anew
+    folded._masks[id(recycled), torch.bfloat16, 2] = (mask, prepared)
+    inverse = torch.zeros(mask.shape, dtype=torch.bfloat16, device=DEVICE).masked_fill(mask, float("-inf"))
+    assert torch.equal(folded.prepared_mask(recycled, torch.bfloat16, 2), inverse.repeat(1, 1, 2, 1))
     assert folded.prepared_mask(mask, torch.float32, 2).dtype == torch.float32
     bias = torch.randn(1, 1, 3, 5, device=DEVICE)  # an additive mask is copied as it is
     assert torch.equal(folded.prepared_mask(bias, torch.float32, 3), bias.repeat(1, 1, 3, 1))
 
 
 @pytest.mark.parametrize(
-    "case", ["covered", "dropout", "softcap", "output_attentions", "no mask", "a mask per head", "a 3-D mask"]
-)
+    "case",
+    ["covered", "dropout", "softcap", "output_attentions", "no mask", "a mask per head", "a 3-D mask",
+     "a mask of another dtype"],
+)  # fmt: skip
 def test_calls_it_does_not_cover_go_to_the_stock_function(case, monkeypatch):
     (query, key, value), mask = _inputs(2, 4, 2, 3, 5, torch.float32, 0)
     flags = {
@@ -153,7 +160,11 @@ def test_calls_it_does_not_cover_go_to_the_stock_function(case, monkeypatch):
         "output_attentions": {"output_attentions": True},
     }
     kwargs = flags.get(case, {})
-    mask = {"no mask": None, "a mask per head": mask.expand(2, 4, 3, 5), "a 3-D mask": mask[:, 0]}.get(case, mask)
+    other_dtype = torch.zeros(mask.shape, dtype=torch.bfloat16, device=DEVICE).masked_fill(~mask, -1e4)
+    mask = {
+        "no mask": None, "a mask per head": mask.expand(2, 4, 3, 5), "a 3-D mask": mask[:, 0],
+        "a mask of another dtype": other_dtype,
+    }.get(case, mask)  # fmt: skip
     folded, calls = FoldedSdpa(), []
     monkeypatch.setattr(folded, "stock", lambda *args, **passed: calls.append((args, passed)) or (None, None))
     folded(_Attention(2), query, key, value, mask, **kwargs)
@@ -162,6 +173,14 @@ def test_calls_it_does_not_cover_go_to_the_stock_function(case, monkeypatch):
         return
     ((args, passed),) = calls
     assert args[4] is mask and all(passed[name] == flag for name, flag in kwargs.items())
+
+
+def test_the_models_check_draws_its_own_head_geometry():
+    from transformers import BertConfig, Qwen3Config
+
+    grouped = Qwen3Config(hidden_size=64, num_attention_heads=8, num_key_value_heads=2, head_dim=32)
+    assert _geometry(SimpleNamespace(config=grouped)) == (8, 2, 32)
+    assert _geometry(SimpleNamespace(config=BertConfig(hidden_size=64, num_attention_heads=4))) == (4, 4, 16)
 
 
 def test_models_get_the_folded_attention_on_the_triton_backend_only(classifier_path, monkeypatch):
