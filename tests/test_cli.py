@@ -24,15 +24,30 @@ def test_generate_writes_results_json(tmp_path, capsys, mlm_path, classifier_pat
     code = main([
         "generate", "--model", mlm_path, "--reward-model", classifier_path, "--prompts-file", str(prompts),
         "--prompt-field", "question", "--steps", "2", "--max-new-tokens", "3", "--num-samples", "2",
-        "--guidance-steps", "1", "--method", "aps", "--no-deprioritize-eos", "--output", str(out), "--quiet",
+        "--guidance-steps", "1", "--method", "aps", "--no-deprioritize-eos", "--cuda-graphs", "off",
+        "--output-history", "--output", str(out), "--quiet",
     ])  # fmt: skip
     assert code == 0
     assert re.search(r"vocabulary mapping: [\d,]+ of [\d,]+ denoiser ids \(100\.00%\)", capsys.readouterr().err)
     document = json.loads(out.read_text())
     assert document["method"] == "aps" and document["config"]["deprioritize_eos"] is False
+    assert document["config"]["cuda_graphs"] is False and document["config"]["output_history"] is True
     assert set(document["metrics"]) == {"mean_top1_reward", "mean_avgN_reward", "all_top1_rewards", "all_avgN_rewards"}
     assert [r["prompt"] for r in document["results"]] == ["hello there", "how are you"]
     assert all(len(r["responses"]) == 2 for r in document["results"])
+    for record in document["results"]:  # after each of two steps, the two samples' three new token ids
+        assert [[len(ids) for ids in step] for step in record["history"]] == [[3, 3], [3, 3]]
+
+
+def test_generate_without_a_reward_prints_unscored_results(capsys, mlm_path):
+    code = main(["generate", "--model", mlm_path, "--prompt", "hello there", "--method", "none", "--steps", "2",
+                 "--max-new-tokens", "3", "--num-samples", "2", "--quiet"])  # fmt: skip
+    assert code == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["metrics"] == {
+        "mean_top1_reward": None, "mean_avgN_reward": None, "all_top1_rewards": [None], "all_avgN_rewards": [None],
+    }  # fmt: skip
+    assert document["results"][0]["rewards"] is None and len(document["results"][0]["responses"]) == 2
 
 
 def test_read_prompts_text_jsonl_and_json(tmp_path):

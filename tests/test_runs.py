@@ -92,6 +92,7 @@ def _log_header(**changes) -> str:
         ('["x"]\n', r"bad.jsonl is not an entrgi results log"),
         (_log_header(format="other/1"), r"bad.jsonl is not an entrgi results log"),
         (_log_header(dataset="other.jsonl"), r"bad.jsonl was written with a different dataset \('other.jsonl'\)"),
+        (_log_header(prompt_field="question"), r"bad.jsonl was written with a different prompt_field \('question'\)"),
         (_log_header() + '{"index": 0\n{"index": 1}\n', r"bad.jsonl:2 is not JSON"),  # not the last, torn line
     ],
 )
@@ -100,6 +101,20 @@ def test_a_results_log_that_cannot_be_resumed_is_named(tmp_path, text, match):
     path.write_text(text)
     with pytest.raises(ValueError, match=match):
         ResultsLog(path, GuidanceConfig(), "data.jsonl", "prompt")
+
+
+def test_a_batch_is_finished_when_each_of_its_prompts_has_a_record_and_the_latest_record_counts(tmp_path):
+    records = [
+        {"index": 3, "prompt": "d"}, {"index": 0, "prompt": "a"}, {"index": 1, "prompt": "b"},
+        {"index": 2, "prompt": "another c"}, {"index": 0, "prompt": "a", "rerun": True},
+    ]  # fmt: skip
+    path = tmp_path / "log.jsonl"
+    path.write_text(_log_header() + "".join(json.dumps(record) + "\n" for record in records))
+    log = ResultsLog(path, GuidanceConfig(), "data.jsonl", "prompt")
+    # batch 1's index 2 holds another prompt's record: that batch runs again
+    assert log.finished_batches(["a", "b", "c", "d"], [range(0, 2), range(2, 4)]) == {0}
+    ordered = log.ordered_records()
+    assert [r["index"] for r in ordered] == [0, 1, 2, 3] and ordered[0].get("rerun")
 
 
 def _free_port() -> int:
