@@ -169,8 +169,9 @@ def test_a_llada_norm_with_a_bias_runs_stock():
     assert [module for module, _ in lean_forwards(norms, backend="triton")] == [plain]  # without a warning
 
 
-def test_fused_llada_rotary_rotates_as_its_module_does():
-    model = _model(dtype=torch.bfloat16)
+@pytest.mark.parametrize("full_precision", [True, False])
+def test_fused_llada_rotary_rotates_as_its_module_does(full_precision):
+    model = _model(dtype=torch.bfloat16, full_precision=full_precision)
     rotary = model.blocks[0].rotary_emb
     forward = dict((module, f) for module, f in llada_forwards(model, "triton"))[rotary]
     generator = torch.Generator().manual_seed(3)
@@ -196,13 +197,43 @@ def test_llada_block_calls_the_swap_does_not_cover_run_stock():
         patch.setattr(LLaDALlamaBlock, "forward", lambda *a, **k: calls.append(sorted(k)) or stock_forward(*a, **k))
         out, cache = forward(x, attention_bias=None, layer_past=past, use_cache=True)
         assert cache[0].shape[-2] == 8 and out.shape == x.shape
+        _, cache = forward(x, attention_bias=None, layer_past=None, use_cache=True)  # a cache to start
+        assert cache[0].shape[-2] == 5
         forward(x, None)  # positional
+        with pytest.raises(TypeError, match="unknown"):  # a keyword the block's own forward may take
+            forward(x, attention_bias=None, unknown=1)
         block.train()
         forward(x, attention_bias=None)
         block.eval()
-        assert calls == [["attention_bias", "layer_past", "use_cache"], [], ["attention_bias"]]
+        block._activation_checkpoint_fn = lambda function, *args, **kwargs: function(*args, **kwargs)  # LLaDA's own
+        forward(x, attention_bias=None)
+        del block._activation_checkpoint_fn
+        cached = ["attention_bias", "layer_past", "use_cache"]
+        assert calls == [cached, cached, [], ["attention_bias", "unknown"], ["attention_bias"], ["attention_bias"]]
         forward(x, attention_bias=None, layer_past=None, use_cache=False)
-        assert len(calls) == 3
+        assert len(calls) == 6
+
+
+def test_a_llada_block_whose_weights_moved_projects_with_its_new_ones():
+    model = _model()
+    block = model.blocks[0]
+    forward = dict(llada_forwards(model, "triton"))[block]
+    block.k_proj.weight = torch.nn.Parameter(torch.randn_like(block.k_proj.weight), requires_grad=False)  # new storage
+    x = torch.randn(2, 5, WIDTH, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    want = block(x, attention_bias=None)[0]
+    torch.testing.assert_close(forward(x, attention_bias=None)[0], want, rtol=0, atol=2e-5 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("change", ["a forward of its own", "a hook on its activation"])
+def test_a_llada_block_with_a_forward_or_hook_of_its_own_runs_stock(change):
+    model = _model()
+    block = model.blocks[0]
+    if change == "a forward of its own":
+        block.forward = block.forward  # as an offloading library installs its own
+    else:
+        block.act.register_forward_hook(lambda *args: None)  # the fused gate would skip it
+    swapped = dict(llada_forwards(model, "triton"))
+    assert block not in swapped and model.blocks[1] in swapped
 
 
 def test_llada_blocks_the_fused_forward_does_not_reproduce_stay_stock_with_a_warning():

@@ -5,6 +5,8 @@ forward. The triton backend: native on GPU, the interpreter on CPU."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -20,12 +22,12 @@ pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _qwen3_classifier(attention_class=None) -> torch.nn.Module:
+def _qwen3_classifier(attention_class=None, head_dim: int = 16) -> torch.nn.Module:
     import transformers
 
     config = transformers.Qwen3Config(
         vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=16, num_labels=1, pad_token_id=0,
+        num_key_value_heads=1, head_dim=head_dim, num_labels=1, pad_token_id=0,
     )  # fmt: skip
     torch.manual_seed(0)
     model = transformers.Qwen3ForSequenceClassification(config)
@@ -109,10 +111,12 @@ def test_attention_the_fused_forward_does_not_reproduce_is_left_alone(monkeypatc
     model = _qwen3_classifier()
     stock_forward = Qwen3Attention.forward
 
+    @functools.wraps(stock_forward)  # its signature: the cache under the keyword the stock forward takes
     def keys_rotated_twice_as_far(self, hidden_states, position_embeddings, attention_mask, **kwargs):
         cos, sin = position_embeddings  # a family whose forward differs from the fused one
         return stock_forward(self, hidden_states, (cos, 2 * sin), attention_mask, **kwargs)
 
+    @functools.wraps(stock_forward)
     def first_key_never_masked(self, hidden_states, position_embeddings, attention_mask, **kwargs):
         if attention_mask is not None:  # differs only in a call with a mask (and, in the check, a cache)
             attention_mask = attention_mask.clone()
@@ -128,6 +132,36 @@ def test_attention_the_fused_forward_does_not_reproduce_is_left_alone(monkeypatc
     hook = model.model.layers[0].self_attn.q_norm.register_forward_hook(lambda *args: None)
     assert len(normed_attention_forwards(model, backend="triton")) == 1  # the fused op would skip the hook
     hook.remove()
+    attention = model.model.layers[1].self_attn
+    attention.forward = attention.forward  # as an offloading library installs its own
+    assert len(normed_attention_forwards(model, backend="triton")) == 1
+    del attention.forward
+    # a head size the kernel does not take: the fused forward would only ever make the stock calls
+    assert normed_attention_forwards(_qwen3_classifier(head_dim=24), backend="triton") == []
     for layer in model.model.layers:
         layer.self_attn.k_norm.variance_epsilon = 1e-3  # the two norms' eps differ: one kernel takes one
     assert normed_attention_forwards(model, backend="triton") == []
+
+
+def test_the_fused_forward_hands_the_attention_function_what_the_stock_one_does():
+    """The scaling, dropout (in training) and sliding window (which flash attention reads)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    model = _qwen3_classifier()
+    ((attention, forward), _) = normed_attention_forwards(model, backend="triton")
+    attention.train()
+    attention.attention_dropout, attention.sliding_window = 0.25, 4
+    passed = []
+
+    def attention_function(module, query, key, value, mask, **kwargs):
+        passed.append(kwargs)
+        return query.new_zeros(query.shape[0], query.shape[2], query.shape[1], query.shape[3]), None
+
+    x = torch.randn(2, 3, 32, dtype=torch.bfloat16, device=DEVICE)
+    angles = torch.randn(2, 3, 8, device=DEVICE)
+    cos, sin = (f(torch.cat([angles, angles], -1)).to(torch.bfloat16) for f in (torch.cos, torch.sin))
+    mapping = {**ALL_ATTENTION_FUNCTIONS._local_mapping, "sdpa": attention_function}
+    with torch.no_grad(), swapped_attributes([(ALL_ATTENTION_FUNCTIONS, "_local_mapping", mapping)]):
+        attention(x, (cos, sin), None)
+        forward(x, (cos, sin), None)
+    assert passed[1] == passed[0] == {"dropout": 0.25, "scaling": attention.scaling, "sliding_window": 4}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from entrgi.attention import attention_mask_4d
 from entrgi.rewards import load_reward
 from entrgi.rewards.packing import pack_inputs, response_mask_until_end
+from entrgi.rewards.vocab import build_vocab_mapping, warn_if_sparse
 
 
 def test_pack_right_and_left_keep_order_and_count_positions():
@@ -30,6 +32,30 @@ def test_response_mask_stops_before_the_first_end_token():
         [True, True, False, False, False],
         [True, True, True, True, True],
     ]
+
+
+def _tokenizer(vocab: dict, unk=None, eos=None, pad=None) -> SimpleNamespace:
+    return SimpleNamespace(get_vocab=lambda: vocab, unk_token_id=unk, eos_token_id=eos, pad_token_id=pad)
+
+
+def test_each_denoiser_id_maps_to_the_reward_id_of_its_string_else_the_fallback():
+    denoiser = _tokenizer({"a": 0, "b": 1, "c": 2, "beyond the logits": 5})
+    reward = _tokenizer({"b": 7, "a": 3, "<unk>": 9, "beyond the logits": 4}, unk=9, eos=8, pad=6)
+    mapping = build_vocab_mapping(denoiser, reward, 4)  # logits rows 0..3: id 3 has no string, id 5 no row
+    assert mapping.ids.tolist() == [3, 7, 9, 9] and mapping.mapped == 2 and mapping.fallback_id == 9
+    with pytest.warns(UserWarning, match=r"2 of 4 denoiser ids \(50\.00%\) found .* the rest map to id 9"):
+        warn_if_sparse(mapping)
+    assert build_vocab_mapping(denoiser, _tokenizer({}, eos=8, pad=6), 4).fallback_id == 8  # unk, eos, then pad
+    assert build_vocab_mapping(denoiser, _tokenizer({}, pad=6), 4).fallback_id == 6
+    with pytest.raises(ValueError, match="declares no unk, eos or pad token"):
+        build_vocab_mapping(denoiser, _tokenizer({}), 4)
+    dense = build_vocab_mapping(
+        _tokenizer({str(i): i for i in range(9)}), _tokenizer({str(i): i for i in range(10)}, unk=9), 10
+    )
+    assert dense.coverage == 0.9
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_sparse(dense)  # nine in ten found: no warning
 
 
 @pytest.mark.parametrize("causal", [True, False])

@@ -22,12 +22,12 @@ import torch
 def cache_argument(model: torch.nn.Module) -> str:
     """The keyword ``model.forward`` takes its key/value cache under: ``cache`` from
     transformers 5.24 (which deprecates ``past_key_values``), ``past_key_values`` before."""
-    return _cache_argument_of(type(model))
+    return _cache_argument_of(type(model).forward)
 
 
-@functools.cache
-def _cache_argument_of(model_class: type) -> str:
-    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+@functools.cache  # keyed by the function: a class whose forward is replaced gets its new one's keyword
+def _cache_argument_of(forward) -> str:
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 class PrefixKeysValues:
