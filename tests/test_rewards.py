@@ -89,6 +89,26 @@ def test_classifier_reads_the_last_real_token_whatever_the_padding(classifier_re
         torch.testing.assert_close(score, alone, atol=1e-5, rtol=1e-5)
 
 
+def test_texts_are_scored_on_their_first_max_response_tokens(classifier_reward, monkeypatch):
+    reward, text = classifier_reward, "one two three four five six"
+    ids = reward.tokenizer(text, add_special_tokens=False)["input_ids"]
+    monkeypatch.setattr(reward, "max_response_tokens", 3)
+    first = reward.input_embeddings()[torch.tensor([ids[:3]])]
+    want = reward.score_embeds(reward.prepare(["hi"], 1), first, torch.ones(1, 3, dtype=torch.bool))
+    torch.testing.assert_close(reward.score_texts(["hi"], [text]), want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_classifier_reward_needs_one_label():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from entrgi.rewards import ClassifierReward
+
+    config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, num_labels=2)  # fmt: skip
+    with pytest.raises(ValueError, match="a classifier reward needs num_labels == 1, got 2"):
+        ClassifierReward(BertForSequenceClassification(config), None)
+
+
 def test_chat_template_split_renders_the_whole_chat(classifier_reward):
     reward = classifier_reward
     prefix, suffix = reward.context_ids("how are you?")
