@@ -9,6 +9,7 @@ import torch
 
 from entrgi import guided_embedding, sample_step
 from entrgi.ops.reference import keep_threshold
+from entrgi.optim import LogitAdam
 from helpers import assert_law, filtered_law, restated_forward, restated_grad
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
@@ -209,6 +210,28 @@ def test_bad_tensors_raise():
         guided_embedding(torch.randn(2, 5), inf_table)
     with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got int"):
         guided_embedding(torch.randn(2, 5), table, generator=0)
+
+
+def test_bad_companions_of_phi_raise():
+    """Tensors and options that go with phi: on its device, of its rows, over phi itself."""
+    phi, table = torch.randn(2, 2, 5), torch.randn(5, 3)
+    with pytest.raises(ValueError, match=r"phi must have shape \(\.\.\., V\) with V >= 2, got \(2, 1\)"):
+        guided_embedding(torch.randn(2, 1), table[:1])
+    with pytest.raises(ValueError, match="phi is on cpu but embed_table is on meta"):
+        guided_embedding(phi, table.to("meta"))
+    rows = torch.tensor([0, 1, 2, 3, 19])
+    with pytest.raises(ValueError, match="phi is on cpu but table_rows is on meta"):
+        guided_embedding(phi, torch.randn(20, 3), table_rows=rows.to("meta"))
+    rows[2] = -1
+    with pytest.raises(ValueError, match=r"table_rows values must lie in \[0, 20\), got \[-1, 19\]"):
+        guided_embedding(phi, torch.randn(20, 3), table_rows=rows)
+    with pytest.raises(ValueError, match=r"active shape \(4,\) != phi's leading shape \(2, 2\)"):
+        guided_embedding(phi, table, active=torch.ones(4, dtype=torch.bool))
+    leaf = phi.clone().requires_grad_(True)
+    with pytest.raises(ValueError, match=r"optimizer must be a LogitAdam over phi itself \(shape \(2, 2, 5\)\)"):
+        guided_embedding(leaf, table, optimizer=LogitAdam(phi.clone(), lr=0.1))
+    with pytest.raises(ValueError, match="optimizer= with temperature 0: the greedy embedding has no gradient"):
+        guided_embedding(leaf, table, temperature=0.0, optimizer=LogitAdam(leaf, lr=0.1))
 
 
 def test_triton_backend_off_cuda_needs_the_interpreter(monkeypatch):
