@@ -76,6 +76,7 @@ def test_bfloat16_moments_round_a_float32_step(backend):
         (dict(lr=math.inf), ValueError, "lr must be a finite number > 0, got inf"),
         (dict(betas=(1.0, 0.999)), ValueError, r"betas must be two numbers in \[0, 1\), got \(1.0, 0.999\)"),
         (dict(eps=-1e-8), ValueError, "eps must be a finite number >= 0, got -1e-08"),
+        (dict(eps=math.inf), ValueError, "eps must be a finite number >= 0, got inf"),
         (
             dict(replay_from=torch.zeros(2, 4, dtype=torch.long), max_steps=1),
             ValueError,
@@ -115,3 +116,5 @@ def test_gradient_of_another_shape_raises():
     optimizer = LogitAdam(torch.zeros(2, 4, device=DEVICE), lr=0.1, backend="torch")
     with pytest.raises(ValueError, match=r"grad shape \(2, 3\) != param shape \(2, 4\)"):
         optimizer.step(torch.ones(2, 3, device=DEVICE))
+    with pytest.raises(ValueError, match=r"grad shape \(4, 2\) != param shape \(2, 4\)"):  # as many entries
+        optimizer.step(torch.ones(4, 2, device=DEVICE))
