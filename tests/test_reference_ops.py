@@ -225,6 +225,8 @@ def test_bad_companions_of_phi_raise():
     rows[2] = -1
     with pytest.raises(ValueError, match=r"table_rows values must lie in \[0, 20\), got \[-1, 19\]"):
         guided_embedding(phi, torch.randn(20, 3), table_rows=rows)
+    with pytest.raises(ValueError, match="generator is on cpu but phi is on meta"):
+        guided_embedding(phi.to("meta"), table.to("meta"), generator=torch.Generator(), check_values=False)
     with pytest.raises(ValueError, match=r"active shape \(4,\) != phi's leading shape \(2, 2\)"):
         guided_embedding(phi, table, active=torch.ones(4, dtype=torch.bool))
     leaf = phi.clone().requires_grad_(True)
