@@ -4,6 +4,9 @@ lean one does not reproduce is left as it is."""
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import pytest
 import torch
 
@@ -219,6 +222,15 @@ def test_stacked_projections_and_rotary_functions_that_do_not_reproduce_stay_sto
         assert rotary_swaps(model, backend="triton") == []
 
 
+@contextlib.contextmanager
+def _add_into_calls() -> Iterator[list]:
+    """The calls of :meth:`_LeanGatedMlp.add_into` (a fused layer's last residual add
+    inside its down projection's GEMM) made inside the block."""
+    calls, add_into = [], entrgi.lean._LeanGatedMlp.add_into
+    with swapped_attributes([(entrgi.lean._LeanGatedMlp, "add_into", lambda *a: calls.append(a) or add_into(*a))]):
+        yield calls
+
+
 @pytest.mark.parametrize("part", ["mlp", "mlp.down_proj"])
 @pytest.mark.parametrize("hook", ["register_forward_hook", "register_forward_pre_hook"])
 def test_a_hooked_mlp_runs_through_its_module_in_a_fused_layer(part, hook):
@@ -228,10 +240,7 @@ def test_a_hooked_mlp_runs_through_its_module_in_a_fused_layer(part, hook):
     model = _family_classifier("Qwen3", DEVICE)
     found = lean_forwards(model, backend="triton")
     embeds = torch.randn(3, 6, 32, dtype=torch.bfloat16, device=DEVICE, requires_grad=True)
-    accumulated, add_into = [], entrgi.lean._LeanGatedMlp.add_into
-    with swapped_attributes(
-        [(entrgi.lean._LeanGatedMlp, "add_into", lambda *a: accumulated.append(a) or add_into(*a))]
-    ):
+    with _add_into_calls() as accumulated:
         want, want_grad = _score_and_grad(model, embeds, found)
         assert len(accumulated) == 2
         seen = []
@@ -256,10 +265,7 @@ def test_a_down_projection_with_a_bias_adds_its_output_outside_the_gemm():
     want, want_grad = _score_and_grad(model, embeds)
     found = lean_forwards(model, backend="triton")  # a layer that did not reproduce would warn: an error here
     assert model.model.layers[1] in [module for module, _ in found]
-    accumulated, add_into = [], entrgi.lean._LeanGatedMlp.add_into
-    with swapped_attributes(
-        [(entrgi.lean._LeanGatedMlp, "add_into", lambda *a: accumulated.append(a) or add_into(*a))]
-    ):
+    with _add_into_calls() as accumulated:
         got, got_grad = _score_and_grad(model, embeds, found)
     assert len(accumulated) == 1  # layer 0's
     torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2 * want.abs().item())
@@ -285,16 +291,19 @@ def test_modules_whose_forward_a_hook_library_replaced_keep_their_own_weights_an
     its weights there: such a projection's attention, and such an MLP, are not stacked
     (their weights stay where they are) and the replaced forward runs on every call."""
     model = _family_classifier("Qwen3", DEVICE)
-    layer, stacked = model.model.layers[1], model.model.layers[0]
-    hooked = layer.get_submodule(part)
-    group = layer.get_submodule(part.split(".")[0])
+    hooked = model.model.layers[1].get_submodule(part)
+    group_name = part.split(".")[0]  # the attention or the MLP
+    group, stacked_group = (model.model.layers[i].get_submodule(group_name) for i in (1, 0))
+
+    def storages(module):
+        return [p.data_ptr() for p in module.parameters()]
+
     calls, own_forward = [], hooked.forward
     hooked.forward = lambda *args, **kwargs: calls.append(args) or own_forward(*args, **kwargs)
-    weights = [p.data_ptr() for p in group.parameters()]
-    stacked_weights = [p.data_ptr() for p in stacked.get_submodule(part.split(".")[0]).parameters()]
+    weights, stacked_weights = storages(group), storages(stacked_group)
     found = lean_forwards(model, backend="triton")
-    assert [p.data_ptr() for p in group.parameters()] == weights
-    assert [p.data_ptr() for p in stacked.get_submodule(part.split(".")[0]).parameters()] != stacked_weights
+    assert storages(group) == weights
+    assert storages(stacked_group) != stacked_weights  # layer 0's were stacked
     assert hooked not in [module for module, _ in found]
     calls.clear()  # (the layer's check called it)
     embeds = torch.randn(3, 6, 32, dtype=torch.bfloat16, device=DEVICE, requires_grad=True)

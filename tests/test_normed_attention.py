@@ -15,6 +15,7 @@ from entrgi.layers import swapped_attributes
 from entrgi.lean import ROTARY, lean_forwards, rotary_swaps
 from entrgi.normed_attention import normed_attention_forwards
 from entrgi.ops.layer_ops import normed_rotary_embedding
+from entrgi.swap_checks import random_rotary
 from helpers import SWAPS_MUST_REPRODUCE
 
 pytestmark = SWAPS_MUST_REPRODUCE
@@ -85,8 +86,7 @@ def test_calls_it_does_not_cover_run_the_stock_forward(monkeypatch):
     ((attention, forward), _) = normed_attention_forwards(model, backend="triton")
     calls = _counted(monkeypatch)
     x = torch.randn(2, 3, 32, dtype=torch.bfloat16, device=DEVICE)
-    angles = torch.randn(2, 3, 8, device=DEVICE)
-    cos, sin = (f(torch.cat([angles, angles], -1)).to(torch.bfloat16) for f in (torch.cos, torch.sin))
+    cos, sin = random_rotary(16, torch.bfloat16, torch.Generator(DEVICE).manual_seed(0))
     cache_name = entrgi.normed_attention.cache_argument(attention)
     with torch.no_grad():
         # a cache of transformers' own (its update's arguments vary between versions)
@@ -158,8 +158,7 @@ def test_the_fused_forward_hands_the_attention_function_what_the_stock_one_does(
         return query.new_zeros(query.shape[0], query.shape[2], query.shape[1], query.shape[3]), None
 
     x = torch.randn(2, 3, 32, dtype=torch.bfloat16, device=DEVICE)
-    angles = torch.randn(2, 3, 8, device=DEVICE)
-    cos, sin = (f(torch.cat([angles, angles], -1)).to(torch.bfloat16) for f in (torch.cos, torch.sin))
+    cos, sin = random_rotary(16, torch.bfloat16, torch.Generator(DEVICE).manual_seed(0))
     mapping = {**ALL_ATTENTION_FUNCTIONS._local_mapping, "sdpa": attention_function}
     with torch.no_grad(), swapped_attributes([(ALL_ATTENTION_FUNCTIONS, "_local_mapping", mapping)]):
         attention(x, (cos, sin), None)

@@ -129,19 +129,20 @@ def test_the_fused_attention_backward_copies_no_gradient(attention):
 
 
 def test_the_mask_is_prepared_once_additive_folded_and_aligned():
+    def additive(allowed):
+        return torch.zeros(allowed.shape, dtype=torch.bfloat16, device=DEVICE).masked_fill(~allowed, float("-inf"))
+
     folded = FoldedSdpa()
     mask = torch.rand(2, 1, 3, 5, device=DEVICE) < 0.5
     prepared = folded.prepared_mask(mask, torch.bfloat16, 2)
     assert prepared.shape == (2, 1, 6, 5) and prepared.dtype == torch.bfloat16
     assert prepared.stride(2) % MASK_ALIGNMENT == 0  # the kernel pads nothing
-    additive = torch.zeros(mask.shape, dtype=torch.bfloat16, device=DEVICE).masked_fill(~mask, float("-inf"))
-    assert torch.equal(prepared, additive.repeat(1, 1, 2, 1))  # each group's rows after one another
+    assert torch.equal(prepared, additive(mask).repeat(1, 1, 2, 1))  # each group's rows after one another
     assert folded.prepared_mask(mask, torch.bfloat16, 2) is prepared  # once per mask tensor
     assert folded.prepared_mask(mask.clone(), torch.bfloat16, 2) is not prepared
     recycled = ~mask  # a new mask at the id of one since freed: prepared anew
     folded._masks[id(recycled), torch.bfloat16, 2] = (mask, prepared)
-    inverse = torch.zeros(mask.shape, dtype=torch.bfloat16, device=DEVICE).masked_fill(mask, float("-inf"))
-    assert torch.equal(folded.prepared_mask(recycled, torch.bfloat16, 2), inverse.repeat(1, 1, 2, 1))
+    assert torch.equal(folded.prepared_mask(recycled, torch.bfloat16, 2), additive(recycled).repeat(1, 1, 2, 1))
     assert folded.prepared_mask(mask, torch.float32, 2).dtype == torch.float32
     bias = torch.randn(1, 1, 3, 5, device=DEVICE)  # an additive mask is copied as it is
     assert torch.equal(folded.prepared_mask(bias, torch.float32, 3), bias.repeat(1, 1, 3, 1))
