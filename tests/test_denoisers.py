@@ -156,9 +156,10 @@ def test_a_dream_checkpoint_runs_its_slow_remote_tokenizer(dream_checkpoint):
         [special["<|im_start|>"], *tokenizer.encode("user\n" + prompt), special["<|im_end|>"],
          *tokenizer.encode("\n"), special["<|im_start|>"], *tokenizer.encode("assistant\n")]
     ]  # fmt: skip
-    response = [*tokenizer.encode(" sunny"), special["<|mask|>"], *tokenizer.encode(" day"), special["<|im_end|>"],
-                *tokenizer.encode("after the end")]  # fmt: skip
-    assert dream.decode(response) == "sunny day"
+    beyond = len(tokenizer) + 3  # a head row with no string: the slow class would fail on it
+    response = [*tokenizer.encode(" sunny"), special["<|mask|>"], beyond, *tokenizer.encode(" day"),
+                special["<|im_end|>"], *tokenizer.encode("after the end")]  # fmt: skip
+    assert beyond < dream.vocab_size and dream.decode(response) == "sunny day"
     with pytest.raises(ValueError, match=r"tokenizer is remote code \(tokenization_dream.DreamTokenizer\); load it "
                                          r"with trust_remote_code=True"):  # fmt: skip
         load_denoiser(dream_checkpoint, trust_remote_code=False)
