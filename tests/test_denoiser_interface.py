@@ -110,3 +110,18 @@ def test_logits_refuse_a_keep_last_beyond_the_canvas(plain_tokenizer, keep_last)
     ids = torch.randint(1000, 2000, (2, 5))
     with pytest.raises(ValueError, match=rf"keep_last must be in \[1, 5\], got {keep_last}"):
         denoiser.logits(ids, torch.ones(2, 5, dtype=torch.bool), keep_last=keep_last)
+
+
+@pytest.mark.parametrize("kind", ["mlm", "dream"])
+def test_a_left_padded_row_gives_its_tokens_their_unpadded_logits(denoiser_paths, kind):
+    # positions count real tokens only: BERT's learned absolute positions see the same
+    # numbers padded or not (Dream's rotary ones depend on differences only)
+    denoiser = load_denoiser(denoiser_paths[kind], kind=kind)
+    ids = torch.randint(1000, 2000, (1, 6))
+    alone = denoiser.logits(ids, torch.ones(1, 6, dtype=torch.bool))
+    padded_ids = torch.cat([torch.full((1, 3), denoiser.tokenizer.pad_token_id), ids], dim=1)
+    padded = denoiser.logits(padded_ids, torch.arange(9)[None] >= 3)
+    first = int(kind == "dream")  # Dream predicts a position from its left neighbour: a pad, padded
+    torch.testing.assert_close(padded[:, 3 + first :], alone[:, first:], rtol=1e-5, atol=1e-5)
+    if kind == "mlm":  # unpadded, exactly the model's own logits
+        torch.testing.assert_close(alone, denoiser.model(input_ids=ids).logits, rtol=0, atol=0)
