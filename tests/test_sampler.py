@@ -72,10 +72,18 @@ def test_dream_keeps_the_shifted_rows_however_its_head_is_reached(denoisers, mon
         monkeypatch.setattr(dream, "_keep_argument", None)
     if not head_hook:  # as for a head applied through F.linear: the slice of the output does the work
         monkeypatch.setattr(dream, "_head_on_last", lambda *args: contextlib.nullcontext())
+    head_rows = []
+    record = dream.model.get_output_embeddings().register_forward_hook(
+        lambda head, args, out: head_rows.append(args[0].shape[1])
+    )
     for keep in (1, 5, 8):
         kept = dream.logits(ids, mask, keep_last=keep)
         torch.testing.assert_close(kept, full[:, -keep:])
         assert kept.is_contiguous() == head_hook
+    record.remove()
+    # the rows the head ran on: the kept ones (the hook's cut), else the model's own cut
+    # (the kept rows and the one after them), else all 9
+    assert head_rows == [keep if head_hook else keep + 1 if keep_argument else 9 for keep in (1, 5, 8)]
 
 
 @pytest.mark.parametrize("kind", ["mlm", "llada", "dream"])
