@@ -216,12 +216,13 @@ class Denoiser:
 
 
 def _model_class(config, kind: str, name_or_path: str, trust_remote_code: bool, from_pretrained_kwargs: dict):
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING
 
-    if "AutoModel" in (getattr(config, "auto_map", None) or {}):  # remote code: LLaDA's LM class, Dream's
-        if not trust_remote_code:
-            return AutoModel  # which refuses, naming the option
+    remote = (getattr(config, "auto_map", None) or {}).get("AutoModel")  # LLaDA's LM class, Dream's
+    if remote is not None:
+        if not trust_remote_code:  # a config of a known type loaded; AutoModel would give that type's bare body
+            raise ValueError(f"{name_or_path}'s model is remote code ({remote}); load it with trust_remote_code=True")
         return remote_model_class(config, name_or_path, from_pretrained_kwargs)
     if kind == "mlm" or type(config) in MODEL_FOR_MASKED_LM_MAPPING:
         return AutoModelForMaskedLM

@@ -173,6 +173,20 @@ def test_dream_remote_code_is_run_only_when_asked(dream_checkpoint, mlm_path):
     assert dream_as_qwen2_config(mlm_path) is None
 
 
+def test_remote_model_code_beside_a_known_config_is_refused_without_trust_remote_code(mlm_path, tmp_path):
+    # transformers' AutoModel would load the config's own bare body (no LM head) instead
+    shutil.copytree(mlm_path, tmp_path, dirs_exist_ok=True)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["auto_map"] = {"AutoModel": "modeling_own.OwnMaskedLM"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "modeling_own.py").write_text("raise ImportError('its own model code ran')\n")
+    with pytest.raises(ValueError, match=r"model is remote code \(modeling_own.OwnMaskedLM\); load it with "
+                                         r"trust_remote_code=True"):  # fmt: skip
+        load_denoiser(str(tmp_path), trust_remote_code=False)
+    with pytest.raises(ImportError, match="its own model code ran"):
+        load_denoiser(str(tmp_path))
+
+
 def test_generate_runs_a_dream_checkpoint_and_its_remote_code_only_when_asked(dream_checkpoint, tmp_path):
     from entrgi.cli import main
 
