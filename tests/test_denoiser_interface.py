@@ -125,3 +125,10 @@ def test_a_left_padded_row_gives_its_tokens_their_unpadded_logits(denoiser_paths
     torch.testing.assert_close(padded[:, 3 + first :], alone[:, first:], rtol=1e-5, atol=1e-5)
     if kind == "mlm":  # unpadded, exactly the model's own logits
         torch.testing.assert_close(alone, denoiser.model(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_a_masked_lm_config_loads_its_masked_lm_class_whatever_the_kind(denoiser_paths):
+    from transformers import BertForMaskedLM
+
+    # (the causal-LM auto class would load BERT's decoder head class: another model)
+    assert type(load_denoiser(denoiser_paths["llada"], kind="llada").model) is BertForMaskedLM
