@@ -137,6 +137,7 @@ def test_a_dream_checkpoint_loads_as_qwen2_and_gives_the_stand_ins_logits(dream_
     dream = load_denoiser(dream_checkpoint)
     stand_in = load_denoiser(dream_like_path, kind="dream")
     assert dream.kind == "dream" and type(dream.model) is Qwen2ForCausalLM
+    assert type(load_denoiser(dream_checkpoint, kind="dream").model) is Qwen2ForCausalLM  # the kind named
     assert dream.model.config.rope_parameters == stand_in.model.config.rope_parameters
     ids = torch.randint(1000, 2000, (3, 9))
     mask = torch.ones(3, 9, dtype=torch.bool)
@@ -163,6 +164,15 @@ def test_a_dream_checkpoint_runs_its_slow_remote_tokenizer(dream_checkpoint):
     with pytest.raises(ValueError, match=r"tokenizer is remote code \(tokenization_dream.DreamTokenizer\); load it "
                                          r"with trust_remote_code=True"):  # fmt: skip
         load_denoiser(dream_checkpoint, trust_remote_code=False)
+
+
+def test_a_remote_tokenizer_that_fails_when_trusted_raises_its_own_error(dream_checkpoint, tmp_path):
+    shutil.copytree(dream_checkpoint, tmp_path, dirs_exist_ok=True)
+    opening = "        with open(vocab_file"
+    broken = TOY_DREAM_TOKENIZER.replace(opening, "        raise ValueError('no vocab here')\n" + opening)
+    (tmp_path / "tokenization_dream.py").write_text(broken)
+    with pytest.raises(ValueError, match="no vocab here"):  # not the advice to trust the code it ran
+        load_denoiser(str(tmp_path))
 
 
 def test_dream_remote_code_is_run_only_when_asked(dream_checkpoint, mlm_path):
