@@ -132,3 +132,21 @@ def test_a_masked_lm_config_loads_its_masked_lm_class_whatever_the_kind(denoiser
 
     # (the causal-LM auto class would load BERT's decoder head class: another model)
     assert type(load_denoiser(denoiser_paths["llada"], kind="llada").model) is BertForMaskedLM
+
+
+def test_a_model_with_the_older_num_logits_to_keep_gets_the_kept_rows_through_it(denoiser_paths, chat_tokenizer):
+    from transformers import Qwen2ForCausalLM
+
+    asked = []
+
+    class OlderQwen2(Qwen2ForCausalLM):  # transformers 4.4x's name for logits_to_keep
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None, num_logits_to_keep=0, **kwargs):
+            asked.append(num_logits_to_keep)
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   logits_to_keep=num_logits_to_keep, **kwargs)  # fmt: skip
+
+    denoiser = Denoiser(OlderQwen2.from_pretrained(denoiser_paths["dream"]), chat_tokenizer, kind="dream")
+    ids, mask = torch.randint(1000, 2000, (2, 9)), torch.ones(2, 9, dtype=torch.bool)
+    full = denoiser.logits(ids, mask)
+    torch.testing.assert_close(denoiser.logits(ids, mask, keep_last=5), full[:, -5:])
+    assert asked == [0, 6]  # all rows, then the last 6: the kept rows' left neighbours (Dream's shift)
