@@ -138,6 +138,10 @@ def test_a_dream_checkpoint_loads_as_qwen2_and_gives_the_stand_ins_logits(dream_
     stand_in = load_denoiser(dream_like_path, kind="dream")
     assert dream.kind == "dream" and type(dream.model) is Qwen2ForCausalLM
     assert type(load_denoiser(dream_checkpoint, kind="dream").model) is Qwen2ForCausalLM  # the kind named
+    # a plain Qwen2 config: saved again, the model reloads as Qwen2, not as Dream's remote code
+    config = dream.model.config
+    assert getattr(config, "auto_map", None) is None and config.model_type == "qwen2"
+    assert config.architectures != ["DreamModel"]
     assert dream.model.config.rope_parameters == stand_in.model.config.rope_parameters
     ids = torch.randint(1000, 2000, (3, 9))
     mask = torch.ones(3, 9, dtype=torch.bool)
