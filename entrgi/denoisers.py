@@ -176,7 +176,7 @@ class Denoiser:
             return logits[:, :keep_last] if shift else logits
         if shift:
             logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
-        return logits if keep_last is None else logits[:, -keep_last:]
+        return logits  # every position's: keep_last is None, or all of Dream's (head_rows would exceed them)
 
     @contextlib.contextmanager
     def _head_on_last(self, rows: int | None, length: int, shift: int = 0) -> Iterator[None]:

@@ -3,6 +3,7 @@ the mask and end-of-response ids, the prompt encoding and the response decoding.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from types import SimpleNamespace
 
@@ -150,3 +151,13 @@ def test_a_model_with_the_older_num_logits_to_keep_gets_the_kept_rows_through_it
     full = denoiser.logits(ids, mask)
     torch.testing.assert_close(denoiser.logits(ids, mask, keep_last=5), full[:, -5:])
     assert asked == [0, 6]  # all rows, then the last 6: the kept rows' left neighbours (Dream's shift)
+
+
+@pytest.mark.parametrize("kind", ["mlm", "llada"])
+def test_the_kept_logits_are_the_last_ones_when_the_head_cannot_be_cut(denoiser_paths, monkeypatch, kind):
+    denoiser = load_denoiser(denoiser_paths[kind], kind=kind)
+    ids, mask = torch.randint(1000, 2000, (2, 9)), torch.ones(2, 9, dtype=torch.bool)
+    full = denoiser.logits(ids, mask)
+    # as for a head applied through F.linear, which no module hook reaches: the output is sliced
+    monkeypatch.setattr(denoiser, "_head_on_last", lambda *args: contextlib.nullcontext())
+    torch.testing.assert_close(denoiser.logits(ids, mask, keep_last=4), full[:, -4:])

@@ -139,13 +139,16 @@ def test_runs_are_reused_across_batches_and_calls(denoisers, classifier_path, mo
     denoiser.run_cache.clear()
 
 
-def test_run_cache_is_bounded():
+def test_run_cache_is_bounded_and_drops_the_least_recently_used():
     from entrgi.run_cache import RunCache
 
     cache = RunCache(capacity=2)
     for key in "abc":
         cache.get_or_build(key, lambda: object())
     assert len(cache) == 2
+    assert cache.get_or_build("c", lambda: None)[1] and not cache.get_or_build("a", lambda: None)[1]  # b dropped
+    assert cache.get_or_build("c", lambda: None)[1]  # used again: a, built before it, is dropped next
+    assert not cache.get_or_build("d", lambda: None)[1]
     assert cache.get_or_build("c", lambda: None)[1] and not cache.get_or_build("a", lambda: None)[1]
     with pytest.raises(ValueError, match="capacity"):
         RunCache(capacity=0)
