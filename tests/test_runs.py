@@ -150,17 +150,33 @@ def test_leaving_the_job_stops_the_process_groups_threads(tmp_path):
     assert len(threads) == 2 and not any("gloo" in line for line in threads), threads
 
 
+def _torchrun_generate(mlm_path, classifier_path, dataset, output) -> subprocess.CompletedProcess:
+    """``entrgi generate`` in 2 gloo processes under torchrun; must exit cleanly."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+               f"--master_port={_free_port()}", "-m", "entrgi",
+               *_generate_args(mlm_path, classifier_path, dataset, output)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]  # where a rank stopped
+    return done
+
+
 def test_torchrun_two_gloo_processes_match_one_process(tmp_path, mlm_path, classifier_path, dataset):
     single = tmp_path / "single.json"
     assert main(_generate_args(mlm_path, classifier_path, dataset, single)) == 0
     double = tmp_path / "double.json"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-               f"--master_port={_free_port()}", "-m", "entrgi",
-               *_generate_args(mlm_path, classifier_path, dataset, double)]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]  # where a rank stopped
+    done = _torchrun_generate(mlm_path, classifier_path, dataset, double)
     assert done.stdout.count("wrote") == 1  # only rank 0 writes
     one, two = json.loads(single.read_text()), json.loads(double.read_text())
     assert [r["prompt"] for r in two["results"]] == PROMPTS
     assert two["results"] == one["results"] and two["metrics"] == one["metrics"]
+
+
+def test_torchrun_resumes_a_log_that_rank_0_reads_for_every_rank(tmp_path, mlm_path, classifier_path, dataset):
+    single = tmp_path / "single.jsonl"
+    assert main(_generate_args(mlm_path, classifier_path, dataset, single)) == 0
+    double = tmp_path / "double.jsonl"
+    double.write_text("".join(single.read_text().splitlines(keepends=True)[:3]))  # batch 0 done
+    # rank 0 alone reads the log; the batches left (1 and 2) go to both ranks from it
+    done = _torchrun_generate(mlm_path, classifier_path, dataset, double)
+    assert done.stdout.count("resuming") == 1 and _records(double) == _records(single)
