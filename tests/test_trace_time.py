@@ -27,18 +27,23 @@ def test_work_is_charged_to_every_range_holding_its_launch(tmp_path):
         _event("cuda_runtime", "cudaLaunchKernel", 150, 1, correlation=3),
         _event("kernel", "commit", 330, 11, tid=7, correlation=3),  # launched outside every range
         _event("kernel", "unmatched", 340, 3, tid=7, correlation=99),  # no launch record: outside
+        _event("cuda_runtime", "cudaMemcpyAsync", 0, 1, correlation=5),  # at a range's start: inside
+        _event("gpu_memcpy", "Memcpy DtoD", 350, 4, tid=7, correlation=5),
+        _event("cuda_runtime", "cudaLaunchKernel", 60, 1, tid=2, correlation=6),  # at a range's end: inside
+        _event("kernel", "backward_tail", 360, 1, tid=7, correlation=6),
     ]
     path = tmp_path / "trace.json"
     path.write_text(json.dumps({"traceEvents": events}))
     times = device_time_by_range(path)
-    assert times.per_range == {"entrgi.reward": 14.0, "entrgi.op_backward": 7.0}
-    assert (times.outside, times.total) == (14.0, 28.0)
+    assert times.per_range == {"entrgi.reward": 19.0, "entrgi.op_backward": 8.0}
+    assert (times.outside, times.total) == (14.0, 33.0)
     assert times.kernels == {
         "entrgi.reward": {"forward": KernelTime(1, 5.0), "backward": KernelTime(1, 7.0),
-                          "Memset (Device)": KernelTime(1, 2.0)},
-        "entrgi.op_backward": {"backward": KernelTime(1, 7.0)},
+                          "Memset (Device)": KernelTime(1, 2.0), "Memcpy DtoD": KernelTime(1, 4.0),
+                          "backward_tail": KernelTime(1, 1.0)},
+        "entrgi.op_backward": {"backward": KernelTime(1, 7.0), "backward_tail": KernelTime(1, 1.0)},
     }  # fmt: skip
-    assert device_time_by_range({"traceEvents": events}, prefix="other.").per_range == {"other.range": 28.0 - 3.0}
+    assert device_time_by_range({"traceEvents": events}, prefix="other.").per_range == {"other.range": 33.0 - 3.0}
 
 
 def test_kernel_table_ranks_each_ranges_kernels_and_sums_the_rest():
@@ -51,7 +56,10 @@ def test_kernel_table_ranks_each_ranges_kernels_and_sums_the_rest():
             events += [_event("cuda_runtime", "cudaLaunchKernel", 20 + correlation, 1, correlation=correlation),
                        _event("kernel", name, 200 + correlation, dur, tid=7, correlation=correlation)]  # fmt: skip
     events += [_event("cuda_runtime", "cudaLaunchKernel", 5, 1, correlation=99),
-               _event("kernel", "sample", 300, 3, tid=7, correlation=99)]  # fmt: skip
+               _event("kernel", "sample", 300, 3, tid=7, correlation=99),
+               _event("user_annotation", "entrgi.idle", 400, 10),  # its one kernel took no time: share 0
+               _event("cuda_runtime", "cudaLaunchKernel", 405, 1, correlation=100),
+               _event("kernel", "fill", 410, 0, tid=7, correlation=100)]  # fmt: skip
     lines = kernel_table(device_time_by_range({"traceEvents": events}), steps=2, top=2)
     assert [line.split() for line in lines] == [
         ["entrgi.big", "0.04", "ms", "4.0", "launches"],  # 80 µs and 8 launches over 2 steps
@@ -60,6 +68,8 @@ def test_kernel_table_ranks_each_ranges_kernels_and_sums_the_rest():
         ["0.00", "ms", "1.5", "5.0%", "(2", "other", "kernels)"],
         ["entrgi.small", "0.00", "ms", "0.5", "launches"],
         ["0.00", "ms", "0.5", "100.0%", "sample"],
+        ["entrgi.idle", "0.00", "ms", "0.5", "launches"],
+        ["0.00", "ms", "0.5", "0.0%", "fill"],
     ]
 
 
@@ -73,3 +83,4 @@ def test_short_kernel_names_drop_namespaces_arguments_and_cut_long_ones():
     assert short_kernel_name(softmax) == "cunn_SoftMaxForward<4, float>"
     assert short_kernel_name("_soft_forward_kernel") == "_soft_forward_kernel"  # Triton: the function's name
     assert short_kernel_name("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTN", width=12) == "nvjet_tst_1…"
+    assert short_kernel_name("nvjet_tst_12", width=12) == "nvjet_tst_12"  # exactly the width: whole
