@@ -56,6 +56,38 @@ def test_table_lists_every_component_and_both_floors(capsys):
     assert guided == pytest.approx(sum(c.floor_ms for c in components if c.name in guided_parts))
 
 
+def test_weights_read_in_full_leave_out_the_input_table_unless_the_head_shares_it():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    def weight_bytes(tied):
+        config = Qwen2Config(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tied)  # fmt: skip
+        with floors.META:  # built there: moving a model to the meta device unties its tables
+            model = Qwen2ForCausalLM(config)
+        everything = sum(p.numel() for p in model.parameters()) * 4
+        return floors._weight_bytes(model), everything
+
+    table = 1000 * 32 * 4
+    untied, untied_everything = weight_bytes(tied=False)
+    tied, tied_everything = weight_bytes(tied=True)
+    assert untied == untied_everything - table  # the head's own table is read in full, the input one gathered
+    assert tied == tied_everything  # one table, read in full by the head
+
+
+def test_component_floor_is_its_slower_ceiling_and_steps_add_theirs():
+    from entrgi.benchmark import PEAK_BYTES_PER_S, PEAK_FLOP_PER_S
+
+    compute = floors.Component("gemm", flops=2 * PEAK_FLOP_PER_S * 1e-3, nbytes=PEAK_BYTES_PER_S * 1e-3)
+    memory = floors.Component("copy", flops=PEAK_FLOP_PER_S * 1e-3, nbytes=3 * PEAK_BYTES_PER_S * 1e-3)
+    assert (compute.floor_ms, compute.bound) == (pytest.approx(2.0), "compute")
+    assert (memory.floor_ms, memory.bound) == (pytest.approx(3.0), "memory")
+    table = floors.format_floor("p", [compute, floors.Component("reward", 0.0, memory.nbytes, "guided")])
+    assert table.splitlines()[-2:] == [
+        "| unguided step | | | 2.00 | |",
+        "| guided step | | | 5.00 | guided / unguided 2.50 |",
+    ]
+
+
 def test_logits_bytes_follow_their_dtype_in_each_step():
     """The denoiser writes bf16 logits for every response row; a guided step copies them
     to float32 and commits from that, an unguided one commits from the bf16 logits."""
@@ -65,6 +97,32 @@ def test_logits_bytes_follow_their_dtype_in_each_step():
     assert by_name["logits to float32"].nbytes == rows * vocab * (2 + 4)
     assert by_name["commit from float32 phi"].nbytes == 0.25 * rows * vocab * 4
     assert by_name["commit from the model's logits"].nbytes == 0.25 * rows * vocab * 2
+
+
+def test_op_bytes_are_the_logits_moments_and_table_of_each_guidance_step():
+    """Per guidance step the op's forward reads phi and the table; the backward + Adam
+    reads and writes phi and both float32 moments and reads the table, or with recomputed
+    moments reads the bf16 initial logits, writes phi, and reads the table once per GEMM
+    replayed (1 + 2 + 3 over three steps)."""
+    _, _, prompts, k = PRESETS["tiny"]
+    vocab, active = SHAPES["tiny-denoiser"][-1], 0.5 * prompts * k * 16
+    reward_vocab, reward_hidden = SHAPES["tiny-reward"][-1], SHAPES["tiny-reward"][0]
+    phi, table = active * vocab * 4, reward_vocab * reward_hidden * 2
+    stored, replayed = (
+        {c.name: c.nbytes for c in floors.step_components("tiny", options)}
+        for options in (StepOptions(new_tokens=16), StepOptions(new_tokens=16, adam_moments="recompute"))
+    )
+    assert stored["guided op forward"] == 3 * (phi + table)
+    assert stored["op backward + Adam"] == 3 * (2 * phi + 4 * phi + table)
+    assert replayed["op backward + Adam"] == 3 * (active * vocab * 2 + phi) + 6 * table
+
+
+def test_checkpointed_reward_reads_its_weights_a_third_time():
+    plain, checkpointed = (
+        next(c.nbytes for c in floors.step_components("tiny", options) if c.name == "reward fwd+bwd")
+        for options in (StepOptions(new_tokens=16), StepOptions(new_tokens=16, reward_checkpoint=True))
+    )
+    assert checkpointed == pytest.approx(1.5 * plain)
 
 
 def test_bfloat16_moments_halve_the_moments_bytes():
