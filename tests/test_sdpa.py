@@ -1,7 +1,7 @@
 """Folded sdpa attention (``entrgi.sdpa``): grouped query heads run as one longer
 sequence per key / value head, with the mask prepared once, give transformers' stock
-``sdpa`` outputs (bit for bit here) and gradients as close to a float64 ground truth as
-the stock ones; calls it does not cover go to the stock function."""
+``sdpa`` outputs and gradients as close to a float64 ground truth as the stock ones;
+calls it does not cover go to the stock function."""
 
 from __future__ import annotations
 
@@ -68,20 +68,17 @@ def test_folded_attention_gives_the_stock_outputs_and_gradients(
     want, want_grads = _run(sdpa_attention_forward, module, inputs, mask, grad)
     got, got_grads = _run(FoldedSdpa(), module, inputs, mask, grad)
     assert got.shape == want.shape and got.is_contiguous()
-    # per query row the same attention over the same keys: equal on CPU; CUDA's kernel
-    # may tile the longer folded sequence otherwise
-    for got_t, want_t in ((got, want), (got_grads[0], want_grads[0])):
-        if DEVICE == "cpu":
-            assert torch.equal(got_t, want_t)
-        else:
-            torch.testing.assert_close(got_t, want_t, rtol=0, atol=2 * torch.finfo(dtype).eps * want_t.abs().max())
-    # keys' and values' gradients are summed over a group inside the kernel, not after it
+    # Per query row the same attention over the same keys, but the kernel's products over
+    # the longer folded query block may sum in another order (on CUDA, and on an AMD EPYC
+    # CPU: up to 1.6 ulps of the largest output); the keys' and values' gradients are
+    # summed over a group inside the kernel, not after it. So each is held to a float64
+    # ground truth: no further from it than the stock one.
     inputs64 = [t.detach().double().requires_grad_(True) for t in inputs]
-    _, truths = _run(sdpa_attention_forward, module, inputs64, mask, grad.double())
+    truth, truth_grads = _run(sdpa_attention_forward, module, inputs64, mask, grad.double())
     eps = torch.finfo(dtype).eps
-    for got_t, want_t, truth in zip(got_grads[1:], want_grads[1:], truths[1:]):
-        scale = truth.abs().max()
-        assert (got_t.double() - truth).abs().max() <= (want_t.double() - truth).abs().max() + 2 * eps * scale
+    for got_t, want_t, truth_t in zip((got, *got_grads), (want, *want_grads), (truth, *truth_grads)):
+        scale = truth_t.abs().max()
+        assert (got_t.double() - truth_t).abs().max() <= (want_t.double() - truth_t).abs().max() + 2 * eps * scale
 
 
 def test_the_output_gradient_reaches_the_kernel_in_its_output_layout():
