@@ -376,12 +376,43 @@ def test_generate_exposes_decoding_orders_and_the_likelihood_reward(tmp_path, de
 
 
 def test_step_benchmark_starts_from_a_partly_committed_canvas():
-    from entrgi.step_benchmark import StepOptions, build_models, new_run, step_config
+    from entrgi.step_benchmark import StepOptions, new_run, preset_run
 
-    models = build_models("tiny", torch.device("cpu"), torch.float32)
-    config = step_config("tiny", "entrgi", StepOptions(new_tokens=64))
-    run = new_run(*models, config, masked_fraction=0.25)
+    run = preset_run("tiny", options=StepOptions(new_tokens=64, masked_fraction=0.25))
     masked = (run.response == run.denoiser.mask_token_id).float().mean().item()
     assert 0.1 < masked < 0.4
     with pytest.raises(ValueError, match="masked_fraction must be in"):
-        new_run(*models, config, masked_fraction=0.0)
+        new_run(run.denoiser, run.reward, run.config, masked_fraction=0.0)
+
+
+def test_step_benchmark_run_has_the_reward_prefix_cached_when_asked():
+    from entrgi.step_benchmark import StepOptions, preset_run
+
+    for cache in (True, False):
+        run = preset_run("tiny", options=StepOptions(new_tokens=8, reward_cache_prefix=cache))
+        assert (run.reward_context.prefix_kv is not None) == cache
+
+
+def test_step_benchmark_times_steps_after_the_warmup_within_the_schedule(monkeypatch):
+    """Eager: one warm-up step, then ``timed`` steps, at most the steps the run has but
+    the last two; each step index once, in order."""
+    from entrgi.sampler import DiffusionRun
+    from entrgi.step_benchmark import StepOptions, bench_steps
+
+    seen, step = [], DiffusionRun.step
+    monkeypatch.setattr(DiffusionRun, "step", lambda run, index: (seen.append(index), step(run, index))[1])
+    for timed, new_tokens, last in ((3, 8, 3), (9, 6, 4)):
+        seen.clear()
+        (row,) = bench_steps("tiny", methods=("none",), options=StepOptions(new_tokens=new_tokens), timed=timed)
+        assert seen == list(range(last + 1))
+        assert row.p20_ms <= row.ms_per_step <= row.p80_ms
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_step_benchmark_models_follow_the_layer_options(on):
+    from entrgi.step_benchmark import StepOptions, build_models
+
+    options = StepOptions(denoiser_fused=on, reward_lean=on)
+    denoiser, reward = build_models("tiny", torch.device("cpu"), torch.float32, options)
+    assert (denoiser.layers.describe() != "stock") == on  # on a CPU: the lean layers, the torch backend
+    assert (reward.guidance_layers.describe() != "stock") == on
