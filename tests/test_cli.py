@@ -403,7 +403,8 @@ def test_step_benchmark_times_steps_after_the_warmup_within_the_schedule(monkeyp
     monkeypatch.setattr(DiffusionRun, "step", lambda run, index: (seen.append(index), step(run, index))[1])
     for timed, new_tokens, last in ((3, 8, 3), (9, 6, 4)):
         seen.clear()
-        (row,) = bench_steps("tiny", methods=("none",), options=StepOptions(new_tokens=new_tokens), timed=timed)
+        options = StepOptions(new_tokens=new_tokens)
+        (row,) = bench_steps("tiny", ("none",), (False,), options, timed=timed, device="cpu")
         assert seen == list(range(last + 1))
         assert row.p20_ms <= row.ms_per_step <= row.p80_ms
 
