@@ -5,6 +5,7 @@ points and the profile's per-step table. Timing itself runs in ``tests/test_cli.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -99,7 +100,7 @@ def test_plots_draw_the_latest_runs_rows_only(tmp_path, monkeypatch):
     assert drawn == [((4, 8), (2.0, 3.0))]  # the time plot; no memory measured on a CPU
 
 
-def _trace(tmp_path, ranges: dict[str, float]) -> str:
+def _trace(tmp_path: Path, ranges: dict[str, float]) -> Path:
     """A Chrome trace with one kernel of the given µs launched inside each range."""
     events = []
     for i, (name, us) in enumerate(ranges.items()):
