@@ -1,5 +1,6 @@
 """Test helpers: float64 restatements of the op semantics, a χ² check, whether this machine
-can compile, and a check that CUDA-graph replay gives the eager run's results."""
+can compile, a check that CUDA-graph replay gives the eager run's results, and Chrome
+trace events for the profile readers."""
 
 from __future__ import annotations
 
@@ -150,3 +151,9 @@ def graphed_runs_match_eager(prompts, denoiser, reward, calls: int = 1, **common
         assert sum((r.rewards for r in graphed), []) == pytest.approx(sum((r.rewards for r in eager), []))
         counts.append(len(replays))
     return counts
+
+
+def trace_event(cat: str, name: str, ts: float, dur: float, tid: int = 1, correlation: int | None = None) -> dict:
+    """One complete ("X") event of a torch profiler's Chrome trace."""
+    args = {} if correlation is None else {"correlation": correlation}
+    return {"ph": "X", "cat": cat, "name": name, "pid": 1, "tid": tid, "ts": ts, "dur": dur, "args": args}

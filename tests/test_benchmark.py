@@ -13,6 +13,7 @@ import torch
 from torch.autograd import DeviceType
 
 from entrgi import benchmark
+from helpers import trace_event
 
 ENV = {"date": "2026-12-08T00:00:00+00:00", "device": "test", "torch": "t", "triton": "t", "transformers": "t",
        "commit": "c"}  # fmt: skip
@@ -105,11 +106,10 @@ def _trace(tmp_path: Path, ranges: dict[str, float]) -> Path:
     events = []
     for i, (name, us) in enumerate(ranges.items()):
         events += [
-            {"ph": "X", "cat": "user_annotation", "name": name, "ts": 100 * i, "dur": 50, "args": {}},
-            {"ph": "X", "cat": "cuda_runtime", "name": "launch", "ts": 100 * i + 1, "dur": 1,
-             "args": {"correlation": i}},
-            {"ph": "X", "cat": "kernel", "name": "k", "ts": 100 * i + 5, "dur": us, "args": {"correlation": i}},
-        ]  # fmt: skip
+            trace_event("user_annotation", name, 100 * i, 50),
+            trace_event("cuda_runtime", "launch", 100 * i + 1, 1, correlation=i),
+            trace_event("kernel", "k", 100 * i + 5, us, correlation=i),
+        ]
     path = tmp_path / "trace.json"
     path.write_text(json.dumps({"traceEvents": events}))
     return path

@@ -6,31 +6,27 @@ from __future__ import annotations
 import json
 
 from entrgi.trace_time import KernelTime, device_time_by_range, kernel_table, short_kernel_name
-
-
-def _event(cat: str, name: str, ts: float, dur: float, tid: int = 1, correlation: int | None = None) -> dict:
-    args = {} if correlation is None else {"correlation": correlation}
-    return {"ph": "X", "cat": cat, "name": name, "pid": 1, "tid": tid, "ts": ts, "dur": dur, "args": args}
+from helpers import trace_event
 
 
 def test_work_is_charged_to_every_range_holding_its_launch(tmp_path):
     events = [
-        _event("user_annotation", "entrgi.reward", 0, 100),
-        _event("user_annotation", "entrgi.op_backward", 40, 20, tid=2),  # the autograd thread, inside in time
-        _event("user_annotation", "other.range", 0, 500),  # not ours: ignored
-        _event("cuda_runtime", "cudaLaunchKernel", 10, 1, correlation=1),
-        _event("kernel", "forward", 300, 5, tid=7, correlation=1),  # runs late: the launch time decides
-        _event("cuda_runtime", "cudaLaunchKernel", 50, 1, tid=2, correlation=2),
-        _event("kernel", "backward", 310, 7, tid=7, correlation=2),
-        _event("cuda_driver", "cuLaunchKernelEx", 20, 1, correlation=4),
-        _event("gpu_memset", "Memset (Device)", 320, 2, tid=7, correlation=4),
-        _event("cuda_runtime", "cudaLaunchKernel", 150, 1, correlation=3),
-        _event("kernel", "commit", 330, 11, tid=7, correlation=3),  # launched outside every range
-        _event("kernel", "unmatched", 340, 3, tid=7, correlation=99),  # no launch record: outside
-        _event("cuda_runtime", "cudaMemcpyAsync", 0, 1, correlation=5),  # at a range's start: inside
-        _event("gpu_memcpy", "Memcpy DtoD", 350, 4, tid=7, correlation=5),
-        _event("cuda_runtime", "cudaLaunchKernel", 60, 1, tid=2, correlation=6),  # at a range's end: inside
-        _event("kernel", "backward_tail", 360, 1, tid=7, correlation=6),
+        trace_event("user_annotation", "entrgi.reward", 0, 100),
+        trace_event("user_annotation", "entrgi.op_backward", 40, 20, tid=2),  # the autograd thread, inside in time
+        trace_event("user_annotation", "other.range", 0, 500),  # not ours: ignored
+        trace_event("cuda_runtime", "cudaLaunchKernel", 10, 1, correlation=1),
+        trace_event("kernel", "forward", 300, 5, tid=7, correlation=1),  # runs late: the launch time decides
+        trace_event("cuda_runtime", "cudaLaunchKernel", 50, 1, tid=2, correlation=2),
+        trace_event("kernel", "backward", 310, 7, tid=7, correlation=2),
+        trace_event("cuda_driver", "cuLaunchKernelEx", 20, 1, correlation=4),
+        trace_event("gpu_memset", "Memset (Device)", 320, 2, tid=7, correlation=4),
+        trace_event("cuda_runtime", "cudaLaunchKernel", 150, 1, correlation=3),
+        trace_event("kernel", "commit", 330, 11, tid=7, correlation=3),  # launched outside every range
+        trace_event("kernel", "unmatched", 340, 3, tid=7, correlation=99),  # no launch record: outside
+        trace_event("cuda_runtime", "cudaMemcpyAsync", 0, 1, correlation=5),  # at a range's start: inside
+        trace_event("gpu_memcpy", "Memcpy DtoD", 350, 4, tid=7, correlation=5),
+        trace_event("cuda_runtime", "cudaLaunchKernel", 60, 1, tid=2, correlation=6),  # at a range's end: inside
+        trace_event("kernel", "backward_tail", 360, 1, tid=7, correlation=6),
     ]
     path = tmp_path / "trace.json"
     path.write_text(json.dumps({"traceEvents": events}))
@@ -47,19 +43,22 @@ def test_work_is_charged_to_every_range_holding_its_launch(tmp_path):
 
 
 def test_kernel_table_ranks_each_ranges_kernels_and_sums_the_rest():
-    events = [_event("user_annotation", "entrgi.small", 0, 10), _event("user_annotation", "entrgi.big", 20, 100)]
+    events = [
+        trace_event("user_annotation", "entrgi.small", 0, 10),
+        trace_event("user_annotation", "entrgi.big", 20, 100),
+    ]
     durations = {"gemm": [30.0, 30.0], "add": [8.0, 4.0, 4.0], "copy": [2.0], "norm": [1.0, 1.0]}
     correlation = 0
     for name, runs in durations.items():
         for dur in runs:
             correlation += 1
-            events += [_event("cuda_runtime", "cudaLaunchKernel", 20 + correlation, 1, correlation=correlation),
-                       _event("kernel", name, 200 + correlation, dur, tid=7, correlation=correlation)]  # fmt: skip
-    events += [_event("cuda_runtime", "cudaLaunchKernel", 5, 1, correlation=99),
-               _event("kernel", "sample", 300, 3, tid=7, correlation=99),
-               _event("user_annotation", "entrgi.idle", 400, 10),  # its one kernel took no time: share 0
-               _event("cuda_runtime", "cudaLaunchKernel", 405, 1, correlation=100),
-               _event("kernel", "fill", 410, 0, tid=7, correlation=100)]  # fmt: skip
+            events += [trace_event("cuda_runtime", "cudaLaunchKernel", 20 + correlation, 1, correlation=correlation),
+                       trace_event("kernel", name, 200 + correlation, dur, tid=7, correlation=correlation)]  # fmt: skip
+    events += [trace_event("cuda_runtime", "cudaLaunchKernel", 5, 1, correlation=99),
+               trace_event("kernel", "sample", 300, 3, tid=7, correlation=99),
+               trace_event("user_annotation", "entrgi.idle", 400, 10),  # its one kernel took no time: share 0
+               trace_event("cuda_runtime", "cudaLaunchKernel", 405, 1, correlation=100),
+               trace_event("kernel", "fill", 410, 0, tid=7, correlation=100)]  # fmt: skip
     lines = kernel_table(device_time_by_range({"traceEvents": events}), steps=2, top=2)
     assert [line.split() for line in lines] == [
         ["entrgi.big", "0.04", "ms", "4.0", "launches"],  # 80 µs and 8 launches over 2 steps
