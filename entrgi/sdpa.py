@@ -16,9 +16,9 @@ each, the output's into the layout the kernel's backward reads (which spares the
 that kernel makes of a gradient in any other). Per query row it is the same attention
 over the same keys, though the kernel's products over the longer query block may sum in
 another order (outputs equal up to rounding); the key / value gradients are summed over
-a group inside the kernel rather than after it. A call the folding does not cover (no 4-D mask
-shared by the heads, dropout, a soft cap, a position bias, attention weights asked
-for) goes to the stock function.
+a group inside the kernel rather than after it. A call the folding does not cover (no
+4-D mask shared by the heads, dropout, a soft cap, a position bias, attention weights
+asked for) goes to the stock function.
 """
 
 from __future__ import annotations
